@@ -1,0 +1,168 @@
+"""What differs between PostgreSQL, MariaDB/MySQL and SQLite, in one place.
+
+Everything else asks :func:`dialect_for` for a :class:`Dialect` and reads its fields; no other module
+tests the database name. The differences:
+
+============================  ==================  =====================  ==================
+                              PostgreSQL          MariaDB / MySQL        SQLite
+============================  ==================  =====================  ==================
+driver added to a bare URL    psycopg 3           PyMySQL                sqlite3
+claim statement               one UPDATE ... FROM  SELECT ... FOR UPDATE  one UPDATE ...
+                              (CTE, SKIP LOCKED)  SKIP LOCKED + UPDATE   RETURNING
+relays side by side           any number          any number             one (lock row)
+cross-process wake-up         LISTEN/NOTIFY       polling                polling
+relay isolation level         READ COMMITTED      READ COMMITTED         (serialised)
+============================  ==================  =====================  ==================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from outbox.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The capabilities of one database family, as the relay and the CLI need them."""
+
+    name: str
+    #: the claim is one ``UPDATE ... RETURNING`` statement (else: locking SELECT, then UPDATE)
+    claim_returning: bool
+    #: ``FOR UPDATE SKIP LOCKED`` is available, so relays can claim side by side
+    skip_locked: bool
+    #: only one relay may run at a time (enforced with a lock row)
+    single_relay: bool
+    #: LISTEN/NOTIFY wakes relays in other processes
+    listen_notify: bool
+
+    def engine_options(self) -> dict[str, Any]:
+        """Extra ``create_engine`` keyword arguments for this database."""
+        if self.name == "sqlite":
+            return {"connect_args": {"timeout": 30.0}}
+        if self.name == "mysql":
+            return {"isolation_level": "READ COMMITTED", "pool_pre_ping": True, "pool_recycle": 3600}
+        return {"pool_pre_ping": True}
+
+
+POSTGRESQL = Dialect("postgresql", claim_returning=True, skip_locked=True, single_relay=False, listen_notify=True)
+MARIADB = Dialect("mysql", claim_returning=False, skip_locked=True, single_relay=False, listen_notify=False)
+SQLITE = Dialect("sqlite", claim_returning=True, skip_locked=False, single_relay=True, listen_notify=False)
+
+
+def dialect_for(engine_or_conn: sa.Engine | sa.Connection) -> Dialect:
+    """The :class:`Dialect` of an engine or connection; :class:`ConfigError` for unsupported databases."""
+    name = engine_or_conn.dialect.name
+    if name == "postgresql":
+        return POSTGRESQL
+    if name in ("mysql", "mariadb"):
+        return MARIADB
+    if name == "sqlite":
+        return SQLITE
+    raise ConfigError(f"database {name!r} is not supported: use PostgreSQL, MariaDB/MySQL or SQLite")
+
+
+_DEFAULT_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+
+
+def normalise_url(url: str) -> sa.URL:
+    """Parse a database URL, adding our default driver when none is named (``postgresql://`` -> psycopg 3).
+
+    Raises :class:`ConfigError` with the expected form when the URL cannot be parsed.
+    """
+    if not url or not isinstance(url, str):
+        raise ConfigError("no database URL: pass --database-url or set OUTBOX_DATABASE_URL")
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(
+            f"invalid database URL {mask_url(url)!r}: expected e.g. postgresql://user@host/db, "
+            "mysql://root@127.0.0.1/db or sqlite:///path/to/file.db"
+        ) from None
+    driver = _DEFAULT_DRIVERS.get(parsed.drivername)
+    if driver:
+        parsed = parsed.set(drivername=driver)
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "mysql", "mariadb", "sqlite"):
+        raise ConfigError(f"database {backend!r} is not supported: use PostgreSQL, MariaDB/MySQL or SQLite")
+    return parsed
+
+
+def create_engine(url: str, **overrides: Any) -> sa.Engine:
+    """An engine for ``url`` with the options this project relies on (see :meth:`Dialect.engine_options`)."""
+    parsed = normalise_url(url)
+    backend = parsed.get_backend_name()
+    family = {"postgresql": POSTGRESQL, "sqlite": SQLITE}.get(backend, MARIADB)
+    options = family.engine_options()
+    options.update(overrides)
+    try:
+        engine = sa.create_engine(parsed, **options)
+    except Exception as exc:  # bad driver name, bad query-string option
+        raise ConfigError(f"cannot use database URL {mask_url(url)!r}: {exc}") from None
+    if family is SQLITE:
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets writers and the relay work side by side; NORMAL sync is durable at commit in WAL mode
+    # except on power loss, the usual trade-off for a development database.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def mask_url(url: str | sa.URL) -> str:
+    """The URL with its password replaced by ``***``, for messages and logs."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+        return parsed.render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+# PostgreSQL SQLSTATE classes/codes that mean "the server is away", not "your statement is wrong".
+_PG_OUTAGE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+# MySQL/MariaDB client errors: can't connect, server gone away, lost connection, shutdown in progress.
+_MYSQL_OUTAGE_CODES = {1053, 1077, 1152, 2002, 2003, 2005, 2006, 2013, 2055}
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable (restart, network), so the work should be
+    retried later without counting against a message's attempts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        orig = getattr(current, "orig", None)
+        if orig is not None and orig is not current and _is_driver_outage(orig):
+            return True
+        if _is_driver_outage(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _is_driver_outage(err: BaseException) -> bool:
+    sqlstate = getattr(err, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_PG_OUTAGE_STATES):
+        return True
+    module = type(err).__module__
+    if module.startswith("psycopg") and type(err).__name__ == "OperationalError" and sqlstate is None:
+        return True  # psycopg raises a bare OperationalError when it cannot connect at all
+    if module.startswith("pymysql"):
+        args = getattr(err, "args", ())
+        return bool(args) and args[0] in _MYSQL_OUTAGE_CODES
+    return isinstance(err, ConnectionError | TimeoutError)

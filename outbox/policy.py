@@ -1,0 +1,65 @@
+"""Per-topic delivery policy: how often to retry, how long to wait between attempts, ordering strictness."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import tenacity
+
+from outbox.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries with exponential backoff and jitter (tenacity's ``wait_exponential_jitter``).
+
+    Attempt *n* failing waits about ``min(backoff_max, backoff_initial * 2**(n-1)) + random(0, jitter)``
+    seconds before attempt *n+1*. After ``max_attempts`` failed attempts the message is dead.
+    """
+
+    max_attempts: int = 10
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}")
+        if self.backoff_initial < 0 or self.backoff_max < 0 or self.jitter < 0:
+            raise ConfigError("backoff_initial, backoff_max and jitter must be zero or more seconds")
+        if self.backoff_max < self.backoff_initial:
+            raise ConfigError(
+                f"backoff_max ({self.backoff_max}) must not be smaller than backoff_initial ({self.backoff_initial})"
+            )
+
+    def delay_after(self, attempt: int) -> dt.timedelta:
+        """How long to wait after failed attempt number ``attempt`` (1-based)."""
+        wait = tenacity.wait_exponential_jitter(
+            initial=self.backoff_initial, max=self.backoff_max, exp_base=2, jitter=self.jitter
+        )
+        state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
+        state.attempt_number = max(1, attempt)
+        return dt.timedelta(seconds=wait(state))
+
+    def exhausted(self, attempt: int) -> bool:
+        """True when failed attempt number ``attempt`` was the last one allowed."""
+        return attempt >= self.max_attempts
+
+
+@dataclass(frozen=True)
+class TopicPolicy:
+    """Everything the relay needs to know about delivering one topic.
+
+    ``strict_order``: when a message of this topic goes dead, later messages of its key stay parked until
+    it is replayed or purged (default: they go on). ``timeout``: seconds a handler may run before the
+    attempt counts as failed (``None``: no limit).
+    """
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float | None = None
+    strict_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"handler timeout must be a positive number of seconds, got {self.timeout!r}")

@@ -1,0 +1,211 @@
+"""The outbox table, its companions, and the migrations that create them.
+
+One outbox is three tables, all named from one configurable base name (default ``outbox``):
+
+``<name>``
+    One row per message. Its columns are documented below; the relay's claim path relies on two of them:
+    ``due_at`` is non-NULL exactly while the row waits for a relay (pending, failed with a retry
+    scheduled, or in flight, where it holds the lease expiry), so one index on ``due_at`` finds claimable
+    work no matter how many delivered rows are kept; ``(msg_key, status, seq)`` answers "is an earlier
+    message of this key still unfinished?" with a few index probes.
+``<name>_locks``
+    Named leases between relay processes (the SQLite single-relay lock, the maintenance lease).
+``<name>_meta``
+    The schema version, so that ``outbox db upgrade`` knows what to apply and the relay can refuse to run
+    against a table it does not understand.
+
+Teams with their own Alembic set-up can include :func:`metadata_for` in their ``target_metadata``;
+everyone else runs ``outbox db upgrade``, which applies :data:`MIGRATIONS` in order.
+
+Times are naive UTC ``datetime`` values from the writer's or relay's clock (see ``docs/guarantees.md``
+about clock skew between relays).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from outbox.errors import ConfigError, SchemaError
+
+DEFAULT_TABLE = "outbox"
+SCHEMA_VERSION = 1
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
+
+
+class Status(StrEnum):
+    """Where a message is in its life. Stored as the text value in the ``status`` column."""
+
+    PENDING = "pending"  # waiting for its first delivery (possibly delayed until due_at)
+    INFLIGHT = "inflight"  # claimed by a relay under a lease; due_at is the lease expiry
+    FAILED = "failed"  # the last attempt failed; the next one is scheduled at due_at
+    DELIVERED = "delivered"  # handled / acknowledged by the broker
+    DEAD = "dead"  # retries exhausted or permanent error; later messages of its key go on
+    PARKED = "parked"  # dead on a strict-order topic: later messages of its key wait for a replay or purge
+
+
+#: statuses whose row holds back every later message of the same key
+KEY_HOLDING = (Status.PENDING, Status.INFLIGHT, Status.FAILED, Status.PARKED)
+#: statuses an operator may send back to pending with ``outbox replay``
+REPLAYABLE = (Status.FAILED, Status.DEAD, Status.PARKED)
+
+_BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_TIME = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+_TEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+
+def validate_table_name(name: str) -> str:
+    """Return ``name`` if it is a safe SQL identifier, else raise :class:`ConfigError`."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ConfigError(
+            f"invalid outbox table name {name!r}: use 1-46 letters, digits or underscores, "
+            "starting with a letter or underscore"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class OutboxTables:
+    """The three tables of one outbox, sharing one :class:`sqlalchemy.MetaData`."""
+
+    name: str
+    metadata: sa.MetaData
+    messages: sa.Table
+    locks: sa.Table
+    meta: sa.Table
+
+
+_cache: dict[str, OutboxTables] = {}
+
+
+def tables_for(name: str = DEFAULT_TABLE) -> OutboxTables:
+    """Return the (cached) table definitions for the outbox named ``name``."""
+    found = _cache.get(name)
+    if found is None:
+        found = _cache[name] = _define(validate_table_name(name))
+    return found
+
+
+def metadata_for(name: str = DEFAULT_TABLE) -> sa.MetaData:
+    """The SQLAlchemy metadata of the outbox named ``name``, for teams that run their own Alembic."""
+    return tables_for(name).metadata
+
+
+def _define(name: str) -> OutboxTables:
+    md = sa.MetaData()
+    messages = sa.Table(
+        name,
+        md,
+        sa.Column("seq", _BIGINT, primary_key=True, autoincrement=True, comment="insertion order"),
+        sa.Column("id", sa.Uuid(), nullable=False, comment="message id, given to handlers and Kafka headers"),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("msg_key", sa.String(255), nullable=True, comment="ordering key; NULL = unordered"),
+        sa.Column("payload", _BLOB, nullable=False),
+        sa.Column("content_type", sa.String(64), nullable=False),
+        sa.Column("headers", _TEXT, nullable=True, comment="JSON object of string headers"),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False, default=0),
+        sa.Column("due_at", _TIME, nullable=True, comment="next claimable time / lease expiry; NULL when done"),
+        sa.Column("lease_token", sa.String(32), nullable=True, comment="token of the lease holding the row"),
+        sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("last_attempt_at", _TIME, nullable=True),
+        sa.Column("delivered_at", _TIME, nullable=True),
+        sa.Column("last_error", _TEXT, nullable=True),
+        sa.Index(f"ix_{name}_due", "due_at"),
+        sa.Index(f"ix_{name}_key", "msg_key", "status", "seq"),
+        sa.Index(f"ix_{name}_status", "status", "topic"),
+        sa.Index(f"ix_{name}_done", "delivered_at"),
+        sa.UniqueConstraint("id", name=f"uq_{name}_id"),
+    )
+    locks = sa.Table(
+        f"{name}_locks",
+        md,
+        sa.Column("name", sa.String(100), primary_key=True),
+        sa.Column("holder", sa.String(100), nullable=False),
+        sa.Column("expires_at", _TIME, nullable=False),
+    )
+    meta = sa.Table(
+        f"{name}_meta",
+        md,
+        sa.Column("name", sa.String(100), primary_key=True),
+        sa.Column("value", sa.String(255), nullable=False),
+    )
+    return OutboxTables(name=name, metadata=md, messages=messages, locks=locks, meta=meta)
+
+
+# --- migrations -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema: ``apply`` runs inside a transaction on a connection."""
+
+    version: int
+    description: str
+    apply: Callable[[sa.Connection, OutboxTables], None]
+
+
+def _v1(conn: sa.Connection, t: OutboxTables) -> None:
+    t.metadata.create_all(conn, tables=[t.messages, t.locks, t.meta])
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "create the outbox, locks and meta tables", _v1),)
+
+
+def current_version(conn: sa.Connection, name: str = DEFAULT_TABLE) -> int:
+    """The schema version installed for outbox ``name`` (0 when nothing is installed)."""
+    t = tables_for(name)
+    if not sa.inspect(conn).has_table(t.meta.name):
+        return 0
+    value = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.name == "schema_version")).scalar()
+    return int(value) if value is not None else 0
+
+
+def upgrade(conn: sa.Connection, name: str = DEFAULT_TABLE) -> list[Migration]:
+    """Apply every migration newer than the installed version; return the ones applied.
+
+    Runs in the caller's transaction (use ``engine.begin()``), so a failed step leaves nothing half-done
+    on databases with transactional DDL (PostgreSQL, SQLite).
+    """
+    t = tables_for(name)
+    installed = current_version(conn, name)
+    if installed > SCHEMA_VERSION:
+        raise SchemaError(
+            f"outbox table {name!r} is at schema version {installed}, newer than this code "
+            f"({SCHEMA_VERSION}): upgrade the outbox package"
+        )
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version > installed:
+            migration.apply(conn, t)
+            applied.append(migration)
+    if applied:
+        if installed == 0:
+            conn.execute(sa.insert(t.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
+        else:
+            conn.execute(
+                sa.update(t.meta)
+                .where(t.meta.c.name == "schema_version")
+                .values(value=str(SCHEMA_VERSION))
+            )
+    return applied
+
+
+def check_version(conn: sa.Connection, name: str = DEFAULT_TABLE) -> None:
+    """Raise :class:`SchemaError` with the fix unless the installed schema is the current one."""
+    installed = current_version(conn, name)
+    if installed == SCHEMA_VERSION:
+        return
+    if installed == 0:
+        raise SchemaError(f"outbox table {name!r} does not exist: run `outbox db upgrade` first")
+    raise SchemaError(
+        f"outbox table {name!r} is at schema version {installed}, this code needs {SCHEMA_VERSION}: "
+        "run `outbox db upgrade`"
+    )

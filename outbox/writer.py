@@ -1,0 +1,343 @@
+"""The write side: ``add()`` puts a message into the caller's own transaction.
+
+Promises:
+
+- **Atomic with the business change.** The row is written through the caller's ``Session``,
+  ``AsyncSession`` or ``Connection`` and so commits or rolls back with it (savepoints included).
+- **Validated before anything is written.** Topic, key, headers, delay and payload are checked first;
+  a bad value raises a :class:`outbox.MessageError` subclass naming it, and the transaction is untouched.
+- **Wakes relays on commit.** Relays in the same process wake right after the commit; on PostgreSQL a
+  ``pg_notify`` sent inside the transaction wakes listening relays elsewhere when (and only if) it commits.
+
+How each session type writes:
+
+- ``Session`` and ``Connection``: an ``INSERT`` runs at once in the current transaction (autobegun if none).
+- ``AsyncSession``: ``add()`` is a plain (non-async) call, no ``await``: it adds an ORM object to the
+  session's unit of work, written at the next flush (``await session.commit()`` or ``await session.flush()``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, orm
+
+from outbox.errors import DelayError, HeaderError, MessageKeyError, TopicError
+from outbox.schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
+from outbox.serialization import encode_headers, encode_payload
+
+TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+MAX_KEY_LENGTH = 255
+
+try:  # SQLAlchemy's asyncio extension needs greenlet; without it, AsyncSession is simply not supported.
+    from sqlalchemy.ext.asyncio import AsyncSession
+except ImportError:  # pragma: no cover
+    AsyncSession = None  # type: ignore[assignment,misc]
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: the form every time column of the outbox uses."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+_uuid_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def new_message_id() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids of one writer sort by creation and index well."""
+    global _last_ms, _counter
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            ms = _last_ms
+            _counter += 1
+        else:
+            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+        _last_ms = ms
+        rand_a = _counter & 0xFFF
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    return uuid.UUID(int=value)
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def validate_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not TOPIC_PATTERN.match(topic):
+        raise TopicError(
+            f"invalid topic {topic!r}: use 1-249 characters from letters, digits, '.', '_' and '-'"
+        )
+    return topic
+
+
+def _validate_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise MessageKeyError(f"invalid key {key!r}: a key must be a str (or None), not {type(key).__name__}")
+    if len(key) > MAX_KEY_LENGTH or not key:
+        raise MessageKeyError(f"invalid key {key[:40]!r}: use 1-{MAX_KEY_LENGTH} characters")
+    return key
+
+
+def _validate_headers(headers: object) -> dict[str, str] | None:
+    if headers is None:
+        return None
+    if not isinstance(headers, Mapping):
+        raise HeaderError(f"headers must be a mapping of str to str, not {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise HeaderError(f"header name {name!r} must be a non-empty str")
+        if not isinstance(value, str):
+            raise HeaderError(f"header {name!r} has a {type(value).__name__} value {value!r:.60}; use a str")
+    return dict(headers)
+
+
+def _validate_delay(delay: object) -> dt.timedelta:
+    if delay is None:
+        return dt.timedelta(0)
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, int | float) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise DelayError(f"delay must be seconds (int/float) or a timedelta, not {type(delay).__name__}")
+    if not seconds >= 0 or seconds == float("inf"):  # also rejects NaN
+        raise DelayError(f"delay must be zero or more seconds, got {delay!r}")
+    return dt.timedelta(seconds=seconds)
+
+
+# --- wake-ups -------------------------------------------------------------------------------------------
+
+_local_waiters: dict[str, set[threading.Event]] = {}
+_waiters_lock = threading.Lock()
+
+
+def register_waiter(table: str, waiter: threading.Event) -> None:
+    """A relay in this process asks to be woken when a transaction that added to ``table`` commits."""
+    with _waiters_lock:
+        _local_waiters.setdefault(table, set()).add(waiter)
+
+
+def unregister_waiter(table: str, waiter: threading.Event) -> None:
+    with _waiters_lock:
+        _local_waiters.get(table, set()).discard(waiter)
+
+
+def _wake(tables: set[str]) -> None:
+    for table in tables:
+        for waiter in list(_local_waiters.get(table, ())):
+            waiter.set()
+
+
+_INFO_KEY = "outbox.tables"  # set of outbox tables written in the current transaction
+_NOTIFIED_KEY = "outbox.notified"  # set of tables whose pg_notify was already sent in this transaction
+
+
+def notify_channel(table: str) -> str:
+    """The PostgreSQL LISTEN/NOTIFY channel that relays of ``table`` listen on."""
+    return f"{table}_wake"
+
+
+@event.listens_for(orm.Session, "after_commit")
+def _session_committed(session: orm.Session) -> None:
+    tables = session.info.pop(_INFO_KEY, None)
+    session.info.pop(_NOTIFIED_KEY, None)
+    if tables:
+        _wake(tables)
+
+
+@event.listens_for(orm.Session, "after_rollback")
+def _session_rolled_back(session: orm.Session) -> None:
+    session.info.pop(_INFO_KEY, None)
+    session.info.pop(_NOTIFIED_KEY, None)
+
+
+@event.listens_for(sa.Engine, "commit")
+def _connection_committed(conn: sa.Connection) -> None:
+    tables = conn.info.pop(_INFO_KEY, None)
+    conn.info.pop(_NOTIFIED_KEY, None)
+    if tables:
+        _wake(tables)
+
+
+@event.listens_for(sa.Engine, "rollback")
+def _connection_rolled_back(conn: sa.Connection) -> None:
+    conn.info.pop(_INFO_KEY, None)
+    conn.info.pop(_NOTIFIED_KEY, None)
+
+
+@event.listens_for(orm.Session, "after_flush")
+def _session_flushed(session: orm.Session, flush_context: Any) -> None:
+    """AsyncSession path: the outbox rows were just flushed; send the PostgreSQL wake-up in the same tx."""
+    pending = session.info.get("outbox.notify_on_flush")
+    if not pending:
+        return
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        for table in pending:
+            _notify(conn, table, session.info)
+    pending.clear()
+
+
+def _notify(conn: sa.Connection, table: str, info: dict[Any, Any]) -> None:
+    done: set[str] = info.setdefault(_NOTIFIED_KEY, set())
+    if table not in done:
+        conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(table)})
+        done.add(table)
+
+
+# --- the outbox -------------------------------------------------------------------------------------------
+
+
+class Outbox:
+    """An outbox table and how messages are written to it.
+
+    ``outbox.add`` is :meth:`add` of a default ``Outbox()`` (table ``outbox``); create your own with
+    ``Outbox(table="orders_outbox")`` for another table, or ``notify=False`` to skip PostgreSQL's
+    ``pg_notify`` on commit (relays then find new messages by polling).
+    """
+
+    def __init__(self, *, table: str = DEFAULT_TABLE, notify: bool = True) -> None:
+        self.tables: OutboxTables = tables_for(table)
+        self.notify = notify
+        self._insert = sa.insert(self.tables.messages)
+        self._orm_class: type | None = None
+
+    @property
+    def table_name(self) -> str:
+        return self.tables.name
+
+    def add(
+        self,
+        session: Any,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+    ) -> uuid.UUID:
+        """Write a message in ``session``'s current transaction and return its id.
+
+        ``session`` is a SQLAlchemy ``Session``, ``AsyncSession`` or ``Connection``. ``payload`` is
+        JSON-serialisable (see ``outbox.serialization``) or ``bytes``. Messages with the same ``key`` are
+        delivered one at a time in the order they were added; ``delay`` (seconds or ``timedelta``)
+        holds the message back. Raises a :class:`outbox.MessageError` subclass on invalid input,
+        before anything is written.
+        """
+        row = self.build_row(topic, payload, key=key, headers=headers, delay=delay)
+        if isinstance(session, orm.Session):
+            conn = session.connection()
+            conn.execute(self._insert, row)
+            self._mark_written(conn, session.info)
+        elif isinstance(session, sa.Connection):
+            session.execute(self._insert, row)
+            self._mark_written(session, session.info)
+        elif AsyncSession is not None and isinstance(session, AsyncSession):
+            sync = session.sync_session
+            sync.add(self._orm_row(row))
+            sync.info.setdefault(_INFO_KEY, set()).add(self.table_name)
+            if self.notify:
+                sync.info.setdefault("outbox.notify_on_flush", set()).add(self.table_name)
+        else:
+            raise TypeError(
+                "outbox.add() needs a SQLAlchemy Session, AsyncSession or Connection, "
+                f"not {type(session).__name__}"
+            )
+        return row["id"]  # type: ignore[no-any-return]
+
+    def build_row(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+    ) -> dict[str, Any]:
+        """Validate and encode one message into the column values of its row (nothing is written)."""
+        validate_topic(topic)
+        key = _validate_key(key)
+        valid_headers = _validate_headers(headers)
+        wait = _validate_delay(delay)
+        body, content_type = encode_payload(payload)
+        now = utcnow()
+        return {
+            "id": new_message_id(),
+            "topic": topic,
+            "msg_key": key,
+            "payload": body,
+            "content_type": content_type,
+            "headers": encode_headers(valid_headers),
+            "status": Status.PENDING.value,
+            "attempts": 0,
+            "due_at": now + wait,
+            "created_at": now,
+        }
+
+    def _mark_written(self, conn: sa.Connection, info: dict[Any, Any]) -> None:
+        info.setdefault(_INFO_KEY, set()).add(self.table_name)
+        conn.info.setdefault(_INFO_KEY, set()).add(self.table_name)
+        if self.notify and conn.dialect.name == "postgresql":
+            _notify(conn, self.table_name, conn.info)
+
+    def _orm_row(self, row: dict[str, Any]) -> Any:
+        if self._orm_class is None:
+            self._orm_class = _mapped_class(self.tables)
+        obj = self._orm_class()
+        for name, value in row.items():
+            setattr(obj, name, value)
+        return obj
+
+
+_mapped: dict[str, type] = {}
+_registry = orm.registry()
+
+
+def _mapped_class(tables: OutboxTables) -> type:
+    """An ORM class for the outbox table, used only to queue rows in an AsyncSession's unit of work.
+
+    Its mapper primary key is ``id`` (client-generated), so the flush never has to fetch ``seq`` back.
+    """
+    cls = _mapped.get(tables.name)
+    if cls is None:
+        cls = type(f"OutboxRow_{tables.name}", (), {})
+        t = tables.messages
+        _registry.map_imperatively(cls, t, primary_key=[t.c.id], exclude_properties=["seq"])
+        _mapped[tables.name] = cls
+    return cls
+
+
+default_outbox = Outbox()
+
+
+def add(
+    session: Any,
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    delay: float | dt.timedelta | None = None,
+) -> uuid.UUID:
+    """Write a message in ``session``'s transaction with the default outbox. See :meth:`Outbox.add`."""
+    return default_outbox.add(session, topic, payload, key=key, headers=headers, delay=delay)
+
+
+def configure(*, table: str = DEFAULT_TABLE, notify: bool = True) -> Outbox:
+    """Replace the default outbox used by :func:`add` (table name, PostgreSQL notify on commit)."""
+    global default_outbox
+    default_outbox = Outbox(table=table, notify=notify)
+    return default_outbox

@@ -1,0 +1,71 @@
+"""Destinations a claimed message can be delivered to, behind one small interface.
+
+The relay claims rows, turns each into a :class:`Delivery`, asks its router which :class:`Publisher`
+takes it, and hands it over. A publisher reports each outcome through the ``done`` callback, from any
+thread, exactly once per delivery:
+
+- :class:`Delivered`: the message reached its destination (``marked=True`` when the publisher already
+  wrote the delivered mark itself, in the handler's own transaction);
+- :class:`Failed`: the attempt failed; the relay applies the topic's retry policy (``permanent=True``
+  skips the remaining attempts: the error cannot go away by retrying);
+- :class:`Released`: not attempted, or interrupted by an infrastructure outage (database or broker):
+  the row goes back to the queue and the attempt is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from outbox.message import Message
+from outbox.policy import TopicPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One claimed message on its way to a destination."""
+
+    seq: int
+    token: str
+    message: Message
+    policy: TopicPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    marked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: str
+    permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    reason: str
+
+
+Outcome = Delivered | Failed | Released
+DoneCallback = Callable[[Delivery, Outcome], None]
+
+
+class Publisher(Protocol):
+    """A destination for messages: in-process handlers, Kafka, ..."""
+
+    def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
+        """Start delivering; report each delivery's outcome through ``done`` (from any thread)."""
+
+    def check_timeouts(self, done: DoneCallback) -> None:
+        """Called periodically: report deliveries that ran past their topic's timeout as failed."""
+
+    def stop(self, timeout: float, done: DoneCallback) -> None:
+        """Stop: release what has not started, wait up to ``timeout`` seconds for what runs."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for storing as a message's last error."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

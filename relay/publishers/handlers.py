@@ -1,0 +1,173 @@
+"""In-process delivery: run registered handlers on a bounded pool of worker threads.
+
+A handler that takes a session runs inside one transaction that also writes the message's delivered mark
+(fenced by the lease token): its database work, the messages it adds and the mark commit together, and
+if the lease was lost meanwhile the whole transaction rolls back.
+
+Each delivery is reported exactly once: finished, timed out (the handler thread is abandoned; a session
+handler's transaction is then rolled back instead of committed), or released because it never started.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+
+from sqlalchemy import orm
+
+from consumers.registry import Registry
+from outbox.dialects import is_outage
+from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, describe_error
+
+log = logging.getLogger("outbox.relay")
+
+#: writes the fenced delivered mark inside a handler's transaction; returns False when fenced off
+MarkInSession = Callable[[orm.Session, Delivery], bool]
+
+
+class LeaseLost(Exception):
+    """The delivered mark found no row under our token: another relay has taken the message over."""
+
+
+class _Task:
+    __slots__ = ("delivery", "future", "lock", "reported", "started_at")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.lock = threading.Lock()
+        self.started_at: float | None = None
+        self.reported = False
+        self.future: Future[None] | None = None
+
+    def start(self) -> bool:
+        with self.lock:
+            if self.reported:
+                return False
+            self.started_at = time.monotonic()
+            return True
+
+    def report(self, outcome: Outcome, done: DoneCallback) -> bool:
+        with self.lock:
+            if self.reported:
+                return False
+            self.reported = True
+        done(self.delivery, outcome)
+        return True
+
+    def still_wanted(self) -> bool:
+        with self.lock:
+            return not self.reported
+
+
+class HandlerPublisher:
+    """Delivers messages whose topic has a handler in ``registry``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        workers: int,
+        session_factory: Callable[[], AbstractContextManager[orm.Session]],
+        mark_in_session: MarkInSession,
+    ) -> None:
+        self.registry = registry
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outbox-handler")
+        self._session_factory = session_factory
+        self._mark_in_session = mark_in_session
+        self._tasks: dict[tuple[str, int], _Task] = {}
+        self._lock = threading.Lock()
+
+    def accepts(self, topic: str) -> bool:
+        return self.registry.route(topic) is not None
+
+    def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
+        for delivery in deliveries:
+            task = _Task(delivery)
+            with self._lock:
+                self._tasks[(delivery.token, delivery.seq)] = task
+            task.future = self._pool.submit(self._run, task, done)
+
+    def _run(self, task: _Task, done: DoneCallback) -> None:
+        try:
+            if not task.start():
+                return
+            outcome = self._attempt(task)
+            task.report(outcome, done)
+        finally:
+            with self._lock:
+                self._tasks.pop((task.delivery.token, task.delivery.seq), None)
+
+    def _attempt(self, task: _Task) -> Outcome:
+        delivery = task.delivery
+        entry = self.registry.route(delivery.message.topic)
+        if entry is None:
+            return Failed(f"no route for topic {delivery.message.topic}")
+        try:
+            if not entry.takes_session:
+                entry(delivery.message)
+                return Delivered()
+            with self._session_factory() as session, session.begin():
+                entry(delivery.message, session)
+                session.flush()
+                if not task.still_wanted():  # timed out meanwhile: its retry will run it again
+                    raise LeaseLost("handler ran past its timeout")
+                if not self._mark_in_session(session, delivery):
+                    raise LeaseLost("lease lost before commit")
+            return Delivered(marked=True)
+        except LeaseLost as exc:
+            log.warning("message %s: %s; its transaction was rolled back", delivery.message.id, exc)
+            return Released(str(exc))
+        except Exception as exc:
+            if is_outage(exc):
+                return Released(f"database unavailable: {describe_error(exc)}")
+            return Failed(describe_error(exc))
+
+    def check_timeouts(self, done: DoneCallback) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tasks = list(self._tasks.values())
+        for task in tasks:
+            timeout = task.delivery.policy.timeout
+            started = task.started_at
+            if timeout is not None and started is not None and now - started > timeout:
+                if task.report(Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s"), done):
+                    log.warning("message %s: handler timed out after %gs", task.delivery.message.id, timeout)
+
+    def stop(self, timeout: float, done: DoneCallback) -> None:
+        with self._lock:
+            tasks = list(self._tasks.values())
+        running: list[_Task] = []
+        for task in tasks:
+            if task.future is not None and task.future.cancel():
+                task.report(Released("relay stopping"), done)
+            elif task.started_at is None and task.report(Released("relay stopping"), done):
+                pass  # raced with the pool picking it up: _run will see it reported and skip it
+            else:
+                running.append(task)
+        deadline = time.monotonic() + timeout
+        for task in running:
+            if task.future is None:
+                continue
+            remaining = deadline - time.monotonic()
+            try:
+                task.future.result(timeout=max(0.0, remaining))
+            except Exception:
+                pass
+        left = [t for t in running if t.future is not None and not t.future.done()]
+        if left:
+            log.warning(
+                "stop timeout: %d handler(s) still running; their leases will expire and the messages "
+                "will be retried: %s",
+                len(left),
+                ", ".join(str(t.delivery.message.id) for t in left[:20]),
+            )
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+

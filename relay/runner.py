@@ -1,0 +1,570 @@
+"""The relay: claims committed messages in batches and delivers them, at least once.
+
+Threads (dramatiq's shape: fetching apart from running):
+
+- the **fetcher** claims batches while there is capacity (``max_in_flight``), turns rows into deliveries
+  and hands them to the publisher that routes them; it sleeps on a wake-up event that a commit in this
+  process, a PostgreSQL NOTIFY or the poll interval sets;
+- **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
+  and report each outcome once;
+- the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
+  retry policies (failed / dead / parked), renews live leases, and enforces handler timeouts;
+- the **listener** (PostgreSQL only) holds a LISTEN connection and sets the wake-up event.
+
+Database outages are retried forever with backoff (tenacity) and never recorded against a message: an
+outage around a handler releases the message (attempt not counted), and marks wait in memory until the
+database is back (if it stays away past the lease, the message is simply delivered again).
+
+Graceful stop: stop claiming; release what has not started; let running handlers finish within
+``stop_timeout``; write every outcome; leave the leases of handlers still running to expire (never hand
+back a row that is still executing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import tenacity
+from sqlalchemy import orm
+
+from consumers.registry import Registry, default_registry
+from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
+from outbox.errors import ConfigError, DatabaseUnavailable, RelayConflict, first_line
+from outbox.message import Message
+from outbox.policy import RetryPolicy, TopicPolicy
+from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
+from outbox.serialization import decode_headers, decode_payload
+from outbox.writer import notify_channel, register_waiter, unregister_waiter, utcnow
+from relay.claim import ClaimedRow, ClaimQueries, Failure
+from relay.publishers import Delivered, Delivery, Failed, Outcome, Publisher, Released, describe_error
+from relay.publishers.handlers import HandlerPublisher
+
+log = logging.getLogger("outbox.relay")
+T = TypeVar("T")
+
+SQLITE_LOCK = "relay"
+
+
+class Relay:
+    """A relay for one outbox table. Start it from code or run it with ``outbox relay``.
+
+    ``database`` is a URL or an ``Engine``. ``registry`` holds the in-process handlers (default: the
+    one ``@consumers.handler`` registers on). ``publishers`` are extra destinations (e.g. Kafka) for
+    topics without a handler; ``route`` may override the choice. Use as a context manager, or call
+    :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        database: str | sa.Engine,
+        registry: Registry | None = None,
+        *,
+        table: str = DEFAULT_TABLE,
+        batch_size: int = 200,
+        workers: int = 8,
+        max_in_flight: int | None = None,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        stop_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        handler_timeout: float | None = None,
+        strict_order_topics: Sequence[str] = (),
+        publishers: Sequence[Any] = (),
+        name: str | None = None,
+    ) -> None:
+        _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
+        _check_positive(poll_interval=poll_interval)
+        if stop_timeout < 0:
+            raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
+        self.engine = create_engine(database) if isinstance(database, str) else database
+        self.dialect: Dialect = dialect_for(self.engine)
+        self.tables = tables_for(table)
+        self.registry = registry if registry is not None else default_registry
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight or max(batch_size * 2, workers * 4)
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.stop_timeout = stop_timeout
+        self.default_policy = TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout)
+        self.strict_order_topics = frozenset(strict_order_topics)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.claims = ClaimQueries(self.tables, self.dialect)
+        self._sessions = orm.sessionmaker(self.engine)
+        self.handlers = HandlerPublisher(
+            self.registry,
+            workers=workers,
+            session_factory=self._session_factory,
+            mark_in_session=self._mark_in_session,
+        )
+        self.publishers: list[Any] = [self.handlers, *publishers]
+
+        self._wake = threading.Event()
+        self._capacity = threading.Event()
+        self._stopping = threading.Event()
+        self._fetcher_done = threading.Event()
+        self._publishers_stopped = threading.Event()
+        self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome]] = queue.SimpleQueue()
+        self._inflight: dict[str, set[int]] = {}
+        self._inflight_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._stopped = threading.Event()
+        self._outage_since: float | None = None
+        self._stop_deadline = float("inf")
+        self.last_progress = time.monotonic()
+        self.counters: dict[str, int] = defaultdict(int)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> Relay:
+        """Check the schema, take the SQLite relay lock if needed, and start the threads."""
+        if self._started:
+            raise RuntimeError("relay already started")
+        self._check_schema()
+        if self.dialect.single_relay:
+            self._acquire_single_relay_lock()
+        self._started = True
+        register_waiter(self.tables.name, self._wake)
+        self._spawn("outbox-fetcher", self._fetch_loop)
+        self._spawn("outbox-completer", self._complete_loop)
+        if self.dialect.listen_notify:
+            self._spawn("outbox-listener", self._listen_loop)
+        log.info(
+            "relay %s started on %s table %r (batch %d, workers %d, lease %gs)",
+            self.name,
+            self.engine.url.render_as_string(hide_password=True),
+            self.tables.name,
+            self.batch_size,
+            self.handlers._pool._max_workers,
+            self.lease_seconds,
+        )
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop gracefully (see the module docstring); returns when every outcome has been written."""
+        if not self._started or self._stopped.is_set():
+            return
+        timeout = self.stop_timeout if timeout is None else timeout
+        self._stop_deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._wake.set()
+        self._capacity.set()
+        self._fetcher_done.wait()
+        for publisher in self.publishers:
+            publisher.stop(timeout, self._report)
+        self._publishers_stopped.set()
+        for thread in self._threads:
+            thread.join()
+        unregister_waiter(self.tables.name, self._wake)
+        if self.dialect.single_relay:
+            self._release_single_relay_lock()
+        self._stopped.set()
+        log.info("relay %s stopped (%s)", self.name, self.stats_line())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the relay has stopped (from another thread or a signal handler)."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start, and what is in flight now, as a plain dict."""
+        with self._inflight_lock:
+            in_flight = sum(len(s) for s in self._inflight.values())
+        return {**self.counters, "in_flight": in_flight, "name": self.name}
+
+    def stats_line(self) -> str:
+        c = self.counters
+        return (
+            f"claimed {c['claimed']}, delivered {c['delivered']}, failed {c['failed']}, dead {c['dead']}, "
+            f"released {c['released']}, fenced {c['fenced']}"
+        )
+
+    def in_flight(self) -> int:
+        with self._inflight_lock:
+            return sum(len(s) for s in self._inflight.values())
+
+    # -- fetching -----------------------------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                room = self.max_in_flight - self.in_flight()
+                if room <= 0:
+                    self._capacity.clear()
+                    if self.in_flight() >= self.max_in_flight:
+                        self._capacity.wait(0.5)
+                    continue
+                want = min(self.batch_size, room)
+                self._wake.clear()
+                rows = self._claim(want)
+                if rows is None:
+                    continue  # outage while stopping
+                if rows:
+                    self._dispatch(rows)
+                if len(rows) < want and not self._stopping.is_set():
+                    self._wake.wait(self.poll_interval)
+        except Exception:  # pragma: no cover - a bug; do not die silently
+            log.exception("relay fetcher crashed; stopping the relay")
+            threading.Thread(target=self.stop, daemon=True).start()
+        finally:
+            self._fetcher_done.set()
+
+    def _claim(self, want: int) -> list[ClaimedRow] | None:
+        def claim() -> list[ClaimedRow]:
+            with self.engine.begin() as conn:
+                return self.claims.claim_batch(conn, limit=want, lease_seconds=self.lease_seconds, now=utcnow())
+
+        try:
+            rows = self._with_db(claim, give_up=self._stopping.is_set)
+        except _GaveUp:
+            return None
+        self.last_progress = time.monotonic()
+        if rows:
+            with self._inflight_lock:
+                self._inflight[rows[0].token] = {r.seq for r in rows}
+            self.counters["claimed"] += len(rows)
+        return rows
+
+    def _dispatch(self, rows: list[ClaimedRow]) -> None:
+        if self._stopping.is_set():
+            for row in rows:
+                self._report(self._delivery(row, fallback=True), Released("relay stopping"))
+            return
+        routed: dict[int, tuple[Any, list[Delivery]]] = {}
+        for row in rows:
+            try:
+                delivery = self._delivery(row)
+            except Exception as exc:  # undecodable row: nothing a retry would change
+                delivery = self._delivery(row, fallback=True)
+                self._report(delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True))
+                continue
+            publisher = self._route(delivery.message.topic)
+            if publisher is None:
+                self._report(delivery, Failed(f"no route for topic {delivery.message.topic}"))
+                continue
+            routed.setdefault(id(publisher), (publisher, []))[1].append(delivery)
+        for publisher, deliveries in routed.values():
+            publisher.deliver(deliveries, self._report)
+
+    def _route(self, topic: str) -> Any:
+        for publisher in self.publishers:
+            if publisher.accepts(topic):
+                return publisher
+        return None
+
+    def _delivery(self, row: ClaimedRow, *, fallback: bool = False) -> Delivery:
+        if fallback:
+            payload: Any = row.payload
+            headers: dict[str, str] = {}
+        else:
+            payload = decode_payload(row.payload, row.content_type)
+            headers = decode_headers(row.headers)
+        message = Message(
+            id=row.id,
+            topic=row.topic,
+            key=row.key,
+            payload=payload,
+            headers=headers,
+            attempt=row.attempts,
+            created_at=row.created_at,
+            content_type=row.content_type,
+            body=row.payload,
+        )
+        return Delivery(seq=row.seq, token=row.token, message=message, policy=self._policy(row.topic))
+
+    def _policy(self, topic: str) -> TopicPolicy:
+        entry = self.registry.route(topic)
+        policy = entry.policy if entry is not None else self.default_policy
+        if policy.timeout is None and self.default_policy.timeout is not None:
+            policy = TopicPolicy(retry=policy.retry, timeout=self.default_policy.timeout, strict_order=policy.strict_order)
+        if topic in self.strict_order_topics and not policy.strict_order:
+            policy = TopicPolicy(retry=policy.retry, timeout=policy.timeout, strict_order=True)
+        return policy
+
+    def _report(self, delivery: Delivery, outcome: Outcome) -> None:
+        self._outcomes.put((delivery, outcome))
+
+    # -- completing ---------------------------------------------------------------------------------------
+
+    def _complete_loop(self) -> None:
+        renew_every = self.lease_seconds / 3
+        next_renew = time.monotonic() + renew_every
+        next_timeout_check = time.monotonic() + 0.2
+        while True:
+            batch = self._take_outcomes()
+            if batch:
+                self._apply(batch)
+            now = time.monotonic()
+            if now >= next_timeout_check:
+                for publisher in self.publishers:
+                    publisher.check_timeouts(self._report)
+                next_timeout_check = now + 0.2
+            if now >= next_renew and not self._publishers_stopped.is_set():
+                self._renew_leases()
+                next_renew = time.monotonic() + renew_every
+            if self._publishers_stopped.is_set() and self._outcomes.empty():
+                return
+
+    def _take_outcomes(self) -> list[tuple[Delivery, Outcome]]:
+        try:
+            first = self._outcomes.get(timeout=0.05)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < 5000:
+            try:
+                batch.append(self._outcomes.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _apply(self, batch: list[tuple[Delivery, Outcome]]) -> None:
+        delivered: dict[str, list[int]] = defaultdict(list)
+        released: dict[str, list[int]] = defaultdict(list)
+        failures: dict[str, list[Failure]] = defaultdict(list)
+        counts: dict[str, int] = defaultdict(int)
+        now = utcnow()
+        for delivery, outcome in batch:
+            if isinstance(outcome, Delivered):
+                counts["delivered"] += 1
+                if not outcome.marked:
+                    delivered[delivery.token].append(delivery.seq)
+            elif isinstance(outcome, Released):
+                counts["released"] += 1
+                released[delivery.token].append(delivery.seq)
+            else:
+                failure = self._failure(delivery, outcome, now)
+                counts["dead" if failure.retry_at is None else "failed"] += 1
+                failures[delivery.token].append(failure)
+
+        def write() -> int:
+            fenced = 0
+            with self.engine.begin() as conn:
+                for token, seqs in delivered.items():
+                    fenced += len(seqs) - self.claims.mark_delivered(conn, token, seqs, now=now)
+                for token, items in failures.items():
+                    self.claims.mark_failed(conn, token, items)
+                for token, seqs in released.items():
+                    self.claims.release(conn, token, seqs, now=now)
+            return fenced
+
+        try:
+            fenced = self._with_db(write, give_up=self._stop_deadline_passed)
+        except Exception:
+            log.exception("could not record %d outcome(s); their leases will expire and they will be retried", len(batch))
+            fenced = 0
+        if fenced:
+            log.warning("%d delivered mark(s) were fenced off: their lease had been taken over", fenced)
+        self.counters["fenced"] += fenced
+        for key, value in counts.items():
+            self.counters[key] += value
+        for delivery, outcome in batch:
+            if isinstance(outcome, Failed):
+                level = logging.WARNING
+                log.log(level, "message %s (%s) attempt %d failed: %s", delivery.message.id,
+                        delivery.message.topic, delivery.message.attempt, outcome.error)
+        with self._inflight_lock:
+            for delivery, _ in batch:
+                seqs = self._inflight.get(delivery.token)
+                if seqs is not None:
+                    seqs.discard(delivery.seq)
+                    if not seqs:
+                        del self._inflight[delivery.token]
+        self.last_progress = time.monotonic()
+        self._capacity.set()
+
+    def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
+        policy = delivery.policy
+        attempt = delivery.message.attempt
+        if outcome.permanent or policy.retry.exhausted(attempt):
+            status = Status.PARKED if policy.strict_order and delivery.message.key else Status.DEAD
+            log.warning("message %s (%s) is %s after %d attempt(s): %s", delivery.message.id,
+                        delivery.message.topic, status.value, attempt, outcome.error)
+            return Failure(delivery.seq, status, None, outcome.error)
+        return Failure(delivery.seq, Status.FAILED, now + policy.retry.delay_after(attempt), outcome.error)
+
+    def _renew_leases(self) -> None:
+        with self._inflight_lock:
+            tokens = [t for t, seqs in self._inflight.items() if seqs]
+        if not tokens:
+            return
+        until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
+
+        def renew() -> None:
+            with self.engine.begin() as conn:
+                for token in tokens:
+                    self.claims.renew(conn, token, lease_until=until)
+                if self.dialect.single_relay:
+                    self._renew_single_relay_lock(conn)
+
+        try:
+            self._with_db(renew, give_up=lambda: True)
+        except Exception as exc:
+            log.warning("could not renew leases: %s", describe_error(exc))
+
+    def _mark_in_session(self, session: orm.Session, delivery: Delivery) -> bool:
+        marked = self.claims.mark_delivered(session.connection(), delivery.token, [delivery.seq], now=utcnow())
+        return marked == 1
+
+    def _session_factory(self) -> AbstractContextManager[orm.Session]:
+        return self._sessions()
+
+    # -- PostgreSQL LISTEN ----------------------------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        channel = notify_channel(self.tables.name)
+        backoff = 0.1
+        while not self._stopping.is_set():
+            raw = None
+            try:
+                raw = self.engine.raw_connection()
+                pg = raw.driver_connection
+                assert pg is not None
+                raw.rollback()
+                pg.autocommit = True
+                pg.execute(f'LISTEN "{channel}"')
+                self._wake.set()  # anything committed while we were not listening
+                backoff = 0.1
+                while not self._stopping.is_set():
+                    for _ in pg.notifies(timeout=0.5, stop_after=1):
+                        self._wake.set()
+            except Exception as exc:
+                if not self._stopping.is_set():
+                    log.debug("LISTEN connection lost (%s); reconnecting in %.1fs", describe_error(exc), backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                if raw is not None:
+                    raw.invalidate()
+                    raw = None
+            finally:
+                if raw is not None:
+                    try:
+                        raw.invalidate()  # never hand a LISTENing connection back to the pool
+                    except Exception:
+                        pass
+
+    # -- SQLite: one relay at a time ---------------------------------------------------------------------
+
+    def _acquire_single_relay_lock(self) -> None:
+        locks = self.tables.locks
+        now = utcnow()
+        until = now + dt.timedelta(seconds=self.lease_seconds)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(locks).where(locks.c.name == SQLITE_LOCK)).first()
+            if row is not None and row.holder != self.name and row.expires_at > now:
+                raise RelayConflict(
+                    f"another relay ({row.holder}) is running on this SQLite database; SQLite supports one "
+                    "relay at a time: stop it, or use PostgreSQL or MariaDB to run several relays"
+                )
+            if row is None:
+                conn.execute(sa.insert(locks).values(name=SQLITE_LOCK, holder=self.name, expires_at=until))
+            else:
+                conn.execute(
+                    sa.update(locks).where(locks.c.name == SQLITE_LOCK).values(holder=self.name, expires_at=until)
+                )
+            # We are the only relay: rows still in flight belong to a relay that died. Take them back now.
+            t = self.tables.messages
+            conn.execute(
+                sa.update(t)
+                .where(t.c.status == Status.INFLIGHT.value, t.c.lease_token.is_not(None))
+                .values(due_at=now)
+            )
+
+    def _renew_single_relay_lock(self, conn: sa.Connection) -> None:
+        locks = self.tables.locks
+        until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
+        conn.execute(
+            sa.update(locks).where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name).values(expires_at=until)
+        )
+
+    def _release_single_relay_lock(self) -> None:
+        locks = self.tables.locks
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(locks).where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name))
+        except Exception as exc:
+            log.warning("could not release the SQLite relay lock: %s", describe_error(exc))
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _check_schema(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                check_version(conn, self.tables.name)
+        except sa.exc.DBAPIError as exc:
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise DatabaseUnavailable(f"cannot reach the database at {url}: {first_line(exc.orig or exc)}") from None
+
+    def _with_db(self, fn: Callable[[], T], *, give_up: Callable[[], bool]) -> T:
+        """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""
+        retryer = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_outage),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2),
+            stop=_StopWhen(give_up, self._stopping),
+            before_sleep=self._log_outage,
+            reraise=True,
+            sleep=self._sleep,
+        )
+        try:
+            result = retryer(fn)
+        except Exception as exc:
+            if is_outage(exc):
+                raise _GaveUp() from exc
+            raise
+        if self._outage_since is not None:
+            log.warning("database reachable again after %.1fs", time.monotonic() - self._outage_since)
+            self._outage_since = None
+        return result
+
+    def _stop_deadline_passed(self) -> bool:
+        return time.monotonic() > self._stop_deadline
+
+    def _log_outage(self, state: tenacity.RetryCallState) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("database unreachable (%s); retrying", describe_error(exc) if exc else "?")
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+
+class _GaveUp(Exception):
+    """A database operation was abandoned during an outage because the relay is stopping."""
+
+
+class _StopWhen(tenacity.stop.stop_base):
+    def __init__(self, give_up: Callable[[], bool], stopping: threading.Event) -> None:
+        self.give_up = give_up
+        self.stopping = stopping
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.stopping.is_set() and self.give_up()
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+

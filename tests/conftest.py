@@ -1,0 +1,107 @@
+"""Shared fixtures: a fresh real database per test, on PostgreSQL, MariaDB and SQLite.
+
+The servers come from the environment (defaults: the machine's local servers):
+``OUTBOX_TEST_POSTGRES_URL`` (postgresql://postgres@127.0.0.1:5432/test) and
+``OUTBOX_TEST_MARIADB_URL`` (mysql://root@127.0.0.1:3306/test). Each test that asks for ``db_url`` gets
+a new database created on that server from this admin URL and dropped afterwards. An unreachable server
+fails the tests loudly: they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from outbox.dialects import create_engine
+
+POSTGRES_ADMIN = os.environ.get("OUTBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_ADMIN = os.environ.get("OUTBOX_TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
+BACKENDS = ("sqlite", "postgresql", "mariadb")
+SERVER_BACKENDS = ("postgresql", "mariadb")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _admin_engine(url: str) -> sa.Engine:
+    return create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+
+
+def make_database(backend: str, tmp_path: Path) -> tuple[str, Callable[[], None]]:
+    """Create an empty database on ``backend``; return its URL and a function that drops it."""
+    if backend == "sqlite":
+        path = tmp_path / f"outbox-{secrets.token_hex(4)}.db"
+        return f"sqlite:///{path}", lambda: None
+    name = f"outbox_t_{secrets.token_hex(6)}"
+    admin_url = POSTGRES_ADMIN if backend == "postgresql" else MARIADB_ADMIN
+    admin = _admin_engine(admin_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"{backend} is unreachable at {admin_url}: {exc.orig}", pytrace=False)
+    url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            if backend == "postgresql":
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, empty database (no outbox tables yet)."""
+    url, drop = make_database(backend, tmp_path)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on a fresh database with the outbox schema installed."""
+    eng = create_engine(db_url)
+    with eng.begin() as conn:
+        outbox.upgrade(conn)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}", pytrace=False)
+        time.sleep(interval)
+
+
+def status_counts(engine: sa.Engine, table: str = "outbox") -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT status, COUNT(*) FROM {table} GROUP BY status")).all()
+    return {str(s): int(n) for s, n in rows}
+
+
+PYTHON = sys.executable
