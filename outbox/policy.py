@@ -36,7 +36,7 @@ class RetryPolicy:
     def delay_after(self, attempt: int) -> dt.timedelta:
         """How long to wait after failed attempt number ``attempt`` (1-based)."""
         wait = tenacity.wait_exponential_jitter(
-            initial=self.backoff_initial, max=self.backoff_max, exp_base=2, jitter=self.jitter
+            multiplier=self.backoff_initial, max=self.backoff_max, exp_base=2, jitter=self.jitter
         )
         state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
         state.attempt_number = max(1, attempt)

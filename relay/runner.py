@@ -374,11 +374,6 @@ class Relay:
         self.counters["fenced"] += fenced
         for key, value in counts.items():
             self.counters[key] += value
-        for delivery, outcome in batch:
-            if isinstance(outcome, Failed):
-                level = logging.WARNING
-                log.log(level, "message %s (%s) attempt %d failed: %s", delivery.message.id,
-                        delivery.message.topic, delivery.message.attempt, outcome.error)
         with self._inflight_lock:
             for delivery, _ in batch:
                 seqs = self._inflight.get(delivery.token)
@@ -397,7 +392,10 @@ class Relay:
             log.warning("message %s (%s) is %s after %d attempt(s): %s", delivery.message.id,
                         delivery.message.topic, status.value, attempt, outcome.error)
             return Failure(delivery.seq, status, None, outcome.error)
-        return Failure(delivery.seq, Status.FAILED, now + policy.retry.delay_after(attempt), outcome.error)
+        retry_at = now + policy.retry.delay_after(attempt)
+        log.warning("message %s (%s) attempt %d failed, retry at %s: %s", delivery.message.id,
+                    delivery.message.topic, attempt, retry_at.isoformat(timespec="seconds"), outcome.error)
+        return Failure(delivery.seq, Status.FAILED, retry_at, outcome.error)
 
     def _renew_leases(self) -> None:
         with self._inflight_lock:
@@ -515,7 +513,7 @@ class Relay:
         """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""
         retryer = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_outage),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
             stop=_StopWhen(give_up, self._stopping),
             before_sleep=self._log_outage,
             reraise=True,

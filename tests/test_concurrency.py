@@ -1,0 +1,107 @@
+"""Several relays on one database: each message handled once, order per key kept, failures included."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from consumers import Registry
+from outbox.message import Message
+from relay import Relay
+from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
+
+TOTAL = 10_000
+KEYS = 250  # coprime with 3, so every key gets messages
+
+
+def write_backlog(engine: sa.Engine, total: int) -> None:
+    """``total`` messages: two thirds over KEYS keys, the rest unkeyed; payload i is the insertion index."""
+    with engine.begin() as conn:
+        for i in range(total):
+            key = f"key-{i % KEYS}" if i % 3 else None
+            outbox.add(conn, "work", {"i": i}, key=key)
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)  # SQLite: one relay at a time, tested below
+def test_three_relays_deliver_each_once(engine: sa.Engine) -> None:
+    lock = threading.Lock()
+    successes: list[tuple[str | None, int]] = []
+    handled: dict[str, int] = defaultdict(int)
+    failures_left = {i for i in range(0, TOTAL, 37)}  # these fail once, then succeed on retry
+    active_keys: set[str] = set()
+    overlaps: list[str] = []
+
+    def make_registry() -> Registry:
+        registry = Registry()
+
+        @registry.handler("work", backoff_initial=0.05, backoff_max=0.2)
+        def work(message: Message) -> None:
+            index = message.payload["i"]
+            with lock:
+                if message.key is not None:
+                    if message.key in active_keys:
+                        overlaps.append(message.key)
+                    active_keys.add(message.key)
+            try:
+                with lock:
+                    should_fail = index in failures_left
+                    failures_left.discard(index)
+                if should_fail:
+                    raise RuntimeError(f"transient failure of {index}")
+                with lock:
+                    successes.append((message.key, index))
+                    handled[str(message.id)] += 1
+            finally:
+                with lock:
+                    active_keys.discard(message.key or "")
+
+        return registry
+
+    write_backlog(engine, TOTAL)
+    relays = [
+        Relay(outbox.create_engine(engine.url.render_as_string(hide_password=False)), make_registry(),
+              batch_size=100, workers=4, poll_interval=0.05, name=f"relay-{n}")
+        for n in range(3)
+    ]
+    for relay in relays:
+        relay.start()
+    try:
+        wait_until(lambda: status_counts(engine).get("delivered") == TOTAL, timeout=180, what="all delivered")
+    finally:
+        for relay in relays:
+            relay.stop()
+            relay.engine.dispose()
+
+    assert status_counts(engine) == {"delivered": TOTAL}
+    assert len(handled) == TOTAL and set(handled.values()) == {1}, "a message was handled twice"
+    assert overlaps == [], "two messages of one key ran at the same time"
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for key, index in successes:
+        if key is not None:
+            per_key[key].append(index)
+    assert len(per_key) == KEYS
+    for key, indexes in per_key.items():
+        assert indexes == sorted(indexes), f"order broken for {key}"
+    claimed = sum(r.counters["claimed"] for r in relays)
+    assert claimed == TOTAL + len(range(0, TOTAL, 37))
+    assert all(r.counters["delivered"] > 0 for r in relays), "every relay took part"
+    with engine.connect() as conn:
+        retried = conn.execute(sa.text("SELECT COUNT(*) FROM outbox WHERE attempts = 2")).scalar()
+    assert retried == len(range(0, TOTAL, 37))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_second_sqlite_relay_is_refused(engine: sa.Engine) -> None:
+    first = Relay(engine, Registry()).start()
+    try:
+        with pytest.raises(outbox.RelayConflict, match="SQLite supports one relay at a time"):
+            Relay(engine, Registry()).start()
+    finally:
+        first.stop()
+    second = Relay(engine, Registry()).start()  # after a clean stop the lock is free again
+    second.stop()
+

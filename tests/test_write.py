@@ -1,0 +1,291 @@
+"""The write side: add() is atomic with the caller's transaction, and bad input never gets written."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import outbox
+from outbox.dialects import normalise_url
+from outbox.schema import tables_for
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    item: orm.Mapped[str] = orm.mapped_column(sa.String(50))
+
+
+@pytest.fixture
+def shop(engine: sa.Engine) -> sa.Engine:
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def messages(engine: sa.Engine) -> list[Any]:
+    t = tables_for().messages
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(t).order_by(t.c.seq)).all())
+
+
+def orders(engine: sa.Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(Order.id).order_by(Order.id)).scalars())
+
+
+# --- atomicity, per session type --------------------------------------------------------------------------
+
+
+def test_session_commit_writes_message_and_rollback_writes_none(shop: sa.Engine) -> None:
+    with orm.Session(shop) as session, session.begin():
+        session.add(Order(id=1, item="book"))
+        committed_id = outbox.add(session, "order.created", {"order_id": 1}, key="order-1")
+
+    with orm.Session(shop) as session:
+        session.begin()
+        session.add(Order(id=2, item="pen"))
+        outbox.add(session, "order.created", {"order_id": 2}, key="order-2")
+        session.rollback()
+
+    rows = messages(shop)
+    assert [r.id for r in rows] == [committed_id]
+    assert rows[0].status == "pending" and rows[0].msg_key == "order-1" and rows[0].attempts == 0
+    assert json.loads(rows[0].payload) == {"order_id": 1}
+    assert orders(shop) == [1]
+
+
+def test_exception_inside_session_block_writes_nothing(shop: sa.Engine) -> None:
+    with pytest.raises(RuntimeError), orm.Session(shop) as session, session.begin():
+        session.add(Order(id=3, item="cup"))
+        outbox.add(session, "order.created", {"order_id": 3})
+        raise RuntimeError("business rule failed")
+    assert messages(shop) == [] and orders(shop) == []
+
+
+def test_savepoint_rollback_discards_only_its_messages(shop: sa.Engine) -> None:
+    with orm.Session(shop) as session, session.begin():
+        kept = outbox.add(session, "order.created", {"n": 1})
+        nested = session.begin_nested()
+        outbox.add(session, "order.created", {"n": 2})
+        nested.rollback()
+        also_kept = outbox.add(session, "order.created", {"n": 3})
+    assert [r.id for r in messages(shop)] == [kept, also_kept]
+
+
+def test_core_connection_commit_and_rollback(shop: sa.Engine) -> None:
+    with shop.begin() as conn:
+        committed = outbox.add(conn, "order.created", {"n": 1}, headers={"trace": "abc"})
+    with shop.connect() as conn:
+        conn.begin()
+        outbox.add(conn, "order.created", {"n": 2})
+        conn.rollback()
+    rows = messages(shop)
+    assert [r.id for r in rows] == [committed]
+    assert json.loads(rows[0].headers) == {"trace": "abc"}
+
+
+def _async_url(db_url: str) -> sa.URL:
+    url = normalise_url(db_url)
+    backend = url.get_backend_name()
+    driver = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+asyncmy"}
+    return url.set(drivername=driver["mysql" if backend == "mariadb" else backend])
+
+
+def test_async_session_commit_and_rollback_without_await(shop: sa.Engine, db_url: str) -> None:
+    async def scenario() -> tuple[uuid.UUID, uuid.UUID]:
+        aengine = create_async_engine(_async_url(db_url))
+        try:
+            async with AsyncSession(aengine) as session, session.begin():
+                session.add(Order(id=10, item="lamp"))
+                committed = outbox.add(session, "order.created", {"order_id": 10}, key="k")  # no await
+            async with AsyncSession(aengine) as session:
+                await session.begin()
+                session.add(Order(id=11, item="desk"))
+                rolled_back = outbox.add(session, "order.created", {"order_id": 11}, key="k")
+                await session.flush()  # written inside the transaction, then undone
+                await session.rollback()
+            return committed, rolled_back
+        finally:
+            await aengine.dispose()
+
+    committed, rolled_back = asyncio.run(scenario())
+    rows = messages(shop)
+    assert [r.id for r in rows] == [committed]
+    assert rolled_back != committed
+    assert rows[0].status == "pending" and rows[0].seq is not None
+    assert orders(shop) == [10]
+
+
+# --- payloads ------------------------------------------------------------------------------------------
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Line:
+    sku: str
+    price: decimal.Decimal
+
+
+def test_payload_encoding_of_extra_types(engine: sa.Engine) -> None:
+    order_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    payload = {
+        "id": order_id,
+        "at": when,
+        "day": dt.date(2026, 1, 2),
+        "total": decimal.Decimal("12.30"),
+        "lines": [Line("A-1", decimal.Decimal("1.10"))],
+        "colour": Colour.RED,
+        "tags": ("x", "y"),
+        "none": None,
+        "text": "ünïcödé",
+    }
+    with engine.begin() as conn:
+        outbox.add(conn, "t", payload)
+        outbox.add(conn, "bin", b"\x00\xffraw")
+    json_row, bin_row = messages(engine)
+    assert json_row.content_type == "application/json"
+    assert json.loads(json_row.payload) == {
+        "id": "12345678-1234-5678-1234-567812345678",
+        "at": "2026-01-02T03:04:05+00:00",
+        "day": "2026-01-02",
+        "total": "12.30",
+        "lines": [{"sku": "A-1", "price": "1.10"}],
+        "colour": "red",
+        "tags": ["x", "y"],
+        "none": None,
+        "text": "ünïcödé",
+    }
+    assert bin_row.content_type == "application/octet-stream" and bytes(bin_row.payload) == b"\x00\xffraw"
+
+
+def test_large_payload_round_trips(engine: sa.Engine) -> None:
+    big = {"blob": "x" * 300_000}  # beyond MariaDB's plain BLOB (64 KiB)
+    with engine.begin() as conn:
+        outbox.add(conn, "big", big)
+    assert json.loads(messages(engine)[0].payload) == big
+
+
+# --- bad input: a clear error, before anything is written -----------------------------------------------
+
+
+class NotSerialisable:
+    def __repr__(self) -> str:
+        return "<NotSerialisable>"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"payload": {"x": NotSerialisable()}}, outbox.PayloadError, "NotSerialisable"),
+        ({"payload": {"x": float("nan")}}, outbox.PayloadError, "payload cannot be serialised"),
+        ({"payload": {1, 2}.__class__}, outbox.PayloadError, "type"),
+        ({"topic": ""}, outbox.TopicError, "invalid topic ''"),
+        ({"topic": "has space"}, outbox.TopicError, "'has space'"),
+        ({"topic": "a" * 250}, outbox.TopicError, "1-249"),
+        ({"topic": None}, outbox.TopicError, "None"),
+        ({"key": 42}, outbox.MessageKeyError, "not int"),
+        ({"key": "k" * 256}, outbox.MessageKeyError, "1-255"),
+        ({"headers": {"retries": 3}}, outbox.HeaderError, "'retries'"),
+        ({"headers": {1: "x"}}, outbox.HeaderError, "header name 1"),
+        ({"headers": ["a"]}, outbox.HeaderError, "mapping"),
+        ({"delay": -1}, outbox.DelayError, "-1"),
+        ({"delay": dt.timedelta(seconds=-5)}, outbox.DelayError, "zero or more"),
+        ({"delay": "10"}, outbox.DelayError, "str"),
+        ({"delay": float("nan")}, outbox.DelayError, "nan"),
+    ],
+)
+def test_bad_input_raises_named_error_and_writes_nothing(
+    engine: sa.Engine, kwargs: dict[str, Any], error: type[Exception], fragment: str
+) -> None:
+    args: dict[str, Any] = {"topic": "order.created", "payload": {"ok": True}, **kwargs}
+    topic, payload = args.pop("topic"), args.pop("payload")
+    with orm.Session(engine) as session, session.begin():
+        with pytest.raises(error) as info:
+            outbox.add(session, topic, payload, **args)
+        assert fragment in str(info.value)
+        assert isinstance(info.value, outbox.MessageError)
+        assert isinstance(info.value, outbox.OutboxError)
+        good = outbox.add(session, "order.created", {"still": "usable"})  # the transaction is untouched
+    assert [r.id for r in messages(engine)] == [good]
+
+
+def test_add_rejects_something_that_is_not_a_session(engine: sa.Engine) -> None:
+    with pytest.raises(TypeError, match="Session, AsyncSession or Connection"):
+        outbox.add(engine, "t", {})
+
+
+def test_delay_sets_due_time(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        outbox.add(conn, "later", {}, delay=dt.timedelta(minutes=5))
+        outbox.add(conn, "now", {})
+    later, now = messages(engine)
+    assert (later.due_at - later.created_at) == dt.timedelta(minutes=5)
+    assert now.due_at == now.created_at
+
+
+def test_message_ids_are_unique_and_time_ordered(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        ids = [outbox.add(conn, "t", {"i": i}) for i in range(200)]
+    assert len(set(ids)) == 200
+    assert ids == sorted(ids, key=lambda u: u.bytes)
+    assert all(u.version == 7 for u in ids)
+
+
+def test_table_name_is_validated() -> None:
+    with pytest.raises(outbox.ConfigError, match="invalid outbox table name"):
+        outbox.Outbox(table="orders; DROP TABLE x")
+
+
+def test_custom_table_name(db_url: str) -> None:
+    engine = outbox.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            outbox.upgrade(conn, "shop_outbox")
+        box = outbox.Outbox(table="shop_outbox")
+        with engine.begin() as conn:
+            box.add(conn, "t", {"x": 1})
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM shop_outbox")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_is_idempotent_and_versioned(db_url: str) -> None:
+    engine = outbox.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            assert [m.version for m in outbox.upgrade(conn)] == [1]
+        with engine.begin() as conn:
+            assert outbox.upgrade(conn) == []
+        with engine.connect() as conn:
+            outbox.schema.check_version(conn)
+    finally:
+        engine.dispose()
+
+
+def test_missing_table_is_a_schema_error(db_url: str) -> None:
+    engine = outbox.create_engine(db_url)
+    try:
+        with engine.connect() as conn, pytest.raises(outbox.SchemaError, match="outbox db upgrade"):
+            outbox.schema.check_version(conn)
+    finally:
+        engine.dispose()
