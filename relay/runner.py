@@ -218,7 +218,11 @@ class Relay:
                 if rows:
                     self._dispatch(rows)
                 if len(rows) < want and not self._stopping.is_set():
-                    self._wake.wait(self.poll_interval)
+                    woken = self._wake.wait(self.poll_interval)
+                    if woken and not rows:
+                        # A same-process wake-up can arrive a moment before the writer's COMMIT is
+                        # visible (SQLAlchemy's commit event fires just before it): look again shortly.
+                        self._stopping.wait(0.002)
         except Exception:  # pragma: no cover - a bug; do not die silently
             log.exception("relay fetcher crashed; stopping the relay")
             threading.Thread(target=self.stop, daemon=True).start()
@@ -383,6 +387,8 @@ class Relay:
                         del self._inflight[delivery.token]
         self.last_progress = time.monotonic()
         self._capacity.set()
+        if released or any(d.message.key is not None for d, _ in batch):
+            self._wake.set()  # the next message of those keys (or the released rows) can be claimed now
 
     def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
         policy = delivery.policy

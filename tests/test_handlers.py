@@ -1,0 +1,238 @@
+"""In-process delivery: retries, poison messages, ordering per key, session handlers, timeouts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+import outbox
+from consumers import Registry
+from outbox.message import Message
+from relay import Relay
+from tests.conftest import status_counts, wait_until
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.1}
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
+@pytest.fixture
+def relay(engine: sa.Engine, registry: Registry) -> Iterator[Relay]:
+    r = Relay(engine, registry, poll_interval=0.05, batch_size=50, workers=4)
+    yield r
+    r.stop()
+
+
+def row(engine: sa.Engine, message_id: object) -> sa.Row:  # type: ignore[type-arg]
+    t = outbox.tables_for().messages
+    with engine.connect() as conn:
+        return conn.execute(sa.select(t).where(t.c.id == message_id)).one()
+
+
+def test_order_per_key_with_failures(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    """Messages of one key are handled one at a time, in order, even when some fail and retry."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    failed_once: set[int] = set()
+    lock = threading.Lock()
+
+    @registry.handler("step", **FAST)
+    def step(message: Message) -> None:
+        index = message.payload["i"]
+        with lock:
+            if index % 7 == 0 and index not in failed_once:
+                failed_once.add(index)
+                raise RuntimeError("try again")
+            assert message.key is not None
+            seen[message.key].append(index)
+
+    with engine.begin() as conn:
+        for i in range(600):
+            outbox.add(conn, "step", {"i": i}, key=f"k{i % 12}")
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 600, timeout=60)
+    assert len(seen) == 12
+    for key, indexes in seen.items():
+        assert indexes == sorted(indexes), key
+        assert len(indexes) == 50
+
+
+def test_poison_message_holds_only_its_key(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    """A failing message blocks later messages of its key only; it goes dead, then its key goes on."""
+    handled: list[str] = []
+
+    @registry.handler("pay", max_attempts=3, **FAST)
+    def pay(message: Message) -> None:
+        if message.payload["poison"]:
+            raise ValueError("card number is not a number")
+        handled.append(message.payload["name"])
+
+    with engine.begin() as conn:
+        poison = outbox.add(conn, "pay", {"poison": True, "name": "bad"}, key="alice")
+        outbox.add(conn, "pay", {"poison": False, "name": "alice-2"}, key="alice")
+        for n in range(20):
+            outbox.add(conn, "pay", {"poison": False, "name": f"bob-{n}"}, key="bob")
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 21, timeout=30)
+    assert handled.index("alice-2") > 0  # only after the poison message went dead
+    dead = row(engine, poison)
+    assert dead.status == "dead" and dead.attempts == 3 and dead.due_at is None
+    assert dead.last_error == "ValueError: card number is not a number"
+    assert [h for h in handled if h.startswith("bob")] == [f"bob-{n}" for n in range(20)]
+
+
+def test_strict_order_topic_parks_the_key(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    handled: list[int] = []
+
+    @registry.handler("ledger", max_attempts=2, strict_order=True, **FAST)
+    def ledger(message: Message) -> None:
+        if message.payload["i"] == 0:
+            raise ValueError("unbalanced")
+        handled.append(message.payload["i"])
+
+    with engine.begin() as conn:
+        first = outbox.add(conn, "ledger", {"i": 0}, key="acct-1")
+        outbox.add(conn, "ledger", {"i": 1}, key="acct-1")
+        outbox.add(conn, "ledger", {"i": 2}, key="acct-2")
+    relay.start()
+    wait_until(lambda: row(engine, first).status == "parked", timeout=20)
+    wait_until(lambda: handled == [2], timeout=20)
+    time.sleep(0.3)  # a few poll cycles: acct-1's second message must still be waiting
+    assert handled == [2]
+    assert status_counts(engine) == {"parked": 1, "pending": 1, "delivered": 1}
+
+
+def test_no_route_fails_then_dies_with_clear_error(engine: sa.Engine) -> None:
+    relay = Relay(engine, Registry(), poll_interval=0.05, retry=outbox.RetryPolicy(max_attempts=2, **{
+        "backoff_initial": 0.05, "backoff_max": 0.1}))
+    with engine.begin() as conn:
+        lost = outbox.add(conn, "nobody.listens", {})
+    with relay:
+        wait_until(lambda: row(engine, lost).status == "dead", timeout=20)
+    assert row(engine, lost).last_error == "no route for topic nobody.listens"
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class Effect(Base):
+    __tablename__ = "effects"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True, autoincrement=True)
+    message_id: orm.Mapped[str] = orm.mapped_column(sa.String(36))
+
+
+def test_session_handler_work_and_mark_commit_together(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    Base.metadata.create_all(engine)
+    attempts: dict[str, int] = defaultdict(int)
+
+    @registry.handler("order.paid", max_attempts=5, **FAST)
+    def record(message: Message, session: orm.Session) -> None:
+        attempts[str(message.id)] += 1
+        session.add(Effect(message_id=str(message.id)))
+        outbox.add(session, "receipt.sent", {"for": str(message.id)})  # nested message, same transaction
+        if message.payload["flaky"] and attempts[str(message.id)] < 3:
+            raise RuntimeError("after the writes: everything above must roll back")
+
+    receipts: list[str] = []
+    registry.add("receipt.sent", lambda m: receipts.append(m.payload["for"]))
+
+    with engine.begin() as conn:
+        steady = outbox.add(conn, "order.paid", {"flaky": False})
+        flaky = outbox.add(conn, "order.paid", {"flaky": True})
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 4, timeout=30)
+    with engine.connect() as conn:
+        effects = list(conn.execute(sa.select(Effect.message_id).order_by(Effect.id)).scalars())
+    assert sorted(effects) == sorted([str(steady), str(flaky)])  # one effect each, failed attempts rolled back
+    assert sorted(receipts) == sorted([str(steady), str(flaky)])
+    assert attempts[str(flaky)] == 3 and row(engine, flaky).attempts == 3
+    assert row(engine, flaky).last_error is not None  # the history of the failed attempts stays visible
+
+
+def test_handler_timeout_counts_as_failed_attempt(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    release = threading.Event()
+
+    @registry.handler("slow", max_attempts=1, timeout=0.2)
+    def slow(message: Message) -> None:
+        release.wait(5)
+
+    with engine.begin() as conn:
+        stuck = outbox.add(conn, "slow", {})
+    relay.start()
+    wait_until(lambda: row(engine, stuck).status == "dead", timeout=10)
+    release.set()
+    assert "HandlerTimeout" in (row(engine, stuck).last_error or "")
+
+
+def test_delayed_message_waits(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+    times: list[float] = []
+    registry.add("later", lambda m: times.append(time.monotonic()))
+    with engine.begin() as conn:
+        outbox.add(conn, "later", {}, delay=0.8)
+    start = time.monotonic()
+    relay.start()
+    wait_until(lambda: times, timeout=10)
+    assert times[0] - start >= 0.7
+
+
+def test_commit_in_same_process_wakes_the_relay(engine: sa.Engine, registry: Registry) -> None:
+    """With a long poll interval, delivery still follows the commit at once (in-process wake-up)."""
+    done = threading.Event()
+    registry.add("ping", lambda m: done.set())
+    with Relay(engine, registry, poll_interval=30):
+        time.sleep(0.2)  # the relay is now asleep for up to 30 s
+        with orm.Session(engine) as session, session.begin():
+            outbox.add(session, "ping", {})
+        assert done.wait(5), "the commit did not wake the relay"
+
+
+def test_next_message_of_a_key_follows_at_once(engine: sa.Engine, registry: Registry) -> None:
+    """A key's next message is claimed as soon as the previous one is marked, not at the next poll."""
+    handled: list[int] = []
+    registry.add("chain", lambda m: handled.append(m.payload["i"]))
+    with engine.begin() as conn:
+        for i in range(20):
+            outbox.add(conn, "chain", {"i": i}, key="one-key")
+    with Relay(engine, registry, poll_interval=30):
+        wait_until(lambda: len(handled) == 20, timeout=10, what="20 messages of one key within 10 s")
+    assert handled == list(range(20))
+
+
+def test_commit_on_a_core_connection_wakes_the_relay(engine: sa.Engine, registry: Registry) -> None:
+    done = threading.Event()
+    registry.add("ping", lambda m: done.set())
+    with Relay(engine, registry, poll_interval=30):
+        time.sleep(0.2)
+        with engine.begin() as conn:
+            outbox.add(conn, "ping", {})
+        assert done.wait(5), "the commit did not wake the relay"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_commit_in_another_process_wakes_the_relay_via_notify(
+    engine: sa.Engine, registry: Registry, db_url: str
+) -> None:
+    import subprocess
+    import sys
+
+    done = threading.Event()
+    registry.add("ping", lambda m: done.set())
+    writer = (
+        "import sys, outbox\n"
+        "engine = outbox.create_engine(sys.argv[1])\n"
+        "with engine.begin() as conn:\n"
+        "    outbox.add(conn, 'ping', {})\n"
+    )
+    with Relay(engine, registry, poll_interval=30):
+        time.sleep(0.3)  # listening, and asleep for up to 30 s
+        subprocess.run([sys.executable, "-c", writer, db_url], check=True, timeout=30)
+        assert done.wait(5), "NOTIFY did not wake the relay"
