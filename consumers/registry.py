@@ -42,7 +42,9 @@ class Handler:
 
     @property
     def name(self) -> str:
-        return f"{getattr(self.func, '__module__', '?')}.{getattr(self.func, '__qualname__', repr(self.func))}"
+        return (
+            f"{getattr(self.func, '__module__', '?')}.{getattr(self.func, '__qualname__', repr(self.func))}"
+        )
 
     def __call__(self, message: Message, session: Any = None) -> Any:
         if self.takes_session:
@@ -174,7 +176,9 @@ def load_registry(spec: str) -> Registry:
             raise ConfigError(f"cannot import --app module {module_name!r}: no such module") from None
         raise ConfigError(f"cannot import --app module {module_name!r}: {exc}") from None
     except Exception as exc:
-        raise ConfigError(f"importing --app module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"importing --app module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
     if not attr:
         return default_registry
     registry = getattr(module, attr, None)

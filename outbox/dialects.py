@@ -49,7 +49,9 @@ class Dialect:
         return {"pool_pre_ping": True}
 
 
-POSTGRESQL = Dialect("postgresql", claim_returning=True, skip_locked=True, single_relay=False, listen_notify=True)
+POSTGRESQL = Dialect(
+    "postgresql", claim_returning=True, skip_locked=True, single_relay=False, listen_notify=True
+)
 MARIADB = Dialect("mysql", claim_returning=False, skip_locked=True, single_relay=False, listen_notify=False)
 SQLITE = Dialect("sqlite", claim_returning=True, skip_locked=False, single_relay=True, listen_notify=False)
 
@@ -163,6 +165,6 @@ def _is_driver_outage(err: BaseException) -> bool:
     if module.startswith("psycopg") and type(err).__name__ == "OperationalError" and sqlstate is None:
         return True  # psycopg raises a bare OperationalError when it cannot connect at all
     if module.startswith("pymysql"):
-        args = getattr(err, "args", ())
+        args: tuple[object, ...] = getattr(err, "args", ())
         return bool(args) and args[0] in _MYSQL_OUTAGE_CODES
     return isinstance(err, ConnectionError | TimeoutError)

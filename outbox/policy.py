@@ -30,7 +30,8 @@ class RetryPolicy:
             raise ConfigError("backoff_initial, backoff_max and jitter must be zero or more seconds")
         if self.backoff_max < self.backoff_initial:
             raise ConfigError(
-                f"backoff_max ({self.backoff_max}) must not be smaller than backoff_initial ({self.backoff_initial})"
+                f"backoff_max ({self.backoff_max}) must not be smaller than "
+                f"backoff_initial ({self.backoff_initial})"
             )
 
     def delay_after(self, attempt: int) -> dt.timedelta:

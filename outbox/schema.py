@@ -112,7 +112,9 @@ def _define(name: str) -> OutboxTables:
         sa.Column("headers", _TEXT, nullable=True, comment="JSON object of string headers"),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False, default=0),
-        sa.Column("due_at", _TIME, nullable=True, comment="next claimable time / lease expiry; NULL when done"),
+        sa.Column(
+            "due_at", _TIME, nullable=True, comment="next claimable time / lease expiry; NULL when done"
+        ),
         sa.Column("lease_token", sa.String(32), nullable=True, comment="token of the lease holding the row"),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("last_attempt_at", _TIME, nullable=True),
@@ -191,9 +193,7 @@ def upgrade(conn: sa.Connection, name: str = DEFAULT_TABLE) -> list[Migration]:
             conn.execute(sa.insert(t.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
         else:
             conn.execute(
-                sa.update(t.meta)
-                .where(t.meta.c.name == "schema_version")
-                .values(value=str(SCHEMA_VERSION))
+                sa.update(t.meta).where(t.meta.c.name == "schema_version").values(value=str(SCHEMA_VERSION))
             )
     return applied
 

@@ -133,11 +133,15 @@ class ClaimQueries:
                 t.c.seq.in_(sa.bindparam("seqs", expanding=True))
             )
 
-        fenced = sa.and_(t.c.lease_token == sa.bindparam("token"), t.c.seq.in_(sa.bindparam("seqs", expanding=True)))
+        fenced = sa.and_(
+            t.c.lease_token == sa.bindparam("token"), t.c.seq.in_(sa.bindparam("seqs", expanding=True))
+        )
         self._delivered = (
             sa.update(t)
             .where(fenced)
-            .values(status=Status.DELIVERED.value, due_at=None, lease_token=None, delivered_at=sa.bindparam("now"))
+            .values(
+                status=Status.DELIVERED.value, due_at=None, lease_token=None, delivered_at=sa.bindparam("now")
+            )
         )
         self._failed = (
             sa.update(t)
@@ -175,7 +179,12 @@ class ClaimQueries:
         The caller commits right after; the lease is live from then until ``now + lease_seconds``.
         """
         token = new_token()
-        params = {"now": now, "limit": limit, "token": token, "lease_until": now + dt.timedelta(seconds=lease_seconds)}
+        params = {
+            "now": now,
+            "limit": limit,
+            "token": token,
+            "lease_until": now + dt.timedelta(seconds=lease_seconds),
+        }
         if self.dialect.claim_returning:
             rows = conn.execute(self._claim, params).all()
         else:
@@ -202,7 +211,9 @@ class ClaimQueries:
 
     # -- marks (all fenced by the lease token) -----------------------------------------------------------
 
-    def mark_delivered(self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime) -> int:
+    def mark_delivered(
+        self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime
+    ) -> int:
         """Mark rows delivered; returns how many still held ``token`` (the others were fenced off)."""
         if not seqs:
             return 0

@@ -22,6 +22,7 @@ back a row that is still executing).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -47,7 +48,7 @@ from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
 from outbox.serialization import decode_headers, decode_payload
 from outbox.writer import notify_channel, register_waiter, unregister_waiter, utcnow
 from relay.claim import ClaimedRow, ClaimQueries, Failure
-from relay.publishers import Delivered, Delivery, Failed, Outcome, Publisher, Released, describe_error
+from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
 from relay.publishers.handlers import HandlerPublisher
 
 log = logging.getLogger("outbox.relay")
@@ -232,7 +233,9 @@ class Relay:
     def _claim(self, want: int) -> list[ClaimedRow] | None:
         def claim() -> list[ClaimedRow]:
             with self.engine.begin() as conn:
-                return self.claims.claim_batch(conn, limit=want, lease_seconds=self.lease_seconds, now=utcnow())
+                return self.claims.claim_batch(
+                    conn, limit=want, lease_seconds=self.lease_seconds, now=utcnow()
+                )
 
         try:
             rows = self._with_db(claim, give_up=self._stopping.is_set)
@@ -296,7 +299,9 @@ class Relay:
         entry = self.registry.route(topic)
         policy = entry.policy if entry is not None else self.default_policy
         if policy.timeout is None and self.default_policy.timeout is not None:
-            policy = TopicPolicy(retry=policy.retry, timeout=self.default_policy.timeout, strict_order=policy.strict_order)
+            policy = TopicPolicy(
+                retry=policy.retry, timeout=self.default_policy.timeout, strict_order=policy.strict_order
+            )
         if topic in self.strict_order_topics and not policy.strict_order:
             policy = TopicPolicy(retry=policy.retry, timeout=policy.timeout, strict_order=True)
         return policy
@@ -371,7 +376,10 @@ class Relay:
         try:
             fenced = self._with_db(write, give_up=self._stop_deadline_passed)
         except Exception:
-            log.exception("could not record %d outcome(s); their leases will expire and they will be retried", len(batch))
+            log.exception(
+                "could not record %d outcome(s); their leases will expire and they will be retried",
+                len(batch),
+            )
             fenced = 0
         if fenced:
             log.warning("%d delivered mark(s) were fenced off: their lease had been taken over", fenced)
@@ -395,12 +403,24 @@ class Relay:
         attempt = delivery.message.attempt
         if outcome.permanent or policy.retry.exhausted(attempt):
             status = Status.PARKED if policy.strict_order and delivery.message.key else Status.DEAD
-            log.warning("message %s (%s) is %s after %d attempt(s): %s", delivery.message.id,
-                        delivery.message.topic, status.value, attempt, outcome.error)
+            log.warning(
+                "message %s (%s) is %s after %d attempt(s): %s",
+                delivery.message.id,
+                delivery.message.topic,
+                status.value,
+                attempt,
+                outcome.error,
+            )
             return Failure(delivery.seq, status, None, outcome.error)
         retry_at = now + policy.retry.delay_after(attempt)
-        log.warning("message %s (%s) attempt %d failed, retry at %s: %s", delivery.message.id,
-                    delivery.message.topic, attempt, retry_at.isoformat(timespec="seconds"), outcome.error)
+        log.warning(
+            "message %s (%s) attempt %d failed, retry at %s: %s",
+            delivery.message.id,
+            delivery.message.topic,
+            attempt,
+            retry_at.isoformat(timespec="seconds"),
+            outcome.error,
+        )
         return Failure(delivery.seq, Status.FAILED, retry_at, outcome.error)
 
     def _renew_leases(self) -> None:
@@ -423,7 +443,9 @@ class Relay:
             log.warning("could not renew leases: %s", describe_error(exc))
 
     def _mark_in_session(self, session: orm.Session, delivery: Delivery) -> bool:
-        marked = self.claims.mark_delivered(session.connection(), delivery.token, [delivery.seq], now=utcnow())
+        marked = self.claims.mark_delivered(
+            session.connection(), delivery.token, [delivery.seq], now=utcnow()
+        )
         return marked == 1
 
     def _session_factory(self) -> AbstractContextManager[orm.Session]:
@@ -450,7 +472,9 @@ class Relay:
                         self._wake.set()
             except Exception as exc:
                 if not self._stopping.is_set():
-                    log.debug("LISTEN connection lost (%s); reconnecting in %.1fs", describe_error(exc), backoff)
+                    log.debug(
+                        "LISTEN connection lost (%s); reconnecting in %.1fs", describe_error(exc), backoff
+                    )
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                 if raw is not None:
@@ -458,10 +482,8 @@ class Relay:
                     raw = None
             finally:
                 if raw is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         raw.invalidate()  # never hand a LISTENing connection back to the pool
-                    except Exception:
-                        pass
 
     # -- SQLite: one relay at a time ---------------------------------------------------------------------
 
@@ -480,7 +502,9 @@ class Relay:
                 conn.execute(sa.insert(locks).values(name=SQLITE_LOCK, holder=self.name, expires_at=until))
             else:
                 conn.execute(
-                    sa.update(locks).where(locks.c.name == SQLITE_LOCK).values(holder=self.name, expires_at=until)
+                    sa.update(locks)
+                    .where(locks.c.name == SQLITE_LOCK)
+                    .values(holder=self.name, expires_at=until)
                 )
             # We are the only relay: rows still in flight belong to a relay that died. Take them back now.
             t = self.tables.messages
@@ -494,7 +518,9 @@ class Relay:
         locks = self.tables.locks
         until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
         conn.execute(
-            sa.update(locks).where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name).values(expires_at=until)
+            sa.update(locks)
+            .where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name)
+            .values(expires_at=until)
         )
 
     def _release_single_relay_lock(self) -> None:
@@ -513,7 +539,9 @@ class Relay:
                 check_version(conn, self.tables.name)
         except sa.exc.DBAPIError as exc:
             url = self.engine.url.render_as_string(hide_password=True)
-            raise DatabaseUnavailable(f"cannot reach the database at {url}: {first_line(exc.orig or exc)}") from None
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"
+            ) from None
 
     def _with_db(self, fn: Callable[[], T], *, give_up: Callable[[], bool]) -> T:
         """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""
@@ -571,4 +599,3 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
-

@@ -86,7 +86,9 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
         eng.dispose()
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
+def wait_until(
+    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> object:
     """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

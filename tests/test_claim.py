@@ -21,7 +21,13 @@ def claims(engine: sa.Engine) -> ClaimQueries:
     return ClaimQueries(tables_for(), dialect_for(engine))
 
 
-def claim(engine: sa.Engine, claims: ClaimQueries, limit: int = 100, lease: float = 30.0, now: dt.datetime | None = None):  # type: ignore[no-untyped-def]
+def claim(
+    engine: sa.Engine,
+    claims: ClaimQueries,
+    limit: int = 100,
+    lease: float = 30.0,
+    now: dt.datetime | None = None,
+):  # type: ignore[no-untyped-def]
     with engine.begin() as conn:
         return claims.claim_batch(conn, limit=limit, lease_seconds=lease, now=now or utcnow())
 
@@ -47,7 +53,9 @@ def test_claim_takes_only_the_head_of_each_key(engine: sa.Engine, claims: ClaimQ
     # nothing more is claimable until the heads finish
     assert claim(engine, claims) == []
     with engine.begin() as conn:
-        claims.mark_delivered(conn, rows[0].token, [r.seq for r in rows if r.topic in ("a", "c")], now=utcnow())
+        claims.mark_delivered(
+            conn, rows[0].token, [r.seq for r in rows if r.topic in ("a", "c")], now=utcnow()
+        )
     assert sorted(r.topic for r in claim(engine, claims)) == ["b", "f"]
 
 

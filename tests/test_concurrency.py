@@ -63,8 +63,14 @@ def test_three_relays_deliver_each_once(engine: sa.Engine) -> None:
 
     write_backlog(engine, TOTAL)
     relays = [
-        Relay(outbox.create_engine(engine.url.render_as_string(hide_password=False)), make_registry(),
-              batch_size=100, workers=4, poll_interval=0.05, name=f"relay-{n}")
+        Relay(
+            outbox.create_engine(engine.url.render_as_string(hide_password=False)),
+            make_registry(),
+            batch_size=100,
+            workers=4,
+            poll_interval=0.05,
+            name=f"relay-{n}",
+        )
         for n in range(3)
     ]
     for relay in relays:
@@ -104,4 +110,3 @@ def test_second_sqlite_relay_is_refused(engine: sa.Engine) -> None:
         first.stop()
     second = Relay(engine, Registry()).start()  # after a clean stop the lock is free again
     second.stop()
-

@@ -111,8 +111,12 @@ def test_strict_order_topic_parks_the_key(engine: sa.Engine, registry: Registry,
 
 
 def test_no_route_fails_then_dies_with_clear_error(engine: sa.Engine) -> None:
-    relay = Relay(engine, Registry(), poll_interval=0.05, retry=outbox.RetryPolicy(max_attempts=2, **{
-        "backoff_initial": 0.05, "backoff_max": 0.1}))
+    relay = Relay(
+        engine,
+        Registry(),
+        poll_interval=0.05,
+        retry=outbox.RetryPolicy(max_attempts=2, **{"backoff_initial": 0.05, "backoff_max": 0.1}),
+    )
     with engine.begin() as conn:
         lost = outbox.add(conn, "nobody.listens", {})
     with relay:
@@ -130,7 +134,9 @@ class Effect(Base):
     message_id: orm.Mapped[str] = orm.mapped_column(sa.String(36))
 
 
-def test_session_handler_work_and_mark_commit_together(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+def test_session_handler_work_and_mark_commit_together(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
     Base.metadata.create_all(engine)
     attempts: dict[str, int] = defaultdict(int)
 
@@ -152,13 +158,17 @@ def test_session_handler_work_and_mark_commit_together(engine: sa.Engine, regist
     wait_until(lambda: status_counts(engine).get("delivered") == 4, timeout=30)
     with engine.connect() as conn:
         effects = list(conn.execute(sa.select(Effect.message_id).order_by(Effect.id)).scalars())
-    assert sorted(effects) == sorted([str(steady), str(flaky)])  # one effect each, failed attempts rolled back
+    assert sorted(effects) == sorted(
+        [str(steady), str(flaky)]
+    )  # one effect each, failed attempts rolled back
     assert sorted(receipts) == sorted([str(steady), str(flaky)])
     assert attempts[str(flaky)] == 3 and row(engine, flaky).attempts == 3
     assert row(engine, flaky).last_error is not None  # the history of the failed attempts stays visible
 
 
-def test_handler_timeout_counts_as_failed_attempt(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
+def test_handler_timeout_counts_as_failed_attempt(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
     release = threading.Event()
 
     @registry.handler("slow", max_attempts=1, timeout=0.2)

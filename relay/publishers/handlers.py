@@ -10,6 +10,7 @@ handler's transaction is then rolled back instead of committed), or released bec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -133,9 +134,9 @@ class HandlerPublisher:
         for task in tasks:
             timeout = task.delivery.policy.timeout
             started = task.started_at
-            if timeout is not None and started is not None and now - started > timeout:
-                if task.report(Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s"), done):
-                    log.warning("message %s: handler timed out after %gs", task.delivery.message.id, timeout)
+            expired = timeout is not None and started is not None and now - started > timeout
+            if expired and task.report(Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s"), done):
+                log.warning("message %s: handler timed out after %gs", task.delivery.message.id, timeout)
 
     def stop(self, timeout: float, done: DoneCallback) -> None:
         with self._lock:
@@ -153,10 +154,8 @@ class HandlerPublisher:
             if task.future is None:
                 continue
             remaining = deadline - time.monotonic()
-            try:
+            with contextlib.suppress(Exception):  # its outcome was reported by the task itself
                 task.future.result(timeout=max(0.0, remaining))
-            except Exception:
-                pass
         left = [t for t in running if t.future is not None and not t.future.done()]
         if left:
             log.warning(
@@ -170,4 +169,3 @@ class HandlerPublisher:
     def running_count(self) -> int:
         with self._lock:
             return len(self._tasks)
-
