@@ -25,7 +25,7 @@ from typing import Any
 
 from outbox.errors import ConfigError
 from outbox.message import Message
-from outbox.policy import RetryPolicy, TopicPolicy
+from outbox.policy import PolicyOverrides, TopicPolicy
 from outbox.writer import validate_topic
 
 HandlerFunc = Callable[..., Any]
@@ -33,12 +33,16 @@ HandlerFunc = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Handler:
-    """A registered handler: the function, whether it takes a session, and its topic's policy."""
+    """A registered handler: the function, whether it takes a session, and what it says of its policy."""
 
     topic: str
     func: HandlerFunc
     takes_session: bool
-    policy: TopicPolicy
+    overrides: PolicyOverrides
+
+    def policy(self, base: TopicPolicy) -> TopicPolicy:
+        """The topic's policy: the relay's (or consumer's) ``base`` with this handler's overrides."""
+        return self.overrides.apply(base)
 
     @property
     def name(self) -> str:
@@ -79,33 +83,39 @@ class Registry:
         max_attempts: int | None = None,
         backoff_initial: float | None = None,
         backoff_max: float | None = None,
+        jitter: float | None = None,
         timeout: float | None = None,
-        strict_order: bool = False,
+        strict_order: bool | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator registering a function for ``topic``, with that topic's retry policy."""
-        retry_args: dict[str, Any] = {}
-        if max_attempts is not None:
-            retry_args["max_attempts"] = max_attempts
-        if backoff_initial is not None:
-            retry_args["backoff_initial"] = backoff_initial
-        if backoff_max is not None:
-            retry_args["backoff_max"] = backoff_max
-        policy = TopicPolicy(retry=RetryPolicy(**retry_args), timeout=timeout, strict_order=strict_order)
+        """Decorator registering a function for ``topic``.
+
+        Every policy argument left ``None`` takes the relay's setting (``outbox relay --max-attempts``
+        and friends); given ones override it for this topic. ``strict_order=True`` parks a key behind a
+        dead message until it is replayed or purged.
+        """
+        overrides = PolicyOverrides(
+            max_attempts=max_attempts,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            jitter=jitter,
+            timeout=timeout,
+            strict_order=strict_order,
+        )
 
         def register(func: HandlerFunc) -> HandlerFunc:
-            self.add(topic, func, policy=policy)
+            self.add(topic, func, overrides=overrides)
             return func
 
         return register
 
-    def add(self, topic: str, func: HandlerFunc, *, policy: TopicPolicy | None = None) -> Handler:
+    def add(self, topic: str, func: HandlerFunc, *, overrides: PolicyOverrides | None = None) -> Handler:
         """Register ``func`` for ``topic`` (the non-decorator form)."""
         is_pattern = any(ch in topic for ch in "*?[")
         if not is_pattern:
             validate_topic(topic)
         if inspect.iscoroutinefunction(func):
             raise ConfigError(f"handler {func.__qualname__} is async; handlers are plain (sync) functions")
-        entry = Handler(topic, func, _takes_session(func), policy or TopicPolicy())
+        entry = Handler(topic, func, _takes_session(func), overrides or PolicyOverrides())
         existing = self._exact.get(topic) or next((h for h in self._patterns if h.topic == topic), None)
         if existing is not None and existing.func is not func:
             raise ConfigError(f"topic {topic!r} already has a handler ({existing.name})")
@@ -142,8 +152,9 @@ def handler(
     max_attempts: int | None = None,
     backoff_initial: float | None = None,
     backoff_max: float | None = None,
+    jitter: float | None = None,
     timeout: float | None = None,
-    strict_order: bool = False,
+    strict_order: bool | None = None,
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Register a handler for ``topic`` on the default registry. See :meth:`Registry.handler`."""
     return default_registry.handler(
@@ -151,6 +162,7 @@ def handler(
         max_attempts=max_attempts,
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
+        jitter=jitter,
         timeout=timeout,
         strict_order=strict_order,
     )

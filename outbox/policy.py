@@ -14,7 +14,7 @@ from outbox.errors import ConfigError
 class RetryPolicy:
     """Retries with exponential backoff and jitter (tenacity's ``wait_exponential_jitter``).
 
-    Attempt *n* failing waits about ``min(backoff_max, backoff_initial * 2**(n-1)) + random(0, jitter)``
+    Attempt *n* failing waits ``min(backoff_max, backoff_initial * 2**(n-1) + random(0, jitter))``
     seconds before attempt *n+1*. After ``max_attempts`` failed attempts the message is dead.
     """
 
@@ -64,3 +64,39 @@ class TopicPolicy:
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"handler timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+@dataclass(frozen=True)
+class PolicyOverrides:
+    """What one handler says about its topic's policy; ``None`` means "as the relay is configured"."""
+
+    max_attempts: int | None = None
+    backoff_initial: float | None = None
+    backoff_max: float | None = None
+    jitter: float | None = None
+    timeout: float | None = None
+    strict_order: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.apply(TopicPolicy(retry=RetryPolicy(max_attempts=1, backoff_initial=0, backoff_max=1e9)))
+
+    def apply(self, base: TopicPolicy) -> TopicPolicy:
+        """``base`` with these overrides applied (validated: raises ConfigError on bad values)."""
+        retry = base.retry
+        changes = {
+            name: value
+            for name in ("max_attempts", "backoff_initial", "backoff_max", "jitter")
+            if (value := getattr(self, name)) is not None
+        }
+        if changes:
+            merged = {**retry.__dict__, **changes}
+            if "backoff_max" not in changes and merged["backoff_max"] < merged["backoff_initial"]:
+                merged["backoff_max"] = merged["backoff_initial"]
+            if "backoff_initial" not in changes and merged["backoff_initial"] > merged["backoff_max"]:
+                merged["backoff_initial"] = merged["backoff_max"]
+            retry = RetryPolicy(**merged)
+        return TopicPolicy(
+            retry=retry,
+            timeout=self.timeout if self.timeout is not None else base.timeout,
+            strict_order=self.strict_order if self.strict_order is not None else base.strict_order,
+        )

@@ -164,18 +164,31 @@ def _session_rolled_back(session: orm.Session) -> None:
     session.info.pop(_NOTIFIED_KEY, None)
 
 
+def _pop_connection_flags(conn: sa.Connection) -> set[str] | None:
+    # These listeners run for every transaction of every engine in the process. On a connection the
+    # server just dropped, touching ``conn.info`` raises; it must never replace the driver's error
+    # that the caller is about to see (and its info is discarded with the connection anyway).
+    if conn.invalidated:
+        return None
+    try:
+        info = conn.info
+    except sa.exc.SQLAlchemyError:
+        return None
+    info.pop(_NOTIFIED_KEY, None)
+    tables: set[str] | None = info.pop(_INFO_KEY, None)
+    return tables
+
+
 @event.listens_for(sa.Engine, "commit")
 def _connection_committed(conn: sa.Connection) -> None:
-    tables = conn.info.pop(_INFO_KEY, None)
-    conn.info.pop(_NOTIFIED_KEY, None)
+    tables = _pop_connection_flags(conn)
     if tables:
         _wake(tables)
 
 
 @event.listens_for(sa.Engine, "rollback")
 def _connection_rolled_back(conn: sa.Connection) -> None:
-    conn.info.pop(_INFO_KEY, None)
-    conn.info.pop(_NOTIFIED_KEY, None)
+    _pop_connection_flags(conn)
 
 
 @event.listens_for(orm.Session, "after_flush")

@@ -237,11 +237,11 @@ class ClaimQueries:
             ],
         )
 
-    def release(self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime) -> int:
-        """Give rows back unhandled: claimable at once, attempt not counted."""
+    def release(self, conn: sa.Connection, token: str, seqs: Sequence[int], *, due_at: dt.datetime) -> int:
+        """Give rows back unhandled: claimable again from ``due_at``, attempt not counted."""
         if not seqs:
             return 0
-        return conn.execute(self._release, {"token": token, "seqs": list(seqs), "now": now}).rowcount
+        return conn.execute(self._release, {"token": token, "seqs": list(seqs), "now": due_at}).rowcount
 
     def renew(self, conn: sa.Connection, token: str, *, lease_until: dt.datetime) -> int:
         """Extend the lease of every row still in flight under ``token``."""

@@ -61,9 +61,10 @@ class Relay:
     """A relay for one outbox table. Start it from code or run it with ``outbox relay``.
 
     ``database`` is a URL or an ``Engine``. ``registry`` holds the in-process handlers (default: the
-    one ``@consumers.handler`` registers on). ``publishers`` are extra destinations (e.g. Kafka) for
-    topics without a handler; ``route`` may override the choice. Use as a context manager, or call
-    :meth:`start` and :meth:`stop`.
+    one ``@consumers.handler`` registers on). ``kafka`` (a ``relay.publishers.kafka.KafkaSettings``)
+    publishes every topic without an in-process handler to Kafka; ``publishers`` adds other
+    destinations, asked in order after the handlers. Use as a context manager, or call :meth:`start`
+    and :meth:`stop`.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class Relay:
         retry: RetryPolicy | None = None,
         handler_timeout: float | None = None,
         strict_order_topics: Sequence[str] = (),
+        kafka: Any = None,
         publishers: Sequence[Any] = (),
         name: str | None = None,
     ) -> None:
@@ -108,7 +110,12 @@ class Relay:
             session_factory=self._session_factory,
             mark_in_session=self._mark_in_session,
         )
-        self.publishers: list[Any] = [self.handlers, *publishers]
+        extra = list(publishers)
+        if kafka is not None:
+            from relay.publishers.kafka import KafkaPublisher
+
+            extra.append(KafkaPublisher(kafka))
+        self.publishers: list[Any] = [self.handlers, *extra]
 
         self._wake = threading.Event()
         self._capacity = threading.Event()
@@ -147,7 +154,7 @@ class Relay:
             self.engine.url.render_as_string(hide_password=True),
             self.tables.name,
             self.batch_size,
-            self.handlers._pool._max_workers,
+            self.handlers.workers,
             self.lease_seconds,
         )
         return self
@@ -169,7 +176,10 @@ class Relay:
             thread.join()
         unregister_waiter(self.tables.name, self._wake)
         if self.dialect.single_relay:
-            self._release_single_relay_lock()
+            if self.handlers.running_count():
+                log.warning("keeping the SQLite relay lock until it expires: handlers are still running")
+            else:
+                self._release_single_relay_lock()
         self._stopped.set()
         log.info("relay %s stopped (%s)", self.name, self.stats_line())
 
@@ -297,11 +307,10 @@ class Relay:
 
     def _policy(self, topic: str) -> TopicPolicy:
         entry = self.registry.route(topic)
-        policy = entry.policy if entry is not None else self.default_policy
-        if policy.timeout is None and self.default_policy.timeout is not None:
-            policy = TopicPolicy(
-                retry=policy.retry, timeout=self.default_policy.timeout, strict_order=policy.strict_order
-            )
+        base = self.default_policy
+        if topic in self.strict_order_topics:
+            base = TopicPolicy(retry=base.retry, timeout=base.timeout, strict_order=True)
+        policy = entry.policy(base) if entry is not None else base
         if topic in self.strict_order_topics and not policy.strict_order:
             policy = TopicPolicy(retry=policy.retry, timeout=policy.timeout, strict_order=True)
         return policy
@@ -345,7 +354,7 @@ class Relay:
 
     def _apply(self, batch: list[tuple[Delivery, Outcome]]) -> None:
         delivered: dict[str, list[int]] = defaultdict(list)
-        released: dict[str, list[int]] = defaultdict(list)
+        released: dict[tuple[str, float], list[int]] = defaultdict(list)
         failures: dict[str, list[Failure]] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
         now = utcnow()
@@ -356,7 +365,7 @@ class Relay:
                     delivered[delivery.token].append(delivery.seq)
             elif isinstance(outcome, Released):
                 counts["released"] += 1
-                released[delivery.token].append(delivery.seq)
+                released[(delivery.token, outcome.retry_after)].append(delivery.seq)
             else:
                 failure = self._failure(delivery, outcome, now)
                 counts["dead" if failure.retry_at is None else "failed"] += 1
@@ -369,8 +378,8 @@ class Relay:
                     fenced += len(seqs) - self.claims.mark_delivered(conn, token, seqs, now=now)
                 for token, items in failures.items():
                     self.claims.mark_failed(conn, token, items)
-                for token, seqs in released.items():
-                    self.claims.release(conn, token, seqs, now=now)
+                for (token, pause), seqs in released.items():
+                    self.claims.release(conn, token, seqs, due_at=now + dt.timedelta(seconds=pause))
             return fenced
 
         try:
@@ -426,7 +435,7 @@ class Relay:
     def _renew_leases(self) -> None:
         with self._inflight_lock:
             tokens = [t for t, seqs in self._inflight.items() if seqs]
-        if not tokens:
+        if not tokens and not self.dialect.single_relay:
             return
         until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
 
@@ -506,13 +515,8 @@ class Relay:
                     .where(locks.c.name == SQLITE_LOCK)
                     .values(holder=self.name, expires_at=until)
                 )
-            # We are the only relay: rows still in flight belong to a relay that died. Take them back now.
-            t = self.tables.messages
-            conn.execute(
-                sa.update(t)
-                .where(t.c.status == Status.INFLIGHT.value, t.c.lease_token.is_not(None))
-                .values(due_at=now)
-            )
+            # Rows a previous relay left in flight come back when their leases expire, like everywhere
+            # else: forcing them back now could run a handler that an abandoned relay still executes.
 
     def _renew_single_relay_lock(self, conn: sa.Connection) -> None:
         locks = self.tables.locks
@@ -539,9 +543,11 @@ class Relay:
                 check_version(conn, self.tables.name)
         except sa.exc.DBAPIError as exc:
             url = self.engine.url.render_as_string(hide_password=True)
-            raise DatabaseUnavailable(
-                f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"
-            ) from None
+            if is_outage(exc):
+                raise DatabaseUnavailable(
+                    f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"
+                ) from None
+            raise ConfigError(f"database error at {url}: {first_line(exc.orig or exc)}") from None
 
     def _with_db(self, fn: Callable[[], T], *, give_up: Callable[[], bool]) -> T:
         """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""

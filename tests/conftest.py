@@ -107,3 +107,31 @@ def status_counts(engine: sa.Engine, table: str = "outbox") -> dict[str, int]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a Kafka-protocol broker shared by the test session."""
+    external = os.environ.get("OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    from tests.kafka_broker import Broker
+
+    broker = Broker(tmp_path_factory.mktemp("kafka")).start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[object]:
+    """A broker of this test's own, for tests that freeze, cut off or kill it."""
+    from tests.kafka_broker import Broker
+
+    broker = Broker(tmp_path).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -78,7 +78,7 @@ def test_expired_lease_is_fenced(engine: sa.Engine, claims: ClaimQueries) -> Non
         now = utcnow()
         assert claims.mark_delivered(conn, first.token, [first.seq], now=now) == 0
         claims.mark_failed(conn, first.token, [Failure(first.seq, Status.DEAD, None, "stale")])
-        assert claims.release(conn, first.token, [first.seq], now=now) == 0
+        assert claims.release(conn, first.token, [first.seq], due_at=now) == 0
         assert claims.renew(conn, first.token, lease_until=now + dt.timedelta(hours=1)) == 0
     state = row_state(engine, first.seq)
     assert state.status == "inflight" and state.lease_token == second.token and state.last_error is None
@@ -92,7 +92,7 @@ def test_release_gives_the_attempt_back(engine: sa.Engine, claims: ClaimQueries)
     add_many(engine, [("t", "k")])
     (row,) = claim(engine, claims)
     with engine.begin() as conn:
-        assert claims.release(conn, row.token, [row.seq], now=utcnow()) == 1
+        assert claims.release(conn, row.token, [row.seq], due_at=utcnow()) == 1
     state = row_state(engine, row.seq)
     assert (state.status, state.attempts, state.lease_token) == ("pending", 0, None)
     (again,) = claim(engine, claims)

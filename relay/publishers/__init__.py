@@ -46,6 +46,8 @@ class Failed:
 @dataclass(frozen=True, slots=True)
 class Released:
     reason: str
+    #: seconds before the message may be claimed again (e.g. a pause while a broker is away)
+    retry_after: float = 0.0
 
 
 Outcome = Delivered | Failed | Released

@@ -10,14 +10,14 @@ handler's transaction is then rolled back instead of committed), or released bec
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 
+import sqlalchemy as sa
 from sqlalchemy import orm
 
 from consumers.registry import Registry
@@ -34,21 +34,63 @@ class LeaseLost(Exception):
     """The delivered mark found no row under our token: another relay has taken the message over."""
 
 
+class _WorkerPool:
+    """A fixed set of daemon threads running callables from a queue.
+
+    Daemon threads, unlike ``concurrent.futures``' workers, never keep the process alive: a handler
+    still running after the stop timeout is abandoned (its lease expires) instead of blocking exit.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # pragma: no cover - _run reports every outcome itself
+                log.exception("unexpected error in a handler worker")
+
+
 class _Task:
-    __slots__ = ("delivery", "future", "lock", "reported", "started_at")
+    __slots__ = ("delivery", "finished", "lock", "reported", "started_at")
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
         self.lock = threading.Lock()
         self.started_at: float | None = None
         self.reported = False
-        self.future: Future[None] | None = None
+        self.finished = threading.Event()
 
     def start(self) -> bool:
         with self.lock:
             if self.reported:
                 return False
             self.started_at = time.monotonic()
+            return True
+
+    def cancel_if_queued(self) -> bool:
+        """Atomically: if no worker has started it, make sure none will; True when cancelled."""
+        with self.lock:
+            if self.started_at is not None or self.reported:
+                return False
+            self.reported = True
             return True
 
     def report(self, outcome: Outcome, done: DoneCallback) -> bool:
@@ -76,7 +118,8 @@ class HandlerPublisher:
         mark_in_session: MarkInSession,
     ) -> None:
         self.registry = registry
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outbox-handler")
+        self.workers = workers
+        self._pool = _WorkerPool(workers, "outbox-handler")
         self._session_factory = session_factory
         self._mark_in_session = mark_in_session
         self._tasks: dict[tuple[str, int], _Task] = {}
@@ -90,7 +133,7 @@ class HandlerPublisher:
             task = _Task(delivery)
             with self._lock:
                 self._tasks[(delivery.token, delivery.seq)] = task
-            task.future = self._pool.submit(self._run, task, done)
+            self._pool.submit(lambda task=task: self._run(task, done))  # type: ignore[misc]
 
     def _run(self, task: _Task, done: DoneCallback) -> None:
         try:
@@ -101,6 +144,7 @@ class HandlerPublisher:
         finally:
             with self._lock:
                 self._tasks.pop((task.delivery.token, task.delivery.seq), None)
+            task.finished.set()
 
     def _attempt(self, task: _Task) -> Outcome:
         delivery = task.delivery
@@ -123,8 +167,10 @@ class HandlerPublisher:
             log.warning("message %s: %s; its transaction was rolled back", delivery.message.id, exc)
             return Released(str(exc))
         except Exception as exc:
-            if is_outage(exc):
-                return Released(f"database unavailable: {describe_error(exc)}")
+            # Only the relay's own database failing under a session handler is an outage to wait out;
+            # anything a handler raises about other systems (SMTP down, HTTP timeout) is its failure.
+            if entry.takes_session and isinstance(exc, sa.exc.SQLAlchemyError) and is_outage(exc):
+                return Released(f"database unavailable: {describe_error(exc)}", retry_after=1.0)
             return Failed(describe_error(exc))
 
     def check_timeouts(self, done: DoneCallback) -> None:
@@ -143,20 +189,14 @@ class HandlerPublisher:
             tasks = list(self._tasks.values())
         running: list[_Task] = []
         for task in tasks:
-            if task.future is not None and task.future.cancel():
-                task.report(Released("relay stopping"), done)
-            elif task.started_at is None and task.report(Released("relay stopping"), done):
-                pass  # raced with the pool picking it up: _run will see it reported and skip it
-            else:
+            if task.cancel_if_queued():
+                done(task.delivery, Released("relay stopping"))  # a worker picking it up skips it
+            elif not task.finished.is_set():
                 running.append(task)
         deadline = time.monotonic() + timeout
         for task in running:
-            if task.future is None:
-                continue
-            remaining = deadline - time.monotonic()
-            with contextlib.suppress(Exception):  # its outcome was reported by the task itself
-                task.future.result(timeout=max(0.0, remaining))
-        left = [t for t in running if t.future is not None and not t.future.done()]
+            task.finished.wait(max(0.0, deadline - time.monotonic()))
+        left = [t for t in running if not t.finished.is_set()]
         if left:
             log.warning(
                 "stop timeout: %d handler(s) still running; their leases will expire and the messages "
@@ -164,7 +204,7 @@ class HandlerPublisher:
                 len(left),
                 ", ".join(str(t.delivery.message.id) for t in left[:20]),
             )
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def running_count(self) -> int:
         with self._lock:

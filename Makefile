@@ -1,0 +1,59 @@
+# Development tasks. Needs only Python 3.11+ (PYTHON, default python3): everything else is installed
+# into .venv, which is created on first use and reinstalled only when pyproject.toml changes.
+#
+#   make demo        the example shop on SQLite, end to end (well under a minute)
+#   make test        the whole suite against PostgreSQL, MariaDB and SQLite (PYTEST_ARGS="-k ordering -x")
+#   make lint        ruff check + ruff format --check
+#   make typecheck   mypy --strict on the packages
+#   make clean       remove .venv, caches, build output and demo-output/
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+PACKAGES := outbox relay consumers
+LINT_PATHS := $(PACKAGES) tests examples
+PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test lint typecheck clean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: $(PYTHON) is $$($(PYTHON) --version 2>&1); Python 3.11 or newer is needed (make PYTHON=python3.12 ...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# pip -qq prints errors only. The stamp files record what was installed: make redoes an install when
+# pyproject.toml is newer than its stamp.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "installing the project into $(VENV) ..."
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	@echo "installing the project and its dev tools into $(VENV) ..."
+	$(PIP) install -e '.[dev]'
+	@touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/demo.py
+
+# pytest's exit code 5 means "no tests collected": that is a failure here too (make fails on any non-zero).
+test: $(VENV)/.installed-dev
+	@$(BIN)/pytest $(PYTEST_ARGS); code=$$?; \
+		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+		exit $$code
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy --strict $(addprefix -p ,$(PACKAGES))
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo-output .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

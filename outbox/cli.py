@@ -1,0 +1,348 @@
+"""The ``outbox`` command: run the relay, manage the schema, inspect and operate the outbox.
+
+Commands::
+
+    outbox relay --app MODULE[:ATTR]    deliver messages to the handlers registered in MODULE
+    outbox db upgrade | db version      apply / show schema migrations
+    outbox status | list | show ID      what is in the outbox, and why     (outbox.cli_inspect)
+    outbox replay | purge               send messages back / delete old ones (outbox.cli_inspect)
+
+Every flag has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.config`).
+
+Errors never print a traceback for a user mistake: each :class:`~outbox.errors.OutboxError`, usage error
+or database error becomes one line ``outbox: error: <message>`` on stderr (database passwords masked)
+and one of the exit codes below. Only a bug (any other exception) prints its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+import sqlalchemy as sa
+
+from outbox.cli_inspect import list_messages, purge, replay, show, status
+from outbox.cli_options import F, open_engine, scrub, settings_command, shared_options
+from outbox.config import Settings
+from outbox.dialects import is_outage
+from outbox.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    MessageNotFound,
+    OutboxError,
+    RelayConflict,
+    SchemaError,
+    first_line,
+)
+from outbox.schema import SCHEMA_VERSION, check_version, current_version, upgrade
+
+#: success (also: the relay stopped gracefully on SIGTERM/SIGINT)
+RET_OK = 0
+#: an unexpected error (a bug: its traceback is printed), or a database error that is not an outage
+RET_ERROR = 1
+#: bad command line: unknown option, invalid value (click's usage errors)
+RET_USAGE = 2
+#: bad configuration: settings, config file, database URL, --app
+RET_CONFIG = 3
+#: the database cannot be reached
+RET_CONNECT = 4
+#: the outbox tables are missing or at another schema version (run ``outbox db upgrade``)
+RET_SCHEMA = 5
+#: another relay holds the SQLite database
+RET_CONFLICT = 6
+#: no message has the given id
+RET_NOT_FOUND = 7
+
+_EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
+    (ConfigError, RET_CONFIG),
+    (DatabaseUnavailable, RET_CONNECT),
+    (SchemaError, RET_SCHEMA),
+    (RelayConflict, RET_CONFLICT),
+    (MessageNotFound, RET_NOT_FOUND),
+)
+
+log = logging.getLogger("outbox.cli")
+
+# click >= 8.2 raises this usage error for a group called without a command; 8.1 printed the help
+_NO_ARGS_IS_HELP: type[click.UsageError] | None = getattr(click.exceptions, "NoArgsIsHelpError", None)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"outbox: error: {scrub(message)}", err=True)
+
+
+def exit_code_for(exc: OutboxError) -> int:
+    """The exit code of an :class:`OutboxError` (``RET_ERROR`` for kinds without their own code)."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return RET_ERROR
+
+
+class OutboxGroup(click.Group):
+    """The ``outbox`` group, whose ``main`` turns every failure into one line and an exit code.
+
+    Overriding ``main`` (rather than wrapping it in :func:`main`) means click's ``CliRunner`` in the
+    tests sees exactly what a user sees.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = self.run(args, prog_name, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def run(
+        self, args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any
+    ) -> int:
+        """Run the command line and return its exit code (printing the one-line error, if any)."""
+        try:
+            result = super().main(args, prog_name or "outbox", complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if _NO_ARGS_IS_HELP is not None and isinstance(exc, _NO_ARGS_IS_HELP) and exc.ctx is not None:
+                click.echo(exc.ctx.get_help())  # bare `outbox` or `outbox db`: help, as click 8.1 did
+                return RET_OK
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{hint}")
+            return RET_USAGE
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+            return exc.exit_code
+        except BrokenPipeError:
+            _silence_stdout()  # `outbox list | head`: the reader left; nothing to report
+            return RET_ERROR
+        except click.Abort:
+            _fail("aborted")
+            return RET_ERROR
+        except OutboxError as exc:
+            _fail(first_line(exc))
+            return exit_code_for(exc)
+        except sa.exc.DBAPIError as exc:
+            if is_outage(exc):
+                _fail(f"database unreachable: {first_line(exc.orig or exc)}")
+                return RET_CONNECT
+            _fail(f"database error: {first_line(exc.orig or exc)}")
+            return RET_ERROR
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            _fail(
+                f"unexpected {type(exc).__name__}: {first_line(exc)} "
+                "(a bug: please report it with the traceback above)"
+            )
+            return RET_ERROR
+        return result if isinstance(result, int) else RET_OK
+
+
+def _silence_stdout() -> None:
+    # Python's own advice for SIGPIPE: point stdout at devnull so the flush at exit does not fail again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@click.group(cls=OutboxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@shared_options
+def outbox(**_options: Any) -> None:
+    """Operate a transactional outbox: run the relay, manage its tables, inspect and replay messages.
+
+    Every option also reads an OUTBOX_* environment variable (--batch-size: OUTBOX_BATCH_SIZE) and a
+    key of the --config TOML file (batch_size = 500); flags win over the environment, which wins over
+    the file. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 configuration, 4 database unreachable,
+    5 schema missing or outdated, 6 relay conflict, 7 message not found.
+    """
+
+
+# --- outbox db ---------------------------------------------------------------------------------------------
+
+
+@outbox.group()
+def db() -> None:
+    """Create and migrate the outbox tables."""
+
+
+@db.command("upgrade")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@settings_command()
+def db_upgrade(settings: Settings, as_json: bool) -> None:
+    """Apply the schema migrations this version needs (creates the tables on first run)."""
+    engine = open_engine(settings, check_schema=False)
+    try:
+        with engine.begin() as conn:
+            applied = upgrade(conn, settings.table)
+    finally:
+        engine.dispose()
+    if as_json:
+        steps = [{"version": m.version, "description": m.description} for m in applied]
+        click.echo(json.dumps({"table": settings.table, "applied": steps, "version": SCHEMA_VERSION}))
+        return
+    if not applied:
+        click.echo(f"outbox table {settings.table!r} is already at version {SCHEMA_VERSION}")
+        return
+    for migration in applied:
+        click.echo(f"applied migration {migration.version}: {migration.description}")
+    click.echo(f"outbox table {settings.table!r} is now at version {SCHEMA_VERSION}")
+
+
+@db.command("version")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--check", is_flag=True, help="Exit 5 unless the installed schema is the one this code needs.")
+@settings_command()
+def db_version(settings: Settings, as_json: bool, check: bool) -> None:
+    """Show the installed schema version and the one this code needs."""
+    engine = open_engine(settings, check_schema=False)
+    problem: SchemaError | None = None
+    try:
+        with engine.connect() as conn:
+            installed = current_version(conn, settings.table)
+            try:
+                check_version(conn, settings.table)
+            except SchemaError as exc:
+                problem = exc
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps({"table": settings.table, "installed": installed, "code": SCHEMA_VERSION}))
+    else:
+        click.echo(f"installed: {installed}\ncode:      {SCHEMA_VERSION}")
+    if check and problem is not None:
+        raise problem
+
+
+# --- outbox relay ------------------------------------------------------------------------------------------
+
+_RELAY_SETTINGS = (
+    "app",
+    "batch_size",
+    "workers",
+    "max_in_flight",
+    "lease_seconds",
+    "poll_interval",
+    "stop_timeout",
+    "max_attempts",
+    "backoff_initial",
+    "backoff_max",
+    "handler_timeout",
+    "strict_order_topic",
+)
+
+
+def _relay_option(name: str, kind: type, help_text: str, **extra: Any) -> Callable[[F], F]:
+    env = "OUTBOX_" + name.upper()
+    flag = "--" + name.replace("_", "-")
+    return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
+
+
+@outbox.command()
+@_relay_option(
+    "app",
+    str,
+    "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
+    metavar="MODULE[:ATTR]",
+)
+@_relay_option("batch_size", int, "Messages claimed per query (default 200).")
+@_relay_option("workers", int, "Handler threads (default 8).")
+@_relay_option(
+    "max_in_flight", int, "Messages claimed but not finished, at most (default: max(2 x batch, 4 x workers))."
+)
+@_relay_option(
+    "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."
+)
+@_relay_option("poll_interval", float, "Seconds between polls when idle (default 1).")
+@_relay_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
+@_relay_option(
+    "max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10)."
+)
+@_relay_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
+@_relay_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
+@_relay_option(
+    "handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none)."
+)
+@_relay_option(
+    "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
+)
+@settings_command(*_RELAY_SETTINGS)
+def relay(settings: Settings) -> None:
+    """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.
+
+    The first signal stops gracefully: no new claims, running handlers get --stop-timeout seconds,
+    every outcome is written, then exit 0. A second signal exits at once (status 1); messages still
+    running then come back to another relay when their lease expires.
+    """
+    if settings.app is None:
+        raise ConfigError("no handlers: pass --app MODULE[:ATTR] or set OUTBOX_APP")
+    from consumers.registry import load_registry  # outbox never imports relay/consumers at module level
+    from relay import Relay
+
+    registry = load_registry(settings.app)
+    runner = Relay(
+        settings.database_url,
+        registry,
+        table=settings.table,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        max_in_flight=settings.max_in_flight,
+        lease_seconds=settings.lease_seconds,
+        poll_interval=settings.poll_interval,
+        stop_timeout=settings.stop_timeout,
+        retry=settings.retry_policy(),
+        handler_timeout=settings.handler_timeout,
+        strict_order_topics=settings.strict_order_topics,
+    )
+    stop_requested = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            os.write(
+                2, f"outbox: second {name}: exiting now; running messages return after their lease\n".encode()
+            )
+            os._exit(RET_ERROR)
+        received.append(name)
+        stop_requested.set()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    try:
+        runner.start()
+        log.info(
+            "relay running with handlers for %s; stop with SIGTERM or Ctrl-C",
+            ", ".join(registry.topics()) or "no topics",
+        )
+        while not stop_requested.wait(0.5):
+            pass
+        log.info(
+            "%s received: stopping gracefully (again to exit at once)", received[0] if received else "stop"
+        )
+        runner.stop()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --- inspect and operate (outbox.cli_inspect) -------------------------------------------------------------
+
+for _command in (status, list_messages, show, replay, purge):
+    outbox.add_command(_command)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point (``outbox`` and ``python -m outbox``)."""
+    outbox.main(args=argv, prog_name="outbox")
+    raise AssertionError("unreachable")  # main() exits

@@ -1,0 +1,249 @@
+"""What every ``outbox`` command shares: its options, how they become :class:`~outbox.config.Settings`,
+logging, the database connection, and the parameter types for durations, times and message ids.
+
+The shared options (``--database-url``, ``--table``, ``--config``, ``--log-level``, ``--log-format``) are
+accepted both on the group and on each command (``outbox --table t status`` and ``outbox status --table
+t`` mean the same); a flag on the command beats one on the group, and any flag beats its ``OUTBOX_*``
+environment twin, which beats the config file, which beats the defaults.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import click
+import sqlalchemy as sa
+from click.core import ParameterSource
+
+from outbox.config import LOG_FORMATS, LOG_LEVELS, Settings, parse_duration, parse_time_ref
+from outbox.dialects import create_engine, mask_url
+from outbox.errors import ConfigError, DatabaseUnavailable, first_line
+from outbox.schema import check_version
+from outbox.writer import utcnow
+
+F = Callable[..., Any]
+
+#: passwords seen in this process's settings; error lines are scrubbed of them before printing
+SECRETS: set[str] = set()
+
+_SHARED: list[Callable[[F], F]] = [
+    click.option(
+        "--database-url",
+        envvar="OUTBOX_DATABASE_URL",
+        metavar="URL",
+        help="Database holding the outbox, e.g. postgresql://user@host/db.  [env: OUTBOX_DATABASE_URL]",
+    ),
+    click.option(
+        "--table",
+        envvar="OUTBOX_TABLE",
+        metavar="NAME",
+        help="Base name of the outbox tables (default: outbox).  [env: OUTBOX_TABLE]",
+    ),
+    click.option(
+        "--config",
+        envvar="OUTBOX_CONFIG",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="TOML file of settings named like the long options (batch_size = 500).  [env: OUTBOX_CONFIG]",
+    ),
+    click.option(
+        "--log-level",
+        envvar="OUTBOX_LOG_LEVEL",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        help="Logging threshold (default: INFO).  [env: OUTBOX_LOG_LEVEL]",
+    ),
+    click.option(
+        "--log-format",
+        envvar="OUTBOX_LOG_FORMAT",
+        type=click.Choice(LOG_FORMATS, case_sensitive=False),
+        help="Log lines as text or one JSON object per line (default: text).  [env: OUTBOX_LOG_FORMAT]",
+    ),
+]
+SHARED_NAMES = ("database_url", "table", "config", "log_level", "log_format")
+
+
+def shared_options(func: F) -> F:
+    """Add the shared options to a command or to the group."""
+    for option in reversed(_SHARED):
+        func = option(func)
+    return func
+
+
+def settings_command(*setting_names: str) -> Callable[[F], F]:
+    """Turn a click callback into one that receives validated :class:`Settings` as its first argument.
+
+    The shared options are added to the command; ``setting_names`` are the command's own parameters
+    that are settings too (e.g. ``batch_size`` for ``outbox relay``): they are taken out of the
+    callback's keyword arguments and put into the settings.
+    """
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(**kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            settings = build_settings(ctx, (*SHARED_NAMES, *setting_names))
+            configure_logging(settings)
+            rest = {k: v for k, v in kwargs.items() if k not in SHARED_NAMES and k not in setting_names}
+            return func(settings, **rest)
+
+        return shared_options(wrapper)
+
+    return decorate
+
+
+def build_settings(ctx: click.Context, names: tuple[str, ...]) -> Settings:
+    """Settings from the explicit values on this command and its parent groups (see module doc)."""
+    chain: list[click.Context] = []
+    current: click.Context | None = ctx
+    while current is not None:  # outbox -> db -> upgrade: the group's options are two levels up
+        chain.insert(0, current)
+        current = current.parent
+    ranked: list[tuple[int, str, Any]] = []
+    for depth, context in enumerate(chain):
+        for name in names:
+            if name not in context.params:
+                continue
+            source = context.get_parameter_source(name)
+            if source is ParameterSource.COMMANDLINE:
+                ranked.append((1000 + depth, name, context.params[name]))
+            elif source is ParameterSource.ENVIRONMENT:
+                ranked.append((depth, name, context.params[name]))
+    explicit: dict[str, Any] = {}
+    for _rank, name, value in sorted(ranked, key=lambda item: item[0]):
+        explicit[name] = value
+    config_file = explicit.pop("config", None)
+    if "strict_order_topic" in explicit:
+        explicit["strict_order_topics"] = tuple(explicit.pop("strict_order_topic"))
+    settings = Settings.load(explicit, config_file=config_file)
+    # Messages already show URLs masked; this is a second guard against a driver echoing the password.
+    # Very short passwords are not scrubbed: replacing every "ab" would mangle the message instead.
+    if settings.password and len(settings.password) >= 4:
+        SECRETS.add(settings.password)
+    return settings
+
+
+def scrub(text: str) -> str:
+    """``text`` with every known database password replaced by ``***``."""
+    for secret in SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+# --- logging ---------------------------------------------------------------------------------------------
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (so test runners that swap it see the logs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO), ``level``, ``logger``, ``message`` (+ ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Send logs to stderr at the configured level and format (replacing an earlier call's handler)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+
+
+# --- the database ----------------------------------------------------------------------------------------
+
+
+def open_engine(settings: Settings, *, check_schema: bool = True) -> sa.Engine:
+    """An engine on the configured database, after one connection proved it reachable.
+
+    Raises :class:`DatabaseUnavailable` (with the password masked) when it is not, and, when
+    ``check_schema``, :class:`~outbox.errors.SchemaError` unless the outbox tables are current.
+    """
+    engine = create_engine(settings.database_url, must_exist=check_schema)
+    try:
+        with engine.connect() as conn:
+            if check_schema:
+                check_version(conn, settings.table)
+    except sa.exc.DBAPIError as exc:
+        engine.dispose()
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {mask_url(settings.database_url)}: "
+            f"{first_line(exc.orig or exc)}"
+        ) from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+# --- values typed by operators -------------------------------------------------------------------------
+# Option callbacks (rather than click.ParamType subclasses, whose generic signature changed across click
+# releases): a bad value is a usage error naming the option, like click's own types.
+
+
+def _convert_each(value: Any, convert: Callable[[str], Any]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(convert(v) for v in value)
+    return convert(value)
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``30s``, ``10m``, ``2h``, ``7d`` -> ``timedelta`` (see :func:`outbox.config.parse_duration`)."""
+    try:
+        return _convert_each(value, parse_duration)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def time_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """An ISO datetime (UTC unless it has an offset) or a duration ago -> naive UTC ``datetime``."""
+    now = utcnow()
+    try:
+        return _convert_each(value, lambda text: parse_time_ref(text, now=now))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A message id (UUID), or a tuple of them for ``nargs=-1``."""
+
+    def convert(text: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(text.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is not a message id (a UUID like 0190a1b2-...)", ctx, param
+            ) from None
+
+    return _convert_each(value, convert)

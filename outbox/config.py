@@ -1,0 +1,245 @@
+"""The operator's configuration: one typed, validated :class:`Settings`, built once at start.
+
+Where each value comes from, first match wins:
+
+1. a command-line flag (``--batch-size 500``);
+2. its environment twin (``OUTBOX_BATCH_SIZE=500``);
+3. the optional TOML file named by ``--config`` / ``OUTBOX_CONFIG``, whose keys are the long option
+   names with underscores (``batch_size = 500``, ``database_url = "postgresql://..."``);
+4. the defaults below (the same as :class:`relay.Relay`'s).
+
+The CLI resolves 1 and 2 (click reads the environment) and hands the explicit values to
+:meth:`Settings.load`, which adds the file and the defaults and validates everything once, raising
+:class:`~outbox.errors.ConfigError` naming the setting and how to fix it. The rest of the code receives
+the :class:`Settings` object and never reads the environment itself.
+
+Durations typed by operators (``30s``, ``10m``, ``2h``, ``7d``) are parsed by :func:`parse_duration`,
+and points in time (``2024-05-01T12:00`` or ``2h``, meaning two hours ago) by :func:`parse_time_ref`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from outbox.dialects import mask_url, normalise_url
+from outbox.errors import ConfigError
+from outbox.policy import RetryPolicy
+from outbox.schema import DEFAULT_TABLE, validate_table_name
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+#: setting name -> the kind of value it holds (how a config-file value is checked and converted)
+_KINDS: dict[str, str] = {
+    "database_url": "str",
+    "table": "str",
+    "log_level": "str",
+    "log_format": "str",
+    "app": "str?",
+    "batch_size": "int",
+    "workers": "int",
+    "max_in_flight": "int?",
+    "lease_seconds": "float",
+    "poll_interval": "float",
+    "stop_timeout": "float",
+    "max_attempts": "int",
+    "backoff_initial": "float",
+    "backoff_max": "float",
+    "handler_timeout": "float?",
+    "strict_order_topics": "list",
+}
+#: config-file spellings that are not the field name (the file uses the option's name)
+_ALIASES = {"strict_order_topic": "strict_order_topics"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a CLI command needs to know, validated.
+
+    ``database_url`` is kept out of ``repr`` (it may hold a password); show :attr:`masked_url` instead.
+    """
+
+    database_url: str = field(repr=False)
+    table: str = DEFAULT_TABLE
+    log_level: str = "INFO"
+    log_format: str = "text"
+    #: ``MODULE[:ATTR]`` naming the handlers' registry (``outbox relay`` needs it)
+    app: str | None = None
+    batch_size: int = 200
+    workers: int = 8
+    max_in_flight: int | None = None
+    lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    stop_timeout: float = 30.0
+    max_attempts: int = 10
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    handler_timeout: float | None = None
+    strict_order_topics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        normalise_url(self.database_url)  # raises ConfigError with the expected form
+        validate_table_name(self.table)
+        if self.log_level not in LOG_LEVELS:
+            _invalid("log_level", self.log_level, f"use one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            _invalid("log_format", self.log_format, f"use one of {', '.join(LOG_FORMATS)}")
+        if self.app is not None and not self.app.partition(":")[0]:
+            _invalid("app", self.app, "expected MODULE or MODULE:ATTR")
+        for name in ("batch_size", "workers", "max_attempts"):
+            if getattr(self, name) < 1:
+                _invalid(name, getattr(self, name), "must be a whole number of at least 1")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            _invalid("max_in_flight", self.max_in_flight, "must be a whole number of at least 1")
+        for name in ("lease_seconds", "poll_interval"):
+            if not getattr(self, name) > 0:
+                _invalid(name, getattr(self, name), "must be a positive number of seconds")
+        for name in ("stop_timeout", "backoff_initial", "backoff_max"):
+            if not getattr(self, name) >= 0:
+                _invalid(name, getattr(self, name), "must be zero or more seconds")
+        if self.backoff_max < self.backoff_initial:
+            _invalid(
+                "backoff_max",
+                self.backoff_max,
+                f"must not be smaller than backoff_initial ({self.backoff_initial})",
+            )
+        if self.handler_timeout is not None and not self.handler_timeout > 0:
+            _invalid("handler_timeout", self.handler_timeout, "must be a positive number of seconds")
+
+    @classmethod
+    def load(cls, explicit: Mapping[str, Any], *, config_file: str | Path | None = None) -> Settings:
+        """Build the settings: ``explicit`` values (flags and environment) over the file over defaults.
+
+        ``explicit`` maps field names to values already converted by the CLI (e.g. ``int`` for
+        ``batch_size``); ``None`` values count as not given.
+        """
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(read_config_file(config_file))
+        for name, value in explicit.items():
+            name = _ALIASES.get(name, name)
+            if name not in _KINDS:
+                raise ConfigError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = _convert(name, value, "")
+        if "database_url" not in values:
+            raise ConfigError(
+                "no database URL: pass --database-url, set OUTBOX_DATABASE_URL "
+                "or add database_url to the config file"
+            )
+        return cls(**values)
+
+    @property
+    def masked_url(self) -> str:
+        """The database URL with its password hidden, for messages and logs."""
+        return mask_url(self.database_url)
+
+    @property
+    def password(self) -> str | None:
+        """The database password, so that error output can be scrubbed of it."""
+        return normalise_url(self.database_url).password
+
+    def retry_policy(self) -> RetryPolicy:
+        """The default retry policy for topics whose handler does not set its own."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts, backoff_initial=self.backoff_initial, backoff_max=self.backoff_max
+        )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML config file, converted and checked by name (unknown keys are errors)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found: fix --config / OUTBOX_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in _KINDS:
+            known = ", ".join(
+                [*sorted(k for k in _KINDS if k != "strict_order_topics"), "strict_order_topic"]
+            )
+            raise ConfigError(
+                f"unknown setting {key!r} in config file {str(path)!r}: known settings are {known}"
+            )
+        values[name] = _convert(name, value, f" in config file {str(path)!r}")
+    return values
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    """Check ``value`` against the kind of setting ``name`` and return it in the field's type."""
+    kind = _KINDS[name]
+    if kind.endswith("?"):
+        kind = kind[:-1]
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"setting {name}{where} must be a string, got {value!r}")
+        return value.upper() if name == "log_level" else value.lower() if name == "log_format" else value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"setting {name}{where} must be a whole number, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"setting {name}{where} must be a number of seconds, got {value!r}")
+        return float(value)
+    # list of topics: a TOML array, or a string of names separated by commas or spaces
+    items: Iterable[Any] = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"setting {name}{where} must be a list of topic names, got {value!r}")
+    return tuple(t for v in items for t in v.replace(",", " ").split())
+
+
+def _invalid(name: str, value: object, rule: str) -> None:
+    option = "--" + ("strict-order-topic" if name == "strict_order_topics" else name.replace("_", "-"))
+    env = "OUTBOX_" + option[2:].replace("-", "_").upper()
+    raise ConfigError(f"invalid {name} {value!r}: {rule} (set {option}, {env} or {name} in the config file)")
+
+
+# --- durations and points in time -------------------------------------------------------------------------
+
+_DURATION = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|day|days|w|wk|wks)?\s*$", re.I
+)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``30s``, ``10m``, ``2h``, ``7d``, ``1w`` (a bare number is seconds) as a ``timedelta``.
+
+    Raises :class:`ConfigError` saying what is expected.
+    """
+    match = _DURATION.match(text or "")
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use a number and a unit, e.g. 30s, 10m, 2h or 7d")
+    number, unit = match.groups()
+    return dt.timedelta(seconds=float(number) * _UNIT_SECONDS[(unit or "s")[0].lower()])
+
+
+def parse_time_ref(text: str, *, now: dt.datetime) -> dt.datetime:
+    """A point in time as naive UTC: an ISO 8601 datetime or date (naive means UTC; an offset is
+    converted), or a duration meaning "that long before ``now``" (``2h`` = two hours ago)."""
+    if _DURATION.match(text or "") and not text.strip().isdigit():
+        return now - parse_duration(text)
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid time {text!r}: use an ISO datetime (2024-05-01T12:00, UTC unless it has an offset) "
+            "or a duration meaning that long ago (10m, 2h, 7d)"
+        ) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return moment

@@ -1,0 +1,345 @@
+"""Publishing to Kafka with kafka-python: an idempotent producer, acks=all, one sender thread.
+
+Each record: key = the message key (UTF-8), value = the payload bytes exactly as stored, headers = the
+user's headers plus :data:`HEADER_ID`, :data:`HEADER_TOPIC`, :data:`HEADER_CREATED_AT` and
+:data:`HEADER_CONTENT_TYPE` (a W3C ``traceparent`` header given to ``outbox.add`` passes through as is).
+
+Why it keeps order per key: the claim path hands out at most one message per key at a time (the next
+one becomes claimable only after this one is marked delivered), so two records of one key are never in
+flight together, whatever the producer retries.
+
+How errors are classified (:func:`classify`):
+
+- errors that say *this record can never be accepted* (too large, invalid topic, topic authorisation)
+  fail the message permanently: it goes ``dead`` with the broker's error recorded;
+- everything that says *the broker is away or busy* (timeouts, connection errors, leader moves,
+  ``retriable`` broker errors) releases the message after a pause: its attempt is not counted, so a
+  broker outage of any length never makes a message dead;
+- anything else is an ordinary failed attempt under the topic's retry policy.
+
+Knows nothing about SQL: the relay gives it :class:`~relay.publishers.Delivery` values and writes the
+outcomes it reports.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.errors import ConfigError
+from relay.publishers import (
+    Delivered,
+    Delivery,
+    DoneCallback,
+    Failed,
+    Outcome,
+    Released,
+    describe_error,
+)
+
+log = logging.getLogger("outbox.relay.kafka")
+
+HEADER_ID = "outbox-message-id"
+HEADER_TOPIC = "outbox-topic"
+HEADER_CREATED_AT = "outbox-created-at"
+HEADER_CONTENT_TYPE = "content-type"
+
+#: seconds a message released because of a broker problem waits before it is claimed again
+BROKER_RETRY_PAUSE = 2.0
+
+_PERMANENT = {
+    "MessageSizeTooLargeError",
+    "RecordListTooLargeError",
+    "InvalidTopicError",
+    "TopicAuthorizationFailedError",
+    "InvalidRecordError",
+    "UnsupportedForMessageFormatError",
+}
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Producer settings users need in production. ``repr`` never shows the SASL password."""
+
+    bootstrap_servers: str
+    client_id: str = "outbox-relay"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    compression_type: str | None = None
+    linger_ms: int = 5
+    batch_size: int = 256 * 1024
+    max_request_size: int = 1024 * 1024
+    request_timeout_ms: int = 30_000
+    delivery_timeout_ms: int = 120_000
+    #: (outbox topic pattern, Kafka topic) pairs, first match wins; unmatched topics keep their name
+    routes: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers or not all(":" in s for s in self.bootstrap_servers.split(",")):
+            raise ConfigError(
+                f"invalid Kafka bootstrap servers {self.bootstrap_servers!r}: "
+                "expected HOST:PORT[,HOST:PORT...]"
+            )
+        if self.security_protocol not in _SECURITY_PROTOCOLS:
+            raise ConfigError(f"Kafka security protocol must be one of {', '.join(_SECURITY_PROTOCOLS)}")
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism not in _SASL_MECHANISMS:
+                raise ConfigError(f"SASL needs a mechanism: one of {', '.join(_SASL_MECHANISMS)}")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ConfigError("SASL needs a username and a password")
+        if self.compression_type not in (None, *_COMPRESSION):
+            raise ConfigError(f"Kafka compression must be one of {', '.join(_COMPRESSION)} (or none)")
+        for name in ("linger_ms", "request_timeout_ms", "delivery_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"Kafka {name} must be zero or more")
+        for name in ("batch_size", "max_request_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"Kafka {name} must be positive")
+
+    def producer_config(self) -> dict[str, Any]:
+        """kafka-python ``KafkaProducer`` keyword arguments: idempotent, acks=all, batched."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "enable_idempotence": True,
+            "acks": "all",
+            "linger_ms": self.linger_ms,
+            "batch_size": self.batch_size,
+            "max_request_size": self.max_request_size,
+            "request_timeout_ms": self.request_timeout_ms,
+            "delivery_timeout_ms": max(self.delivery_timeout_ms, self.request_timeout_ms + self.linger_ms),
+            "compression_type": self.compression_type,
+            "security_protocol": self.security_protocol,
+            "max_block_ms": 10_000,
+            "reconnect_backoff_max_ms": 2_000,
+        }
+        if self.security_protocol.startswith("SASL"):
+            config.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                config[name] = getattr(self, name)
+        return config
+
+    def target_topic(self, topic: str) -> str:
+        for pattern, target in self.routes:
+            if fnmatch.fnmatchcase(topic, pattern):
+                return target
+        return topic
+
+
+def classify(exc: BaseException) -> Outcome:
+    """Turn a producer error into an outcome (see the module docstring)."""
+    name = type(exc).__name__
+    if name in _PERMANENT:
+        return Failed(f"Kafka rejected the record: {describe_error(exc)}", permanent=True)
+    if (
+        getattr(exc, "retriable", False)
+        or name in ("NoBrokersAvailable", "KafkaConnectionError")
+        or isinstance(exc, ConnectionError | TimeoutError)
+    ):
+        return Released(f"broker unavailable: {describe_error(exc)}", retry_after=BROKER_RETRY_PAUSE)
+    return Failed(describe_error(exc))
+
+
+def record_headers(delivery: Delivery) -> list[tuple[str, bytes]]:
+    message = delivery.message
+    headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
+    headers += [
+        (HEADER_ID, str(message.id).encode()),
+        (HEADER_TOPIC, message.topic.encode()),
+        (HEADER_CREATED_AT, message.created_at.isoformat().encode()),
+        (HEADER_CONTENT_TYPE, message.content_type.encode()),
+    ]
+    return headers
+
+
+class KafkaPublisher:
+    """Publishes every topic it is asked to (the relay routes in-process handlers first).
+
+    ``producer_factory`` exists for the optional confluent-kafka backend and for tests with a real
+    broker behind a proxy; by default it builds a kafka-python ``KafkaProducer``.
+    """
+
+    def __init__(self, settings: KafkaSettings, *, producer_factory: Any = None) -> None:
+        self.settings = settings
+        self._factory = producer_factory or _kafka_python_producer
+        self._producer: Any = None
+        self._generation = 0
+        self._reset_requested = False
+        self._queue: queue.SimpleQueue[tuple[Delivery, DoneCallback] | None] = queue.SimpleQueue()
+        #: deliveries handed to the producer and not yet reported: (delivery, done, generation, sent at)
+        self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, int, float]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._send_loop, name="outbox-kafka-sender", daemon=True)
+        self._thread.start()
+
+    def accepts(self, topic: str) -> bool:
+        return True
+
+    def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
+        for delivery in deliveries:
+            with self._lock:
+                self._pending[(delivery.token, delivery.seq)] = (delivery, done, -1, time.monotonic())
+            self._queue.put((delivery, done))
+
+    def check_timeouts(self, done: DoneCallback) -> None:
+        """Watchdog: a send that got no answer well past the producer's own delivery timeout means the
+        producer is wedged; give its messages back and start a fresh producer."""
+        limit = (self.settings.delivery_timeout_ms + self.settings.request_timeout_ms) / 1000 + 5
+        now = time.monotonic()
+        with self._lock:
+            stale = [
+                key
+                for key, (_, _, generation, sent) in self._pending.items()
+                if generation == self._generation and generation >= 0 and now - sent > limit
+            ]
+        if stale:
+            log.warning(
+                "Kafka producer gave no answer for %d record(s) in %.0fs; starting a new one",
+                len(stale),
+                limit,
+            )
+            self._reset_producer()
+
+    def _reset_producer(self) -> None:
+        """Drop the current producer (kafka-python's idempotent producer can stay wedged after its
+        batches expired during an outage). Its unanswered messages are released: order per key is safe,
+        since only one message per key is ever in flight, and a late duplicate is at-least-once."""
+        with self._lock:
+            old, self._producer = self._producer, None
+            generation = self._generation
+            self._generation += 1
+            stranded = [(key, value) for key, value in self._pending.items() if value[2] == generation]
+            for key, _ in stranded:
+                del self._pending[key]
+        for _, (delivery, done, _, _) in stranded:
+            done(delivery, Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE))
+        if old is not None:
+            threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+
+    def stop(self, timeout: float, done: DoneCallback) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=max(timeout, 0.1))
+            except Exception as exc:
+                log.warning("flushing the Kafka producer on stop failed: %s", describe_error(exc))
+            try:
+                self._producer.close(timeout=1)
+            except Exception:  # closing a producer whose broker is gone may raise; nothing is lost
+                log.debug("closing the Kafka producer raised", exc_info=True)
+        with self._lock:
+            left = list(self._pending.values())
+            self._pending.clear()
+        for delivery, _, _, _ in left:  # never acknowledged: give them back, they will be published again
+            done(delivery, Released("relay stopping before the broker acknowledged"))
+
+    def _report(self, delivery: Delivery, done: DoneCallback, outcome: Outcome) -> None:
+        with self._lock:
+            if self._pending.pop((delivery.token, delivery.seq), None) is None:
+                return  # already reported (stop or a producer restart raced with the answer)
+        if isinstance(outcome, Released) and "Expiring" in outcome.reason:
+            self._reset_requested = True  # batches expired: this producer may be wedged, use a new one
+        done(delivery, outcome)
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            delivery, done = item
+            if self._stopping.is_set():
+                self._report(delivery, done, Released("relay stopping"))
+                continue
+            if self._reset_requested:
+                self._reset_requested = False
+                self._reset_producer()
+            producer = self._ensure_producer()
+            if producer is None:
+                self._report(delivery, done, Released("broker unavailable", retry_after=BROKER_RETRY_PAUSE))
+                continue
+            self._send(producer, delivery, done)
+
+    def _send(self, producer: Any, delivery: Delivery, done: DoneCallback) -> None:
+        message = delivery.message
+        key = (delivery.token, delivery.seq)
+        with self._lock:
+            if key not in self._pending:
+                return
+            self._pending[key] = (delivery, done, self._generation, time.monotonic())
+        try:
+            future = producer.send(
+                self.settings.target_topic(message.topic),
+                key=message.key.encode("utf-8") if message.key is not None else None,
+                value=message.body,
+                headers=record_headers(delivery),
+            )
+        except Exception as exc:
+            if type(exc).__name__ == "ValueError" and "Topic name" in str(exc):
+                outcome: Outcome = Failed(f"invalid Kafka topic: {exc}", permanent=True)
+            else:
+                outcome = classify(exc)
+            self._report(delivery, done, outcome)
+            return
+        future.add_callback(lambda _meta: self._report(delivery, done, Delivered()))
+        future.add_errback(lambda exc: self._report(delivery, done, classify(exc)))
+
+    def _ensure_producer(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                self._producer = self._factory(self.settings)
+                return self._producer
+            except Exception as exc:
+                log.warning(
+                    "cannot connect to Kafka at %s (%s); retrying",
+                    self.settings.bootstrap_servers,
+                    describe_error(exc),
+                )
+                if self._stopping.wait(delay):
+                    return None
+                delay = min(delay * 2, 5.0)
+                if self._queue.qsize() > 0 and delay >= 5.0:
+                    return None  # let the relay release what waits, rather than hold leases forever
+        return None
+
+
+_discarded: list[Any] = []  # kept referenced: kafka-python's __del__ would flush (and complain) again
+
+
+def _close_quietly(producer: Any) -> None:
+    try:
+        producer.close(timeout=0)
+    except Exception:  # a wedged producer may complain on close; it is being discarded anyway
+        log.debug("closing a discarded Kafka producer raised", exc_info=True)
+    _discarded.append(producer)
+    del _discarded[:-5]
+
+
+def _kafka_python_producer(settings: KafkaSettings) -> Any:
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**settings.producer_config())

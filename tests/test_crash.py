@@ -1,0 +1,236 @@
+"""A relay killed with ``kill -9`` loses nothing: its rows come back after the lease, and a relay that
+stalled past its lease cannot change what its successor did (fencing).
+
+Every relay here is a real ``outbox relay`` subprocess on a real PostgreSQL or MariaDB database,
+killed or frozen with real signals. SQLite is left out: it runs one relay at a time, and a new relay
+takes a dead relay's rows back at start (``relay.runner``), so leases never decide anything there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from outbox.schema import Status, tables_for
+from outbox.writer import utcnow
+from tests.apps import RelayLauncher, RelayProcess, outbox_rows
+from tests.apps.recording import (
+    commit_messages,
+    count_done,
+    create_handled_table,
+    first_handling_order,
+    handled_rows,
+    read_record,
+)
+from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
+
+pytestmark = pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
+
+LEASE = 2  # seconds: short, so that killed relays' rows come back quickly
+KILLS = 5
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Path:
+    return tmp_path / "handled.log"
+
+
+@pytest.fixture
+def relays(tmp_path: Path, db_url: str, record: Path) -> Iterator[RelayLauncher]:
+    launcher = RelayLauncher(
+        tmp_path, db_url, "tests.apps.recording:registry", env={"OUTBOX_TEST_RECORD": str(record)}
+    )
+    try:
+        yield launcher
+    finally:
+        launcher.cleanup()
+
+
+def inflight_claimed_since(engine: sa.Engine, since: dt.datetime) -> int:
+    """Rows in flight under a claim made after ``since`` (``last_attempt_at`` is the claim time)."""
+    t = tables_for("outbox").messages
+    query = sa.select(sa.func.count()).where(
+        t.c.status == Status.INFLIGHT.value, t.c.last_attempt_at >= since
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def time_to_kill(
+    engine: sa.Engine, record: Path, target: int, relay: RelayProcess, since: dt.datetime
+) -> bool:
+    """``target`` handlings are done and the relay holds rows of its own right now (or it died: fail fast)."""
+    if not relay.alive():
+        return True
+    return count_done(record) >= target and inflight_claimed_since(engine, since) > 0
+
+
+def all_delivered(engine: sa.Engine, total: int) -> bool:
+    return status_counts(engine).get(Status.DELIVERED.value, 0) == total
+
+
+@pytest.mark.slow
+def test_killed_relay_loses_nothing(engine: sa.Engine, relays: RelayLauncher, record: Path) -> None:
+    # 3000 messages: 50 keys of 50 messages each (payload index = position within the key), and 500 unkeyed.
+    plan: list[tuple[str | None, int]] = []
+    per_key: Counter[str] = Counter()
+    for n in range(3000):
+        key = None if n % 6 == 0 else f"key-{n % 50}"
+        if key is None:
+            plan.append((None, n))
+        else:
+            plan.append((key, per_key[key]))
+            per_key[key] += 1
+    committed = commit_messages(engine, plan)
+    total = len(committed)
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    options = {"lease_seconds": LEASE, "batch_size": 100, "poll_interval": 0.05, "stop_timeout": 10}
+    # A small sleep per handling keeps deliveries and marks interleaved, so that a kill lands with
+    # handlers running, handled-but-unmarked rows and claimed-but-unstarted rows all at once.
+    relays.env["OUTBOX_TEST_SLEEP"] = "0.003"
+    claimed_at_kill: list[int] = []
+    for _ in range(KILLS):
+        since = utcnow()
+        relay = relays.start(**options)
+        target = count_done(record) + rng.randint(50, 300)
+        wait_until(
+            partial(time_to_kill, engine, record, target, relay, since),
+            timeout=45,
+            what="deliveries to progress before the kill",
+        )
+        assert relay.alive(), f"relay exited on its own:\n{relay.log_tail()}"
+        relay.kill()
+        claimed_at_kill.append(inflight_claimed_since(engine, since))
+    # Each kill is decided while the relay holds rows of its own, but it may finish the last few in the
+    # instant before SIGKILL lands; most kills must still have caught it holding rows, or the test
+    # would prove nothing about crashes.
+    assert sum(1 for held in claimed_at_kill if held) >= KILLS - 2, claimed_at_kill
+
+    final = relays.start(**options)
+    wait_until(lambda: all_delivered(engine, total), timeout=60, what=f"all {total} messages delivered")
+    final.send(signal.SIGTERM)
+    assert final.wait_exit(timeout=15) == 0, final.log_tail()
+
+    rows = outbox_rows(engine)
+    assert set(rows) == set(committed)
+    assert {r.status for r in rows.values()} == {Status.DELIVERED.value}
+    assert [r for r in rows.values() if r.lease_token is not None or r.due_at is not None] == []
+
+    done = [h for h in read_record(record) if h.event == "done"]
+    handled_ids = Counter(h.message_id for h in done)
+    assert set(handled_ids) == set(committed), "a committed message was never handled"
+    for h in done:  # the handler saw the message that was committed, not another one
+        assert (h.key, h.index) == committed[h.message_id]
+
+    # Order per key survives the crashes: after dropping duplicates, each key's messages were handled
+    # exactly in the order they were committed.
+    order = first_handling_order((h.key, h.index, h.message_id) for h in done)
+    for key, indexes in order.items():
+        assert indexes == list(range(per_key[key])), f"{key} handled out of order: {indexes}"
+
+    duplicates = sum(handled_ids.values()) - len(handled_ids)
+    print(
+        f"\n{total} messages, {KILLS} kills (seed {seed}), rows held at each kill: {claimed_at_kill}; "
+        f"{duplicates} duplicate handling(s) of {sum(1 for n in handled_ids.values() if n > 1)} message(s)"
+    )
+
+
+@pytest.mark.slow
+def test_killed_relay_rows_come_back_after_lease(
+    engine: sa.Engine, relays: RelayLauncher, record: Path
+) -> None:
+    committed = commit_messages(engine, [(None, i) for i in range(40)], sleep=0.3)
+    options = {"lease_seconds": 3, "batch_size": 10, "workers": 4, "poll_interval": 0.1}
+    first = relays.start(**options)
+    wait_until(lambda: count_done(record) >= 4, timeout=30, what="the first relay to handle a few messages")
+    first.kill()
+    killed_at = utcnow()
+
+    rows = outbox_rows(engine)
+    orphans = {mid: r for mid, r in rows.items() if r.status == Status.INFLIGHT.value}
+    assert orphans, "the kill should have caught claimed rows"
+    assert all(r.lease_token is not None for r in orphans.values())
+    # The leases were live when the relay died (renewed every lease/3), so nothing may take the rows
+    # before they expire.
+    assert any(r.due_at > killed_at for r in orphans.values())
+
+    second = relays.start(**options)
+    wait_until(lambda: all_delivered(engine, len(committed)), timeout=60, what="every message delivered")
+    second.send(signal.SIGTERM)
+    assert second.wait_exit(timeout=15) == 0, second.log_tail()
+
+    rows = outbox_rows(engine)
+    for mid, orphan in orphans.items():
+        row = rows[mid]
+        assert row.status == Status.DELIVERED.value
+        # Taken back only once the dead relay's lease had expired, and counted as a second attempt.
+        assert row.delivered_at >= orphan.due_at, (mid, row.delivered_at, orphan.due_at)
+        assert row.attempts == 2, (mid, row.attempts)
+    handlers = {h.message_id: h.pid for h in read_record(record) if h.event == "done" and h.pid == second.pid}
+    assert set(orphans) <= set(handlers), "the second relay should have handled every orphaned row"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("handler", ["plain", "session"])
+def test_relay_stalled_past_its_lease_is_fenced(
+    engine: sa.Engine, relays: RelayLauncher, record: Path, handler: str
+) -> None:
+    if handler == "session":
+        relays.app = "tests.apps.recording:session_registry"
+        create_handled_table(engine)
+    # The handler works 2 s: long enough to freeze the relay in the middle of it.
+    (message_id,) = commit_messages(engine, [("k", 0)], sleep=2.0)
+    options = {"lease_seconds": LEASE, "workers": 1, "poll_interval": 0.1, "stop_timeout": 20}
+    stalled = relays.start(**options)
+    wait_until(
+        lambda: any(h.event == "start" for h in read_record(record)),
+        timeout=30,
+        what="the first relay's handler",
+    )
+    stalled.send(signal.SIGSTOP)  # a GC pause, a VM freeze: the process holds a lease it cannot renew
+    frozen_token = outbox_rows(engine)[message_id].lease_token
+    assert frozen_token is not None
+
+    successor = relays.start(**options)
+    wait_until(lambda: all_delivered(engine, 1), timeout=30, what="the second relay to take over and deliver")
+    after_takeover = outbox_rows(engine)[message_id]
+    assert after_takeover.attempts == 2  # one claim each
+
+    # Let the frozen relay run again: its handler finishes and it tries to mark the message delivered
+    # with a token that no longer holds the row. Then stop it gracefully, so that every outcome it had
+    # is written (or fenced off) before we look.
+    stalled.send(signal.SIGCONT)
+    wait_until(
+        lambda: any(h.event == "done" and h.pid == stalled.pid for h in read_record(record)),
+        timeout=30,
+        what="the stalled relay's handler to finish",
+    )
+    stalled.send(signal.SIGTERM)
+    assert stalled.wait_exit(timeout=30) == 0, stalled.log_tail()
+    successor.send(signal.SIGTERM)
+    assert successor.wait_exit(timeout=15) == 0, successor.log_tail()
+
+    row = outbox_rows(engine)[message_id]
+    # Nothing the fenced relay wrote stuck: same status, same delivery time, same attempts, no error.
+    assert (row.status, row.delivered_at, row.attempts, row.lease_token, row.last_error) == (
+        Status.DELIVERED.value,
+        after_takeover.delivered_at,
+        2,
+        None,
+        None,
+    )
+    finished_by = sorted(h.pid for h in read_record(record) if h.event == "done")
+    assert finished_by == sorted([stalled.pid, successor.pid])  # both handlers really ran to the end
+    if handler == "session":
+        # Its database work was rolled back with its delivered mark: one committed handling, the successor's.
+        assert [(r.message_id, r.pid) for r in handled_rows(engine)] == [(message_id, successor.pid)]
