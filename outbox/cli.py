@@ -239,10 +239,25 @@ _RELAY_SETTINGS = (
     "backoff_max",
     "handler_timeout",
     "strict_order_topic",
+    "kafka_bootstrap_servers",
+    "kafka_client_id",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "kafka_compression",
+    "kafka_linger_ms",
+    "kafka_batch_size",
+    "kafka_request_timeout_ms",
+    "kafka_delivery_timeout_ms",
+    "kafka_route",
 )
 
 
-def _relay_option(name: str, kind: type, help_text: str, **extra: Any) -> Callable[[F], F]:
+def _relay_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
     env = "OUTBOX_" + name.upper()
     flag = "--" + name.replace("_", "-")
     return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
@@ -276,6 +291,48 @@ def _relay_option(name: str, kind: type, help_text: str, **extra: Any) -> Callab
 @_relay_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
 )
+@_relay_option(
+    "kafka_bootstrap_servers",
+    str,
+    "Publish topics without an in-process handler to this Kafka cluster.",
+    metavar="HOST:PORT[,...]",
+)
+@_relay_option("kafka_client_id", str, "Kafka client id (default outbox-relay).")
+@_relay_option(
+    "kafka_security_protocol",
+    click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
+    "Kafka security protocol (default PLAINTEXT).",
+)
+@_relay_option(
+    "kafka_sasl_mechanism",
+    click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
+    "SASL mechanism.",
+)
+@_relay_option("kafka_sasl_username", str, "SASL user name.")
+@_relay_option("kafka_sasl_password", str, "SASL password (prefer the environment variable).")
+@_relay_option("kafka_ssl_cafile", str, "CA certificate file (PEM) for TLS.")
+@_relay_option("kafka_ssl_certfile", str, "Client certificate file (PEM) for TLS.")
+@_relay_option("kafka_ssl_keyfile", str, "Client key file (PEM) for TLS.")
+@_relay_option(
+    "kafka_compression",
+    click.Choice(["gzip", "snappy", "lz4", "zstd"], case_sensitive=False),
+    "Compress record batches.",
+)
+@_relay_option("kafka_linger_ms", int, "Milliseconds the producer waits to fill a batch (default 5).")
+@_relay_option("kafka_batch_size", int, "Producer batch size in bytes (default 262144).")
+@_relay_option("kafka_request_timeout_ms", int, "Kafka request timeout in ms (default 30000).")
+@_relay_option(
+    "kafka_delivery_timeout_ms",
+    int,
+    "Give up on a send after this many ms; the message is released, not failed (default 120000).",
+)
+@_relay_option(
+    "kafka_route",
+    str,
+    "Publish outbox topics matching PATTERN to Kafka topic TOPIC (repeatable; default: same name).",
+    multiple=True,
+    metavar="PATTERN=TOPIC",
+)
 @settings_command(*_RELAY_SETTINGS)
 def relay(settings: Settings) -> None:
     """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.
@@ -284,12 +341,22 @@ def relay(settings: Settings) -> None:
     every outcome is written, then exit 0. A second signal exits at once (status 1); messages still
     running then come back to another relay when their lease expires.
     """
-    if settings.app is None:
-        raise ConfigError("no handlers: pass --app MODULE[:ATTR] or set OUTBOX_APP")
-    from consumers.registry import load_registry  # outbox never imports relay/consumers at module level
+    kafka_options = settings.kafka_options()
+    if settings.app is None and kafka_options is None:
+        raise ConfigError(
+            "nowhere to deliver: pass --app MODULE[:ATTR] (in-process handlers) and/or "
+            "--kafka-bootstrap-servers HOST:PORT (or OUTBOX_APP / OUTBOX_KAFKA_BOOTSTRAP_SERVERS)"
+        )
+    # outbox never imports relay/consumers at module level: only this command needs them
+    from consumers.registry import Registry, load_registry
     from relay import Relay
 
-    registry = load_registry(settings.app)
+    registry = load_registry(settings.app) if settings.app is not None else Registry()
+    kafka = None
+    if kafka_options is not None:
+        from relay.publishers.kafka import KafkaSettings
+
+        kafka = KafkaSettings(**kafka_options)
     runner = Relay(
         settings.database_url,
         registry,
@@ -303,6 +370,7 @@ def relay(settings: Settings) -> None:
         retry=settings.retry_policy(),
         handler_timeout=settings.handler_timeout,
         strict_order_topics=settings.strict_order_topics,
+        kafka=kafka,
     )
     stop_requested = threading.Event()
     received: list[str] = []
@@ -322,8 +390,9 @@ def relay(settings: Settings) -> None:
     try:
         runner.start()
         log.info(
-            "relay running with handlers for %s; stop with SIGTERM or Ctrl-C",
+            "relay running with handlers for %s%s; stop with SIGTERM or Ctrl-C",
             ", ".join(registry.topics()) or "no topics",
+            f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
         )
         while not stop_requested.wait(0.5):
             pass

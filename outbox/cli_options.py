@@ -124,8 +124,9 @@ def build_settings(ctx: click.Context, names: tuple[str, ...]) -> Settings:
     settings = Settings.load(explicit, config_file=config_file)
     # Messages already show URLs masked; this is a second guard against a driver echoing the password.
     # Very short passwords are not scrubbed: replacing every "ab" would mangle the message instead.
-    if settings.password and len(settings.password) >= 4:
-        SECRETS.add(settings.password)
+    for secret in (settings.password, settings.kafka_sasl_password):
+        if secret and len(secret) >= 4:
+            SECRETS.add(secret)
     return settings
 
 

@@ -53,9 +53,24 @@ _KINDS: dict[str, str] = {
     "backoff_max": "float",
     "handler_timeout": "float?",
     "strict_order_topics": "list",
+    "kafka_bootstrap_servers": "str?",
+    "kafka_client_id": "str?",
+    "kafka_security_protocol": "str?",
+    "kafka_sasl_mechanism": "str?",
+    "kafka_sasl_username": "str?",
+    "kafka_sasl_password": "str?",
+    "kafka_ssl_cafile": "str?",
+    "kafka_ssl_certfile": "str?",
+    "kafka_ssl_keyfile": "str?",
+    "kafka_compression": "str?",
+    "kafka_linger_ms": "int?",
+    "kafka_batch_size": "int?",
+    "kafka_request_timeout_ms": "int?",
+    "kafka_delivery_timeout_ms": "int?",
+    "kafka_routes": "routes",
 }
 #: config-file spellings that are not the field name (the file uses the option's name)
-_ALIASES = {"strict_order_topic": "strict_order_topics"}
+_ALIASES = {"strict_order_topic": "strict_order_topics", "kafka_route": "kafka_routes"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,23 @@ class Settings:
     backoff_max: float = 300.0
     handler_timeout: float | None = None
     strict_order_topics: tuple[str, ...] = ()
+    #: Kafka publishing (``outbox relay``); unset bootstrap servers = no Kafka
+    kafka_bootstrap_servers: str | None = None
+    kafka_client_id: str | None = None
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_compression: str | None = None
+    kafka_linger_ms: int | None = None
+    kafka_batch_size: int | None = None
+    kafka_request_timeout_ms: int | None = None
+    kafka_delivery_timeout_ms: int | None = None
+    #: ``(outbox topic pattern, Kafka topic)`` pairs, from ``--kafka-route 'audit.*=audit-log'``
+    kafka_routes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form
@@ -145,6 +177,38 @@ class Settings:
         """The database password, so that error output can be scrubbed of it."""
         return normalise_url(self.database_url).password
 
+    def kafka_options(self) -> dict[str, Any] | None:
+        """Keyword arguments for ``relay.publishers.kafka.KafkaSettings`` (``None``: Kafka not configured).
+
+        Only what was set is included, so the publisher's own defaults apply to the rest.
+        """
+        if not self.kafka_bootstrap_servers:
+            return None
+        names = {
+            "kafka_bootstrap_servers": "bootstrap_servers",
+            "kafka_client_id": "client_id",
+            "kafka_security_protocol": "security_protocol",
+            "kafka_sasl_mechanism": "sasl_mechanism",
+            "kafka_sasl_username": "sasl_username",
+            "kafka_sasl_password": "sasl_password",
+            "kafka_ssl_cafile": "ssl_cafile",
+            "kafka_ssl_certfile": "ssl_certfile",
+            "kafka_ssl_keyfile": "ssl_keyfile",
+            "kafka_compression": "compression_type",
+            "kafka_linger_ms": "linger_ms",
+            "kafka_batch_size": "batch_size",
+            "kafka_request_timeout_ms": "request_timeout_ms",
+            "kafka_delivery_timeout_ms": "delivery_timeout_ms",
+        }
+        options = {
+            target: getattr(self, name) for name, target in names.items() if getattr(self, name) is not None
+        }
+        if options.get("security_protocol"):
+            options["security_protocol"] = options["security_protocol"].upper()
+        if self.kafka_routes:
+            options["routes"] = self.kafka_routes
+        return options
+
     def retry_policy(self) -> RetryPolicy:
         """The default retry policy for topics whose handler does not set its own."""
         return RetryPolicy(
@@ -195,6 +259,23 @@ def _convert(name: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"setting {name}{where} must be a number of seconds, got {value!r}")
         return float(value)
+    if kind == "routes":  # PATTERN=TOPIC items: a TOML array/table, or strings separated by commas/spaces
+        pairs: list[tuple[Any, Any]]
+        if isinstance(value, dict):
+            pairs = list(value.items())
+        else:
+            entries = value.replace(",", " ").split() if isinstance(value, str) else value
+            if not isinstance(entries, list | tuple) or not all(isinstance(v, str) for v in entries):
+                raise ConfigError(f"setting {name}{where} must be PATTERN=TOPIC items, got {value!r}")
+            pairs = [t.partition("=")[::2] for v in entries for t in v.replace(",", " ").split()]
+        routes = tuple((str(p), str(t)) for p, t in pairs)
+        for pattern, topic in routes:
+            if not pattern or not topic:
+                raise ConfigError(
+                    f"invalid Kafka route {pattern}={topic}{where}: use OUTBOX_TOPIC_PATTERN=KAFKA_TOPIC, "
+                    "e.g. --kafka-route 'audit.*=audit-log'"
+                )
+        return routes
     # list of topics: a TOML array, or a string of names separated by commas or spaces
     items: Iterable[Any] = value.replace(",", " ").split() if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):

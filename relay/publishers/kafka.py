@@ -23,16 +23,24 @@ outcomes it reports.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from outbox.errors import ConfigError
+from outbox.kafka_settings import (
+    HEADER_CONTENT_TYPE,
+    HEADER_CREATED_AT,
+    HEADER_ID,
+    HEADER_TOPIC,
+    KafkaConnection,
+)
 from relay.publishers import (
     Delivered,
     Delivery,
@@ -45,10 +53,6 @@ from relay.publishers import (
 
 log = logging.getLogger("outbox.relay.kafka")
 
-HEADER_ID = "outbox-message-id"
-HEADER_TOPIC = "outbox-topic"
-HEADER_CREATED_AT = "outbox-created-at"
-HEADER_CONTENT_TYPE = "content-type"
 
 #: seconds a message released because of a broker problem waits before it is claimed again
 BROKER_RETRY_PAUSE = 2.0
@@ -61,49 +65,28 @@ _PERMANENT = {
     "InvalidRecordError",
     "UnsupportedForMessageFormatError",
 }
-_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
 
 
 @dataclass(frozen=True)
-class KafkaSettings:
-    """Producer settings users need in production. ``repr`` never shows the SASL password."""
+class KafkaSettings(KafkaConnection):
+    """Producer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus batching,
+    compression and timeouts. The producer is always idempotent with ``acks=all``."""
 
-    bootstrap_servers: str
     client_id: str = "outbox-relay"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
     compression_type: str | None = None
     linger_ms: int = 5
     batch_size: int = 256 * 1024
     max_request_size: int = 1024 * 1024
-    request_timeout_ms: int = 30_000
     delivery_timeout_ms: int = 120_000
     #: (outbox topic pattern, Kafka topic) pairs, first match wins; unmatched topics keep their name
     routes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.bootstrap_servers or not all(":" in s for s in self.bootstrap_servers.split(",")):
-            raise ConfigError(
-                f"invalid Kafka bootstrap servers {self.bootstrap_servers!r}: "
-                "expected HOST:PORT[,HOST:PORT...]"
-            )
-        if self.security_protocol not in _SECURITY_PROTOCOLS:
-            raise ConfigError(f"Kafka security protocol must be one of {', '.join(_SECURITY_PROTOCOLS)}")
-        if self.security_protocol.startswith("SASL"):
-            if self.sasl_mechanism not in _SASL_MECHANISMS:
-                raise ConfigError(f"SASL needs a mechanism: one of {', '.join(_SASL_MECHANISMS)}")
-            if not self.sasl_username or self.sasl_password is None:
-                raise ConfigError("SASL needs a username and a password")
+        super().__post_init__()
         if self.compression_type not in (None, *_COMPRESSION):
             raise ConfigError(f"Kafka compression must be one of {', '.join(_COMPRESSION)} (or none)")
-        for name in ("linger_ms", "request_timeout_ms", "delivery_timeout_ms"):
+        for name in ("linger_ms", "delivery_timeout_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"Kafka {name} must be zero or more")
         for name in ("batch_size", "max_request_size"):
@@ -112,31 +95,17 @@ class KafkaSettings:
 
     def producer_config(self) -> dict[str, Any]:
         """kafka-python ``KafkaProducer`` keyword arguments: idempotent, acks=all, batched."""
-        config: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers.split(","),
-            "client_id": self.client_id,
+        return {
+            **self.client_config(),
             "enable_idempotence": True,
             "acks": "all",
             "linger_ms": self.linger_ms,
             "batch_size": self.batch_size,
             "max_request_size": self.max_request_size,
-            "request_timeout_ms": self.request_timeout_ms,
             "delivery_timeout_ms": max(self.delivery_timeout_ms, self.request_timeout_ms + self.linger_ms),
             "compression_type": self.compression_type,
-            "security_protocol": self.security_protocol,
             "max_block_ms": 10_000,
-            "reconnect_backoff_max_ms": 2_000,
         }
-        if self.security_protocol.startswith("SASL"):
-            config.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
-            )
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            if getattr(self, name):
-                config[name] = getattr(self, name)
-        return config
 
     def target_topic(self, topic: str) -> str:
         for pattern, target in self.routes:
@@ -327,16 +296,21 @@ class KafkaPublisher:
         return None
 
 
-_discarded: list[Any] = []  # kept referenced: kafka-python's __del__ would flush (and complain) again
-
-
 def _close_quietly(producer: Any) -> None:
-    try:
+    """Close a producer being discarded, without waiting for what it could not send.
+
+    kafka-python's ``close(timeout=0)`` first flushes, and raises when records are stuck before it
+    stops its sender thread; stop the sender ourselves first, and mark the producer closed so that its
+    ``__del__`` does not try to flush again.
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        with contextlib.suppress(Exception):
+            sender.force_close()
+    with contextlib.suppress(Exception):
         producer.close(timeout=0)
-    except Exception:  # a wedged producer may complain on close; it is being discarded anyway
-        log.debug("closing a discarded Kafka producer raised", exc_info=True)
-    _discarded.append(producer)
-    del _discarded[:-5]
+    with contextlib.suppress(Exception):
+        producer._closed = True
 
 
 def _kafka_python_producer(settings: KafkaSettings) -> Any:
