@@ -39,6 +39,8 @@ class Dialect:
     single_relay: bool
     #: LISTEN/NOTIFY wakes relays in other processes
     listen_notify: bool
+    #: lists bind as one array parameter (``= ANY(:ids)``): one statement text, prepared once
+    array_params: bool = False
 
     def engine_options(self) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this database."""
@@ -56,7 +58,12 @@ class Dialect:
 
 
 POSTGRESQL = Dialect(
-    "postgresql", claim_returning=True, skip_locked=True, single_relay=False, listen_notify=True
+    "postgresql",
+    claim_returning=True,
+    skip_locked=True,
+    single_relay=False,
+    listen_notify=True,
+    array_params=True,
 )
 MARIADB = Dialect("mysql", claim_returning=False, skip_locked=True, single_relay=False, listen_notify=False)
 SQLITE = Dialect("sqlite", claim_returning=True, skip_locked=False, single_relay=True, listen_notify=False)

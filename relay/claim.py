@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
 from outbox.schema import KEY_HOLDING, OutboxTables, Status
@@ -133,9 +134,11 @@ class ClaimQueries:
                 t.c.seq.in_(sa.bindparam("seqs", expanding=True))
             )
 
-        fenced = sa.and_(
-            t.c.lease_token == sa.bindparam("token"), t.c.seq.in_(sa.bindparam("seqs", expanding=True))
-        )
+        if dialect.array_params:  # one statement text whatever the batch size: prepared once, no re-parsing
+            in_seqs = t.c.seq == sa.any_(sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger())))
+        else:
+            in_seqs = t.c.seq.in_(sa.bindparam("seqs", expanding=True))
+        fenced = sa.and_(t.c.lease_token == sa.bindparam("token"), in_seqs)
         self._delivered = (
             sa.update(t)
             .where(fenced)
