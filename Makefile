@@ -5,6 +5,8 @@
 #   make test        the whole suite against PostgreSQL, MariaDB and SQLite (PYTEST_ARGS="-k ordering -x")
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy --strict on the packages
+#   make bench       the benchmark suite, peers included (~30-40 min; results in bench/results/, see BENCHMARKS.md)
+#   make bench-quick the benchmark's two-minute subset (results in bench/results/quick/)
 #   make clean       remove .venv, caches, build output and demo-output/
 
 PYTHON ?= python3
@@ -12,11 +14,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 PACKAGES := outbox relay consumers
-LINT_PATHS := $(PACKAGES) tests examples
+LINT_PATHS := $(PACKAGES) tests examples bench
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint typecheck clean
+.PHONY: help demo test lint typecheck clean bench bench-quick
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -38,6 +40,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[dev]'
 	@touch $(VENV)/.installed $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	@echo "installing the project, its dev tools and the benchmark's peers into $(VENV) ..."
+	$(PIP) install -e '.[dev,bench]'
+	@touch $(VENV)/.installed $(VENV)/.installed-dev $@
+
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 
@@ -53,6 +60,15 @@ lint: $(VENV)/.installed-dev
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict $(addprefix -p ,$(PACKAGES))
+
+# Never part of `make test` (too slow, too noisy); tests/test_bench_smoke.py checks that it runs. BENCH_ARGS
+# adds options, e.g. make bench BENCH_ARGS="--only drain peers --runs 5".
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo-output .pytest_cache .mypy_cache .ruff_cache

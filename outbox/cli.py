@@ -6,6 +6,7 @@ Commands::
     outbox db upgrade | db version      apply / show schema migrations
     outbox status | list | show ID      what is in the outbox, and why     (outbox.cli_inspect)
     outbox replay | purge               send messages back / delete old ones (outbox.cli_inspect)
+    outbox doctor                       check the database and explain each fix (outbox.cli_doctor)
 
 Every flag has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.config`).
 
@@ -31,6 +32,7 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
+from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
 from outbox.cli_options import F, open_engine, scrub, settings_command, shared_options
 from outbox.config import Settings
@@ -241,6 +243,7 @@ _RELAY_SETTINGS = (
     "strict_order_topic",
     "kafka_bootstrap_servers",
     "kafka_client_id",
+    "kafka_client",
     "kafka_security_protocol",
     "kafka_sasl_mechanism",
     "kafka_sasl_username",
@@ -254,6 +257,12 @@ _RELAY_SETTINGS = (
     "kafka_request_timeout_ms",
     "kafka_delivery_timeout_ms",
     "kafka_route",
+    "retention",
+    "stuck_after",
+    "maintenance_interval",
+    "metrics_port",
+    "metrics_host",
+    "metrics_interval",
 )
 
 
@@ -299,6 +308,11 @@ def _relay_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callabl
 )
 @_relay_option("kafka_client_id", str, "Kafka client id (default outbox-relay).")
 @_relay_option(
+    "kafka_client",
+    click.Choice(["kafka-python", "confluent"]),
+    "Kafka client library: kafka-python (default) or confluent (librdkafka; the confluent extra).",
+)
+@_relay_option(
     "kafka_security_protocol",
     click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
     "Kafka security protocol (default PLAINTEXT).",
@@ -333,6 +347,25 @@ def _relay_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callabl
     multiple=True,
     metavar="PATTERN=TOPIC",
 )
+@_relay_option(
+    "retention",
+    str,
+    "Delete delivered messages older than this, in small batches, one relay at a time (default 7d; "
+    "off keeps them).",
+    metavar="DURATION|off",
+)
+@_relay_option(
+    "stuck_after",
+    str,
+    "Warn about messages and keys waiting this long past their due time (default 5m).",
+    metavar="DURATION",
+)
+@_relay_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
+@_relay_option(
+    "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
+)
+@_relay_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
+@_relay_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
 @settings_command(*_RELAY_SETTINGS)
 def relay(settings: Settings) -> None:
     """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.
@@ -357,6 +390,14 @@ def relay(settings: Settings) -> None:
         from relay.publishers.kafka import KafkaSettings
 
         kafka = KafkaSettings(**kafka_options)
+    metrics = None
+    if settings.metrics_port is not None:
+        from prometheus_client import disable_created_metrics
+
+        from relay.metrics import RelayMetrics
+
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no "<counter>_created" series
+        metrics = RelayMetrics(interval=settings.metrics_interval)
     runner = Relay(
         settings.database_url,
         registry,
@@ -371,6 +412,10 @@ def relay(settings: Settings) -> None:
         handler_timeout=settings.handler_timeout,
         strict_order_topics=settings.strict_order_topics,
         kafka=kafka,
+        retention=settings.retention,
+        stuck_after=settings.stuck_after,
+        maintenance_interval=settings.maintenance_interval,
+        observers=[metrics] if metrics is not None else [],
     )
     stop_requested = threading.Event()
     received: list[str] = []
@@ -387,7 +432,12 @@ def relay(settings: Settings) -> None:
 
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    server = None
     try:
+        if metrics is not None:  # before start: /healthz answers (and /readyz says why not) meanwhile
+            from relay.health import serve
+
+            server = serve(runner, metrics, host=settings.metrics_host, port=settings.metrics_port or 0)
         runner.start()
         log.info(
             "relay running with handlers for %s%s; stop with SIGTERM or Ctrl-C",
@@ -403,15 +453,26 @@ def relay(settings: Settings) -> None:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if server is not None:
+            server.stop()
 
 
 # --- inspect and operate (outbox.cli_inspect) -------------------------------------------------------------
 
 for _command in (status, list_messages, show, replay, purge):
     outbox.add_command(_command)
+outbox.add_command(doctor)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point (``outbox`` and ``python -m outbox``)."""
     outbox.main(args=argv, prog_name="outbox")
     raise AssertionError("unreachable")  # main() exits
+
+
+# --- outbox consume, outbox dlq (outbox.cli_consume) ------------------------------------------------------
+
+from outbox.cli_consume import consume, dlq  # noqa: E402
+
+outbox.add_command(consume)
+outbox.add_command(dlq)

@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -130,11 +131,15 @@ def build_settings(ctx: click.Context, names: tuple[str, ...]) -> Settings:
     return settings
 
 
+#: ``scheme://user:password@`` in any text (a URL a driver or library echoed): the password part
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@\s/]+@")
+
+
 def scrub(text: str) -> str:
-    """``text`` with every known database password replaced by ``***``."""
+    """``text`` with every known password (database, SASL) and any URL's password replaced by ``***``."""
     for secret in SECRETS:
         text = text.replace(secret, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 # --- logging ---------------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.write(scrub(self.format(record)) + "\n")  # every log line, every library
             sys.stderr.flush()
         except Exception:
             self.handleError(record)
@@ -159,10 +164,10 @@ class JsonFormatter(logging.Formatter):
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),  # before JSON escaping could hide a secret
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -178,6 +183,9 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log_level)
+    # kafka-python logs every connection attempt at INFO; the publisher and consumer log what matters
+    # (a broker unreachable, and back) once: its chatter shows at DEBUG only.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING)
 
 
 # --- the database ----------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ _KINDS: dict[str, str] = {
     "strict_order_topics": "list",
     "kafka_bootstrap_servers": "str?",
     "kafka_client_id": "str?",
+    "kafka_client": "str?",
     "kafka_security_protocol": "str?",
     "kafka_sasl_mechanism": "str?",
     "kafka_sasl_username": "str?",
@@ -68,6 +69,12 @@ _KINDS: dict[str, str] = {
     "kafka_request_timeout_ms": "int?",
     "kafka_delivery_timeout_ms": "int?",
     "kafka_routes": "routes",
+    "retention": "duration",
+    "stuck_after": "duration",
+    "maintenance_interval": "float",
+    "metrics_port": "int?",
+    "metrics_host": "str",
+    "metrics_interval": "float",
 }
 #: config-file spellings that are not the field name (the file uses the option's name)
 _ALIASES = {"strict_order_topic": "strict_order_topics", "kafka_route": "kafka_routes"}
@@ -100,6 +107,7 @@ class Settings:
     #: Kafka publishing (``outbox relay``); unset bootstrap servers = no Kafka
     kafka_bootstrap_servers: str | None = None
     kafka_client_id: str | None = None
+    kafka_client: str | None = None
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -114,6 +122,16 @@ class Settings:
     kafka_delivery_timeout_ms: int | None = None
     #: ``(outbox topic pattern, Kafka topic)`` pairs, from ``--kafka-route 'audit.*=audit-log'``
     kafka_routes: tuple[tuple[str, str], ...] = ()
+    #: built-in maintenance (``relay.maintenance``): delivered messages older than this are deleted
+    #: (zero: kept forever); messages and keys waiting longer than ``stuck_after`` are reported
+    retention: dt.timedelta = dt.timedelta(days=7)
+    stuck_after: dt.timedelta = dt.timedelta(minutes=5)
+    maintenance_interval: float = 60.0
+    #: ``/metrics``, ``/healthz`` and ``/readyz`` (``outbox.ops_server``) on this port; ``None``: off
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    #: seconds between two reads of the metrics' gauges computed from the table
+    metrics_interval: float = 15.0
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form
@@ -143,6 +161,18 @@ class Settings:
             )
         if self.handler_timeout is not None and not self.handler_timeout > 0:
             _invalid("handler_timeout", self.handler_timeout, "must be a positive number of seconds")
+        if self.retention < dt.timedelta(0):
+            _invalid("retention", self.retention, "must be a duration (7d) or off")
+        if self.stuck_after <= dt.timedelta(0):
+            _invalid("stuck_after", self.stuck_after, "must be a positive duration (5m)")
+        if not self.maintenance_interval > 0:
+            _invalid(
+                "maintenance_interval", self.maintenance_interval, "must be a positive number of seconds"
+            )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            _invalid("metrics_port", self.metrics_port, "must be a TCP port number (1-65535)")
+        if not self.metrics_interval > 0:
+            _invalid("metrics_interval", self.metrics_interval, "must be a positive number of seconds")
 
     @classmethod
     def load(cls, explicit: Mapping[str, Any], *, config_file: str | Path | None = None) -> Settings:
@@ -187,6 +217,7 @@ class Settings:
         names = {
             "kafka_bootstrap_servers": "bootstrap_servers",
             "kafka_client_id": "client_id",
+            "kafka_client": "client",
             "kafka_security_protocol": "security_protocol",
             "kafka_sasl_mechanism": "sasl_mechanism",
             "kafka_sasl_username": "sasl_username",
@@ -259,6 +290,21 @@ def _convert(name: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"setting {name}{where} must be a number of seconds, got {value!r}")
         return float(value)
+    if kind == "duration":  # "7d", "90m", a number of seconds, or "off" (zero)
+        if isinstance(value, dt.timedelta):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "never"):
+            return dt.timedelta(0)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return dt.timedelta(seconds=value)
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"setting {name}{where} must be a duration such as 30s, 10m or 7d, got {value!r}"
+            )
+        try:
+            return parse_duration(value)
+        except ConfigError as exc:
+            raise ConfigError(f"setting {name}{where}: {exc}") from None
     if kind == "routes":  # PATTERN=TOPIC items: a TOML array/table, or strings separated by commas/spaces
         pairs: list[tuple[Any, Any]]
         if isinstance(value, dict):

@@ -1,6 +1,6 @@
 """The outbox table, its companions, and the migrations that create them.
 
-One outbox is three tables, all named from one configurable base name (default ``outbox``):
+One outbox is five tables, all named from one configurable base name (default ``outbox``):
 
 ``<name>``
     One row per message. Its columns are documented below; the relay's claim path relies on two of them:
@@ -13,6 +13,14 @@ One outbox is three tables, all named from one configurable base name (default `
 ``<name>_meta``
     The schema version, so that ``outbox db upgrade`` knows what to apply and the relay can refuse to run
     against a table it does not understand.
+``<name>_inbox``
+    Written by ``outbox consume`` (:mod:`consumers.kafka`): one row per (consumer group, message id)
+    the group has processed. Its primary key is what makes a session handler's effect happen once:
+    the row is inserted in the handler's own transaction, so a redelivered message finds it and is
+    skipped.
+``<name>_dead_letters``
+    Written by ``outbox consume``: a Kafka record whose handler failed its last attempt, kept with
+    its exact key, value and headers and the error, until ``outbox dlq replay`` sends it back.
 
 Teams with their own Alembic set-up can include :func:`metadata_for` in their ``target_metadata``;
 everyone else runs ``outbox db upgrade``, which applies :data:`MIGRATIONS` in order.
@@ -34,7 +42,7 @@ from sqlalchemy.dialects import mysql
 from outbox.errors import ConfigError, SchemaError
 
 DEFAULT_TABLE = "outbox"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
 
@@ -73,13 +81,15 @@ def validate_table_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class OutboxTables:
-    """The three tables of one outbox, sharing one :class:`sqlalchemy.MetaData`."""
+    """The tables of one outbox, sharing one :class:`sqlalchemy.MetaData`."""
 
     name: str
     metadata: sa.MetaData
     messages: sa.Table
     locks: sa.Table
     meta: sa.Table
+    inbox: sa.Table
+    dead_letters: sa.Table
 
 
 _cache: dict[str, OutboxTables] = {}
@@ -139,7 +149,47 @@ def _define(name: str) -> OutboxTables:
         sa.Column("name", sa.String(100), primary_key=True),
         sa.Column("value", sa.String(255), nullable=False),
     )
-    return OutboxTables(name=name, metadata=md, messages=messages, locks=locks, meta=meta)
+    inbox = sa.Table(
+        f"{name}_inbox",
+        md,
+        sa.Column("consumer_group", sa.String(255), primary_key=True),
+        sa.Column("message_id", sa.Uuid(), primary_key=True),
+        sa.Column("topic", sa.String(249), nullable=False, comment="the message's (outbox) topic"),
+        sa.Column("processed_at", _TIME, nullable=False),
+        sa.Index(f"ix_{name}_inbox_at", "processed_at"),
+    )
+    dead_letters = sa.Table(
+        f"{name}_dead_letters",
+        md,
+        sa.Column("seq", _BIGINT, primary_key=True, autoincrement=True),
+        sa.Column("consumer_group", sa.String(255), nullable=False),
+        sa.Column("kafka_topic", sa.String(249), nullable=False),
+        sa.Column("partition", sa.Integer(), nullable=False),
+        sa.Column("offset", sa.BigInteger(), nullable=False),
+        sa.Column("message_id", sa.Uuid(), nullable=True, comment="NULL when the record could not be read"),
+        sa.Column("msg_key", sa.String(255), nullable=True, comment="the record key as text, for display"),
+        sa.Column("raw_key", _BLOB, nullable=True, comment="the record key's exact bytes, for replay"),
+        sa.Column("value", _BLOB, nullable=True, comment="the record value's exact bytes (NULL: tombstone)"),
+        sa.Column("headers", _TEXT, nullable=True, comment="JSON array of [name, value] pairs"),
+        sa.Column("error", _TEXT, nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("created_at", _TIME, nullable=False, comment="when it was dead-lettered"),
+        sa.Column("replayed_at", _TIME, nullable=True, comment="last `outbox dlq replay`"),
+        sa.Index(f"ix_{name}_dlq_group", "consumer_group", "seq"),
+        # one dead letter per record and group, even if a crash makes the consumer fail it twice
+        sa.UniqueConstraint(
+            "consumer_group", "kafka_topic", "partition", "offset", name=f"uq_{name}_dlq_rec"
+        ),
+    )
+    return OutboxTables(
+        name=name,
+        metadata=md,
+        messages=messages,
+        locks=locks,
+        meta=meta,
+        inbox=inbox,
+        dead_letters=dead_letters,
+    )
 
 
 # --- migrations -------------------------------------------------------------------------------------------
@@ -158,7 +208,14 @@ def _v1(conn: sa.Connection, t: OutboxTables) -> None:
     t.metadata.create_all(conn, tables=[t.messages, t.locks, t.meta])
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "create the outbox, locks and meta tables", _v1),)
+def _v2(conn: sa.Connection, t: OutboxTables) -> None:
+    t.metadata.create_all(conn, tables=[t.inbox, t.dead_letters])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create the outbox, locks and meta tables", _v1),
+    Migration(2, "create the inbox and dead-letter tables of `outbox consume`", _v2),
+)
 
 
 def current_version(conn: sa.Connection, name: str = DEFAULT_TABLE) -> int:

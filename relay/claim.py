@@ -21,7 +21,9 @@ Invariants (each names the test that would catch its violation):
    ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
 4. **A lease that is not renewed expires, and the row comes back by itself.** ``due_at`` of an
    inflight row is its lease expiry; the claim takes any row whose ``due_at`` has passed, whatever its
-   status, so a crashed relay's rows are reclaimed with no sweeper. -- ``tests/test_crash.py``
+   status, so a crashed relay's rows are reclaimed with no sweeper; the claim marks those rows
+   ``ClaimedRow.reclaimed`` (their status was still inflight), which the metrics count.
+   -- ``tests/test_crash.py``, ``tests/test_metrics.py::test_reclaimed_leases_are_counted``
 5. **No committed message is skipped.** Claiming only reads ``due_at`` (set at insert) and the key's
    earlier rows; a row becomes invisible to the claim only by being delivered, dead or parked, each
    written under a live token. -- ``tests/test_crash.py::test_killed_relay_loses_nothing``
@@ -69,6 +71,8 @@ class ClaimedRow:
     attempts: int
     created_at: dt.datetime
     token: str
+    #: the row was in flight under an expired lease (its relay died or stalled): taken back, not new
+    reclaimed: bool = False
 
 
 class ClaimQueries:
@@ -114,9 +118,17 @@ class ClaimQueries:
             "last_attempt_at": sa.bindparam("now"),
         }
         if dialect.claim_returning and dialect.skip_locked:  # PostgreSQL
-            picked = candidates.with_for_update(skip_locked=True, of=c).cte("picked")
+            # the locked rows' status before the claim comes back too: "inflight" = a reclaimed lease
+            picked = (
+                candidates.add_columns(c.c.status.label("previous_status"))
+                .with_for_update(skip_locked=True, of=c)
+                .cte("picked")
+            )
             self._claim: Any = (
-                sa.update(t).where(t.c.seq == picked.c.seq).values(claim_values).returning(*self._columns)
+                sa.update(t)
+                .where(t.c.seq == picked.c.seq)
+                .values(claim_values)
+                .returning(*self._columns, picked.c.previous_status)
             )
         elif dialect.claim_returning:  # SQLite: one relay, the statement is atomic on its own
             self._claim = (
@@ -125,8 +137,12 @@ class ClaimQueries:
                 .values(claim_values)
                 .returning(*self._columns)
             )
+            # RETURNING shows only new values: find expired leases first (same transaction, one relay)
+            self._expired_leases = sa.select(t.c.seq).where(
+                t.c.status == Status.INFLIGHT.value, t.c.due_at <= sa.bindparam("now")
+            )
         else:  # MariaDB/MySQL: lock the rows, then update them by primary key
-            self._lock_candidates = candidates.with_for_update(skip_locked=True, of=c)
+            self._lock_candidates = candidates.add_columns(c.c.status).with_for_update(skip_locked=True, of=c)
             self._claim = (
                 sa.update(t).where(t.c.seq.in_(sa.bindparam("seqs", expanding=True))).values(claim_values)
             )
@@ -188,12 +204,19 @@ class ClaimQueries:
             "token": token,
             "lease_until": now + dt.timedelta(seconds=lease_seconds),
         }
-        if self.dialect.claim_returning:
+        inflight = Status.INFLIGHT.value
+        if self.dialect.claim_returning and self.dialect.skip_locked:
+            rows = conn.execute(self._claim, params).all()
+            reclaimed = {r.seq for r in rows if r.previous_status == inflight}
+        elif self.dialect.claim_returning:
+            reclaimed = set(conn.execute(self._expired_leases, params).scalars())
             rows = conn.execute(self._claim, params).all()
         else:
-            seqs = list(conn.execute(self._lock_candidates, params).scalars())
-            if not seqs:
+            locked = conn.execute(self._lock_candidates, params).all()
+            if not locked:
                 return []
+            seqs = [r.seq for r in locked]
+            reclaimed = {r.seq for r in locked if r.status == inflight}
             conn.execute(self._claim, {**params, "seqs": seqs})
             rows = conn.execute(self._select_claimed, {"seqs": seqs}).all()
         return [
@@ -208,6 +231,7 @@ class ClaimQueries:
                 attempts=r.attempts,
                 created_at=r.created_at,
                 token=token,
+                reclaimed=r.seq in reclaimed,
             )
             for r in rows
         ]

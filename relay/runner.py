@@ -9,7 +9,9 @@ Threads (dramatiq's shape: fetching apart from running):
   and report each outcome once;
 - the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
   retry policies (failed / dead / parked), renews live leases, and enforces handler timeouts;
-- the **listener** (PostgreSQL only) holds a LISTEN connection and sets the wake-up event.
+- the **listener** (PostgreSQL only) holds a LISTEN connection and sets the wake-up event;
+- the **maintenance** thread (:mod:`relay.maintenance`) applies retention (one relay at a time) and
+  reports stuck messages, expired leases and held-back keys.
 
 Database outages are retried forever with backoff (tenacity) and never recorded against a message: an
 outage around a handler releases the message (attempt not counted), and marks wait in memory until the
@@ -48,6 +50,8 @@ from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
 from outbox.serialization import decode_headers, decode_payload
 from outbox.writer import notify_channel, register_waiter, unregister_waiter, utcnow
 from relay.claim import ClaimedRow, ClaimQueries, Failure
+from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
+from relay.observers import Observers, RecordedOutcome, RelayObserver, Result, failure_result
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
 from relay.publishers.handlers import HandlerPublisher
 
@@ -55,6 +59,9 @@ log = logging.getLogger("outbox.relay")
 T = TypeVar("T")
 
 SQLITE_LOCK = "relay"
+#: attempts beyond a topic's max_attempts that may end with no outcome (relay killed mid-handler, lease
+#: lost) before the message is declared dead, so that a message that crashes relays cannot loop forever
+CRASH_ALLOWANCE = 3
 
 
 class Relay:
@@ -63,8 +70,8 @@ class Relay:
     ``database`` is a URL or an ``Engine``. ``registry`` holds the in-process handlers (default: the
     one ``@consumers.handler`` registers on). ``kafka`` (a ``relay.publishers.kafka.KafkaSettings``)
     publishes every topic without an in-process handler to Kafka; ``publishers`` adds other
-    destinations, asked in order after the handlers. Use as a context manager, or call :meth:`start`
-    and :meth:`stop`.
+    destinations, asked in order after the handlers. ``observers`` (``relay.observers.RelayObserver``)
+    watch it: metrics, logging. Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -84,7 +91,12 @@ class Relay:
         strict_order_topics: Sequence[str] = (),
         kafka: Any = None,
         publishers: Sequence[Any] = (),
+        observers: Sequence[RelayObserver] = (),
         name: str | None = None,
+        maintenance: bool = True,
+        retention: dt.timedelta | float | None = DEFAULT_RETENTION,
+        stuck_after: dt.timedelta | float = DEFAULT_STUCK_AFTER,
+        maintenance_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
         _check_positive(poll_interval=poll_interval)
@@ -112,10 +124,11 @@ class Relay:
         )
         extra = list(publishers)
         if kafka is not None:
-            from relay.publishers.kafka import KafkaPublisher
+            from relay.publishers.kafka import publisher_for
 
-            extra.append(KafkaPublisher(kafka))
+            extra.append(publisher_for(kafka))
         self.publishers: list[Any] = [self.handlers, *extra]
+        self.observers = Observers(observers)
 
         self._wake = threading.Event()
         self._capacity = threading.Event()
@@ -132,6 +145,21 @@ class Relay:
         self._stop_deadline = float("inf")
         self.last_progress = time.monotonic()
         self.counters: dict[str, int] = defaultdict(int)
+        #: retention and the stuck-message monitor (relay.maintenance); None with maintenance=False
+        self.maintenance = (
+            Maintenance(
+                self.engine,
+                self.tables,
+                holder=self.name,
+                retention=retention,
+                stuck_after=stuck_after,
+                interval=maintenance_interval,
+                lease_seconds=lease_seconds,
+                on_expired=self._wake.set,
+            )
+            if maintenance
+            else None
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -148,6 +176,8 @@ class Relay:
         self._spawn("outbox-completer", self._complete_loop)
         if self.dialect.listen_notify:
             self._spawn("outbox-listener", self._listen_loop)
+        if self.maintenance is not None:
+            self.maintenance.start()
         log.info(
             "relay %s started on %s table %r (batch %d, workers %d, lease %gs)",
             self.name,
@@ -157,6 +187,7 @@ class Relay:
             self.handlers.workers,
             self.lease_seconds,
         )
+        self.observers.on_start(self)
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -166,6 +197,8 @@ class Relay:
         timeout = self.stop_timeout if timeout is None else timeout
         self._stop_deadline = time.monotonic() + timeout
         self._stopping.set()
+        if self.maintenance is not None:
+            self.maintenance.stop()
         self._wake.set()
         self._capacity.set()
         self._fetcher_done.wait()
@@ -181,6 +214,7 @@ class Relay:
             else:
                 self._release_single_relay_lock()
         self._stopped.set()
+        self.observers.on_stop(self)
         log.info("relay %s stopped (%s)", self.name, self.stats_line())
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -205,6 +239,11 @@ class Relay:
             f"claimed {c['claimed']}, delivered {c['delivered']}, failed {c['failed']}, dead {c['dead']}, "
             f"released {c['released']}, fenced {c['fenced']}"
         )
+
+    @property
+    def running(self) -> bool:
+        """Started and not stopping (what ``/readyz`` reports as ``relay``)."""
+        return self._started and not self._stopping.is_set()
 
     def in_flight(self) -> int:
         with self._inflight_lock:
@@ -241,7 +280,11 @@ class Relay:
             self._fetcher_done.set()
 
     def _claim(self, want: int) -> list[ClaimedRow] | None:
+        started = 0.0
+
         def claim() -> list[ClaimedRow]:
+            nonlocal started
+            started = time.monotonic()  # the try that succeeds: outage retries are not claim time
             with self.engine.begin() as conn:
                 return self.claims.claim_batch(
                     conn, limit=want, lease_seconds=self.lease_seconds, now=utcnow()
@@ -252,6 +295,9 @@ class Relay:
         except _GaveUp:
             return None
         self.last_progress = time.monotonic()
+        self.observers.on_claimed(rows, self.last_progress - started)
+        if rows:
+            log.debug("claimed %d message(s) in %.3fs", len(rows), self.last_progress - started)
         if rows:
             with self._inflight_lock:
                 self._inflight[rows[0].token] = {r.seq for r in rows}
@@ -270,6 +316,18 @@ class Relay:
             except Exception as exc:  # undecodable row: nothing a retry would change
                 delivery = self._delivery(row, fallback=True)
                 self._report(delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True))
+                continue
+            if delivery.message.attempt > delivery.policy.retry.max_attempts + CRASH_ALLOWANCE:
+                # Every attempt past the policy's ended with no outcome at all: the relay handling it
+                # was killed (OOM, segfault) or stalled each time. Stop feeding it to relays.
+                self._report(
+                    delivery,
+                    Failed(
+                        f"abandoned at attempt {delivery.message.attempt}: at least {CRASH_ALLOWANCE + 1} "
+                        "attempts ended without any outcome (a relay died or lost its lease handling it)",
+                        permanent=True,
+                    ),
+                )
                 continue
             publisher = self._route(delivery.message.topic)
             if publisher is None:
@@ -357,19 +415,27 @@ class Relay:
         released: dict[tuple[str, float], list[int]] = defaultdict(list)
         failures: dict[str, list[Failure]] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
+        recorded: list[RecordedOutcome] = []
+        watched = bool(self.observers.observers)
         now = utcnow()
         for delivery, outcome in batch:
+            result: Result
             if isinstance(outcome, Delivered):
                 counts["delivered"] += 1
+                result = "delivered"
                 if not outcome.marked:
                     delivered[delivery.token].append(delivery.seq)
             elif isinstance(outcome, Released):
                 counts["released"] += 1
+                result = "released"
                 released[(delivery.token, outcome.retry_after)].append(delivery.seq)
             else:
                 failure = self._failure(delivery, outcome, now)
                 counts["dead" if failure.retry_at is None else "failed"] += 1
+                result = failure_result(failure.status)
                 failures[delivery.token].append(failure)
+            if watched:
+                recorded.append(RecordedOutcome(delivery, outcome, result))
 
         def write() -> int:
             fenced = 0
@@ -395,6 +461,13 @@ class Relay:
         self.counters["fenced"] += fenced
         for key, value in counts.items():
             self.counters[key] += value
+        if log.isEnabledFor(logging.DEBUG):
+            summary = ", ".join(f"{name} {n}" for name, n in counts.items())
+            log.debug("recorded %d outcome(s): %s", len(batch), summary)
+        if watched:
+            self.observers.on_outcomes(recorded)
+        if fenced:
+            self.observers.on_fenced(fenced)
         with self._inflight_lock:
             for delivery, _ in batch:
                 seqs = self._inflight.get(delivery.token)

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 import outbox
 from outbox import cli
 from outbox.config import Settings, parse_duration, parse_time_ref
-from outbox.schema import Status, tables_for
+from outbox.schema import SCHEMA_VERSION, Status, tables_for
 from outbox.writer import utcnow
 from tests.conftest import ROOT, status_counts, wait_until
 
@@ -174,10 +174,10 @@ def test_db_upgrade_applies_once_then_reports_the_version(db_url: str) -> None:
     assert second.exit_code == 0 and json.loads(second.stdout) == {
         "table": "outbox",
         "applied": [],
-        "version": 1,
+        "version": SCHEMA_VERSION,
     }
     version = invoke("db", "version", "--check", "--database-url", db_url)
-    assert version.exit_code == 0 and "installed: 1" in version.stdout
+    assert version.exit_code == 0 and f"installed: {SCHEMA_VERSION}" in version.stdout
 
 
 @sqlite_only

@@ -246,3 +246,22 @@ def test_commit_in_another_process_wakes_the_relay_via_notify(
         time.sleep(0.3)  # listening, and asleep for up to 30 s
         subprocess.run([sys.executable, "-c", writer, db_url], check=True, timeout=30)
         assert done.wait(5), "NOTIFY did not wake the relay"
+
+
+def test_message_that_keeps_killing_relays_goes_dead(engine: sa.Engine, registry: Registry) -> None:
+    """Attempts are counted at claim; past max_attempts + CRASH_ALLOWANCE without outcomes it is dead."""
+    from relay.runner import CRASH_ALLOWANCE
+
+    calls: list[int] = []
+    registry.add("crashy", lambda m: calls.append(m.attempt))
+    with engine.begin() as conn:
+        survivor = outbox.add(conn, "crashy", {}, key="a")
+        killer = outbox.add(conn, "crashy", {}, key="b")
+        t = outbox.tables_for().messages
+        # as if relays had been killed while handling them: attempts started, no outcome recorded
+        conn.execute(sa.update(t).where(t.c.id == survivor).values(attempts=10 + CRASH_ALLOWANCE - 1))
+        conn.execute(sa.update(t).where(t.c.id == killer).values(attempts=10 + CRASH_ALLOWANCE))
+    with Relay(engine, registry, poll_interval=0.05, retry=outbox.RetryPolicy(max_attempts=10)):
+        wait_until(lambda: status_counts(engine) == {"delivered": 1, "dead": 1}, timeout=10)
+    assert calls == [10 + CRASH_ALLOWANCE]
+    assert "without any outcome" in (row(engine, killer).last_error or "")

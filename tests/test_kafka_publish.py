@@ -136,3 +136,27 @@ def test_password_is_never_in_repr() -> None:
         "h:1", security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u", sasl_password="s3cret"
     )
     assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_confluent_backend_publishes_the_same_records(engine: sa.Engine, kafka_bootstrap: str) -> None:
+    topic = unique_topic("confluent")
+    with engine.begin() as conn:
+        ids = {
+            str(outbox.add(conn, topic, {"i": i}, key=f"k{i % 7}", headers={"h": "v"})) for i in range(2000)
+        }
+        too_big = outbox.add(conn, topic, b"x" * 2_000_000)
+    settings = KafkaSettings(kafka_bootstrap, client="confluent")
+    with Relay(engine, Registry(), kafka=settings, poll_interval=0.1, batch_size=500):
+        wait_until(lambda: status_counts(engine) == {"delivered": 2000, "dead": 1}, timeout=60)
+    records = read_all(kafka_bootstrap, [topic], expect=2000)
+    assert {r.headers[HEADER_ID] for r in records} == ids and len(records) == 2000
+    assert all(r.headers["h"] == "v" and r.headers[HEADER_TOPIC] == topic for r in records)
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        per_key[record.key or ""].append(json.loads(record.value)["i"])
+    assert all(items == sorted(items) for items in per_key.values())
+    t = outbox.tables_for().messages
+    with engine.connect() as conn:
+        error = conn.execute(sa.select(t.c.last_error).where(t.c.id == too_big)).scalar()
+    assert "MSG_SIZE_TOO_LARGE" in (error or "")

@@ -6,6 +6,9 @@ if the lease was lost meanwhile the whole transaction rolls back.
 
 Each delivery is reported exactly once: finished, timed out (the handler thread is abandoned; a session
 handler's transaction is then rolled back instead of committed), or released because it never started.
+
+With OpenTelemetry, each attempt runs inside a CONSUMER span continuing the writer's trace
+(:func:`outbox.tracing.process_span`), so spans a handler starts belong to that trace.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sqlalchemy import orm
 
 from consumers.registry import Registry
 from outbox.dialects import is_outage
+from outbox.tracing import process_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, describe_error
 
 log = logging.getLogger("outbox.relay")
@@ -139,7 +143,10 @@ class HandlerPublisher:
         try:
             if not self._start(task):
                 return
-            outcome = self._attempt(task)
+            with process_span(task.delivery.message) as span:  # a no-op without OpenTelemetry
+                outcome = self._attempt(task)
+                if isinstance(outcome, Failed):
+                    span.fail(outcome.error)
             self._report(task, outcome, done)
         finally:
             with self._lock:

@@ -2,7 +2,9 @@
 
 Each record: key = the message key (UTF-8), value = the payload bytes exactly as stored, headers = the
 user's headers plus :data:`HEADER_ID`, :data:`HEADER_TOPIC`, :data:`HEADER_CREATED_AT` and
-:data:`HEADER_CONTENT_TYPE` (a W3C ``traceparent`` header given to ``outbox.add`` passes through as is).
+:data:`HEADER_CONTENT_TYPE`. A W3C ``traceparent`` header passes through as is, unless OpenTelemetry is
+installed and configured: then each send is a PRODUCER span, child of the message's ``traceparent``, and
+the record carries that span's context instead (:mod:`outbox.tracing`).
 
 Why it keeps order per key: the claim path hands out at most one message per key at a time (the next
 one becomes claimable only after this one is marked delivered), so two records of one key are never in
@@ -27,6 +29,7 @@ import contextlib
 import fnmatch
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +44,7 @@ from outbox.kafka_settings import (
     HEADER_TOPIC,
     KafkaConnection,
 )
+from outbox.tracing import DeliverySpan, publish_span, trace_headers
 from relay.publishers import (
     Delivered,
     Delivery,
@@ -66,6 +70,7 @@ _PERMANENT = {
     "UnsupportedForMessageFormatError",
 }
 _COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
+KAFKA_CLIENTS = ("kafka-python", "confluent")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class KafkaSettings(KafkaConnection):
     compression and timeouts. The producer is always idempotent with ``acks=all``."""
 
     client_id: str = "outbox-relay"
+    #: "kafka-python" (default) or "confluent" (librdkafka, the ``confluent`` extra: far less CPU)
+    client: str = "kafka-python"
     compression_type: str | None = None
     linger_ms: int = 5
     batch_size: int = 256 * 1024
@@ -84,6 +91,8 @@ class KafkaSettings(KafkaConnection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.client not in KAFKA_CLIENTS:
+            raise ConfigError(f"Kafka client must be one of {', '.join(KAFKA_CLIENTS)}, not {self.client!r}")
         if self.compression_type not in (None, *_COMPRESSION):
             raise ConfigError(f"Kafka compression must be one of {', '.join(_COMPRESSION)} (or none)")
         for name in ("linger_ms", "delivery_timeout_ms"):
@@ -128,9 +137,11 @@ def classify(exc: BaseException) -> Outcome:
     return Failed(describe_error(exc))
 
 
-def record_headers(delivery: Delivery) -> list[tuple[str, bytes]]:
+def record_headers(delivery: Delivery, span: DeliverySpan | None = None) -> list[tuple[str, bytes]]:
+    """The record's headers; with a publish ``span``, its trace context replaces the message's own."""
     message = delivery.message
-    headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
+    own = message.headers if span is None else trace_headers(message.headers, span)
+    headers = [(name, value.encode("utf-8")) for name, value in own.items()]
     headers += [
         (HEADER_ID, str(message.id).encode()),
         (HEADER_TOPIC, message.topic.encode()),
@@ -158,11 +169,39 @@ class KafkaPublisher:
         self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, int, float]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        #: monotonic times of the last acknowledgement and of the last broker problem, for readiness
+        self._last_ack: float | None = None
+        self._last_problem: tuple[float, str] | None = None
         self._thread = threading.Thread(target=self._send_loop, name="outbox-kafka-sender", daemon=True)
         self._thread.start()
 
     def accepts(self, topic: str) -> bool:
         return True
+
+    def broker_problem(self, timeout: float = 1.0) -> str | None:
+        """Why the broker looks unreachable now (``None``: it looks fine), for ``/readyz``.
+
+        Unreachable when the latest answer, within the last 30 s, was a broker problem (no
+        acknowledgement since); with nothing that recent, when no bootstrap server accepts a TCP
+        connection within ``timeout`` seconds.
+        """
+        with self._lock:
+            last_ack, last_problem = self._last_ack, self._last_problem
+        if last_problem is not None and time.monotonic() - last_problem[0] < 30.0:
+            if last_ack is None or last_ack < last_problem[0]:
+                return last_problem[1]
+            return None
+        if last_ack is not None and time.monotonic() - last_ack < 30.0:
+            return None
+        errors = []
+        for server in self.settings.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+                return None
+            except OSError as exc:
+                errors.append(f"{server.strip()}: {exc.strerror or exc}")
+        return f"no Kafka bootstrap server reachable ({'; '.join(errors)})"
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         for delivery in deliveries:
@@ -228,6 +267,10 @@ class KafkaPublisher:
         with self._lock:
             if self._pending.pop((delivery.token, delivery.seq), None) is None:
                 return  # already reported (stop or a producer restart raced with the answer)
+            if isinstance(outcome, Delivered):
+                self._last_ack = time.monotonic()
+            elif isinstance(outcome, Released) and outcome.retry_after > 0:  # the broker is away or busy
+                self._last_problem = (time.monotonic(), outcome.reason)
         if isinstance(outcome, Released) and "Expiring" in outcome.reason:
             self._reset_requested = True  # batches expired: this producer may be wedged, use a new one
         done(delivery, outcome)
@@ -257,22 +300,28 @@ class KafkaPublisher:
             if key not in self._pending:
                 return
             self._pending[key] = (delivery, done, self._generation, time.monotonic())
+        topic = self.settings.target_topic(message.topic)
+        span = publish_span(message, destination=topic)  # a no-op without OpenTelemetry
+
+        def answered(outcome: Outcome) -> None:
+            span.end(_error_of(outcome))
+            self._report(delivery, done, outcome)
+
         try:
             future = producer.send(
-                self.settings.target_topic(message.topic),
+                topic,
                 key=message.key.encode("utf-8") if message.key is not None else None,
                 value=message.body,
-                headers=record_headers(delivery),
+                headers=record_headers(delivery, span),
             )
         except Exception as exc:
             if type(exc).__name__ == "ValueError" and "Topic name" in str(exc):
-                outcome: Outcome = Failed(f"invalid Kafka topic: {exc}", permanent=True)
+                answered(Failed(f"invalid Kafka topic: {exc}", permanent=True))
             else:
-                outcome = classify(exc)
-            self._report(delivery, done, outcome)
+                answered(classify(exc))
             return
-        future.add_callback(lambda _meta: self._report(delivery, done, Delivered()))
-        future.add_errback(lambda exc: self._report(delivery, done, classify(exc)))
+        future.add_callback(lambda _meta: answered(Delivered()))
+        future.add_errback(lambda exc: answered(classify(exc)))
 
     def _ensure_producer(self) -> Any:
         if self._producer is not None:
@@ -296,6 +345,14 @@ class KafkaPublisher:
         return None
 
 
+def _error_of(outcome: Outcome) -> str | None:
+    if isinstance(outcome, Failed):
+        return outcome.error
+    if isinstance(outcome, Released):
+        return outcome.reason
+    return None
+
+
 def _close_quietly(producer: Any) -> None:
     """Close a producer being discarded, without waiting for what it could not send.
 
@@ -317,3 +374,12 @@ def _kafka_python_producer(settings: KafkaSettings) -> Any:
     from kafka import KafkaProducer
 
     return KafkaProducer(**settings.producer_config())
+
+
+def publisher_for(settings: KafkaSettings) -> Any:
+    """The publisher of the client ``settings.client`` names."""
+    if settings.client == "confluent":
+        from relay.publishers.confluent import ConfluentPublisher
+
+        return ConfluentPublisher(settings)
+    return KafkaPublisher(settings)

@@ -1,0 +1,144 @@
+"""Publish throughput: the relay publishing a backlog to Kafka, beside the Kafka client's own ceiling.
+
+Why: when the destination is Kafka, the client library's per-record CPU is the wall, not the database;
+the honest yardstick is what that client can do alone on the same machine at the same moment. The issue's
+targets: the relay reaches at least 70 % of kafka-python's ceiling, and with the confluent-kafka backend
+(when ``relay.publishers.confluent`` exists) at least 15,000 messages/s.
+
+Each run bulk-inserts a backlog on PostgreSQL, then (in alternating order) one relay process publishes it
+to the Tansu broker (``KafkaSettings(bootstrap)``, the product's producer settings: idempotent,
+``acks=all``, linger 5 ms, 256 KiB batches), and a ceiling process produces the very same records (same
+topic, keys, values and the relay's four headers, read from the table before the relay starts) with the
+same client and settings, flat out, timed from the first ``send`` to the end of ``flush()`` (after one
+warm-up record has connected it). The relay process gets two seconds between its set-up and the start,
+in which the confluent publisher connects; kafka-python's publisher connects on its first record, inside
+the figure. The ratio relay/ceiling is taken per run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.broker import running_broker
+from bench.harness import Result, Settings, fresh_database, log, outbox_engine, ratio_values, vacuum_analyze
+from bench.processes import Worker, drain_with, stop_all
+from bench.workload import TOPIC, insert_backlog, reset_table, status_counts
+
+NAME = "publish"
+
+
+def _clients() -> list[str]:
+    clients = ["kafka-python"]
+    try:
+        import confluent_kafka  # noqa: F401
+
+        from relay.publishers import confluent  # noqa: F401
+        from relay.publishers.kafka import KafkaSettings
+
+        if "client" in KafkaSettings.__dataclass_fields__:
+            clients.append("confluent")
+    except ImportError:
+        pass
+    return clients
+
+
+def publish_once(
+    url: str, bootstrap: str, count: int, client: str, relay_first: bool, settings: Settings
+) -> dict[str, float]:
+    """One run: the relay and the ceiling on the same fresh backlog; returns both rates."""
+    engine = outbox_engine(url)
+    reset_table(engine)
+    insert_backlog(engine, count)
+    vacuum_analyze(url, "outbox")
+    options = {"client": client} if client != "kafka-python" else {}
+    ceiling = Worker("ceiling", {"url": url, "bootstrap": bootstrap, "client": client}, settings)
+    ceiling.wait_ready(timeout=300)  # it has read the records and created the topic
+    rates: dict[str, float] = {}
+
+    def relay() -> None:
+        workers = [Worker("relay", {"url": url, "kafka": bootstrap, "kafka_options": options}, settings)]
+        try:
+            # settle: the confluent publisher connects as the relay is built; give it the head start that
+            # the ceiling's warm-up record gives the ceiling (kafka-python's connects on its first record).
+            rates["relay"] = count / drain_with(workers, count, timeout=120 + count / 200, settle=2.0)
+        finally:
+            rates["relay_cpu_us"] = stop_all(workers)[0].get("cpu_seconds", 0.0) / count * 1e6
+
+    def alone() -> None:
+        rates["ceiling"] = count / drain_with([ceiling], count, timeout=120 + count / 200)
+        rates["ceiling_cpu_us"] = stop_all([ceiling])[0].get("cpu_seconds", 0.0) / count * 1e6
+
+    try:
+        for step in (relay, alone) if relay_first else (alone, relay):
+            step()
+    finally:
+        ceiling.close()
+    counts = status_counts(engine)
+    engine.dispose()
+    if counts != {"delivered": count}:
+        raise RuntimeError(f"after publishing the table holds {counts}, expected {count} delivered")
+    return rates
+
+
+def run(settings: Settings, recorder: Any) -> None:
+    count = settings.size(100_000, 5_000, 300)
+    clients = _clients()
+    if "confluent" not in clients:
+        recorder.note(NAME, "confluent variant skipped: no relay.publishers.confluent / KafkaSettings.client")
+    with fresh_database("postgresql", settings) as url, running_broker(settings.tmp) as bootstrap:
+        for client in clients:
+            relay_rates: list[float] = []
+            ceiling_rates: list[float] = []
+            cpu: dict[str, list[float]] = {"relay": [], "ceiling": []}
+            for run_index in range(settings.runs):
+                rates = publish_once(url, bootstrap, count, client, run_index % 2 == 0, settings)
+                relay_rates.append(rates["relay"])
+                ceiling_rates.append(rates["ceiling"])
+                cpu["relay"].append(rates["relay_cpu_us"])
+                cpu["ceiling"].append(rates["ceiling_cpu_us"])
+                log(f"publish {client}: relay {rates['relay']:,.0f}/s, ceiling {rates['ceiling']:,.0f}/s")
+            common = {
+                "backlog": count,
+                "client": client,
+                "topic": TOPIC,
+                "producer": "idempotent, acks=all, linger 5 ms, batch 256 KiB (KafkaSettings defaults)",
+            }
+            recorder.add(
+                Result(NAME, f"relay ({client})", "postgresql", "throughput", "msg/s", relay_rates, common)
+            )
+            recorder.add(
+                Result(
+                    NAME,
+                    f"{client} alone (ceiling)",
+                    "postgresql",
+                    "throughput",
+                    "msg/s",
+                    ceiling_rates,
+                    common,
+                )
+            )
+            # What bounds it: each process's own CPU time per record (the relay's includes its SQL work).
+            for who, label in (("relay", f"relay ({client})"), ("ceiling", f"{client} alone (ceiling)")):
+                recorder.add(
+                    Result(
+                        NAME,
+                        label,
+                        "postgresql",
+                        "CPU per msg",
+                        "us",
+                        cpu[who],
+                        common,
+                        higher_is_better=False,
+                    )
+                )
+            recorder.add(
+                Result(
+                    NAME,
+                    f"relay / ceiling ({client})",
+                    "postgresql",
+                    "ratio",
+                    "x",
+                    ratio_values(relay_rates, ceiling_rates),
+                    common,
+                )
+            )

@@ -1,0 +1,358 @@
+"""``outbox consume``: the registered handlers run on records read from Kafka, idempotently.
+
+:class:`KafkaConsumerRunner` reads the topics of a :class:`~consumers.registry.Registry` in a consumer
+group (kafka-python, auto-commit off), turns each record into the :class:`outbox.Message` the relay
+would have given the handler (:mod:`consumers.records`), runs the handler under its topic's policy,
+and commits the Kafka offsets of the records it finished. This module is the Kafka side (polling,
+offsets, the group, stopping); :mod:`consumers.processing` finishes each record (attempts, inbox, dead
+letters). What it promises, and the test that would catch a violation:
+
+- **A session handler's effect happens once per consumer group.** A handler ``def h(message,
+  session)`` runs in one transaction that first inserts the inbox row ``(group, message id)``
+  (:mod:`consumers.inbox`): its database work and that row commit together, and the offset is
+  committed only after that commit. A consumer killed between the two reads the record again, finds
+  the row and skips the handler (counted as a duplicate); two consumers racing on one message are
+  serialised by the row's primary key. The function may still *run* more than once (a failed or
+  timed-out attempt), but its database work commits once; what it does elsewhere (HTTP, e-mail) is at
+  least once. ``tests/test_consumer.py::
+  test_killed_consumer_between_commit_and_offset_commit_has_no_double_effect``
+- **A handler without a session is at least once.** It runs, then its inbox row is written in a
+  transaction of its own, then the offset is committed; a message already in the inbox is skipped.
+  A crash after the handler returned and before that row committed runs it again.
+- **Nothing is skipped.** An offset is committed only past records that are done: handled, skipped as
+  duplicates, or dead-lettered. A record abandoned by a stop is read again by the next consumer.
+  ``tests/test_consumer.py::test_sigterm_commits_offsets_and_exits_0``
+- **Order per partition, and a poison record holds back only its partition, for a while.** Records of
+  a partition are handled one at a time in offset order. A failing handler is retried in place with
+  its topic's backoff, up to ``max_attempts``; then the record goes to the dead letters
+  (:mod:`consumers.dead_letters`, with its error) and the partition moves on. A record that cannot be
+  read (invalid JSON) or has no handler is dead-lettered at once.
+  ``tests/test_consumer.py::test_poison_record_is_dead_lettered_then_replayed_once``
+- **A database outage is never a failed attempt.** When the database is unreachable during a session
+  handler's transaction (or the inbox or dead-letter writes), the consumer waits with backoff (up to 5
+  s) and tries the same record again; an outage never dead-letters a record.
+- **Graceful stop.** :meth:`KafkaConsumerRunner.stop` (SIGTERM/SIGINT to ``outbox consume``): no new
+  record is started; the current one finishes (a retry or outage wait is cut short, leaving that
+  record for the next consumer), the offsets of finished records are committed, and the consumer
+  leaves its group. If the current handler runs past ``stop_timeout``, the runner gives up waiting
+  without committing it (at least once; a session handler's effect stays once).
+
+Topics: the consumer subscribes to the registry's exact topic names; a registry with patterns
+(``orders.*``) subscribes with one regular expression instead, and then finds Kafka topics created later
+at its next metadata refresh (``metadata_max_age_ms``, five minutes by default). A record is routed by
+its message topic (the ``outbox-topic`` header), else by its Kafka topic.
+
+Limits: retries in place count against kafka-python's ``max_poll_interval_ms`` (``ConsumerSettings``,
+default five minutes): a record retried for longer makes the consumer leave its group; its finished
+records are then read again by the next member and skipped by the inbox. With ``engine=None`` there is
+no inbox and no dead-letter table: session handlers are refused, every handler is at least once, and a
+record that exhausts its attempts is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from consumers.dead_letters import BrokerError
+from consumers.processing import RecordProcessor, Stopping, describe_error
+from consumers.registry import Registry
+from outbox.dialects import is_outage
+from outbox.errors import ConfigError, DatabaseUnavailable, first_line
+from outbox.kafka_settings import KafkaConnection
+from outbox.policy import RetryPolicy, TopicPolicy
+from outbox.schema import DEFAULT_TABLE, check_version, tables_for
+
+log = logging.getLogger("outbox.consumer")
+
+_OFFSET_RESETS = ("earliest", "latest")
+_COUNTERS = (
+    "received",
+    "handled",
+    "duplicates",
+    "dead_lettered",
+    "failed_attempts",
+    "outages",
+    "commits",
+    "commit_failures",
+)
+
+
+@dataclass(frozen=True)
+class ConsumerSettings(KafkaConnection):
+    """Consumer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus the group.
+
+    ``group`` is required (keyword). Offsets are always committed by the runner (auto-commit off).
+    ``repr`` never shows the SASL password.
+    """
+
+    group: str = field(kw_only=True)
+    client_id: str = "outbox-consumer"
+    session_timeout_ms: int = 10_000
+    max_poll_records: int = 100
+    max_poll_interval_ms: int = 300_000
+    auto_offset_reset: str = "earliest"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.group, str) or not self.group.strip() or len(self.group) > 255:
+            raise ConfigError("a consumer group name is required (1 to 255 characters)")
+        for name in ("session_timeout_ms", "max_poll_records", "max_poll_interval_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Kafka consumer {name} must be a positive whole number, got {value!r}")
+        if self.auto_offset_reset not in _OFFSET_RESETS:
+            raise ConfigError(f"auto_offset_reset must be one of {', '.join(_OFFSET_RESETS)}")
+
+    def consumer_config(self) -> dict[str, Any]:
+        """kafka-python ``KafkaConsumer`` keyword arguments."""
+        return {
+            **self.client_config(),
+            "group_id": self.group,
+            "enable_auto_commit": False,
+            "auto_offset_reset": self.auto_offset_reset,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": max(100, min(3_000, self.session_timeout_ms // 3)),
+            "max_poll_records": self.max_poll_records,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+            "bootstrap_timeout_ms": min(self.request_timeout_ms, 10_000),
+        }
+
+
+def subscription(registry: Registry) -> tuple[list[str], str | None]:
+    """``(topics, None)`` for a registry of exact names, ``([], regex)`` when it has patterns."""
+    topics = registry.topics()
+    patterns = [t for t in topics if any(ch in t for ch in "*?[")]
+    if not patterns:
+        return topics, None
+    alternatives = [re.escape(t) + r"\Z" for t in topics if t not in patterns]
+    alternatives += [fnmatch.translate(p) for p in patterns]
+    return [], "|".join(f"(?:{a})" for a in alternatives)
+
+
+class KafkaConsumerRunner:
+    """Runs ``registry``'s handlers on the records of its topics, for one consumer group.
+
+    ``engine`` holds the inbox and the dead letters (schema version 2, ``outbox db upgrade``), and is
+    the database session handlers work in; ``None`` runs without them (see the module docstring).
+    ``retry`` is the default policy of topics whose handler does not set its own. ``stop_timeout``:
+    seconds :meth:`stop` waits for the current handler. Use as a context manager, or :meth:`start`
+    and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine | None,
+        registry: Registry,
+        settings: ConsumerSettings,
+        *,
+        table: str = DEFAULT_TABLE,
+        retry: RetryPolicy | None = None,
+        stop_timeout: float = 30.0,
+        consumer_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        if stop_timeout < 0:
+            raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
+        self.engine = engine
+        self.registry = registry
+        self.settings = settings
+        self.group = settings.group
+        self.tables = tables_for(table)
+        self.default_policy = TopicPolicy(retry=retry or RetryPolicy())
+        self.stop_timeout = stop_timeout
+        self._factory = consumer_factory or _kafka_python_consumer
+        self._consumer: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        #: per partition: the offset to commit (one past the last finished record), not committed yet
+        self._done: dict[Any, int] = {}
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.processor = RecordProcessor(
+            engine,
+            registry,
+            group=self.group,
+            tables=self.tables,
+            default_policy=self.default_policy,
+            stopping=self._stopping,
+            counters=self.counters,
+            before_wait=self._commit,
+        )
+        #: what ended the consumer loop, if it was not a stop (a Kafka error, or a bug)
+        self.error: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> KafkaConsumerRunner:
+        """Check the schema, join the group (subscribe) and start the consumer thread."""
+        if self._thread is not None:
+            raise RuntimeError("this consumer runner was already started")
+        if len(self.registry) == 0:
+            raise ConfigError("no handlers: the registry has no topic to consume")
+        if self.engine is None:
+            needs_db = [
+                h.name for t in self.registry.topics() if (h := self.registry.route(t)) and h.takes_session
+            ]
+            if needs_db:
+                raise ConfigError(f"handlers that take a session need a database: {', '.join(needs_db)}")
+        else:
+            self._check_schema(self.engine)
+        try:
+            self._consumer = self._factory(**self.settings.consumer_config())
+        except Exception as exc:
+            raise BrokerError(
+                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {describe_error(exc)}"
+            ) from None
+        topics, pattern = subscription(self.registry)
+        if pattern is None:
+            self._consumer.subscribe(topics=topics)
+        else:
+            self._consumer.subscribe(pattern=pattern)
+        log.info("consuming %s as group %r", ", ".join(self.registry.topics()), self.group)
+        self._thread = threading.Thread(target=self._loop, name="outbox-consumer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop after the current record; True when the consumer closed within the timeout.
+
+        ``timeout`` defaults to ``stop_timeout``. On False the current handler is still running: its
+        record's offset is not committed, so it is read again by the next consumer of the group.
+        """
+        self._stopping.set()
+        if self._thread is None:
+            return True
+        self._thread.join(self.stop_timeout if timeout is None else timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "the current handler did not finish within %gs: leaving without committing its record, "
+                "which the group will read again",
+                self.stop_timeout if timeout is None else timeout,
+            )
+            return False
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the consumer loop ended (stopped, or failed: see :attr:`error`)."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopped.is_set()
+
+    def __enter__(self) -> KafkaConsumerRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: records ``received``, ``handled``, skipped as ``duplicates``,
+        ``dead_lettered``; ``failed_attempts``; ``outages`` waited out (tries, not time); offset
+        ``commits`` and ``commit_failures``."""
+        return dict(self.counters)
+
+    def stats_line(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in self.stats().items())
+
+    # -- the consumer thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                batch = self._poll()
+                try:
+                    for partition, records in batch.items():
+                        for record in records:
+                            if self._stopping.is_set():
+                                raise Stopping()
+                            if partition not in self._consumer.assignment():
+                                break  # revoked meanwhile: its next owner reads it from the committed offset
+                            self.processor.process(record)
+                            self._done[partition] = record.offset + 1
+                except Stopping:
+                    pass
+                self._commit()
+        except BaseException as exc:
+            self.error = exc
+            log.error("the consumer stopped on an error: %s", describe_error(exc))
+        finally:
+            self._close()
+
+    def _poll(self) -> dict[Any, list[Any]]:
+        from kafka.errors import KafkaError
+
+        try:
+            return dict(self._consumer.poll(timeout_ms=500))
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False) and type(exc).__name__ not in ("NoBrokersAvailable",):
+                raise BrokerError(f"Kafka refused the consumer: {describe_error(exc)}") from exc
+            log.warning("Kafka poll failed (%s); retrying", describe_error(exc))
+            self._stopping.wait(1.0)
+            return {}
+
+    def _commit(self) -> None:
+        """Commit the offsets of finished records (synchronously); keep them for later on a failure."""
+        if not self._done:
+            return
+        from kafka.errors import CommitFailedError, KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
+        try:
+            self._consumer.commit(offsets, timeout_ms=self.settings.request_timeout_ms)
+        except CommitFailedError as exc:
+            self.counters["commit_failures"] += 1
+            self._done.clear()
+            log.warning(
+                "offsets not committed, the group rebalanced (%s): those records will be read again "
+                "and skipped through the inbox",
+                describe_error(exc),
+            )
+            return
+        except KafkaError as exc:
+            self.counters["commit_failures"] += 1
+            log.warning("could not commit offsets (%s); will try again", describe_error(exc))
+            return
+        self.counters["commits"] += 1
+        for tp, meta in offsets.items():
+            if self._done.get(tp) == meta.offset:
+                del self._done[tp]
+
+    def _close(self) -> None:
+        try:
+            self._commit()  # only finished records are in it, whatever ended the loop
+            if self._consumer is not None:
+                self._consumer.close(autocommit=False, timeout_ms=self.settings.request_timeout_ms)
+        except Exception as exc:
+            log.warning("closing the Kafka consumer failed: %s", describe_error(exc))
+        finally:
+            log.info("consumer stopped: %s", self.stats_line())
+            self._stopped.set()
+
+    def _check_schema(self, engine: sa.Engine) -> None:
+        try:
+            with engine.connect() as conn:
+                check_version(conn, self.tables.name)
+        except sa.exc.DBAPIError as exc:
+            url = engine.url.render_as_string(hide_password=True)
+            if is_outage(exc):
+                raise DatabaseUnavailable(
+                    f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"
+                ) from None
+            raise ConfigError(f"database error at {url}: {first_line(exc.orig or exc)}") from None
+
+
+def _kafka_python_consumer(**config: Any) -> Any:
+    from kafka import KafkaConsumer
+
+    # bootstrap_timeout_ms is recent (kafka-python 3); older releases refuse keys they do not know
+    known = getattr(KafkaConsumer, "DEFAULT_CONFIG", config)
+    return KafkaConsumer(**{k: v for k, v in config.items() if k in known})

@@ -1,0 +1,338 @@
+"""How ``outbox consume`` finishes one Kafka record: the handler's attempts, the inbox, the dead letters.
+
+:class:`RecordProcessor` is the database side of :mod:`consumers.kafka` (it knows SQL and nothing of
+kafka-python; the runner polls, commits offsets and calls :meth:`RecordProcessor.process` for each
+record, in partition order). A record is *finished* when :meth:`~RecordProcessor.process` returns:
+
+- **handled**: a session handler's transaction committed together with the group's inbox row; a
+  handler without a session returned and its inbox row was then written;
+- **duplicate**: the group's inbox already has the message id, so the handler did not run;
+- **dead-lettered**: the last attempt failed (or the record cannot be read, or has no handler) and the
+  record was written to the dead letters.
+
+A failing attempt is retried in place under the topic's policy (``max_attempts``, backoff); a handler
+running past its ``timeout`` fails its attempt, and a session handler's transaction is then rolled
+back. When the database is unreachable (:func:`outbox.dialects.is_outage`) during a session handler's
+transaction, the inbox check or a dead-letter write, the processor waits (backoff up to
+:data:`OUTAGE_BACKOFF_MAX` seconds) and tries again: an outage is never an attempt and never
+dead-letters a record. When the runner stops meanwhile, :class:`Stopping` is raised instead and the
+record stays unfinished (its offset is not committed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from consumers.dead_letters import DeadLetters
+from consumers.inbox import Inbox
+from consumers.records import KafkaRecord, UndecodableRecord, message_from_record, message_id_of
+from consumers.registry import Handler, Registry
+from outbox.dialects import is_outage
+from outbox.errors import ConfigError
+from outbox.message import Message
+from outbox.policy import TopicPolicy
+from outbox.schema import OutboxTables
+
+log = logging.getLogger("outbox.consumer")
+T = TypeVar("T")
+
+#: longest wait between two tries while the database is unreachable
+OUTAGE_BACKOFF_MAX = 5.0
+
+
+# --- what one attempt came to ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Outage:
+    error: str
+
+
+_Outcome = _Done | _Failed | _Outage
+_HANDLED = _Done()
+_DUPLICATE = _Done(duplicate=True)
+
+
+class Stopping(Exception):
+    """The runner is stopping: the current record is left unfinished (its offset is not committed)."""
+
+
+class _TimedOut(Exception):
+    """The attempt ran past its timeout: roll the handler's transaction back."""
+
+
+class _AlreadyProcessed(Exception):
+    """The inbox already holds the message: roll the handler's transaction back unused."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for logs and dead letters."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RecordProcessor:
+    """Finishes records for one consumer group (see the module docstring).
+
+    ``engine`` ``None``: no inbox and no dead letters (session handlers are refused, a record out of
+    attempts is logged and skipped). ``stopping`` cuts waits short (raising :class:`Stopping`);
+    ``before_wait`` is called before a retry's backoff (the runner commits what is finished);
+    ``counters`` is the runner's, updated in place.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine | None,
+        registry: Registry,
+        *,
+        group: str,
+        tables: OutboxTables,
+        default_policy: TopicPolicy,
+        stopping: threading.Event,
+        counters: dict[str, int],
+        before_wait: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.group = group
+        self.default_policy = default_policy
+        self.counters = counters
+        self._stopping = stopping
+        self._before_wait = before_wait
+        self._sessions = orm.sessionmaker(engine) if engine is not None else None
+        self._inbox = Inbox(tables, group) if engine is not None else None
+        self._dead_letters = DeadLetters(tables)
+        self._outage_logged = False
+
+    def process(self, record: KafkaRecord) -> None:
+        """Finish ``record`` (handled, duplicate, dead-lettered); :class:`Stopping` if stopped first."""
+        self.counters["received"] += 1
+        try:
+            message = message_from_record(record)
+        except UndecodableRecord as exc:
+            self._dead_letter(record, message_id_of(record), f"UndecodableRecord: {exc}", attempts=0)
+            return
+        handler = self.registry.route(message.topic) or self.registry.route(record.topic)
+        if handler is None:
+            self._dead_letter(record, message.id, f"no handler for topic {message.topic}", attempts=0)
+            return
+        if handler.takes_session:
+            if self._sessions is None:
+                raise ConfigError(f"handler {handler.name} takes a session: the consumer needs a database")
+            outcome, attempts = self._retry(message, handler, self._in_transaction)
+        else:
+            if self._already_processed(message):
+                outcome, attempts = _DUPLICATE, 0
+            else:
+                outcome, attempts = self._retry(message, handler, self._plain)
+                if outcome == _HANDLED:
+                    self._record_processed(message)
+        if isinstance(outcome, _Failed):
+            self._dead_letter(record, message.id, outcome.error, attempts=attempts)
+        elif outcome.duplicate:
+            self.counters["duplicates"] += 1
+            log.info(
+                "message %s (%s[%d]@%d) already processed by group %r: skipped",
+                message.id,
+                record.topic,
+                record.partition,
+                record.offset,
+                self.group,
+            )
+        else:
+            self.counters["handled"] += 1
+
+    def _retry(
+        self,
+        message: Message,
+        handler: Handler,
+        attempt_with: Callable[[Message, Handler, threading.Event], _Outcome],
+    ) -> tuple[_Done | _Failed, int]:
+        """Attempts under the topic's policy: ``(outcome, attempts made)``; outages are not attempts."""
+        policy = handler.policy(self.default_policy)
+        attempt = 1
+        outage_wait = 0.2
+        while True:
+            outcome = self._run(
+                functools.partial(attempt_with, dataclasses.replace(message, attempt=attempt), handler),
+                policy.timeout,
+            )
+            if isinstance(outcome, _Done):
+                self._outage_over()
+                return outcome, attempt
+            if isinstance(outcome, _Outage):
+                self._outage(outcome.error)
+                self._pause(outage_wait)
+                outage_wait = min(outage_wait * 2, OUTAGE_BACKOFF_MAX)
+                continue
+            self._outage_over()
+            self.counters["failed_attempts"] += 1
+            if policy.retry.exhausted(attempt):
+                return outcome, attempt
+            delay = policy.retry.delay_after(attempt).total_seconds()
+            log.warning(
+                "message %s: attempt %d of %d failed (%s); retrying in %.1fs",
+                message.id,
+                attempt,
+                policy.retry.max_attempts,
+                outcome.error,
+                delay,
+            )
+            self._before_wait()  # the runner commits what is finished so far
+            self._pause(delay)
+            attempt += 1
+
+    def _run(self, work: Callable[[threading.Event], _Outcome], timeout: float | None) -> _Outcome:
+        """Run one attempt; with a timeout, on a thread of its own that is abandoned when late."""
+        cancelled = threading.Event()
+        if timeout is None:
+            return work(cancelled)
+        result: list[_Outcome] = []
+        finished = threading.Event()
+
+        def target() -> None:
+            try:
+                result.append(work(cancelled))
+            finally:
+                finished.set()
+
+        threading.Thread(target=target, name="outbox-consumer-handler", daemon=True).start()
+        if finished.wait(timeout) and result:
+            return result[0]
+        # Python cannot kill the thread: a session handler still running rolls back at its end (or, if
+        # it commits first, the retry finds its inbox row and counts a duplicate).
+        cancelled.set()
+        return _Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s")
+
+    def _in_transaction(self, message: Message, handler: Handler, cancelled: threading.Event) -> _Outcome:
+        assert self._sessions is not None and self._inbox is not None
+        try:
+            with self._sessions() as session, session.begin():
+                if not self._inbox.claim(session.connection(), message):
+                    raise _AlreadyProcessed()
+                handler(message, session)
+                session.flush()
+                if cancelled.is_set():
+                    raise _TimedOut()  # leaving the block by an exception rolls the transaction back
+            return _HANDLED
+        except _AlreadyProcessed:
+            return _DUPLICATE
+        except _TimedOut:
+            return _Failed("HandlerTimeout: rolled back after the timeout")
+        except Exception as exc:
+            # Only this consumer's own database failing is an outage to wait out; anything a handler
+            # raises about other systems (SMTP down, HTTP timeout) is its failure.
+            if isinstance(exc, sa.exc.SQLAlchemyError) and is_outage(exc):
+                return _Outage(describe_error(exc))
+            return _Failed(describe_error(exc))
+
+    def _plain(self, message: Message, handler: Handler, cancelled: threading.Event) -> _Outcome:
+        try:
+            handler(message)
+        except Exception as exc:
+            return _Failed(describe_error(exc))
+        return _HANDLED
+
+    def _already_processed(self, message: Message) -> bool:
+        inbox, engine = self._inbox, self.engine
+        if inbox is None or engine is None:
+            return False
+
+        def check() -> bool:
+            with engine.connect() as conn:
+                return inbox.contains(conn, message.id)
+
+        return self._with_db(check)
+
+    def _record_processed(self, message: Message) -> None:
+        inbox, engine = self._inbox, self.engine
+        if inbox is None or engine is None:
+            return
+
+        def record() -> None:
+            with engine.begin() as conn:
+                inbox.claim(conn, message)  # False: another consumer recorded it meanwhile; same thing
+
+        self._with_db(record)
+
+    def _dead_letter(self, record: KafkaRecord, message_id: Any, error: str, *, attempts: int) -> None:
+        log.error(
+            "message %s (%s[%d]@%d) dead-lettered for group %r after %d attempt(s): %s",
+            message_id,
+            record.topic,
+            record.partition,
+            record.offset,
+            self.group,
+            attempts,
+            error,
+        )
+        self.counters["dead_lettered"] += 1
+        engine = self.engine
+        if engine is None:
+            log.error("no database to keep dead letters: the record is skipped")
+            return
+
+        def write() -> bool:
+            with engine.begin() as conn:
+                return self._dead_letters.add(
+                    conn,
+                    group=self.group,
+                    record=record,
+                    message_id=message_id,
+                    error=error,
+                    attempts=attempts,
+                )
+
+        self._with_db(write)
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _with_db(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, waiting out database outages with backoff; raises Stopping if stopped meanwhile."""
+        wait = 0.2
+        while True:
+            try:
+                result = fn()
+            except sa.exc.SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    raise
+                self._outage(describe_error(exc))
+                self._pause(wait)
+                wait = min(wait * 2, OUTAGE_BACKOFF_MAX)
+                continue
+            self._outage_over()
+            return result
+
+    def _outage(self, error: str) -> None:
+        self.counters["outages"] += 1
+        if not self._outage_logged:
+            self._outage_logged = True
+            log.warning("database unreachable (%s); waiting, the record is not failed", error)
+
+    def _outage_over(self) -> None:
+        if self._outage_logged:
+            self._outage_logged = False
+            log.warning("database reachable again")
+
+    def _pause(self, seconds: float) -> None:
+        if self._stopping.wait(seconds):
+            raise Stopping()

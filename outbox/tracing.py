@@ -1,0 +1,225 @@
+"""Optional OpenTelemetry tracing: the writer's trace continues in the relay and the consumer.
+
+The trace context travels in the message headers as W3C Trace Context (``traceparent``, and
+``tracestate`` when there is one):
+
+- **write side**: :func:`inject_current` (called by ``outbox.add``) stores the active span's context in
+  the new message's headers, unless the caller already gave a ``traceparent``;
+- **relay, in-process handler**: :func:`process_span` runs the handler inside a CONSUMER span that is a
+  child of the message's ``traceparent``, so the handler's own spans (and the ``outbox.add`` calls it
+  makes) belong to the same trace;
+- **relay, Kafka**: :func:`publish_span` opens a PRODUCER span (child of the message's
+  ``traceparent``) around the send; its context replaces ``traceparent``/``tracestate`` in the record's
+  headers, and it ends when the broker acknowledges (or refuses) the record;
+- **consumer**: :func:`process_span` around the handler, exactly as in the relay.
+
+OpenTelemetry is an optional extra (``sqla-outbox[otel]``, i.e. ``opentelemetry-api``). Without it every
+function here is a no-op and nothing is imported: :func:`inject_current` returns the headers it was
+given, the span helpers yield a handle whose methods do nothing. With the API but no SDK configured,
+spans are non-recording and a valid incoming ``traceparent`` passes through unchanged. A ``traceparent``
+that is not valid W3C is never replaced: it is the user's header.
+
+Spans come from the globally configured tracer provider (``opentelemetry.trace.set_tracer_provider``),
+looked up again whenever it changes, under the instrumentation name ``sqla-outbox``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from outbox.message import Message
+
+#: W3C Trace Context header names (lower case, as the specification writes them)
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+INSTRUMENTATION_NAME = "sqla-outbox"
+
+_UNLOADED: Any = object()
+_otel: Any = _UNLOADED
+_load_lock = threading.Lock()
+
+
+class _Otel:
+    """The OpenTelemetry pieces we use, imported once, and a tracer cached per provider."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.trace = trace
+        self.propagator = TraceContextTextMapPropagator()
+        self._provider: Any = None
+        self._tracer: Any = None
+
+    def tracer(self) -> Any:
+        provider = self.trace.get_tracer_provider()
+        if provider is not self._provider:  # a provider set (or replaced) since the last span
+            from outbox import __version__
+
+            self._tracer = self.trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=provider)
+            self._provider = provider
+        return self._tracer
+
+    def parent_context(self, headers: Mapping[str, str]) -> Any:
+        """The context carried by ``headers`` (an empty context, hence a root span, when there is none)."""
+        return self.propagator.extract(dict(headers))
+
+    def valid_headers(self, context: Any) -> dict[str, str]:
+        """``traceparent`` (and ``tracestate``) of the span in ``context``; empty when it has none."""
+        if not self.trace.get_current_span(context).get_span_context().is_valid:
+            return {}
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier, context=context)
+        return carrier
+
+
+def _load() -> _Otel | None:
+    """OpenTelemetry, imported at the first use; ``None`` when it is not installed."""
+    global _otel
+    if _otel is _UNLOADED:
+        with _load_lock:
+            if _otel is _UNLOADED:
+                try:
+                    _otel = _Otel()
+                except ImportError:
+                    _otel = None
+    return _otel  # type: ignore[no-any-return]
+
+
+def enabled() -> bool:
+    """True when ``opentelemetry-api`` is installed (spans may still be non-recording without an SDK)."""
+    return _load() is not None
+
+
+def _has_traceparent(headers: Mapping[str, str]) -> bool:
+    return any(name.lower() == TRACEPARENT for name in headers)
+
+
+def inject_current(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """``headers`` plus the active span's ``traceparent`` (and ``tracestate``), for a new message.
+
+    Unchanged when OpenTelemetry is missing, when no valid span is active, or when the caller already set
+    a ``traceparent`` (theirs wins, and so does any other header of theirs).
+    """
+    if headers and _has_traceparent(headers):
+        return headers
+    otel = _load()
+    if otel is None:
+        return headers
+    current = otel.trace.get_current_span()
+    if not current.get_span_context().is_valid:
+        return headers
+    carrier = otel.valid_headers(otel.trace.set_span_in_context(current))
+    if not carrier:
+        return headers
+    return {**carrier, **(headers or {})}
+
+
+def _attributes(message: Message, system: str, operation: str, destination: str) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "messaging.system": system,
+        "messaging.operation.type": operation,
+        "messaging.destination.name": destination,
+        "messaging.message.id": str(message.id),
+        "outbox.topic": message.topic,
+        "outbox.attempt": message.attempt,
+    }
+    if message.key is not None:
+        attributes["outbox.key"] = message.key
+    return attributes
+
+
+class DeliverySpan:
+    """A handle on one delivery's span: mark it failed, read its headers, end it. No-op without a span."""
+
+    __slots__ = ("_ended", "_lock", "_otel", "span")
+
+    def __init__(self, otel: _Otel | None = None, span: Any = None) -> None:
+        self._otel = otel
+        self.span = span
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def fail(self, error: str) -> None:
+        """Record that the delivery failed (span status ERROR with ``error`` as its description)."""
+        if self._otel is not None and self.span is not None:
+            self.span.set_status(self._otel.trace.Status(self._otel.trace.StatusCode.ERROR, error[:500]))
+
+    def headers(self) -> dict[str, str]:
+        """``traceparent`` (and ``tracestate``) naming this span, to pass on downstream; empty without one."""
+        if self._otel is None or self.span is None:
+            return {}
+        return self._otel.valid_headers(self._otel.trace.set_span_in_context(self.span))
+
+    def end(self, error: str | None = None) -> None:
+        """End the span (at most once, from any thread), failed when ``error`` is given."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if error is not None:
+            self.fail(error)
+        if self.span is not None:
+            self.span.end()
+
+
+@contextmanager
+def process_span(
+    message: Message, *, system: str = "outbox", destination: str | None = None
+) -> Iterator[DeliverySpan]:
+    """Run the block (a handler) inside a CONSUMER span, child of the message's ``traceparent``.
+
+    The span is current in the block, so spans the handler starts are its children. An exception
+    leaving the block is recorded on the span; call ``span.fail(error)`` for a failure reported without
+    one. ``system`` is ``"outbox"`` in the relay and ``"kafka"`` in the consumer; ``destination``
+    defaults to the message's topic.
+    """
+    otel = _load()
+    if otel is None:
+        yield DeliverySpan()
+        return
+    destination = destination or message.topic
+    span = otel.tracer().start_span(
+        f"process {destination}",
+        context=otel.parent_context(message.headers),
+        kind=otel.trace.SpanKind.CONSUMER,
+        attributes=_attributes(message, system, "process", destination),
+    )
+    with otel.trace.use_span(span, end_on_exit=True):
+        yield DeliverySpan(otel, span)
+
+
+def publish_span(message: Message, *, destination: str, system: str = "kafka") -> DeliverySpan:
+    """Start a PRODUCER span for sending ``message`` to ``destination``; the caller ends it.
+
+    Put ``span.headers()`` into the outgoing record in place of the message's own trace headers (see
+    :func:`trace_headers`), and call ``span.end()`` (or ``span.end(error)``) when the broker answers.
+    """
+    otel = _load()
+    if otel is None:
+        return DeliverySpan()
+    span = otel.tracer().start_span(
+        f"send {destination}",
+        context=otel.parent_context(message.headers),
+        kind=otel.trace.SpanKind.PRODUCER,
+        attributes=_attributes(message, system, "send", destination),
+    )
+    return DeliverySpan(otel, span)
+
+
+def trace_headers(headers: Mapping[str, str], span: DeliverySpan) -> dict[str, str]:
+    """``headers`` with their trace context replaced by ``span``'s (unchanged when it has none, or when
+    the incoming ``traceparent`` is not valid W3C and so is not ours to replace)."""
+    new = span.headers()
+    if not new:
+        return dict(headers)
+    otel = _load()
+    theirs_invalid = otel is not None and not otel.valid_headers(otel.parent_context(headers))
+    if theirs_invalid and _has_traceparent(headers):
+        return dict(headers)
+    kept = {name: value for name, value in headers.items() if name.lower() not in (TRACEPARENT, TRACESTATE)}
+    return {**kept, **new}
