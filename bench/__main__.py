@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only", nargs="+", choices=sorted(SCENARIOS), metavar="NAME", help="scenarios to run"
     )
     parser.add_argument("--out", type=Path, help="output folder (default bench/results[/quick|/smoke])")
-    parser.add_argument("--runs", type=int, help="repetitions per figure (default 3; smoke 1)")
+    parser.add_argument("--runs", type=int, help="repetitions per figure (default: full 5, quick 3, smoke 1)")
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     out = args.out or (ROOT / "bench" / "results" if mode == "full" else ROOT / "bench" / "results" / mode)
     scale = float(os.environ.get("BENCH_SCALE", "1"))
-    runs = args.runs or (1 if mode == "smoke" else 3)
+    runs = args.runs or {"full": 5, "quick": 3}.get(mode, 1)
     names = args.only or list(SCENARIOS)
     started = time.monotonic()
     failures: list[str] = []

@@ -37,6 +37,12 @@ letters). What it promises, and the test that would catch a violation:
   leaves its group. If the current handler runs past ``stop_timeout``, the runner gives up waiting
   without committing it (at least once; a session handler's effect stays once).
 
+Observability: each handler attempt runs in a CONSUMER span, child of the record's ``traceparent``
+(:func:`outbox.tracing.process_span`); with ``metrics`` (:class:`consumers.metrics.ConsumerMetrics`)
+the runner counts attempts, finished records and outage waits, and :func:`consumers.metrics.
+consumer_checks` reads its readiness from :attr:`KafkaConsumerRunner.running`, ``last_progress`` and
+:meth:`KafkaConsumerRunner.broker_problem`.
+
 Topics: the consumer subscribes to the registry's exact topic names; a registry with patterns
 (``orders.*``) subscribes with one regular expression instead, and then finds Kafka topics created later
 at its next metadata refresh (``metadata_max_age_ms``, five minutes by default). A record is routed by
@@ -55,20 +61,25 @@ import fnmatch
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from consumers.dead_letters import BrokerError
 from consumers.processing import RecordProcessor, Stopping, describe_error
 from consumers.registry import Registry
+from outbox.broker_health import BrokerHealth
 from outbox.dialects import is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.kafka_settings import KafkaConnection
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
+
+if TYPE_CHECKING:
+    from consumers.metrics import ConsumerMetrics
 
 log = logging.getLogger("outbox.consumer")
 
@@ -143,8 +154,8 @@ class KafkaConsumerRunner:
     ``engine`` holds the inbox and the dead letters (schema version 2, ``outbox db upgrade``), and is
     the database session handlers work in; ``None`` runs without them (see the module docstring).
     ``retry`` is the default policy of topics whose handler does not set its own. ``stop_timeout``:
-    seconds :meth:`stop` waits for the current handler. Use as a context manager, or :meth:`start`
-    and :meth:`stop`.
+    seconds :meth:`stop` waits for the current handler. ``metrics``: counted into, when given (``outbox
+    consume --metrics-port`` serves them). Use as a context manager, or :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -157,6 +168,7 @@ class KafkaConsumerRunner:
         retry: RetryPolicy | None = None,
         stop_timeout: float = 30.0,
         consumer_factory: Callable[..., Any] | None = None,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         if stop_timeout < 0:
             raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
@@ -167,6 +179,10 @@ class KafkaConsumerRunner:
         self.tables = tables_for(table)
         self.default_policy = TopicPolicy(retry=retry or RetryPolicy())
         self.stop_timeout = stop_timeout
+        self.metrics = metrics
+        #: monotonic time of the loop's last poll or finished record (``None`` before start), for /readyz
+        self.last_progress: float | None = None
+        self._broker = BrokerHealth(settings.bootstrap_servers)
         self._factory = consumer_factory or _kafka_python_consumer
         self._consumer: Any = None
         self._thread: threading.Thread | None = None
@@ -184,6 +200,7 @@ class KafkaConsumerRunner:
             stopping=self._stopping,
             counters=self.counters,
             before_wait=self._commit,
+            metrics=metrics,
         )
         #: what ended the consumer loop, if it was not a stop (a Kafka error, or a bug)
         self.error: BaseException | None = None
@@ -216,6 +233,7 @@ class KafkaConsumerRunner:
         else:
             self._consumer.subscribe(pattern=pattern)
         log.info("consuming %s as group %r", ", ".join(self.registry.topics()), self.group)
+        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="outbox-consumer", daemon=True)
         self._thread.start()
         return self
@@ -247,6 +265,15 @@ class KafkaConsumerRunner:
     def running(self) -> bool:
         return self._thread is not None and not self._stopped.is_set()
 
+    def broker_problem(self, timeout: float = 1.0) -> str | None:
+        """Why the broker looks unreachable now (``None``: it looks fine), for ``/readyz``.
+
+        Unreachable when, within the last 30 s, a poll or an offset commit failed with the broker away
+        or busy and nothing was fetched or committed since; with nothing that recent (an idle group),
+        when no bootstrap server accepts a TCP connection within ``timeout`` seconds.
+        """
+        return self._broker.problem(timeout)
+
     def __enter__(self) -> KafkaConsumerRunner:
         return self.start()
 
@@ -268,6 +295,7 @@ class KafkaConsumerRunner:
         try:
             while not self._stopping.is_set():
                 batch = self._poll()
+                self.last_progress = time.monotonic()
                 try:
                     for partition, records in batch.items():
                         for record in records:
@@ -277,6 +305,7 @@ class KafkaConsumerRunner:
                                 break  # revoked meanwhile: its next owner reads it from the committed offset
                             self.processor.process(record)
                             self._done[partition] = record.offset + 1
+                            self.last_progress = time.monotonic()
                 except Stopping:
                     pass
                 self._commit()
@@ -290,13 +319,17 @@ class KafkaConsumerRunner:
         from kafka.errors import KafkaError
 
         try:
-            return dict(self._consumer.poll(timeout_ms=500))
+            batch = dict(self._consumer.poll(timeout_ms=500))
         except KafkaError as exc:
             if not getattr(exc, "retriable", False) and type(exc).__name__ not in ("NoBrokersAvailable",):
                 raise BrokerError(f"Kafka refused the consumer: {describe_error(exc)}") from exc
+            self._broker.failed(f"Kafka poll failed: {describe_error(exc)}")
             log.warning("Kafka poll failed (%s); retrying", describe_error(exc))
             self._stopping.wait(1.0)
             return {}
+        if batch:
+            self._broker.answered()
+        return batch
 
     def _commit(self) -> None:
         """Commit the offsets of finished records (synchronously); keep them for later on a failure."""
@@ -319,8 +352,10 @@ class KafkaConsumerRunner:
             return
         except KafkaError as exc:
             self.counters["commit_failures"] += 1
+            self._broker.failed(f"could not commit offsets: {describe_error(exc)}")
             log.warning("could not commit offsets (%s); will try again", describe_error(exc))
             return
+        self._broker.answered()
         self.counters["commits"] += 1
         for tp, meta in offsets.items():
             if self._done.get(tp) == meta.offset:

@@ -10,6 +10,8 @@ checks of :func:`consumer_checks` through :class:`outbox.ops_server.OpsServer`, 
 - ``outbox_consumer_handler_seconds{group, topic}``: histogram of seconds per handler attempt;
 - ``outbox_consumer_latency_seconds{group, topic}``: histogram, ``outbox.add`` (``created_at``) to handled;
 - ``outbox_consumer_outages_total{group}``: waits for an unreachable database.
+
+``topic`` is the record's Kafka topic (the outbox topic too, unless the relay routed it elsewhere).
 """
 
 from __future__ import annotations

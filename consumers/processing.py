@@ -17,6 +17,10 @@ transaction, the inbox check or a dead-letter write, the processor waits (backof
 :data:`OUTAGE_BACKOFF_MAX` seconds) and tries again: an outage is never an attempt and never
 dead-letters a record. When the runner stops meanwhile, :class:`Stopping` is raised instead and the
 record stays unfinished (its offset is not committed).
+
+Each attempt runs the handler inside a CONSUMER span (:func:`outbox.tracing.process_span`), child of
+the record's ``traceparent``. With :class:`~consumers.metrics.ConsumerMetrics`, every attempt, finished
+record and outage wait is counted there, labelled with the record's Kafka topic.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -41,6 +46,10 @@ from outbox.errors import ConfigError
 from outbox.message import Message
 from outbox.policy import TopicPolicy
 from outbox.schema import OutboxTables
+from outbox.tracing import process_span
+
+if TYPE_CHECKING:
+    from consumers.metrics import ConsumerMetrics, RecordResult
 
 log = logging.getLogger("outbox.consumer")
 T = TypeVar("T")
@@ -96,7 +105,8 @@ class RecordProcessor:
     ``engine`` ``None``: no inbox and no dead letters (session handlers are refused, a record out of
     attempts is logged and skipped). ``stopping`` cuts waits short (raising :class:`Stopping`);
     ``before_wait`` is called before a retry's backoff (the runner commits what is finished);
-    ``counters`` is the runner's, updated in place.
+    ``counters`` is the runner's, updated in place; ``metrics``, when given, are told of every attempt,
+    finished record and outage wait.
     """
 
     def __init__(
@@ -110,12 +120,14 @@ class RecordProcessor:
         stopping: threading.Event,
         counters: dict[str, int],
         before_wait: Callable[[], None] = lambda: None,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
         self.group = group
         self.default_policy = default_policy
         self.counters = counters
+        self.metrics = metrics
         self._stopping = stopping
         self._before_wait = before_wait
         self._sessions = orm.sessionmaker(engine) if engine is not None else None
@@ -133,21 +145,22 @@ class RecordProcessor:
             return
         handler = self.registry.route(message.topic) or self.registry.route(record.topic)
         if handler is None:
-            self._dead_letter(record, message.id, f"no handler for topic {message.topic}", attempts=0)
+            error = f"no handler for topic {message.topic}"
+            self._dead_letter(record, message.id, error, attempts=0, message=message)
             return
         if handler.takes_session:
             if self._sessions is None:
                 raise ConfigError(f"handler {handler.name} takes a session: the consumer needs a database")
-            outcome, attempts = self._retry(message, handler, self._in_transaction)
+            outcome, attempts = self._retry(record, message, handler, self._in_transaction)
         else:
             if self._already_processed(message):
                 outcome, attempts = _DUPLICATE, 0
             else:
-                outcome, attempts = self._retry(message, handler, self._plain)
+                outcome, attempts = self._retry(record, message, handler, self._plain)
                 if outcome == _HANDLED:
                     self._record_processed(message)
         if isinstance(outcome, _Failed):
-            self._dead_letter(record, message.id, outcome.error, attempts=attempts)
+            self._dead_letter(record, message.id, outcome.error, attempts=attempts, message=message)
         elif outcome.duplicate:
             self.counters["duplicates"] += 1
             log.info(
@@ -158,11 +171,14 @@ class RecordProcessor:
                 record.offset,
                 self.group,
             )
+            self._finished(record, "duplicate", message)
         else:
             self.counters["handled"] += 1
+            self._finished(record, "handled", message)
 
     def _retry(
         self,
+        record: KafkaRecord,
         message: Message,
         handler: Handler,
         attempt_with: Callable[[Message, Handler, threading.Event], _Outcome],
@@ -172,10 +188,15 @@ class RecordProcessor:
         attempt = 1
         outage_wait = 0.2
         while True:
+            started = time.monotonic()
             outcome = self._run(
                 functools.partial(attempt_with, dataclasses.replace(message, attempt=attempt), handler),
                 policy.timeout,
             )
+            if self.metrics is not None and outcome != _DUPLICATE and not isinstance(outcome, _Outage):
+                # an attempt is a run of the handler: not an inbox hit, not a database outage
+                failed = isinstance(outcome, _Failed)
+                self.metrics.attempt(record.topic, time.monotonic() - started, failed=failed)
             if isinstance(outcome, _Done):
                 self._outage_over()
                 return outcome, attempt
@@ -229,8 +250,9 @@ class RecordProcessor:
             with self._sessions() as session, session.begin():
                 if not self._inbox.claim(session.connection(), message):
                     raise _AlreadyProcessed()
-                handler(message, session)
-                session.flush()
+                with process_span(message, system="kafka"):
+                    handler(message, session)
+                    session.flush()
                 if cancelled.is_set():
                     raise _TimedOut()  # leaving the block by an exception rolls the transaction back
             return _HANDLED
@@ -247,7 +269,8 @@ class RecordProcessor:
 
     def _plain(self, message: Message, handler: Handler, cancelled: threading.Event) -> _Outcome:
         try:
-            handler(message)
+            with process_span(message, system="kafka"):
+                handler(message)
         except Exception as exc:
             return _Failed(describe_error(exc))
         return _HANDLED
@@ -274,7 +297,15 @@ class RecordProcessor:
 
         self._with_db(record)
 
-    def _dead_letter(self, record: KafkaRecord, message_id: Any, error: str, *, attempts: int) -> None:
+    def _dead_letter(
+        self,
+        record: KafkaRecord,
+        message_id: Any,
+        error: str,
+        *,
+        attempts: int,
+        message: Message | None = None,
+    ) -> None:
         log.error(
             "message %s (%s[%d]@%d) dead-lettered for group %r after %d attempt(s): %s",
             message_id,
@@ -289,6 +320,7 @@ class RecordProcessor:
         engine = self.engine
         if engine is None:
             log.error("no database to keep dead letters: the record is skipped")
+            self._finished(record, "dead_lettered", message)
             return
 
         def write() -> bool:
@@ -303,6 +335,7 @@ class RecordProcessor:
                 )
 
         self._with_db(write)
+        self._finished(record, "dead_lettered", message)
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -322,8 +355,14 @@ class RecordProcessor:
             self._outage_over()
             return result
 
+    def _finished(self, record: KafkaRecord, result: RecordResult, message: Message | None) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(record.topic, result, message)
+
     def _outage(self, error: str) -> None:
         self.counters["outages"] += 1
+        if self.metrics is not None:
+            self.metrics.outage()
         if not self._outage_logged:
             self._outage_logged = True
             log.warning("database unreachable (%s); waiting, the record is not failed", error)

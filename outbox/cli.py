@@ -470,9 +470,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     raise AssertionError("unreachable")  # main() exits
 
 
-# --- outbox consume, outbox dlq (outbox.cli_consume) ------------------------------------------------------
+# --- outbox consume (outbox.cli_consume), outbox dlq (outbox.cli_dlq) --------------------------------------
 
-from outbox.cli_consume import consume, dlq  # noqa: E402
+from outbox.cli_consume import consume  # noqa: E402
+from outbox.cli_dlq import dlq  # noqa: E402
 
 outbox.add_command(consume)
 outbox.add_command(dlq)

@@ -354,16 +354,16 @@ def replay(
     "--older-than",
     callback=duration_option,
     required=True,
-    help="Age to keep, e.g. 7d, 12h (delivered: since delivery).",
+    help="Age to keep, e.g. 7d, 12h (delivered: since delivery; --inbox: since processed).",
 )
 @click.option(
     "--status",
     "status_name",
     type=click.Choice(["delivered", "dead", "parked"]),
-    default="delivered",
-    show_default=True,
-    help="Which finished messages: delivered, or dead (with parked, by age since creation), or parked only.",
+    help="Which finished messages: delivered (default), or dead (with parked, by age since creation), "
+    "or parked only.",
 )
+@click.option("--inbox", is_flag=True, help="Delete the consumer groups' old inbox rows instead of messages.")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Rows per transaction."
@@ -373,21 +373,30 @@ def replay(
 def purge(
     settings: Settings,
     older_than: dt.timedelta,
-    status_name: str,
+    status_name: str | None,
+    inbox: bool,
     dry_run: bool,
     batch_size: int,
     as_json: bool,
 ) -> None:
-    """Delete old delivered (or dead) messages, in small transactions. Never touches unfinished ones."""
+    """Delete old delivered (or dead) messages, or old inbox rows, in small transactions.
+
+    Never touches unfinished messages. --inbox: a message Kafka delivers again after its inbox row is
+    gone is handled again, so keep the rows longer than Kafka keeps records.
+    """
+    if inbox and status_name is not None:
+        raise click.UsageError("--inbox deletes inbox rows: it takes no --status")
     with _operations(settings) as ops:
-        result = ops.purge(
-            older_than=older_than, status=Status(status_name), dry_run=dry_run, batch_size=batch_size
-        )
+        if inbox:
+            result = ops.purge_inbox(older_than=older_than, dry_run=dry_run, batch_size=batch_size)
+        else:
+            status = Status(status_name or "delivered")
+            result = ops.purge(older_than=older_than, status=status, dry_run=dry_run, batch_size=batch_size)
     if as_json:
         _print_json(result.to_dict())
         return
     verb = "would delete" if dry_run else "deleted"
-    what = "/".join(s.value for s in result.statuses)
+    what = "inbox row(s)" if inbox else "/".join(s.value for s in result.statuses) + " message(s)"
     batches = "" if dry_run else f" in {result.batches} batch(es)"
     age = f"older than {_span(older_than)} (before {_time(result.cutoff)} UTC)"
-    click.echo(f"{verb} {result.count} {what} message(s) {age}{batches}")
+    click.echo(f"{verb} {result.count} {what} {age}{batches}")

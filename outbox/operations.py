@@ -10,7 +10,8 @@ Every statement behind ``outbox status``, ``list``, ``show``, ``replay`` and ``p
   test_replay_never_touches_pending_or_inflight``
 - **Purge deletes only finished rows**: ``delivered`` (by ``delivered_at``) or ``dead``/``parked`` (by
   ``created_at``); the DELETE re-checks status and age, so pending, inflight and failed rows are never
-  deleted. -- ``tests/test_operations.py::test_purge_deletes_only_old_delivered``
+  deleted; inbox rows (``--inbox``) by ``processed_at``. -- ``tests/test_operations.py::
+  test_purge_deletes_only_old_delivered``, ``test_purge_inbox_deletes_only_old_rows_of_every_group``
 - **Big changes go in bounded batches** (by ``seq``, one transaction each), so neither command holds
   long locks on a busy table. A dry run selects exactly what the real run would and writes nothing.
 
@@ -37,7 +38,7 @@ from outbox.reports import (
     StatusReport,
     expand_statuses,
 )
-from outbox.schema import DEFAULT_TABLE, REPLAYABLE, Status, tables_for
+from outbox.schema import DEFAULT_TABLE, REPLAYABLE, OutboxTables, Status, tables_for
 from outbox.serialization import decode_headers
 from outbox.writer import notify_channel, utcnow
 
@@ -310,6 +311,37 @@ class Operations:
                 break
         return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
 
+    def purge_inbox(
+        self,
+        *,
+        older_than: dt.timedelta,
+        dry_run: bool = False,
+        batch_size: int = 5000,
+        now: dt.datetime | None = None,
+    ) -> PurgeResult:
+        """Delete the consumer groups' inbox rows processed more than ``older_than`` ago, in batches.
+
+        What the relays' retention does by itself, for consumers that run without relays. A message
+        Kafka delivers again after its row is gone is handled again: see ``docs/guarantees.md``.
+        """
+        if older_than < dt.timedelta(0):
+            raise ValueError("older_than must not be negative")
+        cutoff = (now or utcnow()) - older_than
+        if dry_run:
+            old = self.tables.inbox.c.processed_at < cutoff
+            with self.engine.connect() as conn:
+                count = conn.execute(sa.select(sa.func.count()).where(old)).scalar_one()
+            return PurgeResult(count=int(count), statuses=(), cutoff=cutoff, dry_run=True, inbox=True)
+        deleted = batches = 0
+        while True:
+            with self.engine.begin() as conn:
+                found, gone = delete_old_inbox_rows(conn, self.tables, cutoff, batch_size)
+            deleted += gone
+            batches += 1 if found else 0
+            if found < batch_size:
+                break
+        return PurgeResult(count=deleted, statuses=(), cutoff=cutoff, batches=batches, inbox=True)
+
     # -- rows -----------------------------------------------------------------------------------------------
 
     def _columns(self, *, payload: bool) -> list[sa.ColumnElement[Any]]:
@@ -341,6 +373,21 @@ class Operations:
             payload_size=int(m["payload_size"] or 0),
             payload=bytes(payload) if payload is not None else None,
         )
+
+
+def delete_old_inbox_rows(
+    conn: sa.Connection, tables: OutboxTables, cutoff: dt.datetime, limit: int
+) -> tuple[int, int]:
+    """One batch: delete at most ``limit`` inbox rows (any group) processed before ``cutoff``, oldest
+    first (the ``processed_at`` index); ``(rows found, rows deleted)``. Shared with ``relay.retention``."""
+    t = tables.inbox
+    old = t.c.processed_at < cutoff
+    pick = sa.select(t.c.consumer_group, t.c.message_id).where(old).order_by(t.c.processed_at).limit(limit)
+    keys = [tuple(row) for row in conn.execute(pick)]
+    if not keys:
+        return 0, 0
+    named = sa.tuple_(t.c.consumer_group, t.c.message_id).in_(keys)
+    return len(keys), conn.execute(sa.delete(t).where(named, old)).rowcount
 
 
 def _in(column: sa.Column[Any], statuses: Iterable[Status]) -> sa.ColumnElement[bool]:

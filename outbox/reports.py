@@ -187,13 +187,14 @@ class ReplayResult:
 
 @dataclass(frozen=True)
 class PurgeResult:
-    """What a purge deleted (or, for a dry run, would delete)."""
+    """What a purge deleted (or, for a dry run, would delete): messages, or inbox rows (``inbox``)."""
 
     count: int
     statuses: tuple[Status, ...]
     cutoff: dt.datetime
     batches: int = 0
     dry_run: bool = False
+    inbox: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,6 +203,7 @@ class PurgeResult:
             "statuses": [s.value for s in self.statuses],
             "older_than": _iso(self.cutoff),
             "batches": self.batches,
+            "inbox": self.inbox,
         }
 
 

@@ -1,39 +1,30 @@
-"""Built-in maintenance: retention cleanup and the stuck-message monitor, one thread per relay.
+"""Built-in maintenance: retention and the stuck-message monitor, one thread per relay.
 
 Every relay runs a :class:`Maintenance` thread (``Relay(maintenance=True)``, the default). On each tick
 it takes or renews the **maintenance lease**, a row named ``maintenance`` in ``<table>_locks``; every
 ``interval`` seconds it then
 
-- **monitors** (every relay, so each one's findings and metrics are current): it counts the messages in
-  flight under a lease that expired more than ``lease_grace`` seconds ago (a relay died or stalled), the
-  messages waiting more than ``stuck_after`` past the time they became due, and the keys whose later
-  messages have waited that long behind an unfinished earlier one. The latest :class:`StuckFindings` is
-  kept on :attr:`Maintenance.findings` and handed to observers (the metrics read it from there). Only the
-  lease holder logs them at WARNING, with their ids, so N relays do not repeat every warning N times;
-- **applies retention** (the lease holder only): delivered messages whose ``delivered_at`` is older than
-  ``retention`` are deleted, ``batch_size`` rows per short transaction, with a pause between batches.
+- **monitors** (every relay, so each one's findings and metrics are current): expired leases, overdue
+  messages and held-back keys (:mod:`relay.stuck`). The latest :class:`~relay.stuck.StuckFindings` is
+  kept on :attr:`Maintenance.findings` and handed to observers (the metrics read it from there). Only
+  the lease holder logs them at WARNING, with their ids; when there are expired leases it wakes its
+  relay's fetcher (``on_expired``) so they are claimed again now rather than at the next poll;
+- **applies retention** (the lease holder only, :mod:`relay.retention`): delivered messages whose
+  ``delivered_at`` is older than ``retention``, then the consumers' inbox rows whose ``processed_at``
+  is, are deleted ``batch_size`` rows per short transaction, with a pause between batches.
 
-Invariants (each names the test that would catch its violation):
+Invariants (each names the test that would catch its violation; retention's own are in
+:mod:`relay.retention`, the monitor's in :mod:`relay.stuck`):
 
-1. **Retention deletes delivered messages only, and only those older than ``retention``.** The DELETE
-   names the rows by primary key *and* re-checks ``status = 'delivered' AND delivered_at < cutoff``, so a
-   row replayed in between is kept; pending, in-flight, failed, dead and parked rows are never deleted
-   (dead and parked ones wait for ``outbox replay`` or ``outbox purge``).
-   -- ``tests/test_maintenance.py::test_retention_deletes_only_old_delivered_while_relays_deliver``
-2. **No long locks.** Each batch is its own transaction of at most ``batch_size`` rows (found through
-   the ``delivered_at`` index), so relays claiming and marking next to it wait for milliseconds, never
-   for a table-sized DELETE; a run stops after ``max_batches`` and goes on at the next tick.
-   -- same test (relays keep delivering while it runs)
-3. **At most one relay applies retention at a time.** The lease is taken by a conditional UPDATE (``WHERE
-   holder = me OR expires_at < now``) or, when the row does not exist, an INSERT that the primary key
-   makes unique; the holder renews it every tick and between batches, and stops a run when a renewal
-   finds it lost. A holder that dies stops renewing; another relay takes over once ``lease_seconds``
-   have passed. A relay that stops releases it. -- ``tests/test_maintenance.py::
+1. **At most one relay applies retention at a time.** The lease is taken by a conditional UPDATE
+   (``WHERE holder = me OR expires_at < now``) or, when the row does not exist, an INSERT that the
+   primary key makes unique; the holder renews it every tick and between batches, and stops a run when
+   a renewal finds it lost. A holder that dies stops renewing; another relay takes over once
+   ``lease_seconds`` have passed. A relay that stops releases it. -- ``tests/test_maintenance.py::
    test_one_relay_at_a_time_holds_the_maintenance_lease``
-4. **The monitor changes no message.** Taking back expired leases is the claim path's job
-   (:mod:`relay.claim`, invariant 4: no sweeper); when the monitor sees expired leases it wakes its
-   relay's fetcher (``on_expired``) so they are claimed again now rather than at the next poll.
-   -- ``tests/test_maintenance.py::test_killed_relay_lease_is_reported_and_reclaimed``
+2. **Retention never starves the relay.** A run stops after ``max_batches`` batches of each kind and goes
+   on at the next tick; between batches it pauses ``batch_pause`` seconds so that claims and marks get
+   through. -- ``tests/test_maintenance.py::test_retention_deletes_only_old_delivered_while_relays_deliver``
 
 Times are the relay's clock (naive UTC), like every lease; see ``docs/guarantees.md`` about clock skew.
 """
@@ -44,18 +35,29 @@ import datetime as dt
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from outbox.dialects import is_outage
 from outbox.errors import ConfigError
-from outbox.schema import KEY_HOLDING, OutboxTables, Status
+from outbox.schema import OutboxTables
 from outbox.writer import utcnow
 from relay.publishers import describe_error
+from relay.retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
+from relay.stuck import StuckFindings, StuckMonitor, report
+
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_RETENTION",
+    "DEFAULT_STUCK_AFTER",
+    "MAINTENANCE_LOCK",
+    "Maintenance",
+    "RetentionRun",
+    "StuckFindings",
+    "as_timedelta",
+]
 
 log = logging.getLogger("outbox.maintenance")
 
@@ -65,69 +67,23 @@ DEFAULT_RETENTION = dt.timedelta(days=7)
 DEFAULT_STUCK_AFTER = dt.timedelta(minutes=5)
 DEFAULT_INTERVAL = 60.0
 
-_WAITING = (Status.PENDING.value, Status.FAILED.value)
-
-
-@dataclass(frozen=True)
-class StuckFindings:
-    """What the monitor saw at ``checked_at``: the input of the stuck-message warnings and metrics.
-
-    The ``*_ids`` / ``held_keys`` tuples hold at most ``report_ids`` examples; the counts are complete.
-    """
-
-    checked_at: dt.datetime
-    #: leases (claims, one per batch) expired more than ``lease_grace`` ago and not yet taken back
-    expired_leases: int = 0
-    #: messages in flight under those leases
-    expired_messages: int = 0
-    expired_ids: tuple[uuid.UUID, ...] = ()
-    #: pending or failed messages waiting more than ``stuck_after`` past their due time
-    stuck_messages: int = 0
-    stuck_ids: tuple[uuid.UUID, ...] = ()
-    #: keys whose later messages waited more than ``stuck_after`` behind an unfinished earlier one
-    held_key_count: int = 0
-    #: ``(key, id of the message holding it, its status)``
-    held_keys: tuple[tuple[str, uuid.UUID, str], ...] = ()
-    #: distinct expired leases this relay has seen since it started (a counter: it only grows)
-    expired_leases_total: int = 0
-    #: this relay held the maintenance lease, so it logged the findings
-    reported: bool = False
-
-    @property
-    def healthy(self) -> bool:
-        return not (self.expired_messages or self.stuck_messages or self.held_key_count)
-
-
-@dataclass(frozen=True)
-class RetentionRun:
-    """One retention run: how many delivered messages older than ``cutoff`` it deleted."""
-
-    started_at: dt.datetime
-    cutoff: dt.datetime
-    deleted: int
-    batches: int
-    seconds: float
-    #: stopped at ``max_batches`` (or on stop / lost lease) with more to delete
-    incomplete: bool = False
-
-
 Observer = Callable[[StuckFindings], None]
 
 
 @dataclass
 class _Counters:
     deleted_total: int = 0
+    inbox_deleted_total: int = 0
     retention_runs: int = 0
-    seen_leases: set[str] = field(default_factory=set)
-    expired_leases_total: int = 0
 
 
 class Maintenance:
     """The maintenance thread of one relay (see the module docstring). :meth:`start`, :meth:`stop`.
 
     ``holder`` names this relay in the lock row. ``retention`` ``None`` (or zero) keeps delivered
-    messages forever. ``lease_seconds``: how long the maintenance lease lives without renewal.
-    :meth:`check` and :meth:`apply_retention` can also be called directly (tests, one-off runs).
+    messages and inbox rows forever. ``lease_seconds``: how long the maintenance lease lives without renewal.
+    :meth:`check`, :meth:`apply_retention` and :meth:`apply_inbox_retention` can also be called directly
+    (tests, one-off runs).
     """
 
     def __init__(
@@ -172,9 +128,12 @@ class Maintenance:
         self.on_expired = on_expired
         #: the latest monitor findings (``None`` before the first check)
         self.findings: StuckFindings | None = None
-        #: the latest retention run (``None`` before the first, or when this relay never held the lease)
+        #: the latest retention runs, of delivered messages and of inbox rows (``None`` before the first,
+        #: or when this relay never held the lease)
         self.last_retention: RetentionRun | None = None
+        self.last_inbox_retention: RetentionRun | None = None
         self._counters = _Counters()
+        self._monitor = StuckMonitor(engine, tables)
         self._observers: list[Observer] = []
         self._held = False
         self._renewed_at = 0.0
@@ -193,6 +152,11 @@ class Maintenance:
     def deleted_total(self) -> int:
         """Delivered messages this relay's retention has deleted since start."""
         return self._counters.deleted_total
+
+    @property
+    def inbox_deleted_total(self) -> int:
+        """Inbox rows this relay's retention has deleted since start."""
+        return self._counters.inbox_deleted_total
 
     def add_observer(self, observer: Observer) -> None:
         """Call ``observer(findings)`` after each check (in the maintenance thread; keep it quick)."""
@@ -225,8 +189,10 @@ class Maintenance:
                     next_work = time.monotonic() + self.interval
                     self.check()
                     if self._held and self.retention is not None:
-                        run = self.apply_retention()
-                        if run.incomplete and not self._stop.is_set():
+                        runs = [self.apply_retention()]
+                        if self._held and not self._stop.is_set():
+                            runs.append(self.apply_inbox_retention())
+                        if any(run.incomplete for run in runs) and not self._stop.is_set():
                             next_work = time.monotonic()  # more to delete: go on after one tick
                 self._failing = False
             except Exception as exc:
@@ -307,123 +273,76 @@ class Maintenance:
     # -- retention ---------------------------------------------------------------------------------------
 
     def apply_retention(self, *, now: dt.datetime | None = None) -> RetentionRun:
-        """Delete delivered messages older than ``retention``, in batches (see invariants 1 and 2).
+        """Delete delivered messages older than ``retention``, in batches (:mod:`relay.retention`).
 
         Call it only while holding the lease (the thread does); it stops early on stop, on a lost lease,
         or after ``max_batches`` (``incomplete``).
         """
-        if self.retention is None:
-            raise ValueError("retention is off")
-        started, started_at = time.monotonic(), utcnow()
-        cutoff = (now or started_at) - self.retention
-        t = self.tables.messages
-        old_delivered = (t.c.status == Status.DELIVERED.value, t.c.delivered_at < cutoff)
-        pick = (
-            sa.select(t.c.seq)
-            .where(*old_delivered)
-            .order_by(t.c.delivered_at)
-            .limit(self.batch_size)  # the delivered_at index gives them in order: no scan
-        )
-        deleted = batches = 0
-        more = True
-        while more:
-            with self.engine.begin() as conn:
-                seqs = list(conn.execute(pick).scalars())
-                if seqs:
-                    deleted += conn.execute(sa.delete(t).where(t.c.seq.in_(seqs), *old_delivered)).rowcount
-                    batches += 1
-            more = len(seqs) == self.batch_size
-            if not more or batches >= self.max_batches or self._stop.is_set() or not self._renew_if_due():
-                break
-            self._stop.wait(self.batch_pause)  # let the relays' claims and marks through
-        run = RetentionRun(started_at, cutoff, deleted, batches, time.monotonic() - started, incomplete=more)
-        self._counters.deleted_total += deleted
+        run = self._retain(delivered_batch(self.tables), now)
+        self._counters.deleted_total += run.deleted
         self._counters.retention_runs += 1
         self.last_retention = run
-        if deleted:
-            log.info(
-                "retention deleted %d delivered message(s) older than %s in %d batch(es), %.1fs%s",
-                deleted,
-                cutoff.isoformat(timespec="seconds"),
-                batches,
-                run.seconds,
-                " (more to go)" if more else "",
-            )
+        self._log_run(run, "delivered message(s)")
         return run
+
+    def apply_inbox_retention(self, *, now: dt.datetime | None = None) -> RetentionRun:
+        """Delete inbox rows (every consumer group's) processed longer than ``retention`` ago, in batches.
+
+        As :meth:`apply_retention`. A message Kafka delivers again after its inbox row is gone is
+        handled again: see :mod:`relay.retention`.
+        """
+        run = self._retain(inbox_batch(self.tables), now)
+        self._counters.inbox_deleted_total += run.deleted
+        self.last_inbox_retention = run
+        self._log_run(run, "inbox row(s)")
+        return run
+
+    def _retain(self, batch: Batch, now: dt.datetime | None) -> RetentionRun:
+        if self.retention is None:
+            raise ValueError("retention is off")
+
+        def go_on() -> bool:
+            if self._stop.is_set() or not self._renew_if_due():
+                return False
+            return not self._stop.wait(self.batch_pause)  # let the relays' claims and marks through
+
+        return run_retention(
+            self.engine,
+            batch,
+            retention=self.retention,
+            batch_size=self.batch_size,
+            max_batches=self.max_batches,
+            go_on=go_on,
+            now=now,
+        )
+
+    def _log_run(self, run: RetentionRun, what: str) -> None:
+        if run.deleted:
+            log.info(
+                "retention deleted %d %s older than %s in %d batch(es), %.1fs%s",
+                run.deleted,
+                what,
+                run.cutoff.isoformat(timespec="seconds"),
+                run.batches,
+                run.seconds,
+                " (more to go)" if run.incomplete else "",
+            )
 
     # -- the stuck monitor -------------------------------------------------------------------------------
 
     def check(self, *, now: dt.datetime | None = None) -> StuckFindings:
         """Look for expired leases, overdue messages and held-back keys; keep, report and return them."""
-        now = now or utcnow()
-        t = self.tables.messages
-        limit = self.report_ids
-        expired_cut = now - dt.timedelta(seconds=self.lease_grace)
-        stuck_cut = now - self.stuck_after
-        expired = (t.c.status == Status.INFLIGHT.value, t.c.due_at < expired_cut)
-        overdue = (t.c.status.in_(_WAITING), t.c.due_at < stuck_cut)
-        w = t.alias("w")
-        e = t.alias("e")
-        held_back = (
-            w.c.status == Status.PENDING.value,
-            w.c.msg_key.is_not(None),
-            w.c.due_at < stuck_cut,
-            sa.select(sa.literal(1))
-            .where(
-                e.c.msg_key == w.c.msg_key,
-                e.c.status.in_([s.value for s in KEY_HOLDING]),
-                e.c.seq < w.c.seq,
-            )
-            .exists(),
-        )
-        with self.engine.connect() as conn:
-            leases = conn.execute(
-                sa.select(t.c.lease_token, sa.func.count()).where(*expired).group_by(t.c.lease_token)
-            ).all()
-            expired_ids = _ids(conn, sa.select(t.c.id).where(*expired).order_by(t.c.due_at).limit(limit))
-            stuck = conn.execute(sa.select(sa.func.count()).where(*overdue)).scalar_one()
-            stuck_ids = (
-                _ids(conn, sa.select(t.c.id).where(*overdue).order_by(t.c.due_at).limit(limit))
-                if stuck
-                else ()
-            )
-            held_count = conn.execute(
-                sa.select(sa.func.count(sa.distinct(w.c.msg_key))).where(*held_back)
-            ).scalar_one()
-            held: list[tuple[str, uuid.UUID, str]] = []
-            if held_count:
-                keys = conn.execute(
-                    sa.select(w.c.msg_key).where(*held_back).group_by(w.c.msg_key).limit(limit)
-                ).scalars()
-                for key in list(keys):
-                    first = conn.execute(
-                        sa.select(t.c.id, t.c.status)
-                        .where(t.c.msg_key == key, t.c.status.in_([s.value for s in KEY_HOLDING]))
-                        .order_by(t.c.seq)
-                        .limit(1)
-                    ).first()
-                    if first is not None:
-                        held.append((str(key), first.id, str(first.status)))
-        tokens = {str(token) for token, _ in leases if token is not None}
-        counters = self._counters
-        counters.expired_leases_total += len(tokens - counters.seen_leases)
-        counters.seen_leases = tokens  # only the current ones: a taken-back lease never comes back
-        findings = StuckFindings(
-            checked_at=now,
-            expired_leases=len(leases),
-            expired_messages=sum(int(n) for _, n in leases),
-            expired_ids=expired_ids,
-            stuck_messages=int(stuck),
-            stuck_ids=stuck_ids,
-            held_key_count=int(held_count),
-            held_keys=tuple(held),
-            expired_leases_total=counters.expired_leases_total,
-            reported=self._held,
+        findings = self._monitor.check(
+            now=now or utcnow(),
+            stuck_after=self.stuck_after,
+            lease_grace=self.lease_grace,
+            limit=self.report_ids,
+            reporting=self._held,
         )
         self.findings = findings
         if findings.expired_messages and self.on_expired is not None:
             self.on_expired()
-        self._report(findings)
+        report(findings, lease_grace=self.lease_grace, stuck_after=self.stuck_after)
         for observer in self._observers:
             try:
                 observer(findings)
@@ -431,56 +350,9 @@ class Maintenance:
                 log.exception("maintenance observer %r failed", observer)
         return findings
 
-    def _report(self, f: StuckFindings) -> None:
-        level = logging.WARNING if f.reported else logging.DEBUG
-        if f.expired_messages:
-            log.log(
-                level,
-                "%d message(s) in flight under %d lease(s) that expired more than %gs ago (a relay died "
-                "or stalled); relays take them back by themselves: %s",
-                f.expired_messages,
-                f.expired_leases,
-                self.lease_grace,
-                _shown(f.expired_ids, f.expired_messages),
-            )
-        if f.stuck_messages:
-            log.log(
-                level,
-                "%d message(s) waiting more than %s past their due time (are relays running and keeping "
-                "up?): %s",
-                f.stuck_messages,
-                _span(self.stuck_after),
-                _shown(f.stuck_ids, f.stuck_messages),
-            )
-        if f.held_key_count:
-            log.log(
-                level,
-                "%d key(s) held back for more than %s by an unfinished earlier message: %s",
-                f.held_key_count,
-                _span(self.stuck_after),
-                _shown([f"{key} (by {mid}, {status})" for key, mid, status in f.held_keys], f.held_key_count),
-            )
-
 
 def as_timedelta(value: dt.timedelta | float | None) -> dt.timedelta | None:
     """A duration given as a ``timedelta`` or a number of seconds (``None`` stays ``None``)."""
     if value is None or isinstance(value, dt.timedelta):
         return value
     return dt.timedelta(seconds=value)
-
-
-def _ids(conn: sa.Connection, query: sa.Select[Any]) -> tuple[uuid.UUID, ...]:
-    return tuple(conn.execute(query).scalars())
-
-
-def _shown(items: Sequence[object], total: int) -> str:
-    text = ", ".join(str(item) for item in items)
-    return text + (f" and {total - len(items)} more" if total > len(items) else "")
-
-
-def _span(delta: dt.timedelta) -> str:
-    seconds = delta.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

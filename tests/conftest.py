@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -135,3 +136,33 @@ def private_broker(tmp_path: Path) -> Iterator[object]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """The OpenTelemetry SDK as the global tracer provider for this test; its in-memory span exporter.
+
+    Taken away again afterwards, so that every other test runs as a user without an SDK.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.util._once import Once
+
+    def install(provider: TracerProvider | None) -> None:
+        # OpenTelemetry lets a process set its provider once; its own test utilities reset it like this.
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace._TRACER_PROVIDER = None
+        if provider is not None:
+            trace.set_tracer_provider(provider)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    install(provider)
+    try:
+        yield exporter
+    finally:
+        install(None)
+        provider.shutdown()

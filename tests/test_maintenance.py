@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
+from consumers.inbox import Inbox
 from outbox.schema import Status, tables_for
 from outbox.writer import Outbox, utcnow
 from relay import Relay
@@ -319,3 +320,53 @@ def test_monitor_reports_overdue_messages_and_held_keys(
     assert str(lonely) in text and "customer-7" in text and str(blocker) in text
     maintenance.release_lease()
     assert lock_holder(engine) is None
+
+
+# --- inbox retention ------------------------------------------------------------------------------------
+
+INBOX = tables_for().inbox
+
+
+def insert_inbox(engine: sa.Engine, group: str, count: int, processed_at: dt.datetime) -> list[uuid.UUID]:
+    """``count`` inbox rows of consumer ``group``, processed at ``processed_at``."""
+    ids = [uuid.uuid4() for _ in range(count)]
+    rows = [
+        {"consumer_group": group, "message_id": i, "topic": "t", "processed_at": processed_at} for i in ids
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 1000):
+            conn.execute(sa.insert(INBOX), rows[start : start + 1000])
+    return ids
+
+
+def inbox_rows(engine: sa.Engine) -> set[tuple[str, uuid.UUID]]:
+    with engine.connect() as conn:
+        return {(r.consumer_group, r.message_id) for r in conn.execute(sa.select(INBOX))}
+
+
+def test_inbox_retention_deletes_only_old_inbox_rows_in_batches(engine: sa.Engine) -> None:
+    """The lease holder deletes the consumers' inbox rows processed longer than the retention ago, of
+    every group, in small batches; younger rows stay, so their redeliveries are still skipped."""
+    now = utcnow()
+    old = insert_inbox(engine, "billing", 700, now - dt.timedelta(days=10))
+    old += insert_inbox(engine, "shipping", 500, now - dt.timedelta(days=8))
+    young = {("billing", i) for i in insert_inbox(engine, "billing", 30, now - dt.timedelta(days=6))}
+    young |= {("shipping", i) for i in insert_inbox(engine, "shipping", 20, now - dt.timedelta(minutes=1))}
+
+    relay = Relay(engine, Registry(), poll_interval=0.1, lease_seconds=5, maintenance_interval=0.2)
+    assert relay.maintenance is not None
+    maintenance = relay.maintenance
+    maintenance.batch_size = 250
+    maintenance.max_batches = 2  # 500 rows per run at most: the rest goes on at the next tick
+    with relay:
+        wait_until(lambda: maintenance.inbox_deleted_total == 1200, timeout=30, what="inbox retention")
+        run = maintenance.last_inbox_retention
+    assert run is not None and run.batches <= 2 and run.deleted <= 500, run
+    assert inbox_rows(engine) == young, "exactly the rows older than the retention (7 days) are gone"
+    with engine.connect() as conn:
+        assert not Inbox(tables_for(), "billing").contains(conn, old[0]), "a redelivery: handled again"
+        assert Inbox(tables_for(), "billing").contains(conn, next(i for g, i in young if g == "billing"))
+
+    off = Maintenance(engine, tables_for(), holder="retention-off", retention=None)
+    with pytest.raises(ValueError, match="retention is off"):
+        off.apply_inbox_retention()

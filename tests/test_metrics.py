@@ -277,11 +277,13 @@ def test_readyz_follows_the_database() -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
-def test_readyz_follows_the_broker(engine: sa.Engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_readyz_follows_the_broker(engine: sa.Engine, tmp_path: Path, client: str) -> None:
     broker = Broker(tmp_path).start()
     try:
         metrics = RelayMetrics(interval=60)
-        relay = Relay(engine, Registry(), kafka=KafkaSettings(broker.bootstrap), observers=[metrics])
+        kafka = KafkaSettings(broker.bootstrap, client=client)
+        relay = Relay(engine, Registry(), kafka=kafka, observers=[metrics])
         with relay, served(relay, metrics) as scrape:
             wait_until(lambda: scrape.ready()[0] == 200, timeout=20, what="ready")
             assert "broker" in scrape.ready()[1]["checks"]
@@ -291,6 +293,36 @@ def test_readyz_follows_the_broker(engine: sa.Engine, tmp_path: Path) -> None:
             assert report["checks"]["broker"]["ok"] is False, report
             assert report["checks"]["database"]["ok"] is True
             broker.start()
+            wait_until(lambda: scrape.ready()[0] == 200, timeout=20, what="ready again")
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_readyz_sees_a_frozen_broker_by_its_last_answer(
+    engine: sa.Engine, tmp_path: Path, client: str
+) -> None:
+    """A frozen broker still accepts TCP connections (the kernel answers for it): readiness then comes
+    from what the publisher last heard, a send that timed out, until an acknowledgement says otherwise."""
+    broker = Broker(tmp_path).start()
+    try:
+        metrics = RelayMetrics(interval=60)
+        kafka = KafkaSettings(
+            broker.bootstrap, client=client, request_timeout_ms=2000, delivery_timeout_ms=3000
+        )
+        relay = Relay(engine, Registry(), kafka=kafka, observers=[metrics], poll_interval=0.1)
+        with relay, served(relay, metrics) as scrape:
+            add(engine, "frozen.before", {})
+            wait_until(lambda: status_counts(engine) == {"delivered": 1}, timeout=30, what="acknowledged")
+            assert scrape.ready()[0] == 200
+            broker.freeze()
+            add(engine, "frozen.during", {})
+            wait_until(lambda: scrape.ready()[0] == 503, timeout=30, what="unready once the send timed out")
+            checks = scrape.ready()[1]["checks"]
+            assert checks["broker"]["ok"] is False and "broker unavailable" in checks["broker"]["detail"]
+            broker.thaw()
+            wait_until(lambda: status_counts(engine) == {"delivered": 2}, timeout=60, what="delivered after")
             wait_until(lambda: scrape.ready()[0] == 200, timeout=20, what="ready again")
     finally:
         broker.stop()

@@ -4,15 +4,18 @@ replay and purge change exactly what they promise and nothing else."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import uuid
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 import outbox
 from consumers import Registry
+from outbox.cli import outbox as outbox_cli
 from outbox.message import Message
 from outbox.operations import MessageFilter, Operations
 from outbox.schema import Status, tables_for
@@ -343,3 +346,53 @@ def test_purge_dead_takes_parked_too_by_age_since_creation(engine: sa.Engine) ->
     for status in (Status.PENDING, Status.INFLIGHT, Status.FAILED):
         with pytest.raises(ValueError, match="cannot purge"):
             ops.purge(older_than=DAY, status=status)
+
+
+def test_purge_inbox_deletes_only_old_rows_of_every_group(engine: sa.Engine) -> None:
+    """``outbox purge --inbox`` (for consumers that run without relays): the rows of every consumer group
+    processed before the cutoff, in batches; the younger ones stay; the outbox itself is not touched."""
+    now = utcnow()
+    inbox = tables_for().inbox
+    message = add(engine)
+
+    def processed(group: str, age: dt.timedelta) -> uuid.UUID:
+        message_id = uuid.uuid4()
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(inbox).values(
+                    consumer_group=group, message_id=message_id, topic="t", processed_at=now - age
+                )
+            )
+        return message_id
+
+    old = {(g, processed(g, 40 * DAY)) for g in ("billing", "shipping", "billing")}
+    young = {(g, processed(g, age)) for g, age in (("billing", 29 * DAY), ("shipping", HOUR))}
+
+    def left() -> set[tuple[str, uuid.UUID]]:
+        with engine.connect() as conn:
+            return {(r.consumer_group, r.message_id) for r in conn.execute(sa.select(inbox))}
+
+    ops = Operations(engine)
+    dry = ops.purge_inbox(older_than=30 * DAY, dry_run=True, now=now)
+    assert (dry.count, dry.dry_run, dry.inbox) == (3, True, True)
+    assert left() == old | young
+    result = ops.purge_inbox(older_than=30 * DAY, batch_size=2, now=now)
+    assert (result.count, result.batches) == (3, 2)
+    assert left() == young
+    assert status_counts(engine) == {"pending": 1} and row(engine, message).status == "pending"
+
+    url = engine.url.render_as_string(hide_password=False)
+    cli = CliRunner()
+    shown = cli.invoke(
+        outbox_cli, ["purge", "--inbox", "--older-than", "2h", "--dry-run", "--database-url", url]
+    )
+    assert shown.exit_code == 0 and "would delete 1 inbox row(s) older than 2h" in shown.output, shown.output
+    as_json = cli.invoke(
+        outbox_cli, ["purge", "--inbox", "--older-than", "2h", "--json", "--database-url", url]
+    )
+    assert json.loads(as_json.output)["count"] == 1 and json.loads(as_json.output)["inbox"] is True
+    assert left() == {g for g in young if g[0] == "shipping"}, "the hour-old row stays"
+    both = cli.invoke(
+        outbox_cli, ["purge", "--inbox", "--status", "dead", "--older-than", "1d", "--database-url", url]
+    )
+    assert both.exit_code == 2 and "takes no --status" in both.output

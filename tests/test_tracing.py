@@ -2,7 +2,8 @@
 nothing changes.
 
 The traced tests install the real OpenTelemetry SDK with its in-memory exporter as the global tracer
-provider, and take it away again afterwards, so that every other test runs as a user without an SDK.
+provider (the ``spans`` fixture of ``tests/conftest.py``), and take it away again afterwards, so that
+every other test runs as a user without an SDK.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from opentelemetry.util._once import Once
 from sqlalchemy import orm
 
 import outbox
@@ -35,27 +33,6 @@ from relay import Relay
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
 from tests.kafka_check import read_all
-
-
-def _install(provider: TracerProvider | None) -> None:
-    # OpenTelemetry lets a process set its provider once; its own test utilities reset it like this.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
-    if provider is not None:
-        trace.set_tracer_provider(provider)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    _install(provider)
-    try:
-        yield exporter
-    finally:
-        _install(None)
-        provider.shutdown()
 
 
 def traceparent(context: trace.SpanContext) -> str:
@@ -109,16 +86,19 @@ def test_writer_trace_continues_in_the_relay_handler(engine: sa.Engine, spans: I
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_writer_trace_continues_through_kafka_into_the_consumer(
-    engine: sa.Engine, kafka_bootstrap: str, spans: InMemorySpanExporter
+    engine: sa.Engine, kafka_bootstrap: str, spans: InMemorySpanExporter, client: str
 ) -> None:
+    """Either Kafka client sends in a PRODUCER span, child of the writer's, and the record names it."""
     topic = f"traced.{uuid.uuid4().hex[:8]}"
     tracer = trace.get_tracer("test.app")
     with tracer.start_as_current_span("place order") as writer_span, engine.begin() as conn:
         outbox.add(conn, topic, {"n": 1}, key="order-1")
     writer = writer_span.get_span_context()
 
-    with Relay(engine, Registry(), kafka=KafkaSettings(kafka_bootstrap), poll_interval=0.1):
+    kafka = KafkaSettings(kafka_bootstrap, client=client)
+    with Relay(engine, Registry(), kafka=kafka, poll_interval=0.1):
         wait_until(lambda: status_counts(engine) == {"delivered": 1}, timeout=60, what="published")
     send = finished(spans, f"send {topic}")
     assert send.kind is SpanKind.PRODUCER

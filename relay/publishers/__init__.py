@@ -71,3 +71,12 @@ def describe_error(exc: BaseException) -> str:
     """``Type: message`` for storing as a message's last error."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def error_of(outcome: Outcome) -> str | None:
+    """The error an outcome reports (``None`` when delivered), e.g. to end a delivery's span with."""
+    if isinstance(outcome, Failed):
+        return outcome.error
+    if isinstance(outcome, Released):
+        return outcome.reason
+    return None

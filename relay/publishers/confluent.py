@@ -9,7 +9,9 @@ the relay's database claim path becomes the limit instead.
 Records, ordering and error classification are the kafka-python publisher's (see its module docstring):
 permanent errors (too large, invalid topic, authorisation) fail the message for good; timeouts and broker
 unavailability release it without counting an attempt; a fatal producer error (idempotence state lost)
-releases what is in flight and starts a new producer.
+releases what is in flight and starts a new producer. Tracing (a PRODUCER span per send, whose context
+the record carries) and the ``/readyz`` broker check (:meth:`ConfluentPublisher.broker_problem`) are the
+kafka-python publisher's too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released
-from relay.publishers.kafka import BROKER_RETRY_PAUSE, KafkaSettings, record_headers
+from outbox.broker_health import BrokerHealth
+from outbox.tracing import DeliverySpan, publish_span
+from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
+from relay.publishers.kafka import BROKER_RETRY_PAUSE, KafkaSettings, note_broker_answer, record_headers
 
 log = logging.getLogger("outbox.relay.kafka")
 
@@ -101,8 +105,10 @@ class ConfluentPublisher:
         self.settings = settings
         self._producer_class: Any = Producer
         self._producer: Any = self._make()
-        self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback]] = {}
+        #: deliveries handed to the producer and not yet reported, with their send span
+        self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, DeliverySpan]] = {}
         self._lock = threading.Lock()
+        self._health = BrokerHealth(settings.bootstrap_servers)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="outbox-kafka-poll", daemon=True)
         self._poller.start()
@@ -110,22 +116,28 @@ class ConfluentPublisher:
     def accepts(self, topic: str) -> bool:
         return True
 
+    def broker_problem(self, timeout: float = 1.0) -> str | None:
+        """Why the broker looks unreachable now (``None``: it looks fine), for ``/readyz``: as
+        :meth:`relay.publishers.kafka.KafkaPublisher.broker_problem`."""
+        return self._health.problem(timeout)
+
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         for delivery in deliveries:
-            key = (delivery.token, delivery.seq)
+            topic = self.settings.target_topic(delivery.message.topic)
+            span = publish_span(delivery.message, destination=topic)  # a no-op without OpenTelemetry
             with self._lock:
-                self._pending[key] = (delivery, done)
-            self._produce(delivery, done)
+                self._pending[(delivery.token, delivery.seq)] = (delivery, done, span)
+            self._produce(delivery, topic, span)
 
-    def _produce(self, delivery: Delivery, done: DoneCallback) -> None:
+    def _produce(self, delivery: Delivery, topic: str, span: DeliverySpan) -> None:
         message = delivery.message
         while True:
             try:
                 self._producer.produce(
-                    self.settings.target_topic(message.topic),
+                    topic,
                     value=message.body,
                     key=message.key.encode("utf-8") if message.key is not None else None,
-                    headers=record_headers(delivery),
+                    headers=record_headers(delivery, span),
                     on_delivery=lambda err, _msg, d=delivery: self._on_delivery(d, err),
                 )
                 return
@@ -149,17 +161,19 @@ class ConfluentPublisher:
         self._report(delivery, classify(err))
 
     def _report(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Report ``outcome`` once per delivery (a late answer after a restart or stop is dropped)."""
         with self._lock:
             entry = self._pending.pop((delivery.token, delivery.seq), None)
         if entry is not None:
-            entry[1](delivery, outcome)
+            note_broker_answer(self._health, outcome)
+            _finish(entry, outcome)
 
     def _restart(self) -> None:
         with self._lock:
             stranded = list(self._pending.values())
             self._pending.clear()
-        for delivery, done in stranded:
-            done(delivery, Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE))
+        for entry in stranded:
+            _finish(entry, Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE))
         self._producer = self._make()
 
     def _make(self) -> Any:
@@ -185,5 +199,12 @@ class ConfluentPublisher:
         with self._lock:
             left = list(self._pending.values())
             self._pending.clear()
-        for delivery, callback in left:  # never acknowledged: they will be published again
-            callback(delivery, Released("relay stopping before the broker acknowledged"))
+        for entry in left:  # never acknowledged: they will be published again
+            _finish(entry, Released("relay stopping before the broker acknowledged"))
+
+
+def _finish(entry: tuple[Delivery, DoneCallback, DeliverySpan], outcome: Outcome) -> None:
+    """End the delivery's send span (failed unless delivered), then report its outcome."""
+    delivery, done, span = entry
+    span.end(error_of(outcome))
+    done(delivery, outcome)

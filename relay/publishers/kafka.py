@@ -29,13 +29,13 @@ import contextlib
 import fnmatch
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from outbox.broker_health import BrokerHealth
 from outbox.errors import ConfigError
 from outbox.kafka_settings import (
     HEADER_CONTENT_TYPE,
@@ -53,6 +53,7 @@ from relay.publishers import (
     Outcome,
     Released,
     describe_error,
+    error_of,
 )
 
 log = logging.getLogger("outbox.relay.kafka")
@@ -169,9 +170,8 @@ class KafkaPublisher:
         self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, int, float]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        #: monotonic times of the last acknowledgement and of the last broker problem, for readiness
-        self._last_ack: float | None = None
-        self._last_problem: tuple[float, str] | None = None
+        #: acknowledgements and broker problems, for readiness (broker_problem)
+        self._health = BrokerHealth(settings.bootstrap_servers)
         self._thread = threading.Thread(target=self._send_loop, name="outbox-kafka-sender", daemon=True)
         self._thread.start()
 
@@ -183,25 +183,9 @@ class KafkaPublisher:
 
         Unreachable when the latest answer, within the last 30 s, was a broker problem (no
         acknowledgement since); with nothing that recent, when no bootstrap server accepts a TCP
-        connection within ``timeout`` seconds.
+        connection within ``timeout`` seconds (:class:`outbox.broker_health.BrokerHealth`).
         """
-        with self._lock:
-            last_ack, last_problem = self._last_ack, self._last_problem
-        if last_problem is not None and time.monotonic() - last_problem[0] < 30.0:
-            if last_ack is None or last_ack < last_problem[0]:
-                return last_problem[1]
-            return None
-        if last_ack is not None and time.monotonic() - last_ack < 30.0:
-            return None
-        errors = []
-        for server in self.settings.bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-                return None
-            except OSError as exc:
-                errors.append(f"{server.strip()}: {exc.strerror or exc}")
-        return f"no Kafka bootstrap server reachable ({'; '.join(errors)})"
+        return self._health.problem(timeout)
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         for delivery in deliveries:
@@ -267,10 +251,7 @@ class KafkaPublisher:
         with self._lock:
             if self._pending.pop((delivery.token, delivery.seq), None) is None:
                 return  # already reported (stop or a producer restart raced with the answer)
-            if isinstance(outcome, Delivered):
-                self._last_ack = time.monotonic()
-            elif isinstance(outcome, Released) and outcome.retry_after > 0:  # the broker is away or busy
-                self._last_problem = (time.monotonic(), outcome.reason)
+        note_broker_answer(self._health, outcome)
         if isinstance(outcome, Released) and "Expiring" in outcome.reason:
             self._reset_requested = True  # batches expired: this producer may be wedged, use a new one
         done(delivery, outcome)
@@ -304,7 +285,7 @@ class KafkaPublisher:
         span = publish_span(message, destination=topic)  # a no-op without OpenTelemetry
 
         def answered(outcome: Outcome) -> None:
-            span.end(_error_of(outcome))
+            span.end(error_of(outcome))
             self._report(delivery, done, outcome)
 
         try:
@@ -345,12 +326,12 @@ class KafkaPublisher:
         return None
 
 
-def _error_of(outcome: Outcome) -> str | None:
-    if isinstance(outcome, Failed):
-        return outcome.error
-    if isinstance(outcome, Released):
-        return outcome.reason
-    return None
+def note_broker_answer(health: BrokerHealth, outcome: Outcome) -> None:
+    """Tell ``health`` what a delivery's outcome says about the broker (for ``broker_problem``)."""
+    if isinstance(outcome, Delivered):
+        health.answered()
+    elif isinstance(outcome, Released) and outcome.retry_after > 0:  # the broker is away or busy
+        health.failed(outcome.reason)
 
 
 def _close_quietly(producer: Any) -> None:
