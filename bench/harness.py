@@ -135,7 +135,7 @@ class Result:
 def _round(value: float) -> float:
     if value != value or value in (float("inf"), float("-inf")):  # NaN/inf: JSON has no such numbers
         return float("nan")
-    return float(f"{value:.4g}") if abs(value) < 1000 else round(value, 1)
+    return float(f"{value:.6g}") if abs(value) < 1000 else round(value, 1)
 
 
 class Recorder:
