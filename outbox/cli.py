@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
-from outbox.cli_options import F, open_engine, scrub, settings_command, shared_options
+from outbox.cli_options import env_option, open_engine, scrub, settings_command, shared_options
 from outbox.config import Settings
 from outbox.dialects import is_outage
 from outbox.errors import (
@@ -266,106 +266,96 @@ _RELAY_SETTINGS = (
 )
 
 
-def _relay_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
-    env = "OUTBOX_" + name.upper()
-    flag = "--" + name.replace("_", "-")
-    return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
-
-
 @outbox.command()
-@_relay_option(
+@env_option(
     "app",
     str,
     "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
     metavar="MODULE[:ATTR]",
 )
-@_relay_option("batch_size", int, "Messages claimed per query (default 200).")
-@_relay_option("workers", int, "Handler threads (default 8).")
-@_relay_option(
+@env_option("batch_size", int, "Messages claimed per query (default 200).")
+@env_option("workers", int, "Handler threads (default 8).")
+@env_option(
     "max_in_flight", int, "Messages claimed but not finished, at most (default: max(2 x batch, 4 x workers))."
 )
-@_relay_option(
+@env_option(
     "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."
 )
-@_relay_option("poll_interval", float, "Seconds between polls when idle (default 1).")
-@_relay_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
-@_relay_option(
-    "max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10)."
-)
-@_relay_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
-@_relay_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
-@_relay_option(
-    "handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none)."
-)
-@_relay_option(
+@env_option("poll_interval", float, "Seconds between polls when idle (default 1).")
+@env_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
+@env_option("max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10).")
+@env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
+@env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
+@env_option("handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none).")
+@env_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
 )
-@_relay_option(
+@env_option(
     "kafka_bootstrap_servers",
     str,
     "Publish topics without an in-process handler to this Kafka cluster.",
     metavar="HOST:PORT[,...]",
 )
-@_relay_option("kafka_client_id", str, "Kafka client id (default outbox-relay).")
-@_relay_option(
+@env_option("kafka_client_id", str, "Kafka client id (default outbox-relay).")
+@env_option(
     "kafka_client",
     click.Choice(["kafka-python", "confluent"]),
     "Kafka client library: kafka-python (default) or confluent (librdkafka; the confluent extra).",
 )
-@_relay_option(
+@env_option(
     "kafka_security_protocol",
     click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
     "Kafka security protocol (default PLAINTEXT).",
 )
-@_relay_option(
+@env_option(
     "kafka_sasl_mechanism",
     click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
     "SASL mechanism.",
 )
-@_relay_option("kafka_sasl_username", str, "SASL user name.")
-@_relay_option("kafka_sasl_password", str, "SASL password (prefer the environment variable).")
-@_relay_option("kafka_ssl_cafile", str, "CA certificate file (PEM) for TLS.")
-@_relay_option("kafka_ssl_certfile", str, "Client certificate file (PEM) for TLS.")
-@_relay_option("kafka_ssl_keyfile", str, "Client key file (PEM) for TLS.")
-@_relay_option(
+@env_option("kafka_sasl_username", str, "SASL user name.")
+@env_option("kafka_sasl_password", str, "SASL password (prefer the environment variable).")
+@env_option("kafka_ssl_cafile", str, "CA certificate file (PEM) for TLS.")
+@env_option("kafka_ssl_certfile", str, "Client certificate file (PEM) for TLS.")
+@env_option("kafka_ssl_keyfile", str, "Client key file (PEM) for TLS.")
+@env_option(
     "kafka_compression",
     click.Choice(["gzip", "snappy", "lz4", "zstd"], case_sensitive=False),
     "Compress record batches.",
 )
-@_relay_option("kafka_linger_ms", int, "Milliseconds the producer waits to fill a batch (default 5).")
-@_relay_option("kafka_batch_size", int, "Producer batch size in bytes (default 262144).")
-@_relay_option("kafka_request_timeout_ms", int, "Kafka request timeout in ms (default 30000).")
-@_relay_option(
+@env_option("kafka_linger_ms", int, "Milliseconds the producer waits to fill a batch (default 5).")
+@env_option("kafka_batch_size", int, "Producer batch size in bytes (default 262144).")
+@env_option("kafka_request_timeout_ms", int, "Kafka request timeout in ms (default 30000).")
+@env_option(
     "kafka_delivery_timeout_ms",
     int,
     "Give up on a send after this many ms; the message is released, not failed (default 120000).",
 )
-@_relay_option(
+@env_option(
     "kafka_route",
     str,
     "Publish outbox topics matching PATTERN to Kafka topic TOPIC (repeatable; default: same name).",
     multiple=True,
     metavar="PATTERN=TOPIC",
 )
-@_relay_option(
+@env_option(
     "retention",
     str,
     "Delete delivered messages older than this, in small batches, one relay at a time (default 7d; "
     "off keeps them).",
     metavar="DURATION|off",
 )
-@_relay_option(
+@env_option(
     "stuck_after",
     str,
     "Warn about messages and keys waiting this long past their due time (default 5m).",
     metavar="DURATION",
 )
-@_relay_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
-@_relay_option(
+@env_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
+@env_option(
     "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
 )
-@_relay_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
-@_relay_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
+@env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
+@env_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
 @settings_command(*_RELAY_SETTINGS)
 def relay(settings: Settings) -> None:
     """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.

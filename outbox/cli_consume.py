@@ -23,13 +23,12 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import click
 
-from outbox.cli_options import SECRETS, F, open_engine, settings_command
+from outbox.cli_options import SECRETS, F, env_option, open_engine, settings_command
 from outbox.config import Settings
 from outbox.errors import ConfigError
 from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
@@ -49,30 +48,22 @@ _KAFKA_FLAGS = (
 )
 
 
-def _env_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
-    env = "OUTBOX_" + name.upper()
-    flag = "--" + name.replace("_", "-")
-    return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
-
-
 def kafka_options(func: F) -> F:
     """The Kafka connection flags (bootstrap servers, client id, TLS, SASL)."""
     options = [
-        _env_option(
-            "kafka_bootstrap_servers", str, "Kafka brokers to start from.", metavar="HOST:PORT[,...]"
-        ),
-        _env_option("kafka_client_id", str, "Client id shown to the brokers."),
-        _env_option(
+        env_option("kafka_bootstrap_servers", str, "Kafka brokers to start from.", metavar="HOST:PORT[,...]"),
+        env_option("kafka_client_id", str, "Client id shown to the brokers."),
+        env_option(
             "kafka_security_protocol", click.Choice(SECURITY_PROTOCOLS), "How to talk to the brokers."
         ),
-        _env_option("kafka_sasl_mechanism", click.Choice(SASL_MECHANISMS), "SASL mechanism."),
-        _env_option("kafka_sasl_username", str, "SASL user name."),
-        _env_option(
+        env_option("kafka_sasl_mechanism", click.Choice(SASL_MECHANISMS), "SASL mechanism."),
+        env_option("kafka_sasl_username", str, "SASL user name."),
+        env_option(
             "kafka_sasl_password", str, "SASL password (prefer the environment variable).", metavar="SECRET"
         ),
-        _env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
-        _env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),
-        _env_option("kafka_ssl_keyfile", str, "Client private key (PEM).", metavar="FILE"),
+        env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
+        env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),
+        env_option("kafka_ssl_keyfile", str, "Client private key (PEM).", metavar="FILE"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -129,38 +120,38 @@ _CONSUME_SETTINGS = (
 
 
 @click.command()
-@_env_option(
+@env_option(
     "app",
     str,
     "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
     metavar="MODULE[:ATTR]",
 )
-@_env_option("group", str, "Kafka consumer group; its inbox and dead letters are kept under this name.")
+@env_option("group", str, "Kafka consumer group; its inbox and dead letters are kept under this name.")
 @kafka_options
-@_env_option(
+@env_option(
     "session_timeout_ms",
     int,
     "Milliseconds without a heartbeat before the group drops this consumer (default 10000).",
 )
-@_env_option("max_poll_records", int, "Records fetched per poll, at most (default 100).")
-@_env_option(
+@env_option("max_poll_records", int, "Records fetched per poll, at most (default 100).")
+@env_option(
     "max_poll_interval_ms", int, "Milliseconds one poll batch (retries included) may take (default 300000)."
 )
-@_env_option(
+@env_option(
     "auto_offset_reset",
     click.Choice(("earliest", "latest")),
     "Where a group without committed offsets starts (default earliest).",
 )
-@_env_option(
+@env_option(
     "max_attempts", int, "Attempts before a record is dead-lettered, unless its handler says (default 10)."
 )
-@_env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
-@_env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
-@_env_option("stop_timeout", float, "Seconds the current handler gets to finish on stop (default 30).")
-@_env_option(
+@env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
+@env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
+@env_option("stop_timeout", float, "Seconds the current handler gets to finish on stop (default 30).")
+@env_option(
     "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
 )
-@_env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
+@env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
 @settings_command(*_CONSUME_SETTINGS)
 def consume(settings: Settings, **options: Any) -> None:
     """Run the handlers of --app on the records of their Kafka topics, as consumer group --group.

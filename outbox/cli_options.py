@@ -70,6 +70,14 @@ _SHARED: list[Callable[[F], F]] = [
 SHARED_NAMES = ("database_url", "table", "config", "log_level", "log_format")
 
 
+def env_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
+    """A command's own setting as a flag with its ``OUTBOX_*`` environment twin (``batch_size``:
+    ``--batch-size`` / ``OUTBOX_BATCH_SIZE``), the twin shown in the help."""
+    env = "OUTBOX_" + name.upper()
+    flag = "--" + name.replace("_", "-")
+    return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
+
+
 def shared_options(func: F) -> F:
     """Add the shared options to a command or to the group."""
     for option in reversed(_SHARED):
