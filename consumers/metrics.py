@@ -23,7 +23,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from outbox.message import Message
-from outbox.ops_server import Check, DatabaseCheck
+from outbox.ops_server import Check, DatabaseCheck, metrics_registry
 from outbox.writer import utcnow
 
 #: how a record was finished
@@ -40,13 +40,7 @@ class ConsumerMetrics:
         self, group: str, *, registry: CollectorRegistry | None = None, process: bool = True
     ) -> None:
         self.group = group
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        if process:
-            from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+        self.registry = metrics_registry(registry, process=process)
         r = self.registry
         self.records = Counter(
             "outbox_consumer_records",

@@ -186,3 +186,17 @@ class DatabaseCheck:
         with self._lock:
             self._result = result
             self._running = None
+
+
+def metrics_registry(registry: Any = None, *, process: bool = True) -> Any:
+    """``registry``, or a new prometheus-client registry of its own; with ``process``, the standard
+    process, platform and garbage-collector metrics are added to it (relay and consumer alike)."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=True)
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from outbox.ops_server import metrics_registry
 from outbox.schema import OutboxTables, Status
 from outbox.writer import utcnow
 from relay.claim import ClaimedRow
@@ -138,13 +139,7 @@ class RelayMetrics(RelayObserver):
         if not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = interval
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        if process:
-            from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+        self.registry = metrics_registry(registry, process=process)
         r = self.registry
         self.delivered = Counter(
             "outbox_messages_delivered",
