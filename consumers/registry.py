@@ -69,12 +69,18 @@ def _takes_session(func: HandlerFunc) -> bool:
     return False
 
 
+#: topics whose route a registry remembers (the relay asks several times per message)
+_MAX_CACHED_ROUTES = 10_000
+
+
 class Registry:
     """Topic -> handler table. Topics are exact names or shell-style patterns (``orders.*``)."""
 
     def __init__(self) -> None:
         self._exact: dict[str, Handler] = {}
         self._patterns: list[Handler] = []
+        # topic -> route, as found (patterns included); replaced by a new dict on every registration
+        self._routes: dict[str, Handler | None] = {}
 
     def handler(
         self,
@@ -123,10 +129,23 @@ class Registry:
             self._patterns = [h for h in self._patterns if h.topic != topic] + [entry]
         else:
             self._exact[topic] = entry
+        self._routes = {}
         return entry
 
     def route(self, topic: str) -> Handler | None:
         """The handler for ``topic``: an exact registration first, else the first matching pattern."""
+        routes = self._routes  # a registration meanwhile replaces the dict: nothing stale is kept
+        try:
+            return routes[topic]
+        except KeyError:
+            pass
+        found = self._find(topic)
+        if len(routes) >= _MAX_CACHED_ROUTES:
+            routes.clear()
+        routes[topic] = found
+        return found
+
+    def _find(self, topic: str) -> Handler | None:
         found = self._exact.get(topic)
         if found is not None:
             return found

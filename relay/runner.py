@@ -113,6 +113,8 @@ class Relay:
         self.stop_timeout = stop_timeout
         self.default_policy = TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout)
         self.strict_order_topics = frozenset(strict_order_topics)
+        # topic -> (its handler, the defaults, the policy they make): looked up for every message
+        self._policies: dict[str, tuple[Any, TopicPolicy, TopicPolicy]] = {}
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.claims = ClaimQueries(self.tables, self.dialect)
         self._sessions = orm.sessionmaker(self.engine)
@@ -365,6 +367,16 @@ class Relay:
 
     def _policy(self, topic: str) -> TopicPolicy:
         entry = self.registry.route(topic)
+        cached = self._policies.get(topic)
+        if cached is not None and cached[0] is entry and cached[1] is self.default_policy:
+            return cached[2]
+        policy = self._merged_policy(topic, entry)
+        if len(self._policies) >= 10_000:
+            self._policies.clear()
+        self._policies[topic] = (entry, self.default_policy, policy)
+        return policy
+
+    def _merged_policy(self, topic: str, entry: Any) -> TopicPolicy:
         base = self.default_policy
         if topic in self.strict_order_topics:
             base = TopicPolicy(retry=base.retry, timeout=base.timeout, strict_order=True)
@@ -624,6 +636,13 @@ class Relay:
 
     def _with_db(self, fn: Callable[[], T], *, give_up: Callable[[], bool]) -> T:
         """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""
+        if self._outage_since is None:  # the usual case: one plain call, no retry machinery
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # an outage: start over under the retrying loop (it logs, waits and tries again)
         retryer = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_outage),
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),

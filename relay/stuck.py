@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.schema import KEY_HOLDING, OutboxTables, Status
+from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
 log = logging.getLogger("outbox.maintenance")
 
@@ -97,7 +97,7 @@ class StuckMonitor:
             sa.select(sa.literal(1))
             .where(
                 e.c.msg_key == w.c.msg_key,
-                e.c.status.in_([s.value for s in KEY_HOLDING]),
+                status_in(e.c.status, KEY_HOLDING),
                 e.c.seq < w.c.seq,
             )
             .exists(),
@@ -124,7 +124,7 @@ class StuckMonitor:
                 for key in list(keys):
                     first = conn.execute(
                         sa.select(t.c.id, t.c.status)
-                        .where(t.c.msg_key == key, t.c.status.in_([s.value for s in KEY_HOLDING]))
+                        .where(t.c.msg_key == key, status_in(t.c.status, KEY_HOLDING))
                         .order_by(t.c.seq)
                         .limit(1)
                     ).first()

@@ -482,7 +482,7 @@ def test_consumer_settings() -> None:
     assert matches == [True, True, False, False]
 
 
-def test_a_v1_database_upgrades_to_v2(db_url: str) -> None:
+def test_a_v1_database_upgrades_to_the_current_version(db_url: str) -> None:
     engine = outbox.create_engine(db_url)
     try:
         with engine.begin() as conn:  # what version 1 of this code created
@@ -490,9 +490,9 @@ def test_a_v1_database_upgrades_to_v2(db_url: str) -> None:
             conn.execute(sa.insert(T.meta).values(name="schema_version", value="1"))
             message_id = outbox.add(conn, "kept", {"n": 1})
         with engine.begin() as conn:
-            assert [m.version for m in outbox.upgrade(conn)] == [2]
+            assert [m.version for m in outbox.upgrade(conn)] == [2, 3]
         with engine.connect() as conn:
-            assert current_version(conn) == SCHEMA_VERSION == 2
+            assert current_version(conn) == SCHEMA_VERSION == 3
             check_version(conn)
             assert conn.execute(sa.select(T.messages.c.id)).scalars().all() == [message_id]
             inspector = sa.inspect(conn)
@@ -503,13 +503,13 @@ def test_a_v1_database_upgrades_to_v2(db_url: str) -> None:
         engine.dispose()
 
 
-def test_a_fresh_database_goes_straight_to_v2(db_url: str) -> None:
+def test_a_fresh_database_goes_straight_to_the_current_version(db_url: str) -> None:
     engine = outbox.create_engine(db_url)
     try:
         with engine.begin() as conn:
-            assert [m.version for m in outbox.upgrade(conn)] == [1, 2]
+            assert [m.version for m in outbox.upgrade(conn)] == [1, 2, 3]
         with engine.connect() as conn:
-            assert current_version(conn) == 2
+            assert current_version(conn) == 3
     finally:
         engine.dispose()
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -38,6 +39,10 @@ class LeaseLost(Exception):
     """The delivered mark found no row under our token: another relay has taken the message over."""
 
 
+#: a function and its arguments, run by a worker
+_Job = tuple[Callable[..., None], tuple[Any, ...]]
+
+
 class _WorkerPool:
     """A fixed set of daemon threads running callables from a queue.
 
@@ -47,15 +52,15 @@ class _WorkerPool:
 
     def __init__(self, size: int, name: str) -> None:
         self.size = size
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(size)
         ]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._queue.put(job)
+    def submit(self, func: Callable[..., None], *args: Any) -> None:
+        self._queue.put((func, args))
 
     def shutdown(self) -> None:
         for _ in self._threads:
@@ -67,7 +72,7 @@ class _WorkerPool:
             if job is None:
                 return
             try:
-                job()
+                job[0](*job[1])
             except Exception:  # pragma: no cover - _run reports every outcome itself
                 log.exception("unexpected error in a handler worker")
 
@@ -115,7 +120,7 @@ class HandlerPublisher:
             for task in tasks:
                 self._tasks[(task.delivery.token, task.delivery.seq)] = task
         for task in tasks:
-            self._pool.submit(lambda task=task: self._run(task, done))  # type: ignore[misc]
+            self._pool.submit(self._run, task, done)
 
     # -- task state (all under self._lock) ----------------------------------------------------------------
 
