@@ -44,7 +44,6 @@ from bench.protocol import (
 
 
 def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
-    import outbox
     from consumers import Registry
     from relay import Relay
 
@@ -69,10 +68,11 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
 
         # An exact topic, as applications register (a pattern such as "*" costs an fnmatch per message).
         registry.add(TOPIC, record if cfg.get("handler") == "latency" else noop)
-    engine = outbox.create_engine(cfg["url"], pool_size=cfg.get("pool_size", 10))
-    # Only what the scenario sets is passed: everything else stays the product's default.
+    # Only what the scenario sets is passed: everything else stays the product's default, the engine
+    # included (built by the relay from the URL, as `outbox relay` does).
     options = {k: cfg[k] for k in ("batch_size", "workers", "poll_interval", "max_in_flight") if k in cfg}
-    relay = Relay(engine, registry, kafka=kafka, **options)
+    relay = Relay(cfg["url"], registry, kafka=kafka, **options)
+    engine = relay.engine
     effective = {
         "batch_size": relay.batch_size,
         "workers": relay.handlers.workers,
