@@ -86,6 +86,32 @@ def test_writer_trace_continues_in_the_relay_handler(engine: sa.Engine, spans: I
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+def test_without_an_sdk_the_context_still_reaches_the_handler_and_its_messages(engine: sa.Engine) -> None:
+    """opentelemetry-api installed, no SDK (every test but the traced ones): no span is started, yet a
+    message's trace context is current in its handler, so a message the handler adds carries it on."""
+    writer = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    current: dict[str, trace.SpanContext] = {}
+    registry = Registry()
+
+    @registry.handler("untraced.in")
+    def handle(message: Message, session: orm.Session) -> None:
+        current[str(message.payload["n"])] = trace.get_current_span().get_span_context()
+        outbox.add(session, "untraced.out", {"n": message.payload["n"]})
+
+    registry.add("untraced.out", lambda message: None)
+    with orm.Session(engine) as session, session.begin():
+        outbox.add(session, "untraced.in", {"n": 1}, headers={"traceparent": writer})
+        outbox.add(session, "untraced.in", {"n": 2})
+    with Relay(engine, registry, poll_interval=0.1):
+        wait_until(lambda: status_counts(engine) == {"delivered": 4}, what="delivered")
+
+    assert f"{current['1'].trace_id:032x}" == writer.split("-")[1]
+    assert not current["2"].is_valid
+    out = {h.get("traceparent") for h in stored_headers(engine)[2:]}
+    assert out == {writer, None}, out
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_writer_trace_continues_through_kafka_into_the_consumer(
     engine: sa.Engine, kafka_bootstrap: str, spans: InMemorySpanExporter, client: str
