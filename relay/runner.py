@@ -317,8 +317,9 @@ class Relay:
             return
         routed: dict[int, tuple[Any, list[Delivery]]] = {}
         for row in rows:
+            publisher = self._route(row.topic)
             try:
-                delivery = self._delivery(row)
+                delivery = self._delivery(row, decode=publisher is None or publisher.decodes_payload)
             except Exception as exc:  # undecodable row: nothing a retry would change
                 delivery = self._delivery(row, fallback=True)
                 self._report(delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True))
@@ -335,7 +336,6 @@ class Relay:
                     ),
                 )
                 continue
-            publisher = self._route(delivery.message.topic)
             if publisher is None:
                 self._report(delivery, Failed(f"no route for topic {delivery.message.topic}"))
                 continue
@@ -349,12 +349,12 @@ class Relay:
                 return publisher
         return None
 
-    def _delivery(self, row: ClaimedRow, *, fallback: bool = False) -> Delivery:
+    def _delivery(self, row: ClaimedRow, *, fallback: bool = False, decode: bool = True) -> Delivery:
         if fallback:
             payload: Any = row.payload
             headers: dict[str, str] = {}
         else:
-            payload = decode_payload(row.payload, row.content_type)
+            payload = decode_payload(row.payload, row.content_type) if decode else row.payload
             headers = decode_headers(row.headers)
         message = Message(
             id=row.id,

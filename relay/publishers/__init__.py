@@ -57,6 +57,10 @@ DoneCallback = Callable[[Delivery, Outcome], None]
 class Publisher(Protocol):
     """A destination for messages: in-process handlers, Kafka, ..."""
 
+    #: whether deliveries need ``message.payload`` decoded; a broker publisher sends ``message.body``,
+    #: the stored bytes, and gets the raw bytes in ``payload`` too (no JSON decoding per record)
+    decodes_payload: bool
+
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         """Start delivering; report each delivery's outcome through ``done`` (from any thread)."""
 

@@ -93,6 +93,8 @@ def classify(err: Any) -> Outcome:
 class ConfluentPublisher:
     """Publishes with a confluent-kafka ``Producer``; a poll thread serves its delivery callbacks."""
 
+    decodes_payload = False
+
     def __init__(self, settings: KafkaSettings) -> None:
         try:
             from confluent_kafka import Producer

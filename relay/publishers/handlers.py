@@ -93,6 +93,8 @@ class _Task:
 class HandlerPublisher:
     """Delivers messages whose topic has a handler in ``registry``."""
 
+    decodes_payload = True
+
     def __init__(
         self,
         registry: Registry,

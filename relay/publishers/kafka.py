@@ -159,6 +159,8 @@ class KafkaPublisher:
     broker behind a proxy; by default it builds a kafka-python ``KafkaProducer``.
     """
 
+    decodes_payload = False
+
     def __init__(self, settings: KafkaSettings, *, producer_factory: Any = None) -> None:
         self.settings = settings
         self._factory = producer_factory or _kafka_python_producer
