@@ -21,12 +21,9 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -34,7 +31,7 @@ import sqlalchemy as sa
 
 from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
-from outbox.cli_options import env_option, open_engine, scrub, settings_command, shared_options
+from outbox.cli_options import StopSignals, env_option, open_engine, scrub, settings_command, shared_options
 from outbox.config import Settings
 from outbox.dialects import is_outage
 from outbox.errors import (
@@ -407,42 +404,24 @@ def relay(settings: Settings) -> None:
         maintenance_interval=settings.maintenance_interval,
         observers=[metrics] if metrics is not None else [],
     )
-    stop_requested = threading.Event()
-    received: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop_requested.is_set():
-            os.write(
-                2, f"outbox: second {name}: exiting now; running messages return after their lease\n".encode()
-            )
-            os._exit(RET_ERROR)
-        received.append(name)
-        stop_requested.set()
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     server = None
     try:
-        if metrics is not None:  # before start: /healthz answers (and /readyz says why not) meanwhile
-            from relay.health import serve
+        with StopSignals("running messages return after their lease") as signals:
+            if metrics is not None:  # before start: /healthz answers (and /readyz says why not) meanwhile
+                from relay.health import serve
 
-            server = serve(runner, metrics, host=settings.metrics_host, port=settings.metrics_port or 0)
-        runner.start()
-        log.info(
-            "relay running with handlers for %s%s; stop with SIGTERM or Ctrl-C",
-            ", ".join(registry.topics()) or "no topics",
-            f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
-        )
-        while not stop_requested.wait(0.5):
-            pass
-        log.info(
-            "%s received: stopping gracefully (again to exit at once)", received[0] if received else "stop"
-        )
-        runner.stop()
+                server = serve(runner, metrics, host=settings.metrics_host, port=settings.metrics_port or 0)
+            runner.start()
+            log.info(
+                "relay running with handlers for %s%s; stop with SIGTERM or Ctrl-C",
+                ", ".join(registry.topics()) or "no topics",
+                f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
+            )
+            while not signals.requested.wait(0.5):  # woken in time to run the signal handler
+                pass
+            log.info("%s received: stopping gracefully (again to exit at once)", signals.received or "stop")
+            runner.stop()
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         if server is not None:
             server.stop()
 

@@ -20,15 +20,11 @@ The consumer code is imported inside the commands: ``outbox`` never imports ``co
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 import click
 
-from outbox.cli_options import SECRETS, F, env_option, open_engine, settings_command
+from outbox.cli_options import SECRETS, F, StopSignals, env_option, open_engine, settings_command
 from outbox.config import Settings
 from outbox.errors import ConfigError
 from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
@@ -219,29 +215,13 @@ def consume(settings: Settings, **options: Any) -> None:
 
 
 def _run_until_signalled(runner: Any) -> None:
-    stop_requested = threading.Event()
-    received: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop_requested.is_set():
-            os.write(
-                2, f"outbox: second {name}: exiting now; the current record will be read again\n".encode()
-            )
-            os._exit(1)  # RET_ERROR
-        received.append(name)
-        stop_requested.set()
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
-    try:
+    with StopSignals("the current record will be read again") as signals:
         runner.start()
-        while not stop_requested.wait(0.5):
+        while not signals.requested.wait(0.5):
             if not runner.running:
                 break
-        if received:
-            log.info("%s received: stopping after the current record (again to exit at once)", received[0])
+        if signals.received:
+            log.info(
+                "%s received: stopping after the current record (again to exit at once)", signals.received
+            )
         runner.stop()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

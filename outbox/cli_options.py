@@ -13,10 +13,14 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import click
@@ -264,3 +268,34 @@ def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) ->
             ) from None
 
     return _convert_each(value, convert)
+
+
+class StopSignals:
+    """``with StopSignals(...)``: SIGTERM or SIGINT asks a long-running command to stop gracefully.
+
+    The first signal sets ``requested`` (its name is ``received``); a second one exits at once with
+    status 1, after printing ``on_second`` (what that costs) to stderr. The previous handlers come back
+    on leaving the block. Shared by ``outbox relay`` and ``outbox consume``.
+    """
+
+    def __init__(self, on_second: str) -> None:
+        self.requested = threading.Event()
+        self.received: str | None = None
+        self._on_second = on_second
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            os.write(2, f"outbox: second {name}: exiting now; {self._on_second}\n".encode())
+            os._exit(1)  # RET_ERROR
+        self.received = name
+        self.requested.set()
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
