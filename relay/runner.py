@@ -4,7 +4,11 @@ Threads (dramatiq's shape: fetching apart from running):
 
 - the **fetcher** claims batches while there is capacity (``max_in_flight``), turns rows into deliveries
   and hands them to the publisher that routes them; it sleeps on a wake-up event that a commit in this
-  process, a PostgreSQL NOTIFY or the poll interval sets;
+  process, a PostgreSQL NOTIFY or the poll interval sets. After a wake-up or a claimed row it stays
+  awake for ``AWAKE_SECONDS`` (50 ms), looking again every ``AWAKE_POLL`` (2 ms) when a claim comes back
+  short: writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake
+  window), so a message whose NOTIFY was merged into an earlier one is found by that looking, and the
+  merged NOTIFY at the gap's end keeps the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
 - the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
@@ -48,7 +52,7 @@ from outbox.message import Message
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
 from outbox.serialization import decode_headers, decode_payload
-from outbox.writer import notify_channel, register_waiter, unregister_waiter, utcnow
+from outbox.writer import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter, utcnow
 from relay.claim import ClaimedRow, ClaimQueries, Failure
 from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
 from relay.observers import Observers, RecordedOutcome, RelayObserver, Result, failure_result
@@ -62,6 +66,10 @@ SQLITE_LOCK = "relay"
 #: attempts beyond a topic's max_attempts that may end with no outcome (relay killed mid-handler, lease
 #: lost) before the message is declared dead, so that a message that crashes relays cannot loop forever
 CRASH_ALLOWANCE = 3
+# After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again every
+# AWAKE_POLL seconds when a claim comes back short (see outbox.writer.NOTIFY_GAP for why).
+AWAKE_SECONDS = RELAY_AWAKE_SECONDS
+AWAKE_POLL = 0.002
 
 
 class Relay:
@@ -258,6 +266,7 @@ class Relay:
     # -- fetching -----------------------------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
+        awake_until = 0.0  # until then, look again every AWAKE_POLL seconds instead of poll_interval
         try:
             while not self._stopping.is_set():
                 room = self.max_in_flight - self.in_flight()
@@ -273,12 +282,14 @@ class Relay:
                     continue  # outage while stopping
                 if rows:
                     self._dispatch(rows)
+                    awake_until = time.monotonic() + AWAKE_SECONDS
                 if len(rows) < want and not self._stopping.is_set():
-                    woken = self._wake.wait(self.poll_interval)
-                    if woken and not rows:
-                        # A same-process wake-up can arrive a moment before the writer's COMMIT is
-                        # visible (SQLAlchemy's commit event fires just before it): look again shortly.
-                        self._stopping.wait(0.002)
+                    # Awake (a wake-up or a claimed row in the last AWAKE_SECONDS): writers merge the
+                    # NOTIFYs of a busy moment (outbox.writer.NOTIFY_GAP), and a same-process wake-up can
+                    # come a moment before the writer's COMMIT is visible: look again shortly.
+                    awake = time.monotonic() < awake_until
+                    if self._wake.wait(AWAKE_POLL if awake else self.poll_interval):
+                        awake_until = time.monotonic() + AWAKE_SECONDS
         except Exception:  # pragma: no cover - a bug; do not die silently
             log.exception("relay fetcher crashed; stopping the relay")
             threading.Thread(target=self.stop, daemon=True).start()

@@ -248,6 +248,30 @@ def test_commit_in_another_process_wakes_the_relay_via_notify(
         assert done.wait(5), "NOTIFY did not wake the relay"
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_burst_from_another_process_is_delivered_without_waiting_for_a_poll(
+    engine: sa.Engine, registry: Registry, db_url: str
+) -> None:
+    """The writer merges the NOTIFYs of a burst (one per NOTIFY_GAP); the relay still finds every message."""
+    import subprocess
+    import sys
+
+    handled: list[int] = []
+    registry.add("burst", lambda m: handled.append(m.payload["i"]))
+    writer = (
+        "import sys, outbox\n"
+        "engine = outbox.create_engine(sys.argv[1])\n"
+        "for i in range(200):\n"
+        "    with engine.begin() as conn:\n"
+        "        outbox.add(conn, 'burst', {'i': i})\n"
+    )
+    with Relay(engine, registry, poll_interval=30):
+        time.sleep(0.3)  # listening, and asleep for up to 30 s
+        subprocess.run([sys.executable, "-c", writer, db_url], check=True, timeout=30)
+        wait_until(lambda: len(handled) == 200, timeout=10, what="200 messages within 10 s")
+    assert sorted(handled) == list(range(200))
+
+
 def test_message_that_keeps_killing_relays_goes_dead(engine: sa.Engine, registry: Registry) -> None:
     """Attempts are counted at claim; past max_attempts + CRASH_ALLOWANCE without outcomes it is dead."""
     from relay.runner import CRASH_ALLOWANCE

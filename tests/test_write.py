@@ -289,3 +289,80 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
             outbox.schema.check_version(conn)
     finally:
         engine.dispose()
+
+
+# --- the PostgreSQL wake-up ------------------------------------------------------------------------------
+
+
+def _listen(db_url: str, received: list[float], done: Any) -> Any:
+    """Start a thread that LISTENs on the default outbox's channel, appending each arrival's time."""
+    import threading
+    import time
+
+    import psycopg
+
+    from outbox.writer import notify_channel
+
+    listening = threading.Event()
+
+    def listen() -> None:
+        with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as pg:
+            pg.execute(f'LISTEN "{notify_channel("outbox")}"')
+            listening.set()
+            while not done.is_set():
+                for _ in pg.notifies(timeout=0.05, stop_after=1):
+                    received.append(time.monotonic())
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert listening.wait(10)
+    return thread
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_notifies_of_a_busy_moment_are_merged(shop: sa.Engine, db_url: str) -> None:
+    """A writer committing as fast as it can sends at most one NOTIFY every NOTIFY_GAP, not one a commit."""
+    import threading
+    import time
+
+    from outbox.writer import NOTIFY_GAP
+
+    received: list[float] = []
+    done = threading.Event()
+    listener = _listen(db_url, received, done)
+    sessions = orm.sessionmaker(shop)
+    commits = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.3:
+        with sessions() as session, session.begin():
+            outbox.add(session, "burst", {"i": commits})
+        commits += 1
+    time.sleep(0.3)  # the last gap's NOTIFY
+    burst = time.monotonic() - started
+    done.set()
+    listener.join(5)
+    assert commits >= 20, f"only {commits} commits in 0.3 s: nothing to merge"
+    assert 1 <= len(received) <= burst / NOTIFY_GAP + 2, f"{len(received)} NOTIFYs for {commits} commits"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_commit_inside_the_gap_gets_a_notify_at_its_end(shop: sa.Engine, db_url: str) -> None:
+    """Two commits back to back: the first is announced at once, the second by a NOTIFY a gap later."""
+    import threading
+    import time
+
+    from outbox.writer import NOTIFY_GAP
+
+    received: list[float] = []
+    done = threading.Event()
+    listener = _listen(db_url, received, done)
+    sessions = orm.sessionmaker(shop)
+    time.sleep(2 * NOTIFY_GAP)  # no gap left over from an earlier test
+    for i in range(2):
+        with sessions() as session, session.begin():
+            outbox.add(session, "pair", {"i": i})
+    time.sleep(max(0.5, 10 * NOTIFY_GAP))
+    done.set()
+    listener.join(5)
+    assert len(received) == 2, f"{len(received)} NOTIFYs for two commits (want one each side of the gap)"
+    assert received[1] - received[0] >= 0.9 * NOTIFY_GAP
