@@ -273,7 +273,9 @@ _RELAY_SETTINGS = (
 @env_option("batch_size", int, "Messages claimed per query (default 200).")
 @env_option("workers", int, "Handler threads (default 8).")
 @env_option(
-    "max_in_flight", int, "Messages claimed but not finished, at most (default: max(2 x batch, 4 x workers))."
+    "max_in_flight",
+    int,
+    "Messages claimed but not finished, at most (default: max(2 x batch, 4 x workers), 2000 with Kafka).",
 )
 @env_option(
     "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."

@@ -188,6 +188,11 @@ class ClaimQueries:
             .values(due_at=sa.bindparam("lease_until"))
         )
 
+    @property
+    def one_statement(self) -> bool:
+        """The claim is a single statement (PostgreSQL): it needs no transaction around it."""
+        return bool(self.dialect.claim_returning and self.dialect.skip_locked)
+
     # -- claim ----------------------------------------------------------------------------------------
 
     def claim_batch(
@@ -195,7 +200,8 @@ class ClaimQueries:
     ) -> list[ClaimedRow]:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
-        The caller commits right after; the lease is live from then until ``now + lease_seconds``.
+        The caller commits right after (or, where :attr:`one_statement`, may run it in autocommit); the
+        lease is live from then until ``now + lease_seconds``.
         """
         token = new_token()
         params = {

@@ -70,6 +70,9 @@ CRASH_ALLOWANCE = 3
 # AWAKE_POLL seconds when a claim comes back short (see outbox.writer.NOTIFY_GAP for why).
 AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
+#: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
+#: 1,000 records are in flight; twice that leaves room for a slower broker
+BROKER_IN_FLIGHT = 2000
 
 
 class Relay:
@@ -119,7 +122,11 @@ class Relay:
         self.tables = tables_for(table)
         self.registry = registry if registry is not None else default_registry
         self.batch_size = batch_size
-        self.max_in_flight = max_in_flight or max(batch_size * 2, workers * 4)
+        # In flight = claimed, not yet recorded. Handlers need little beyond their workers; a broker needs
+        # its acknowledgement time's worth of records (acks=all: tens of ms) in flight to stay busy.
+        self.max_in_flight = max_in_flight or max(
+            batch_size * 2, workers * 4, BROKER_IN_FLIGHT if kafka is not None else 0
+        )
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.stop_timeout = stop_timeout
@@ -129,6 +136,12 @@ class Relay:
         self._policies: dict[str, tuple[Any, TopicPolicy, TopicPolicy]] = {}
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.claims = ClaimQueries(self.tables, self.dialect)
+        # PostgreSQL's claim, and a delivered mark of one lease, are one statement each: run on their own
+        # (autocommit) they are just as atomic, in one round trip instead of three (BEGIN, it, COMMIT):
+        # an empty claim took 617 instead of 982 us here, 411 instead of 572 us of the relay's CPU.
+        self._one_statement: sa.Engine | None = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.claims.one_statement else None
+        )
         self._sessions = orm.sessionmaker(self.engine)
         self.handlers = HandlerPublisher(
             self.registry,
@@ -302,7 +315,7 @@ class Relay:
         def claim() -> list[ClaimedRow]:
             nonlocal started
             started = time.monotonic()  # the try that succeeds: outage retries are not claim time
-            with self.engine.begin() as conn:
+            with self._statement() as conn:
                 return self.claims.claim_batch(
                     conn, limit=want, lease_seconds=self.lease_seconds, now=utcnow()
                 )
@@ -464,9 +477,11 @@ class Relay:
             if watched:
                 recorded.append(RecordedOutcome(delivery, outcome, result))
 
+        alone = len(delivered) == 1 and not failures and not released
+
         def write() -> int:
             fenced = 0
-            with self.engine.begin() as conn:
+            with self._statement() if alone else self.engine.begin() as conn:
                 for token, seqs in delivered.items():
                     fenced += len(seqs) - self.claims.mark_delivered(conn, token, seqs, now=now)
                 for token, items in failures.items():
@@ -556,6 +571,12 @@ class Relay:
             session.connection(), delivery.token, [delivery.seq], now=utcnow()
         )
         return marked == 1
+
+    def _statement(self) -> AbstractContextManager[sa.Connection]:
+        """A connection for one statement that is atomic on its own: autocommit where it saves round trips."""
+        if self._one_statement is not None:
+            return self._one_statement.connect()
+        return self.engine.begin()
 
     def _session_factory(self) -> AbstractContextManager[orm.Session]:
         return self._sessions()
