@@ -55,9 +55,17 @@ class _Otel:
         self._provider: Any = None
         self._tracer: Any = None
         self._recording = False
+        self._global: Any = _UNLOADED
 
     def tracer(self) -> Any:
+        # Until a provider is set, the API's get_tracer_provider() reads os.environ on every call (5 % of
+        # the Kafka publisher's GIL time, once per span): skipped while the API's global, which every
+        # set_tracer_provider() replaces, is the one seen last time.
+        seen = getattr(self.trace, "_TRACER_PROVIDER", _UNLOADED)
+        if seen is self._global and seen is not _UNLOADED:
+            return self._tracer
         provider = self.trace.get_tracer_provider()
+        self._global = getattr(self.trace, "_TRACER_PROVIDER", _UNLOADED)
         if provider is not self._provider:  # a provider set (or replaced) since the last span
             from outbox import __version__
 

@@ -2,13 +2,14 @@
 
 Threads (dramatiq's shape: fetching apart from running):
 
-- the **fetcher** claims batches while there is capacity (``max_in_flight``), turns rows into deliveries
-  and hands them to the publisher that routes them; it sleeps on a wake-up event that a commit in this
-  process, a PostgreSQL NOTIFY or the poll interval sets. After a wake-up or a claimed row it stays
-  awake for ``AWAKE_SECONDS`` (50 ms), looking again every ``AWAKE_POLL`` (2 ms) when a claim comes back
-  short: writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake
-  window), so a message whose NOTIFY was merged into an earlier one is found by that looking, and the
-  merged NOTIFY at the gap's end keeps the relay awake while commits continue;
+- the **fetcher** claims batches while there is capacity (``max_in_flight``) and passes them to the
+  **dispatcher**, which turns rows into deliveries and hands them to the publisher that routes them (so
+  the next claim's round trip overlaps with that work); the fetcher sleeps on a wake-up event that a
+  commit in this process, a PostgreSQL NOTIFY or the poll interval sets. After a wake-up or a claimed
+  row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again every ``AWAKE_POLL`` (2 ms) when a
+  claim comes back short: writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms,
+  shorter than the awake window), so a message whose NOTIFY was merged into an earlier one is found by
+  that looking, and the merged NOTIFY at the gap's end keeps the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
 - the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
@@ -279,6 +280,13 @@ class Relay:
     # -- fetching -----------------------------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
+        # Claimed batches go to a dispatcher thread, so that the next claim's round trip overlaps with
+        # building and handing over the last batch (for Kafka: the producer's per-record work).
+        batches: queue.SimpleQueue[list[ClaimedRow] | None] = queue.SimpleQueue()
+        dispatcher = threading.Thread(
+            target=self._dispatch_loop, args=(batches,), name="outbox-dispatcher", daemon=True
+        )
+        dispatcher.start()
         awake_until = 0.0  # until then, look again every AWAKE_POLL seconds instead of poll_interval
         try:
             while not self._stopping.is_set():
@@ -294,7 +302,7 @@ class Relay:
                 if rows is None:
                     continue  # outage while stopping
                 if rows:
-                    self._dispatch(rows)
+                    batches.put(rows)
                     awake_until = time.monotonic() + AWAKE_SECONDS
                 if len(rows) < want and not self._stopping.is_set():
                     # Awake (a wake-up or a claimed row in the last AWAKE_SECONDS): writers merge the
@@ -307,7 +315,17 @@ class Relay:
             log.exception("relay fetcher crashed; stopping the relay")
             threading.Thread(target=self.stop, daemon=True).start()
         finally:
+            batches.put(None)
+            dispatcher.join()  # every claimed batch is with a publisher (or released) before they stop
             self._fetcher_done.set()
+
+    def _dispatch_loop(self, batches: queue.SimpleQueue[list[ClaimedRow] | None]) -> None:
+        while (rows := batches.get()) is not None:
+            try:
+                self._dispatch(rows)
+            except Exception:  # pragma: no cover - a bug; do not die silently
+                log.exception("relay dispatcher crashed; stopping the relay")
+                threading.Thread(target=self.stop, daemon=True).start()
 
     def _claim(self, want: int) -> list[ClaimedRow] | None:
         started = 0.0
