@@ -74,6 +74,7 @@ def role_naive(cfg: dict[str, Any]) -> dict[str, Any]:
     import psycopg
 
     latencies: list[float] = []
+    by_id: list[list[float]] = []
     done = [0]
     record = cfg.get("handler") == "latency"
     poll = float(cfg.get("poll_interval", 0.05))
@@ -92,6 +93,7 @@ def role_naive(cfg: dict[str, Any]) -> dict[str, Any]:
                 message = json.loads(row[1])  # the handler: decode, and nothing else
                 if record:
                     latencies.append(time.time() - message["t"])
+                    by_id.append([message["order_id"], latencies[-1]])
                 conn.execute(
                     "UPDATE outbox SET status = 'delivered', due_at = NULL, "
                     "delivered_at = now() AT TIME ZONE 'utc' WHERE seq = %s",
@@ -113,7 +115,7 @@ def role_naive(cfg: dict[str, Any]) -> dict[str, Any]:
         "handled": done[0],
         "seconds": finished - started,
         "cpu_seconds": cpu_used,
-        "latency": latency_summary(latencies),
+        "latency": latency_summary(latencies, by_id),
     }
 
 
@@ -131,6 +133,7 @@ async def _pgqueuer_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from pgqueuer.types import QueueExecutionMode
 
     latencies: list[float] = []
+    by_id: list[list[float]] = []
     done = [0]
     record = cfg.get("handler") == "latency"
     conn = await asyncpg.connect(cfg["dsn"])
@@ -141,6 +144,7 @@ async def _pgqueuer_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         message = json.loads(job.payload or b"{}")
         if record:
             latencies.append(time.time() - message["t"])
+            by_id.append([message["order_id"], latencies[-1]])
         done[0] += 1
 
     drain = cfg.get("mode") == "drain"
@@ -166,7 +170,7 @@ async def _pgqueuer_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "handled": done[0],
         "seconds": finished - started,
         "cpu_seconds": cpu_used,
-        "latency": latency_summary(latencies),
+        "latency": latency_summary(latencies, by_id),
     }
 
 
@@ -188,12 +192,14 @@ def role_procrastinate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 async def _procrastinate_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     latencies: list[float] = []
+    by_id: list[list[float]] = []
     done = [0]
     record = cfg.get("handler") == "latency"
 
     def handle(**kwargs: Any) -> None:
         if record:
             latencies.append(time.time() - kwargs["t"])
+            by_id.append([kwargs["order_id"], latencies[-1]])
         done[0] += 1
 
     app, _ = procrastinate_app(cfg, handle)
@@ -228,5 +234,5 @@ async def _procrastinate_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "handled": done[0],
         "seconds": finished - started,
         "cpu_seconds": cpu_used,
-        "latency": latency_summary(latencies),
+        "latency": latency_summary(latencies, by_id),
     }

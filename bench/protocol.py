@@ -55,8 +55,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def latency_summary(latencies: list[float]) -> dict[str, Any]:
-    """p50/p99/max in milliseconds of a list of seconds."""
+def latency_summary(latencies: list[float], by_id: list[list[float]] | None = None) -> dict[str, Any]:
+    """p50/p99/max in milliseconds of a list of seconds; ``by_id`` (``[i, seconds]`` of each message) is
+    passed on for :func:`from_commit`."""
     from bench.harness import percentile
 
     values = sorted(latencies)
@@ -67,6 +68,7 @@ def latency_summary(latencies: list[float]) -> dict[str, Any]:
         "p50_ms": percentile(values, 0.50) * 1000,
         "p99_ms": percentile(values, 0.99) * 1000,
         "max_ms": values[-1] * 1000,
+        **({"by_id": by_id} if by_id is not None else {}),
     }
 
 
@@ -97,15 +99,24 @@ class Reporter:
                 say("progress", n, time.monotonic())
 
 
-def summary(commits: list[float], lags: list[float], elapsed: float) -> dict[str, Any]:
-    commits.sort()
+def summary(commits: list[tuple[int, float]], lags: list[float], elapsed: float) -> dict[str, Any]:
+    """The pacing writer's figures; ``commit_s``: ``[i, seconds]`` of each message's own transaction."""
+    durations = sorted(d for _, d in commits)
     return {
         "written": len(commits),
         "seconds": elapsed,
         "rate": len(commits) / elapsed if elapsed else 0.0,
-        "commit_p50_ms": commits[len(commits) // 2] * 1000 if commits else None,
+        "commit_p50_ms": durations[len(durations) // 2] * 1000 if durations else None,
         "worst_lag_ms": max(lags, default=0.0) * 1000,
+        "commit_s": [list(c) for c in commits],
     }
+
+
+def from_commit(latencies: list[list[float]], commit_s: list[list[float]]) -> list[float]:
+    """Latencies from each message's commit: its latency from the writer's time (taken just before the
+    INSERT) minus its transaction's own duration (INSERT and COMMIT). ``latencies``: ``[i, seconds]``."""
+    took = {int(i): d for i, d in commit_s}
+    return [lat - took[int(i)] for i, lat in latencies if int(i) in took]
 
 
 def paced(rate: float, duration: float, lanes: int, write: Callable[[int, int], float]) -> dict[str, Any]:
@@ -115,7 +126,7 @@ def paced(rate: float, duration: float, lanes: int, write: Callable[[int, int], 
     ``i = k, k + lanes, ...``), so that a transaction slower than ``1 / rate`` does not lower the rate.
     ``write`` returns the seconds its own transaction took (from just before the INSERT to the commit).
     """
-    commits: list[float] = []
+    commits: list[tuple[int, float]] = []
     lags: list[float] = []
     started = time.monotonic()
     end = started + duration
@@ -131,7 +142,7 @@ def paced(rate: float, duration: float, lanes: int, write: Callable[[int, int], 
                 time.sleep(due - now)
             else:
                 lags.append(now - due)
-            commits.append(write(i, k))
+            commits.append((i, write(i, k)))
             i += lanes
 
     threads = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
@@ -146,7 +157,7 @@ async def paced_async(
     rate: float, duration: float, lanes: int, write: Callable[[int, int], Any]
 ) -> dict[str, Any]:
     """:func:`paced` with asyncio tasks as the lanes."""
-    commits: list[float] = []
+    commits: list[tuple[int, float]] = []
     lags: list[float] = []
     started = time.monotonic()
     end = started + duration
@@ -162,7 +173,7 @@ async def paced_async(
                 await asyncio.sleep(due - now)
             else:
                 lags.append(now - due)
-            commits.append(await write(i, k))
+            commits.append((i, await write(i, k)))
             i += lanes
 
     await asyncio.gather(*(lane(k) for k in range(lanes)))

@@ -48,6 +48,7 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
     from relay import Relay
 
     latencies: list[float] = []
+    by_id: list[list[float]] = []
     registry = Registry()
 
     def noop(message: Any) -> None:
@@ -57,6 +58,7 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
         started = time.time()
         if "t" in message.payload:  # not the warm-up message
             latencies.append(started - message.payload["t"])
+            by_id.append([message.payload["order_id"], latencies[-1]])
 
     kafka = None
     if cfg.get("kafka"):
@@ -96,7 +98,7 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": cpu_seconds() - cpu_before,
         "rss_before_kb": before.get("VmRSS"),
         "memory_kb": memory_kb(),
-        "latency": latency_summary(latencies),
+        "latency": latency_summary(latencies, by_id),
         "relay_settings": effective,
     }
 

@@ -10,7 +10,8 @@ Promises:
   ``pg_notify`` sent after the commit (from a connection of its own, never for a rollback) wakes listening
   relays elsewhere: at once after a quiet moment, and at most one per ``NOTIFY_GAP`` (20 ms) while
   commits keep coming, since relays woken by the first keep looking every few milliseconds (see
-  :class:`_Notifier`). The ``AsyncSession`` path still notifies inside the transaction.
+  :class:`_Notifier`). An ``AsyncSession`` on an async driver other than psycopg notifies inside the
+  transaction instead.
 
 How each session type writes:
 
@@ -180,6 +181,9 @@ class _Notifier:
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = weakref.ref(engine)  # the notifier ends with its engine
+        # An AsyncEngine's pool cannot be used from this thread: for one, the notifier opens a psycopg
+        # connection of its own with the parameters of a connection the writer used (_remember_conninfo).
+        self._conninfo = _conninfos.get(engine) if engine.dialect.is_async else None
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -214,13 +218,9 @@ class _Notifier:
                 tables, self._pending = self._pending, set()
             try:
                 if raw is None:
-                    engine = self._engine()
-                    if engine is None:
+                    raw = self._connect()
+                    if raw is None:
                         break
-                    raw = engine.raw_connection()
-                    del engine
-                    raw.rollback()
-                    raw.driver_connection.autocommit = True
                     # A NOTIFY commits a transaction of its own (PostgreSQL gives it a transaction id and a
                     # commit record): nothing in it needs to be durable, so it need not wait for the WAL
                     # flush, and the wake-up leaves a moment sooner.
@@ -236,6 +236,52 @@ class _Notifier:
             with self._lock:
                 if not self._pending:
                     self._idle.set()
+
+    def _connect(self) -> Any:
+        """An autocommit connection of the notifier's own (``None``: the engine is gone)."""
+        if self._conninfo is not None:
+            import psycopg
+
+            return _OwnConnection(psycopg.connect(self._conninfo, autocommit=True))
+        engine = self._engine()
+        if engine is None:
+            return None
+        raw: Any = engine.raw_connection()  # never returned to the pool: invalidated when it fails
+        raw.rollback()
+        raw.driver_connection.autocommit = True
+        return raw
+
+
+class _OwnConnection:
+    """A psycopg connection opened outside any pool, with the two methods the notifier uses."""
+
+    def __init__(self, connection: Any) -> None:
+        self.driver_connection = connection
+
+    def invalidate(self) -> None:
+        self.driver_connection.close()
+
+
+#: libpq parameters of a connection an AsyncEngine on psycopg gave a writer (see _Notifier)
+_conninfos: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
+
+
+def _remember_conninfo(conn: sa.Connection) -> bool:
+    """Keep the parameters of ``conn`` (an AsyncEngine's, on psycopg) for its engine's notifier."""
+    engine = conn.engine
+    if engine in _conninfos:
+        return True
+    try:
+        info = conn.connection.driver_connection.info  # type: ignore[union-attr]
+        from psycopg.conninfo import make_conninfo
+
+        parameters = info.get_parameters()
+        if info.password:
+            parameters["password"] = info.password
+        _conninfos[engine] = make_conninfo(**parameters)
+    except Exception:  # not psycopg after all: notify inside the transaction instead
+        return False
+    return True
 
 
 _notifiers: weakref.WeakKeyDictionary[sa.Engine, _Notifier] = weakref.WeakKeyDictionary()
@@ -316,14 +362,22 @@ def _connection_rolled_back(conn: sa.Connection) -> None:
 
 @event.listens_for(orm.Session, "after_flush")
 def _session_flushed(session: orm.Session, flush_context: Any) -> None:
-    """AsyncSession path: the outbox rows were just flushed; send the PostgreSQL wake-up in the same tx."""
+    """AsyncSession path: the outbox rows were just flushed; arrange the PostgreSQL wake-up.
+
+    On psycopg, by the notifier after the commit, as for a sync ``Session``. Another async driver
+    (asyncpg, say) cannot lend the notifier its connection parameters: ``pg_notify`` goes in the
+    transaction itself (which serialises the commits of notifying transactions: see :class:`_Notifier`).
+    """
     pending = session.info.get("outbox.notify_on_flush")
     if not pending:
         return
     conn = session.connection()
     if conn.dialect.name == "postgresql":
-        for table in pending:
-            _notify(conn, table, session.info)
+        if conn.dialect.driver == "psycopg" and _remember_conninfo(conn):
+            session.info.setdefault(_AFTER_COMMIT_KEY, set()).update((conn.engine, t) for t in pending)
+        else:
+            for table in pending:
+                _notify(conn, table, session.info)
     pending.clear()
 
 

@@ -6,10 +6,11 @@ Threads (dramatiq's shape: fetching apart from running):
   **dispatcher**, which turns rows into deliveries and hands them to the publisher that routes them (so
   the next claim's round trip overlaps with that work); the fetcher sleeps on a wake-up event that a
   commit in this process, a PostgreSQL NOTIFY or the poll interval sets. After a wake-up or a claimed
-  row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again every ``AWAKE_POLL`` (2 ms) when a
-  claim comes back short: writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms,
-  shorter than the awake window), so a message whose NOTIFY was merged into an earlier one is found by
-  that looking, and the merged NOTIFY at the gap's end keeps the relay awake while commits continue;
+  row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again after ``AWAKE_POLL`` (2 ms) when a
+  claim comes back short, twice as late after each empty look: writers send at most one NOTIFY per
+  ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake window), so a message whose NOTIFY was
+  merged into an earlier one is found by that looking, and the merged NOTIFY at the gap's end keeps
+  the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
 - the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
@@ -67,8 +68,9 @@ SQLITE_LOCK = "relay"
 #: attempts beyond a topic's max_attempts that may end with no outcome (relay killed mid-handler, lease
 #: lost) before the message is declared dead, so that a message that crashes relays cannot loop forever
 CRASH_ALLOWANCE = 3
-# After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again every
-# AWAKE_POLL seconds when a claim comes back short (see outbox.writer.NOTIFY_GAP for why).
+# After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again AWAKE_POLL
+# seconds after a claim that came back short (twice as late after each empty one; see
+# outbox.writer.NOTIFY_GAP for why).
 AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
 #: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
@@ -287,7 +289,8 @@ class Relay:
             target=self._dispatch_loop, args=(batches,), name="outbox-dispatcher", daemon=True
         )
         dispatcher.start()
-        awake_until = 0.0  # until then, look again every AWAKE_POLL seconds instead of poll_interval
+        awake_until = 0.0  # until then, look again after `pause` seconds instead of poll_interval
+        pause = AWAKE_POLL
         try:
             while not self._stopping.is_set():
                 room = self.max_in_flight - self.in_flight()
@@ -304,13 +307,19 @@ class Relay:
                 if rows:
                     batches.put(rows)
                     awake_until = time.monotonic() + AWAKE_SECONDS
+                    pause = AWAKE_POLL
                 if len(rows) < want and not self._stopping.is_set():
                     # Awake (a wake-up or a claimed row in the last AWAKE_SECONDS): writers merge the
                     # NOTIFYs of a busy moment (outbox.writer.NOTIFY_GAP), and a same-process wake-up can
-                    # come a moment before the writer's COMMIT is visible: look again shortly.
+                    # come a moment before the writer's COMMIT is visible: look again shortly, at once
+                    # while rows keep coming, twice as late after each empty look (a lone message costs
+                    # about five empty claims, not one every AWAKE_POLL for the whole window).
                     awake = time.monotonic() < awake_until
-                    if self._wake.wait(AWAKE_POLL if awake else self.poll_interval):
+                    if self._wake.wait(pause if awake else self.poll_interval):
                         awake_until = time.monotonic() + AWAKE_SECONDS
+                        pause = AWAKE_POLL
+                    elif awake and not rows:
+                        pause *= 2
         except Exception:  # pragma: no cover - a bug; do not die silently
             log.exception("relay fetcher crashed; stopping the relay")
             threading.Thread(target=self.stop, daemon=True).start()

@@ -28,6 +28,7 @@ from outbox.writer import Outbox, utcnow
 from relay import Relay
 from relay.maintenance import MAINTENANCE_LOCK, Maintenance, StuckFindings
 from relay.metrics import RelayMetrics
+from relay.runner import AWAKE_SECONDS
 from tests.apps import RelayLauncher
 from tests.apps.recording import TOPIC, read_record
 from tests.apps.recording import registry as recording_registry
@@ -257,6 +258,8 @@ def test_killed_relay_lease_is_reported_and_reclaimed(
     watcher.start()
     try:
         wait_until(lambda: watcher.maintenance is not None and watcher.maintenance.holds_lease)
+        # Its start woke it (LISTEN set up): let it fall asleep again, or it takes the quiet inserts itself.
+        time.sleep(AWAKE_SECONDS + 0.25)
         doomed = relays.start(lease_seconds=2, poll_interval=0.05)  # its handlers sleep 60 s
         ids = insert_quietly(engine, TOPIC, 5)
         record = relays.env["OUTBOX_TEST_RECORD"]

@@ -294,8 +294,9 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
 # --- the PostgreSQL wake-up ------------------------------------------------------------------------------
 
 
-def _listen(db_url: str, received: list[float], done: Any) -> Any:
-    """Start a thread that LISTENs on the default outbox's channel, appending each arrival's time."""
+def _listen(db_url: str, received: list[float], done: Any, pids: list[int] | None = None) -> Any:
+    """Start a thread that LISTENs on the default outbox's channel, appending each arrival's time (and
+    the sending backend's pid to ``pids``)."""
     import threading
     import time
 
@@ -310,8 +311,10 @@ def _listen(db_url: str, received: list[float], done: Any) -> Any:
             pg.execute(f'LISTEN "{notify_channel("outbox")}"')
             listening.set()
             while not done.is_set():
-                for _ in pg.notifies(timeout=0.05, stop_after=1):
+                for notify in pg.notifies(timeout=0.05, stop_after=1):
                     received.append(time.monotonic())
+                    if pids is not None:
+                        pids.append(notify.pid)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
@@ -366,3 +369,36 @@ def test_a_commit_inside_the_gap_gets_a_notify_at_its_end(shop: sa.Engine, db_ur
     listener.join(5)
     assert len(received) == 2, f"{len(received)} NOTIFYs for two commits (want one each side of the gap)"
     assert received[1] - received[0] >= 0.9 * NOTIFY_GAP
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_async_session_on_psycopg_notifies_after_the_commit(shop: sa.Engine, db_url: str) -> None:
+    """The wake-up of an AsyncSession's commit comes from the notifier's connection, not the writer's."""
+    import threading
+    import time
+
+    received: list[float] = []
+    pids: list[int] = []
+    done = threading.Event()
+    listener = _listen(db_url, received, done, pids)
+
+    async def write() -> int:
+        aengine = create_async_engine(_async_url(db_url))
+        try:
+            async with AsyncSession(aengine) as session, session.begin():
+                session.add(Order(id=20, item="kite"))
+                outbox.add(session, "order.created", {"order_id": 20})
+                writer_pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            return int(writer_pid)
+        finally:
+            await aengine.dispose()
+
+    writer_pid = asyncio.run(write())
+    deadline = time.monotonic() + 5
+    while not pids and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done.set()
+    listener.join(5)
+    assert pids, "no NOTIFY after the AsyncSession's commit"
+    assert writer_pid not in pids, "the writer's own transaction sent the NOTIFY"
+    assert [r.id for r in messages(shop)] and orders(shop) == [20]
