@@ -227,24 +227,24 @@ def test_commit_on_a_core_connection_wakes_the_relay(engine: sa.Engine, registry
         assert done.wait(5), "the commit did not wake the relay"
 
 
+def write_from_another_process(db_url: str, code: str) -> None:
+    """Run ``code`` in a new Python process, with ``outbox`` imported and ``engine`` on ``db_url``."""
+    import subprocess
+    import sys
+
+    script = f"import sys, outbox\nengine = outbox.create_engine(sys.argv[1])\n{code}"
+    subprocess.run([sys.executable, "-c", script, db_url], check=True, timeout=30)
+
+
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_commit_in_another_process_wakes_the_relay_via_notify(
     engine: sa.Engine, registry: Registry, db_url: str
 ) -> None:
-    import subprocess
-    import sys
-
     done = threading.Event()
     registry.add("ping", lambda m: done.set())
-    writer = (
-        "import sys, outbox\n"
-        "engine = outbox.create_engine(sys.argv[1])\n"
-        "with engine.begin() as conn:\n"
-        "    outbox.add(conn, 'ping', {})\n"
-    )
     with Relay(engine, registry, poll_interval=30):
         time.sleep(0.3)  # listening, and asleep for up to 30 s
-        subprocess.run([sys.executable, "-c", writer, db_url], check=True, timeout=30)
+        write_from_another_process(db_url, "with engine.begin() as conn:\n    outbox.add(conn, 'ping', {})\n")
         assert done.wait(5), "NOTIFY did not wake the relay"
 
 
@@ -253,21 +253,12 @@ def test_burst_from_another_process_is_delivered_without_waiting_for_a_poll(
     engine: sa.Engine, registry: Registry, db_url: str
 ) -> None:
     """The writer merges the NOTIFYs of a burst (one per NOTIFY_GAP); the relay still finds every message."""
-    import subprocess
-    import sys
-
     handled: list[int] = []
     registry.add("burst", lambda m: handled.append(m.payload["i"]))
-    writer = (
-        "import sys, outbox\n"
-        "engine = outbox.create_engine(sys.argv[1])\n"
-        "for i in range(200):\n"
-        "    with engine.begin() as conn:\n"
-        "        outbox.add(conn, 'burst', {'i': i})\n"
-    )
+    burst = "for i in range(200):\n    with engine.begin() as c:\n        outbox.add(c, 'burst', {'i': i})\n"
     with Relay(engine, registry, poll_interval=30):
         time.sleep(0.3)  # listening, and asleep for up to 30 s
-        subprocess.run([sys.executable, "-c", writer, db_url], check=True, timeout=30)
+        write_from_another_process(db_url, burst)
         wait_until(lambda: len(handled) == 200, timeout=10, what="200 messages within 10 s")
     assert sorted(handled) == list(range(200))
 

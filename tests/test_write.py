@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
 import enum
 import json
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -19,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 import outbox
 from outbox.dialects import normalise_url
 from outbox.schema import tables_for
+from outbox.writer import NOTIFY_GAP
 
 
 class Base(orm.DeclarativeBase):
@@ -294,17 +300,16 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
 # --- the PostgreSQL wake-up ------------------------------------------------------------------------------
 
 
-def _listen(db_url: str, received: list[float], done: Any, pids: list[int] | None = None) -> Any:
-    """Start a thread that LISTENs on the default outbox's channel, appending each arrival's time (and
-    the sending backend's pid to ``pids``)."""
-    import threading
-    import time
-
-    import psycopg
-
+@contextlib.contextmanager
+def _notifications(db_url: str) -> Iterator[tuple[list[float], list[int]]]:
+    """LISTEN on the default outbox's channel meanwhile: yields the arrival times of its notifications
+    and the pids of the backends that sent them."""
     from outbox.writer import notify_channel
 
+    received: list[float] = []
+    pids: list[int] = []
     listening = threading.Event()
+    done = threading.Event()
 
     def listen() -> None:
         with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as pg:
@@ -313,37 +318,31 @@ def _listen(db_url: str, received: list[float], done: Any, pids: list[int] | Non
             while not done.is_set():
                 for notify in pg.notifies(timeout=0.05, stop_after=1):
                     received.append(time.monotonic())
-                    if pids is not None:
-                        pids.append(notify.pid)
+                    pids.append(notify.pid)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     assert listening.wait(10)
-    return thread
+    try:
+        yield received, pids
+    finally:
+        done.set()
+        thread.join(5)
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_notifies_of_a_busy_moment_are_merged(shop: sa.Engine, db_url: str) -> None:
     """A writer committing as fast as it can sends at most one NOTIFY every NOTIFY_GAP, not one a commit."""
-    import threading
-    import time
-
-    from outbox.writer import NOTIFY_GAP
-
-    received: list[float] = []
-    done = threading.Event()
-    listener = _listen(db_url, received, done)
     sessions = orm.sessionmaker(shop)
     commits = 0
-    started = time.monotonic()
-    while time.monotonic() - started < 0.3:
-        with sessions() as session, session.begin():
-            outbox.add(session, "burst", {"i": commits})
-        commits += 1
-    time.sleep(0.3)  # the last gap's NOTIFY
-    burst = time.monotonic() - started
-    done.set()
-    listener.join(5)
+    with _notifications(db_url) as (received, _):
+        started = time.monotonic()
+        while time.monotonic() - started < 0.3:
+            with sessions() as session, session.begin():
+                outbox.add(session, "burst", {"i": commits})
+            commits += 1
+        time.sleep(0.3)  # the last gap's NOTIFY
+        burst = time.monotonic() - started
     assert commits >= 20, f"only {commits} commits in 0.3 s: nothing to merge"
     assert 1 <= len(received) <= burst / NOTIFY_GAP + 2, f"{len(received)} NOTIFYs for {commits} commits"
 
@@ -351,22 +350,13 @@ def test_notifies_of_a_busy_moment_are_merged(shop: sa.Engine, db_url: str) -> N
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_commit_inside_the_gap_gets_a_notify_at_its_end(shop: sa.Engine, db_url: str) -> None:
     """Two commits back to back: the first is announced at once, the second by a NOTIFY a gap later."""
-    import threading
-    import time
-
-    from outbox.writer import NOTIFY_GAP
-
-    received: list[float] = []
-    done = threading.Event()
-    listener = _listen(db_url, received, done)
     sessions = orm.sessionmaker(shop)
-    time.sleep(2 * NOTIFY_GAP)  # no gap left over from an earlier test
-    for i in range(2):
-        with sessions() as session, session.begin():
-            outbox.add(session, "pair", {"i": i})
-    time.sleep(max(0.5, 10 * NOTIFY_GAP))
-    done.set()
-    listener.join(5)
+    with _notifications(db_url) as (received, _):
+        time.sleep(2 * NOTIFY_GAP)  # no gap left over from an earlier test
+        for i in range(2):
+            with sessions() as session, session.begin():
+                outbox.add(session, "pair", {"i": i})
+        time.sleep(max(0.5, 10 * NOTIFY_GAP))
     assert len(received) == 2, f"{len(received)} NOTIFYs for two commits (want one each side of the gap)"
     assert received[1] - received[0] >= 0.9 * NOTIFY_GAP
 
@@ -374,13 +364,6 @@ def test_a_commit_inside_the_gap_gets_a_notify_at_its_end(shop: sa.Engine, db_ur
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_async_session_on_psycopg_notifies_after_the_commit(shop: sa.Engine, db_url: str) -> None:
     """The wake-up of an AsyncSession's commit comes from the notifier's connection, not the writer's."""
-    import threading
-    import time
-
-    received: list[float] = []
-    pids: list[int] = []
-    done = threading.Event()
-    listener = _listen(db_url, received, done, pids)
 
     async def write() -> int:
         aengine = create_async_engine(_async_url(db_url))
@@ -393,12 +376,11 @@ def test_async_session_on_psycopg_notifies_after_the_commit(shop: sa.Engine, db_
         finally:
             await aengine.dispose()
 
-    writer_pid = asyncio.run(write())
-    deadline = time.monotonic() + 5
-    while not pids and time.monotonic() < deadline:
-        time.sleep(0.01)
-    done.set()
-    listener.join(5)
+    with _notifications(db_url) as (_, pids):
+        writer_pid = asyncio.run(write())
+        deadline = time.monotonic() + 5
+        while not pids and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert pids, "no NOTIFY after the AsyncSession's commit"
     assert writer_pid not in pids, "the writer's own transaction sent the NOTIFY"
     assert [r.id for r in messages(shop)] and orders(shop) == [20]
