@@ -181,9 +181,6 @@ class _Notifier:
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = weakref.ref(engine)  # the notifier ends with its engine
-        # An AsyncEngine's pool cannot be used from this thread: for one, the notifier opens a psycopg
-        # connection of its own with the parameters of a connection the writer used (_remember_conninfo).
-        self._conninfo = _conninfos.get(engine) if engine.dialect.is_async else None
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -239,13 +236,16 @@ class _Notifier:
 
     def _connect(self) -> Any:
         """An autocommit connection of the notifier's own (``None``: the engine is gone)."""
-        if self._conninfo is not None:
-            import psycopg
-
-            return _OwnConnection(psycopg.connect(self._conninfo, autocommit=True))
         engine = self._engine()
         if engine is None:
             return None
+        conninfo = _conninfos.get(engine)
+        if conninfo is not None:
+            # An AsyncEngine's pool cannot be used from this thread: a psycopg connection opened with the
+            # parameters of a connection the writer used (_remember_conninfo) instead.
+            import psycopg
+
+            return _OwnConnection(psycopg.connect(conninfo, autocommit=True))
         raw: Any = engine.raw_connection()  # never returned to the pool: invalidated when it fails
         raw.rollback()
         raw.driver_connection.autocommit = True
