@@ -151,7 +151,10 @@ class ClaimQueries:
             )
 
         if dialect.array_params:  # one statement text whatever the batch size: prepared once, no re-parsing
-            in_seqs = t.c.seq == sa.any_(sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger())))
+            # The array goes as one text literal ("{1,2,3}", see _seqs): psycopg's list dumper spends about
+            # 3 us of Python per element (a regex each), a sixth of the relay's own cost of a delivered mark.
+            seq_array = sa.cast(sa.bindparam("seqs", type_=sa.Text()), postgresql.ARRAY(sa.BigInteger()))
+            in_seqs = t.c.seq == sa.any_(seq_array)
         else:
             in_seqs = t.c.seq.in_(sa.bindparam("seqs", expanding=True))
         fenced = sa.and_(t.c.lease_token == sa.bindparam("token"), in_seqs)
@@ -213,7 +216,7 @@ class ClaimQueries:
         held = Status.INFLIGHT.value  # a row claimed while still held: its lease had expired
         if self.dialect.claim_returning and self.dialect.skip_locked:
             # rows unpacked by position: Row attribute access by name costs more than the rest together
-            result = conn.execute(self._claim, params)
+            result = conn.execute(self._claim, params).all()
             return [
                 ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, prev == held)
                 for seq, id_, topic, key, payload, ctype, headers, tries, created, prev in result
@@ -236,13 +239,19 @@ class ClaimQueries:
 
     # -- marks (all fenced by the lease token) -----------------------------------------------------------
 
+    def _seqs(self, seqs: Sequence[int]) -> str | list[int]:
+        """The ``seqs`` parameter: a PostgreSQL array literal, or a list for an expanding IN."""
+        if self.dialect.array_params:
+            return "{" + ",".join(map(str, seqs)) + "}"
+        return list(seqs)
+
     def mark_delivered(
         self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime
     ) -> int:
         """Mark rows delivered; returns how many still held ``token`` (the others were fenced off)."""
         if not seqs:
             return 0
-        return conn.execute(self._delivered, {"token": token, "seqs": list(seqs), "now": now}).rowcount
+        return conn.execute(self._delivered, {"token": token, "seqs": self._seqs(seqs), "now": now}).rowcount
 
     def mark_failed(self, conn: sa.Connection, token: str, failures: Sequence[Failure]) -> None:
         """Record failed attempts: each gets its status (failed/dead/parked), next due time and error."""
@@ -266,7 +275,7 @@ class ClaimQueries:
         """Give rows back unhandled: claimable again from ``due_at``, attempt not counted."""
         if not seqs:
             return 0
-        return conn.execute(self._release, {"token": token, "seqs": list(seqs), "now": due_at}).rowcount
+        return conn.execute(self._release, {"token": token, "seqs": self._seqs(seqs), "now": due_at}).rowcount
 
     def renew(self, conn: sa.Connection, token: str, *, lease_until: dt.datetime) -> int:
         """Extend the lease of every row still in flight under ``token``."""
