@@ -70,10 +70,10 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
 
         # An exact topic, as applications register (a pattern such as "*" costs an fnmatch per message).
         registry.add(TOPIC, record if cfg.get("handler") == "latency" else noop)
-    # Only what the scenario sets is passed: everything else stays the product's default, the engine
-    # included (built by the relay from the URL, as `outbox relay` does).
+    # Only what the scenario sets is passed: everything else is as `outbox relay` runs it, the engine
+    # included (built by the relay from the URL) and freeze_gc (the CLI's: see relay.Relay).
     options = {k: cfg[k] for k in ("batch_size", "workers", "poll_interval", "max_in_flight") if k in cfg}
-    relay = Relay(cfg["url"], registry, kafka=kafka, **options)
+    relay = Relay(cfg["url"], registry, kafka=kafka, freeze_gc=True, **options)
     engine = relay.engine
     effective = {
         "batch_size": relay.batch_size,

@@ -405,6 +405,7 @@ def relay(settings: Settings) -> None:
         stuck_after=settings.stuck_after,
         maintenance_interval=settings.maintenance_interval,
         observers=[metrics] if metrics is not None else [],
+        freeze_gc=True,  # this process is the relay: its start-up objects live as long as it does
     )
     server = None
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import queue
@@ -86,6 +87,14 @@ class Relay:
     publishes every topic without an in-process handler to Kafka; ``publishers`` adds other
     destinations, asked in order after the handlers. ``observers`` (``relay.observers.RelayObserver``)
     watch it: metrics, logging. Use as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    ``freeze_gc=True`` calls :func:`gc.freeze` in :meth:`start`, once the relay is set up: every object
+    alive then (the interpreter's modules, SQLAlchemy's, the application's) moves to the collector's
+    permanent generation, which its full passes skip. Without it, each full pass walks those few hundred
+    thousand objects with the GIL held: here 60-80 ms pauses of the whole relay every 12,000 or so
+    messages, 6.5 us of collection per message against 1.5 us frozen. ``outbox relay`` sets it. In an
+    application that starts a relay beside its own work, leave it off unless the application is done
+    building its long-lived state: a frozen object caught in a reference cycle later is never freed.
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class Relay:
         retention: dt.timedelta | float | None = DEFAULT_RETENTION,
         stuck_after: dt.timedelta | float = DEFAULT_STUCK_AFTER,
         maintenance_interval: float = DEFAULT_INTERVAL,
+        freeze_gc: bool = False,
     ) -> None:
         _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
         _check_positive(poll_interval=poll_interval)
@@ -135,6 +145,7 @@ class Relay:
         self.stop_timeout = stop_timeout
         self.default_policy = TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout)
         self.strict_order_topics = frozenset(strict_order_topics)
+        self.freeze_gc = freeze_gc
         # topic -> (its handler, the defaults, the policy they make): looked up for every message
         self._policies: dict[str, tuple[Any, TopicPolicy, TopicPolicy]] = {}
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -201,6 +212,8 @@ class Relay:
         if self.dialect.single_relay:
             self._acquire_single_relay_lock()
         self._started = True
+        if self.freeze_gc:
+            gc.freeze()  # after the schema check: the dialect's and the pool's state are built by now
         register_waiter(self.tables.name, self._wake)
         self._spawn("outbox-fetcher", self._fetch_loop)
         self._spawn("outbox-completer", self._complete_loop)

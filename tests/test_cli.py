@@ -420,6 +420,19 @@ def test_relay_delivers_and_exits_0_on_sigterm(engine: sa.Engine, relay_process:
 
 
 @sqlite_only
+def test_relay_process_freezes_its_heap(engine: sa.Engine, relay_process: Any, tmp_path: Path) -> None:
+    """`outbox relay` runs with freeze_gc: the collector's full passes skip the start-up objects."""
+    add(engine, "cli.gc")
+    process = relay_process()
+    wait_until(lambda: status_counts(engine) == {"delivered": 1}, timeout=30, what="delivery")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == cli.RET_OK, stderr
+    (line,) = (tmp_path / "handled").read_text().splitlines()
+    assert line.startswith("gc ") and int(line.split()[1]) > 10_000, line
+
+
+@sqlite_only
 def test_second_signal_exits_at_once(engine: sa.Engine, relay_process: Any) -> None:
     add(engine, "cli.slow", {"sleep": 60})
     process = relay_process("--stop-timeout", "60")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import defaultdict
@@ -225,6 +226,25 @@ def test_commit_on_a_core_connection_wakes_the_relay(engine: sa.Engine, registry
         with engine.begin() as conn:
             outbox.add(conn, "ping", {})
         assert done.wait(5), "the commit did not wake the relay"
+
+
+def test_freeze_gc_moves_start_up_objects_out_of_the_collectors_way(
+    engine: sa.Engine, registry: Registry
+) -> None:
+    """``freeze_gc`` freezes at start (``outbox relay``'s setting); by default the relay leaves gc alone."""
+    done = threading.Event()
+    registry.add("ping", lambda m: done.set())
+    gc.unfreeze()
+    try:
+        with Relay(engine, registry):
+            assert gc.get_freeze_count() == 0
+        with Relay(engine, registry, freeze_gc=True):
+            assert gc.get_freeze_count() > 10_000  # this process's modules, SQLAlchemy's, pytest's
+            with engine.begin() as conn:
+                outbox.add(conn, "ping", {})
+            assert done.wait(10), "a relay with a frozen heap did not deliver"
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
 
 
 def write_from_another_process(db_url: str, code: str) -> None:

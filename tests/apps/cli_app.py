@@ -3,11 +3,13 @@
 - ``cli.ok`` succeeds and appends the message id to the file named by ``CLI_APP_LOG`` (when set), so a
   test in another process sees what was handled;
 - ``cli.fail`` always fails, with one attempt, so its messages go dead at once;
+- ``cli.gc`` appends ``gc <objects frozen>`` to that file (``outbox relay`` freezes its start-up heap);
 - ``cli.slow`` sleeps ``payload["sleep"]`` seconds, to hold a relay busy while it is asked to stop.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -23,6 +25,12 @@ def record(message: Message) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"{message.id}\n")
+
+
+@registry.handler("cli.gc")
+def report_gc(message: Message) -> None:
+    with open(os.environ["CLI_APP_LOG"], "a", encoding="utf-8") as fh:
+        fh.write(f"gc {gc.get_freeze_count()}\n")
 
 
 @registry.handler("cli.fail", max_attempts=1)
