@@ -380,15 +380,25 @@ class Relay:
                 self._report(self._delivery(row, fallback=True), Released("relay stopping"))
             return
         routed: dict[int, tuple[Any, list[Delivery]]] = {}
+        # topic -> (publisher, policy, decode?): looked up once per topic and batch, not once per row
+        routes: dict[str, tuple[Any, TopicPolicy, bool]] = {}
         for row in rows:
-            publisher = self._route(row.topic)
+            route = routes.get(row.topic)
+            if route is None:
+                found = self._route(row.topic)
+                route = routes[row.topic] = (
+                    found,
+                    self._policy(row.topic),
+                    found is None or found.decodes_payload,
+                )
+            publisher, policy, decode = route
             try:
-                delivery = self._delivery(row, decode=publisher is None or publisher.decodes_payload)
+                delivery = self._delivery(row, policy, decode=decode)
             except Exception as exc:  # undecodable row: nothing a retry would change
-                delivery = self._delivery(row, fallback=True)
+                delivery = self._delivery(row, policy, fallback=True)
                 self._report(delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True))
                 continue
-            if delivery.message.attempt > delivery.policy.retry.max_attempts + CRASH_ALLOWANCE:
+            if row.attempts > policy.retry.max_attempts + CRASH_ALLOWANCE:
                 # Every attempt past the policy's ended with no outcome at all: the relay handling it
                 # was killed (OOM, segfault) or stalled each time. Stop feeding it to relays.
                 self._report(
@@ -413,7 +423,14 @@ class Relay:
                 return publisher
         return None
 
-    def _delivery(self, row: ClaimedRow, *, fallback: bool = False, decode: bool = True) -> Delivery:
+    def _delivery(
+        self,
+        row: ClaimedRow,
+        policy: TopicPolicy | None = None,
+        *,
+        fallback: bool = False,
+        decode: bool = True,
+    ) -> Delivery:
         if fallback:
             payload: Any = row.payload
             headers: dict[str, str] = {}
@@ -431,7 +448,9 @@ class Relay:
             content_type=row.content_type,
             body=row.payload,
         )
-        return Delivery(seq=row.seq, token=row.token, message=message, policy=self._policy(row.topic))
+        if policy is None:
+            policy = self._policy(row.topic)
+        return Delivery(seq=row.seq, token=row.token, message=message, policy=policy)
 
     def _policy(self, topic: str) -> TopicPolicy:
         entry = self.registry.route(topic)

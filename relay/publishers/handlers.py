@@ -73,14 +73,22 @@ class _WorkerPool:
     def submit_many(self, jobs: Iterable[_Job]) -> None:
         self._jobs.extend(jobs)
         with self._lock:
-            if self._idle:
-                self._wakeup.notify()
+            self._wake_one()
 
     def shutdown(self) -> None:
         """Let the workers end once the jobs already submitted have been taken."""
         with self._lock:
             self._closed = True
+            self._idle = 0
             self._wakeup.notify_all()
+
+    def _wake_one(self) -> None:
+        """Wake one waiting worker, if any (under the lock). ``_idle`` counts the waiters not yet
+        woken: a woken worker may take a while to get the GIL, and counting it as idle until then made
+        every job taken meanwhile notify again (7 % of the relay's GIL time in a drain profile)."""
+        if self._idle:
+            self._idle -= 1
+            self._wakeup.notify()
 
     def _take(self) -> _Job | None:
         """The next job, waiting for one; ``None`` once shut down with nothing left."""
@@ -94,14 +102,12 @@ class _WorkerPool:
                         continue
                     if self._closed:
                         return None
-                    self._idle += 1
+                    self._idle += 1  # taken back by whoever wakes this worker (_wake_one, shutdown)
                     self._wakeup.wait()
-                    self._idle -= 1
                 continue
             if jobs and self._idle:  # more waiting than this worker: bring a helper
                 with self._lock:
-                    if self._idle:
-                        self._wakeup.notify()
+                    self._wake_one()
             return job
 
     def _work(self) -> None:
