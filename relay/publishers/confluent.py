@@ -16,6 +16,7 @@ kafka-python publisher's too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -107,9 +108,9 @@ class ConfluentPublisher:
         self.settings = settings
         self._producer_class: Any = Producer
         self._producer: Any = self._make()
-        #: deliveries handed to the producer and not yet reported, with their send span
+        #: deliveries handed to the producer and not yet reported, with their send span; whoever pops
+        #: one (one atomic dict.pop: its answer, a restart, stop) reports it, so no lock per record
         self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, DeliverySpan]] = {}
-        self._lock = threading.Lock()
         self._health = BrokerHealth(settings.bootstrap_servers)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="outbox-kafka-poll", daemon=True)
@@ -127,8 +128,7 @@ class ConfluentPublisher:
         for delivery in deliveries:
             topic = self.settings.target_topic(delivery.message.topic)
             span = publish_span(delivery.message, destination=topic)  # a no-op without OpenTelemetry
-            with self._lock:
-                self._pending[(delivery.token, delivery.seq)] = (delivery, done, span)
+            self._pending[(delivery.token, delivery.seq)] = (delivery, done, span)
             self._produce(delivery, topic, span)
 
     def _produce(self, delivery: Delivery, topic: str, span: DeliverySpan) -> None:
@@ -140,7 +140,7 @@ class ConfluentPublisher:
                     value=message.body,
                     key=message.key.encode("utf-8") if message.key is not None else None,
                     headers=record_headers(delivery, span),
-                    on_delivery=lambda err, _msg, d=delivery: self._on_delivery(d, err),
+                    on_delivery=functools.partial(self._on_delivery, delivery),
                 )
                 return
             except BufferError:  # librdkafka's local queue is full: let it drain, then try again
@@ -153,7 +153,7 @@ class ConfluentPublisher:
                 self._report(delivery, outcome)
                 return
 
-    def _on_delivery(self, delivery: Delivery, err: Any) -> None:
+    def _on_delivery(self, delivery: Delivery, err: Any, _record: Any = None) -> None:
         if err is None:
             self._report(delivery, Delivered())
             return
@@ -164,19 +164,24 @@ class ConfluentPublisher:
 
     def _report(self, delivery: Delivery, outcome: Outcome) -> None:
         """Report ``outcome`` once per delivery (a late answer after a restart or stop is dropped)."""
-        with self._lock:
-            entry = self._pending.pop((delivery.token, delivery.seq), None)
+        entry = self._pending.pop((delivery.token, delivery.seq), None)
         if entry is not None:
             note_broker_answer(self._health, outcome)
             _finish(entry, outcome)
 
     def _restart(self) -> None:
-        with self._lock:
-            stranded = list(self._pending.values())
-            self._pending.clear()
-        for entry in stranded:
+        for entry in self._take_all():
             _finish(entry, Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE))
         self._producer = self._make()
+
+    def _take_all(self) -> list[tuple[Delivery, DoneCallback, DeliverySpan]]:
+        """Pop every pending delivery (each popped here is reported by the caller, and only here)."""
+        taken = []
+        for key in list(self._pending):
+            entry = self._pending.pop(key, None)
+            if entry is not None:
+                taken.append(entry)
+        return taken
 
     def _make(self) -> Any:
         return self._producer_class({**librdkafka_config(self.settings), "logger": log})
@@ -198,10 +203,7 @@ class ConfluentPublisher:
         finally:
             self._stopping.set()
             self._poller.join(2)
-        with self._lock:
-            left = list(self._pending.values())
-            self._pending.clear()
-        for entry in left:  # never acknowledged: they will be published again
+        for entry in self._take_all():  # never acknowledged: they will be published again
             _finish(entry, Released("relay stopping before the broker acknowledged"))
 
 
