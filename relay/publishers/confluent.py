@@ -26,7 +26,13 @@ from typing import Any
 from outbox.broker_health import BrokerHealth
 from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
-from relay.publishers.kafka import BROKER_RETRY_PAUSE, KafkaSettings, note_broker_answer, record_headers
+from relay.publishers.kafka import (
+    BROKER_RETRY_PAUSE,
+    KafkaSettings,
+    note_broker_answer,
+    pop_all,
+    record_headers,
+)
 
 log = logging.getLogger("outbox.relay.kafka")
 
@@ -170,18 +176,9 @@ class ConfluentPublisher:
             _finish(entry, outcome)
 
     def _restart(self) -> None:
-        for entry in self._take_all():
+        for entry in pop_all(self._pending):
             _finish(entry, Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE))
         self._producer = self._make()
-
-    def _take_all(self) -> list[tuple[Delivery, DoneCallback, DeliverySpan]]:
-        """Pop every pending delivery (each popped here is reported by the caller, and only here)."""
-        taken = []
-        for key in list(self._pending):
-            entry = self._pending.pop(key, None)
-            if entry is not None:
-                taken.append(entry)
-        return taken
 
     def _make(self) -> Any:
         return self._producer_class({**librdkafka_config(self.settings), "logger": log})
@@ -203,7 +200,7 @@ class ConfluentPublisher:
         finally:
             self._stopping.set()
             self._poller.join(2)
-        for entry in self._take_all():  # never acknowledged: they will be published again
+        for entry in pop_all(self._pending):  # never acknowledged: they will be published again
             _finish(entry, Released("relay stopping before the broker acknowledged"))
 
 

@@ -121,12 +121,11 @@ class _WorkerPool:
 class _Task:
     """One delivery's state (see :class:`HandlerPublisher` for who changes what)."""
 
-    __slots__ = ("delivery", "done", "started_at")
+    __slots__ = ("delivery", "started_at")
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
         self.started_at: float | None = None
-        self.done = False
 
 
 class HandlerPublisher:
@@ -155,7 +154,7 @@ class HandlerPublisher:
         self._pool = _WorkerPool(workers, "outbox-handler")
         self._session_factory = session_factory
         self._mark_in_session = mark_in_session
-        self._tasks: dict[_Task, bool] = {}  # every task not finished
+        self._tasks: dict[_Task, bool] = {}  # every task not finished (popped as it finishes)
         self._unstarted: dict[_Task, bool] = {}
         self._unreported: dict[_Task, bool] = {}
         self._finished = threading.Condition()
@@ -199,7 +198,6 @@ class HandlerPublisher:
                     span.fail(outcome.error)
             self._report(task, outcome, done)
         finally:
-            task.done = True
             self._tasks.pop(task, None)
             if self._stopping:  # set before stop() looks for running tasks: it hears of this one
                 with self._finished:
@@ -253,7 +251,7 @@ class HandlerPublisher:
         deadline = time.monotonic() + timeout
         with self._finished:
             while True:  # every task left has started: wait for them
-                running = [t for t in list(self._tasks) if not t.done]
+                running = list(self._tasks)
                 remaining = deadline - time.monotonic()
                 if not running or remaining <= 0:
                     break
@@ -269,4 +267,4 @@ class HandlerPublisher:
 
     def running_count(self) -> int:
         """Handlers executing right now (started, not finished)."""
-        return sum(1 for t in list(self._tasks) if t.started_at is not None and not t.done)
+        return sum(1 for t in list(self._tasks) if t.started_at is not None)

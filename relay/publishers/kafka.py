@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from outbox.broker_health import BrokerHealth
 from outbox.errors import ConfigError
@@ -57,6 +57,8 @@ from relay.publishers import (
 )
 
 log = logging.getLogger("outbox.relay.kafka")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 #: seconds a message released because of a broker problem waits before it is claimed again
@@ -150,6 +152,17 @@ def record_headers(delivery: Delivery, span: DeliverySpan | None = None) -> list
         (HEADER_CONTENT_TYPE, message.content_type.encode()),
     ]
     return headers
+
+
+def pop_all(pending: dict[K, V]) -> list[V]:
+    """Pop every entry of ``pending``, one atomic ``dict.pop`` each: an entry a concurrent pop (a
+    broker's answer) took first is not returned, so each is reported once, by whoever popped it."""
+    taken = []
+    for key in list(pending):
+        entry = pending.pop(key, None)
+        if entry is not None:
+            taken.append(entry)
+    return taken
 
 
 _DELIVERED = Delivered()  # immutable: one for every acknowledged record
@@ -262,10 +275,10 @@ class KafkaPublisher:
                 self._producer.close(timeout=1)
             except Exception:  # closing a producer whose broker is gone may raise; nothing is lost
                 log.debug("closing the Kafka producer raised", exc_info=True)
-        for key in list(self._pending):  # never acknowledged: give them back, they will be published again
-            entry = self._pending.pop(key, None)
-            if entry is not None:
-                done(entry.delivery, Released("relay stopping before the broker acknowledged"))
+        for entry in pop_all(
+            self._pending
+        ):  # never acknowledged: give them back, they will be published again
+            done(entry.delivery, Released("relay stopping before the broker acknowledged"))
 
     def _report(self, delivery: Delivery, done: DoneCallback, outcome: Outcome) -> None:
         if self._pending.pop((delivery.token, delivery.seq), None) is None:
