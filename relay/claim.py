@@ -31,6 +31,16 @@ Invariants (each names the test that would catch its violation):
    decrements ``attempts``, so infrastructure trouble never pushes a message towards ``dead``.
    -- ``tests/test_stop.py``, ``tests/test_db_restart.py``
 
+7. **A relay frozen at any instant keeps no other relay from its expired rows.** A process can stop
+   between two statements for any length of time (a GC pause, a VM freeze, ``SIGSTOP``); a row lock it
+   holds lasts as long, and every other claim skips the row (``SKIP LOCKED``). So, on PostgreSQL and
+   MariaDB, each write of the lease path (renewal, delivered, failed, released marks) is one statement
+   run in autocommit: committed by the server when it has run, whatever the client does next. Two
+   transactions remain, both as short as a claim: the claim on MariaDB (lock the candidates, then update
+   them; a relay frozen in between holds those rows until it runs again or its connection dies), and a
+   session handler's transaction, which must hold the delivered mark with the handler's own writes.
+   -- ``tests/test_crash.py::test_relay_frozen_right_after_renewing_its_lease_holds_no_row``
+
 ``attempts`` is incremented by the claim itself, so a message that crashes relays (kill -9, OOM) is
 counted; it only goes ``dead`` when a handler attempt fails with no attempts left.
 """

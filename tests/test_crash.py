@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from outbox.schema import Status, tables_for
 from outbox.writer import utcnow
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
+from tests.apps.freezing import FREEZE_ENV
 from tests.apps.recording import (
     commit_messages,
     count_done,
@@ -234,3 +235,37 @@ def test_relay_stalled_past_its_lease_is_fenced(
     if handler == "session":
         # Its database work was rolled back with its delivered mark: one committed handling, the successor's.
         assert [(r.message_id, r.pid) for r in handled_rows(engine)] == [(message_id, successor.pid)]
+
+
+@pytest.mark.slow
+def test_relay_frozen_right_after_renewing_its_lease_holds_no_row(
+    engine: sa.Engine, relays: RelayLauncher, record: Path
+) -> None:
+    """Invariant 7 of ``relay.claim``: a relay frozen mid-write keeps no row locked from its successor.
+
+    The relay freezes the instant its lease renewal has run, before anything else it would send (such
+    as a COMMIT): had the renewal been left in an open transaction, the row would stay locked for as
+    long as the relay is frozen, and every other relay's claim would skip it.
+    """
+    (message_id,) = commit_messages(engine, [("k", 0)], sleep=3.0)  # outlives the first renewal (lease/3)
+    options = {"lease_seconds": LEASE, "workers": 1, "poll_interval": 0.1, "stop_timeout": 20}
+    relays.app = "tests.apps.freezing:registry"
+    relays.env[FREEZE_ENV] = r"^UPDATE \S+ SET due_at="  # the renewal, the only update that starts so
+    frozen = relays.start(**options)
+    wait_until(frozen.stopped, timeout=30, what="the first relay to freeze right after renewing its lease")
+    assert outbox_rows(engine)[message_id].status == Status.INFLIGHT.value
+
+    del relays.env[FREEZE_ENV]
+    successor = relays.start(**options)
+    wait_until(lambda: all_delivered(engine, 1), timeout=30, what="the second relay to take over and deliver")
+    assert outbox_rows(engine)[message_id].attempts == 2
+
+    frozen.send(signal.SIGCONT)
+    for relay in (frozen, successor):
+        relay.send(signal.SIGTERM)
+    assert frozen.wait_exit(timeout=30) == 0, frozen.log_tail()
+    assert successor.wait_exit(timeout=15) == 0, successor.log_tail()
+    done = sorted(h.pid for h in read_record(record) if h.event == "done")
+    assert successor.pid in done, "the successor should have handled the message"
+    row = outbox_rows(engine)[message_id]
+    assert (row.status, row.attempts, row.lease_token) == (Status.DELIVERED.value, 2, None)

@@ -48,6 +48,14 @@ class RelayProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def stopped(self) -> bool:
+        """The process is stopped by a signal (``SIGSTOP``): state ``T`` in ``/proc/<pid>/stat``."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rpartition(")")[2].split()[0] == "T"
+
     def send(self, sig: signal.Signals) -> None:
         self.popen.send_signal(sig)
 
