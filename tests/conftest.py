@@ -88,16 +88,26 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 def wait_until(
-    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    condition: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
+    explain: Callable[[], str] | None = None,
 ) -> object:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds.
+
+    ``explain`` adds what it returns (the state worth seeing: rows, a relay's log) to the failure.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}", pytrace=False)
+            message = f"timed out after {timeout}s waiting for {what or condition}"
+            if explain is not None:
+                message += "\n" + explain()
+            pytest.fail(message, pytrace=False)
         time.sleep(interval)
 
 

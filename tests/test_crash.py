@@ -78,6 +78,16 @@ def all_delivered(engine: sa.Engine, total: int) -> bool:
     return status_counts(engine).get(Status.DELIVERED.value, 0) == total
 
 
+def takeover_state(engine: sa.Engine, record: Path, successor: RelayProcess) -> str:
+    """The rows, the record and the successor's log: what a takeover that never came looked like."""
+    rows = "\n".join(
+        f"  {r.seq} {r.status} attempts={r.attempts} due_at={r.due_at} token={r.lease_token}"
+        for r in outbox_rows(engine).values()
+    )
+    handlings = "\n".join(f"  {h}" for h in read_record(record))
+    return f"now {utcnow()}\nrows:\n{rows}\nrecord:\n{handlings}\nsuccessor's log:\n{successor.log_tail()}"
+
+
 @pytest.mark.slow
 def test_killed_relay_loses_nothing(engine: sa.Engine, relays: RelayLauncher, record: Path) -> None:
     # 3000 messages: 50 keys of 50 messages each (payload index = position within the key), and 500 unkeyed.
@@ -203,7 +213,12 @@ def test_relay_stalled_past_its_lease_is_fenced(
     assert frozen_token is not None
 
     successor = relays.start(**options)
-    wait_until(lambda: all_delivered(engine, 1), timeout=30, what="the second relay to take over and deliver")
+    wait_until(
+        lambda: all_delivered(engine, 1),
+        timeout=30,
+        what="the second relay to take over and deliver",
+        explain=partial(takeover_state, engine, record, successor),
+    )
     after_takeover = outbox_rows(engine)[message_id]
     assert after_takeover.attempts == 2  # one claim each
 
@@ -257,7 +272,12 @@ def test_relay_frozen_right_after_renewing_its_lease_holds_no_row(
 
     del relays.env[FREEZE_ENV]
     successor = relays.start(**options)
-    wait_until(lambda: all_delivered(engine, 1), timeout=30, what="the second relay to take over and deliver")
+    wait_until(
+        lambda: all_delivered(engine, 1),
+        timeout=30,
+        what="the second relay to take over and deliver",
+        explain=partial(takeover_state, engine, record, successor),
+    )
     assert outbox_rows(engine)[message_id].attempts == 2
 
     frozen.send(signal.SIGCONT)
