@@ -37,9 +37,11 @@ Invariants (each names the test that would catch its violation):
    MariaDB, each write of the lease path (renewal, delivered, failed, released marks) is one statement
    run in autocommit: committed by the server when it has run, whatever the client does next. Two
    transactions remain, both as short as a claim: the claim on MariaDB (lock the candidates, then update
-   them; a relay frozen in between holds those rows until it runs again or its connection dies), and a
-   session handler's transaction, which must hold the delivered mark with the handler's own writes.
-   -- ``tests/test_crash.py::test_relay_frozen_right_after_renewing_its_lease_holds_no_row``
+   them; a relay frozen in between holds those rows, and the first row past them in ``due_at`` order,
+   until it runs again or its connection dies), and a session handler's transaction, which must hold the
+   delivered mark with the handler's own writes. A MariaDB claim that finds nothing takes no lock: a
+   plain read looks first (an idle relay claims every poll interval, so that is where a freeze lands).
+   -- ``tests/test_crash.py::test_relay_frozen_mid_write_holds_no_row``
 
 ``attempts`` is incremented by the claim itself, so a message that crashes relays (kill -9, OOM) is
 counted; it only goes ``dead`` when a handler attempt fails with no attempts left.
@@ -152,6 +154,11 @@ class ClaimQueries:
                 t.c.status == Status.INFLIGHT.value, t.c.due_at <= sa.bindparam("now")
             )
         else:  # MariaDB/MySQL: lock the rows, then update them by primary key
+            # InnoDB keeps a lock on the first row past the scanned range of due_at (READ COMMITTED too),
+            # typically a live lease: a relay frozen inside a claim transaction that found nothing would
+            # hold that row until it ran again. So a plain read (no locks) looks first, and the locking
+            # transaction runs only when there is something to take (see claim_batch).
+            self._probe = candidates.limit(1)
             self._lock_candidates = candidates.add_columns(c.c.status).with_for_update(skip_locked=True, of=c)
             self._claim = (
                 sa.update(t).where(t.c.seq.in_(sa.bindparam("seqs", expanding=True))).values(claim_values)
@@ -235,6 +242,8 @@ class ClaimQueries:
             reclaimed = set(conn.execute(self._expired_leases, params).scalars())
             rows = conn.execute(self._claim, params).all()
         else:
+            if conn.execute(self._probe, params).first() is None:
+                return []
             locked = conn.execute(self._lock_candidates, params).all()
             if not locked:
                 return []

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from outbox.schema import Status, tables_for
 from outbox.writer import utcnow
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
-from tests.apps.freezing import FREEZE_ENV
+from tests.apps.freezing import EMPTY_ENV, FREEZE_ENV
 from tests.apps.recording import (
     commit_messages,
     count_done,
@@ -252,25 +252,39 @@ def test_relay_stalled_past_its_lease_is_fenced(
         assert [(r.message_id, r.pid) for r in handled_rows(engine)] == [(message_id, successor.pid)]
 
 
+FREEZE_POINTS = {
+    # the renewal: the only update that starts by setting due_at
+    "renewal": ({FREEZE_ENV: r"^UPDATE \S+ SET due_at="}),
+    # a claim that found nothing (the outbox table is aliased "c" in the claim's statements only)
+    "empty-claim": ({FREEZE_ENV: r"FROM \S+ AS c\b", EMPTY_ENV: "1"}),
+}
+
+
 @pytest.mark.slow
-def test_relay_frozen_right_after_renewing_its_lease_holds_no_row(
-    engine: sa.Engine, relays: RelayLauncher, record: Path
+@pytest.mark.parametrize("point", list(FREEZE_POINTS))
+def test_relay_frozen_mid_write_holds_no_row(
+    engine: sa.Engine, relays: RelayLauncher, record: Path, point: str
 ) -> None:
     """Invariant 7 of ``relay.claim``: a relay frozen mid-write keeps no row locked from its successor.
 
-    The relay freezes the instant its lease renewal has run, before anything else it would send (such
-    as a COMMIT): had the renewal been left in an open transaction, the row would stay locked for as
-    long as the relay is frozen, and every other relay's claim would skip it.
+    The relay holds the message's lease and freezes the instant a statement has run, before anything
+    else it would send (such as a COMMIT): right after renewing its lease, or after a claim (it claims
+    every poll interval) that found nothing. Had either been left in an open transaction holding a lock
+    on the row, the row would stay locked for as long as the relay is frozen, and every other relay's
+    claim would skip it.
     """
     (message_id,) = commit_messages(engine, [("k", 0)], sleep=3.0)  # outlives the first renewal (lease/3)
     options = {"lease_seconds": LEASE, "workers": 1, "poll_interval": 0.1, "stop_timeout": 20}
     relays.app = "tests.apps.freezing:registry"
-    relays.env[FREEZE_ENV] = r"^UPDATE \S+ SET due_at="  # the renewal, the only update that starts so
+    freeze = FREEZE_POINTS[point]
+    relays.env.update(freeze)
     frozen = relays.start(**options)
-    wait_until(frozen.stopped, timeout=30, what="the first relay to freeze right after renewing its lease")
+    wait_until(frozen.stopped, timeout=30, what=f"the first relay to freeze after its {point}")
     assert outbox_rows(engine)[message_id].status == Status.INFLIGHT.value
+    assert not read_record(record) or read_record(record)[-1].event == "start"
 
-    del relays.env[FREEZE_ENV]
+    for name in freeze:
+        del relays.env[name]
     successor = relays.start(**options)
     wait_until(
         lambda: all_delivered(engine, 1),

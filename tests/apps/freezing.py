@@ -2,7 +2,8 @@
 
 ``tests.apps.freezing:registry`` is :data:`tests.apps.recording.registry`; importing this module also
 hooks every engine so that the first statement whose text matches the regular expression in
-``OUTBOX_TEST_FREEZE_AFTER`` stops the whole process (``SIGSTOP``) the moment the database has answered
+``OUTBOX_TEST_FREEZE_AFTER`` (and, with ``OUTBOX_TEST_FREEZE_IF_EMPTY`` set, that found or changed no
+row) stops the whole process (``SIGSTOP``) the moment the database has answered
 it: before whatever the relay would do next, such as a ``COMMIT``. That is the worst instant for a GC
 pause or a VM freeze, made exact instead of left to chance; the test continues the process with
 ``SIGCONT``.
@@ -19,17 +20,21 @@ import sqlalchemy as sa
 
 from tests.apps.recording import registry
 
-__all__ = ["FREEZE_ENV", "registry"]
+__all__ = ["EMPTY_ENV", "FREEZE_ENV", "registry"]
 
 FREEZE_ENV = "OUTBOX_TEST_FREEZE_AFTER"
+#: set (to anything) to freeze only after a matching statement that found or changed no row
+EMPTY_ENV = "OUTBOX_TEST_FREEZE_IF_EMPTY"
 
 _pattern = re.compile(os.environ.get(FREEZE_ENV) or r"(?!)")  # unset: matches nothing
+_only_empty = bool(os.environ.get(EMPTY_ENV))
 _frozen = False
 
 
 @sa.event.listens_for(sa.Engine, "after_cursor_execute")
 def _freeze_after(conn: sa.Connection, cursor: Any, statement: str, *args: Any) -> None:
     global _frozen
-    if not _frozen and _pattern.search(statement):
-        _frozen = True
-        os.kill(os.getpid(), signal.SIGSTOP)
+    if _frozen or not _pattern.search(statement) or (_only_empty and cursor.rowcount != 0):
+        return
+    _frozen = True
+    os.kill(os.getpid(), signal.SIGSTOP)
