@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -86,6 +87,20 @@ def takeover_state(engine: sa.Engine, record: Path, successor: RelayProcess) -> 
     )
     handlings = "\n".join(f"  {h}" for h in read_record(record))
     return f"now {utcnow()}\nrows:\n{rows}\nrecord:\n{handlings}\nsuccessor's log:\n{successor.log_tail()}"
+
+
+def take_over(
+    engine: sa.Engine, relays: RelayLauncher, record: Path, options: dict[str, Any]
+) -> RelayProcess:
+    """Start a second relay and wait until it has taken the one message over and delivered it."""
+    successor = relays.start(**options)
+    wait_until(
+        lambda: all_delivered(engine, 1),
+        timeout=30,
+        what="the second relay to take over and deliver",
+        explain=partial(takeover_state, engine, record, successor),
+    )
+    return successor
 
 
 @pytest.mark.slow
@@ -212,13 +227,7 @@ def test_relay_stalled_past_its_lease_is_fenced(
     frozen_token = outbox_rows(engine)[message_id].lease_token
     assert frozen_token is not None
 
-    successor = relays.start(**options)
-    wait_until(
-        lambda: all_delivered(engine, 1),
-        timeout=30,
-        what="the second relay to take over and deliver",
-        explain=partial(takeover_state, engine, record, successor),
-    )
+    successor = take_over(engine, relays, record, options)
     after_takeover = outbox_rows(engine)[message_id]
     assert after_takeover.attempts == 2  # one claim each
 
@@ -285,13 +294,7 @@ def test_relay_frozen_mid_write_holds_no_row(
 
     for name in freeze:
         del relays.env[name]
-    successor = relays.start(**options)
-    wait_until(
-        lambda: all_delivered(engine, 1),
-        timeout=30,
-        what="the second relay to take over and deliver",
-        explain=partial(takeover_state, engine, record, successor),
-    )
+    successor = take_over(engine, relays, record, options)
     assert outbox_rows(engine)[message_id].attempts == 2
 
     frozen.send(signal.SIGCONT)
