@@ -72,11 +72,13 @@ def role_relay(cfg: dict[str, Any]) -> dict[str, Any]:
         registry.add(TOPIC, record if cfg.get("handler") == "latency" else noop)
     # Only what the scenario sets is passed: everything else is as `outbox relay` runs it, the engine
     # included (built by the relay from the URL) and freeze_gc (the CLI's: see relay.Relay).
-    options = {k: cfg[k] for k in ("batch_size", "workers", "poll_interval", "max_in_flight") if k in cfg}
+    settable = ("batch_size", "max_batch_size", "workers", "poll_interval", "max_in_flight")
+    options = {k: cfg[k] for k in settable if k in cfg}
     relay = Relay(cfg["url"], registry, kafka=kafka, freeze_gc=True, **options)
     engine = relay.engine
     effective = {
         "batch_size": relay.batch_size,
+        "max_batch_size": relay.max_batch_size,
         "workers": relay.handlers.workers,
         "max_in_flight": relay.max_in_flight,
         "poll_interval": relay.poll_interval,

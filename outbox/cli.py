@@ -228,6 +228,7 @@ def db_version(settings: Settings, as_json: bool, check: bool) -> None:
 _RELAY_SETTINGS = (
     "app",
     "batch_size",
+    "max_batch_size",
     "workers",
     "max_in_flight",
     "lease_seconds",
@@ -270,12 +271,19 @@ _RELAY_SETTINGS = (
     "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
     metavar="MODULE[:ATTR]",
 )
-@env_option("batch_size", int, "Messages claimed per query (default 200).")
+@env_option(
+    "batch_size", int, "Messages a claim asks for (default 200; more during a backlog: --max-batch-size)."
+)
+@env_option(
+    "max_batch_size",
+    int,
+    "Claims grow to this while a backlog lasts and the handlers keep up (default: 2000 or --batch-size).",
+)
 @env_option("workers", int, "Handler threads (default 8).")
 @env_option(
     "max_in_flight",
     int,
-    "Messages claimed but not finished, at most (default: max(2 x batch, 4 x workers), 2000 with Kafka).",
+    "Messages claimed but not finished, at most (default: max(2 x claim, 4 x workers), 2000 with Kafka).",
 )
 @env_option(
     "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."
@@ -392,6 +400,7 @@ def relay(settings: Settings) -> None:
         registry,
         table=settings.table,
         batch_size=settings.batch_size,
+        max_batch_size=settings.max_batch_size,
         workers=settings.workers,
         max_in_flight=settings.max_in_flight,
         lease_seconds=settings.lease_seconds,

@@ -43,6 +43,7 @@ _KINDS: dict[str, str] = {
     "log_format": "str",
     "app": "str?",
     "batch_size": "int",
+    "max_batch_size": "int?",
     "workers": "int",
     "max_in_flight": "int?",
     "lease_seconds": "float",
@@ -94,6 +95,7 @@ class Settings:
     #: ``MODULE[:ATTR]`` naming the handlers' registry (``outbox relay`` needs it)
     app: str | None = None
     batch_size: int = 200
+    max_batch_size: int | None = None
     workers: int = 8
     max_in_flight: int | None = None
     lease_seconds: float = 30.0
@@ -145,6 +147,12 @@ class Settings:
         for name in ("batch_size", "workers", "max_attempts"):
             if getattr(self, name) < 1:
                 _invalid(name, getattr(self, name), "must be a whole number of at least 1")
+        if self.max_batch_size is not None and self.max_batch_size < self.batch_size:
+            _invalid(
+                "max_batch_size",
+                self.max_batch_size,
+                f"must not be smaller than batch_size ({self.batch_size}); give them equal for a fixed size",
+            )
         if self.max_in_flight is not None and self.max_in_flight < 1:
             _invalid("max_in_flight", self.max_in_flight, "must be a whole number of at least 1")
         for name in ("lease_seconds", "poll_interval"):

@@ -19,6 +19,23 @@ Threads (dramatiq's shape: fetching apart from running):
 - the **maintenance** thread (:mod:`relay.maintenance`) applies retention (one relay at a time) and
   reports stuck messages, expired leases and held-back keys.
 
+Claim size (the fetcher's; ``batch_size`` up to ``max_batch_size``): each claim and each mark
+statement has a fixed cost, so a deep backlog drains faster in larger claims (PostgreSQL here, one
+relay, no-op handlers: 21,000 msg/s claiming 200 at a time, 26,000 at 1,000, 28,000 at 2,000); but a
+relay whose handlers are slow would only hoard, in a large claim, messages that other relays could be
+running. So the claim size adapts, and these hold:
+
+- a claim asks for at most the claim size and at most the room left in the window (``max_in_flight``,
+  by default twice the claim size, so the window follows it);
+- the size doubles (up to ``max_batch_size``) only when this claim and the one before came back full
+  (a backlog) and, when this one returned, at most half a claim's worth of older rows was still with
+  the publishers (unfinished: the claims are what the relay waits on, not the handlers);
+- it halves (down to ``batch_size``) when a claim returns with a whole claim's worth of older rows still
+  unfinished (the handlers are behind), and goes back to ``batch_size`` when a claim comes back short
+  (no backlog), so a relay with slow handlers claims ``batch_size`` at a time and holds at most its
+  window, and an idle or steady relay claims exactly as with a fixed ``batch_size``.
+-- ``tests/test_handlers.py::test_claims_grow_only_while_the_handlers_keep_up``
+
 Database outages are retried forever with backoff (tenacity) and never recorded against a message: an
 outage around a handler releases the message (attempt not counted), and marks wait in memory until the
 database is back (if it stays away past the lease, the message is simply delivered again).
@@ -76,6 +93,8 @@ AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
 #: a lease-write connection idle longer than this goes back to the pool (whose pre-ping checks the next)
 LEASE_CONNECTION_IDLE = 10.0
+#: default max_batch_size: claims grow to this while a backlog lasts and the handlers keep up (see above)
+MAX_BATCH_SIZE = 2000
 #: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
 #: 1,000 records are in flight; twice that leaves room for a slower broker
 BROKER_IN_FLIGHT = 2000
@@ -89,6 +108,12 @@ class Relay:
     publishes every topic without an in-process handler to Kafka; ``publishers`` adds other
     destinations, asked in order after the handlers. ``observers`` (``relay.observers.RelayObserver``)
     watch it: metrics, logging. Use as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    A claim asks for ``batch_size`` messages; while a backlog lasts and the handlers keep up, claims
+    grow (doubling) to ``max_batch_size`` (default the larger of 2,000 and ``batch_size``; give it equal
+    to ``batch_size`` for a fixed size) and shrink back when the handlers fall behind or the backlog
+    ends (the module's "Claim size"). ``max_in_flight`` caps the messages claimed and not yet recorded
+    (default: twice the current claim size, at least 4 per worker, 2,000 with Kafka).
 
     ``freeze_gc=True`` calls :func:`gc.freeze` in :meth:`start`, once the relay is set up: every object
     alive then (the interpreter's modules, SQLAlchemy's, the application's) moves to the collector's
@@ -106,6 +131,7 @@ class Relay:
         *,
         table: str = DEFAULT_TABLE,
         batch_size: int = 200,
+        max_batch_size: int | None = None,
         workers: int = 8,
         max_in_flight: int | None = None,
         lease_seconds: float = 30.0,
@@ -126,6 +152,13 @@ class Relay:
     ) -> None:
         _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
         _check_positive(poll_interval=poll_interval)
+        if max_in_flight is not None:
+            _check_positive(max_in_flight=max_in_flight)
+        if max_batch_size is not None and max_batch_size < batch_size:
+            raise ConfigError(
+                f"max_batch_size ({max_batch_size}) must be at least batch_size ({batch_size}); "
+                "set them equal to claim a fixed batch_size"
+            )
         if stop_timeout < 0:
             raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
         # An engine of our own skips the pool's pre-ping (a SELECT 1 before every claim and mark, 9-26 % of
@@ -137,11 +170,13 @@ class Relay:
         self.tables = tables_for(table)
         self.registry = registry if registry is not None else default_registry
         self.batch_size = batch_size
+        self.max_batch_size = max(batch_size, MAX_BATCH_SIZE) if max_batch_size is None else max_batch_size
         # In flight = claimed, not yet recorded. Handlers need little beyond their workers; a broker needs
         # its acknowledgement time's worth of records (acks=all: tens of ms) in flight to stay busy.
-        self.max_in_flight = max_in_flight or max(
-            batch_size * 2, workers * 4, BROKER_IN_FLIGHT if kafka is not None else 0
-        )
+        self._max_in_flight = max_in_flight
+        self._window_floor = max(workers * 4, BROKER_IN_FLIGHT if kafka is not None else 0)
+        self._claim_size = batch_size  # the fetcher's: see "Claim size" above
+        self._recording = 0  # outcomes the completer is writing now (taken from self._outcomes)
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.stop_timeout = stop_timeout
@@ -229,11 +264,12 @@ class Relay:
         if self.maintenance is not None:
             self.maintenance.start()
         log.info(
-            "relay %s started on %s table %r (batch %d, workers %d, lease %gs)",
+            "relay %s started on %s table %r (batch %d to %d, workers %d, lease %gs)",
             self.name,
             self.engine.url.render_as_string(hide_password=True),
             self.tables.name,
             self.batch_size,
+            self.max_batch_size,
             self.handlers.workers,
             self.lease_seconds,
         )
@@ -281,7 +317,7 @@ class Relay:
         """Counters since start, and what is in flight now, as a plain dict."""
         with self._inflight_lock:
             in_flight = sum(len(s) for s in self._inflight.values())
-        return {**self.counters, "in_flight": in_flight, "name": self.name}
+        return {**self.counters, "in_flight": in_flight, "claim_size": self._claim_size, "name": self.name}
 
     def stats_line(self) -> str:
         c = self.counters
@@ -298,6 +334,31 @@ class Relay:
     def in_flight(self) -> int:
         with self._inflight_lock:
             return sum(len(s) for s in self._inflight.values())
+
+    @property
+    def claim_size(self) -> int:
+        """Messages the next claim asks for at most: ``batch_size``, more during a backlog (see above)."""
+        return self._claim_size
+
+    @property
+    def max_in_flight(self) -> int:
+        """Messages claimed and not yet recorded, at most: the ``max_in_flight`` given, or by default
+        twice the claim size (at least 4 per worker; 2,000 with a Kafka publisher)."""
+        if self._max_in_flight is not None:
+            return self._max_in_flight
+        return max(2 * self._claim_size, self._window_floor)
+
+    def _next_claim_size(self, want: int, claimed: int, older: int, last_full: bool) -> int:
+        """The claim size after a claim that asked for ``want`` and got ``claimed`` rows, while ``older``
+        rows of earlier claims were still in flight (the rules of "Claim size" above)."""
+        size = self._claim_size
+        if claimed < want:
+            return self.batch_size  # no backlog (left)
+        if older >= size:
+            return max(self.batch_size, size // 2)  # the handlers are behind
+        if want == size and last_full and older <= size // 2:
+            return min(self.max_batch_size, size * 2)  # a backlog, and the claims are what we wait on
+        return size
 
     # -- fetching -----------------------------------------------------------------------------------------
 
@@ -319,7 +380,7 @@ class Relay:
                     if self.in_flight() >= self.max_in_flight:
                         self._capacity.wait(0.5)
                     continue
-                want = min(self.batch_size, room)
+                want = min(self._claim_size, room)
                 self._wake.clear()
                 rows = self._claim(want)
                 if rows is None:
@@ -377,6 +438,10 @@ class Relay:
         except _GaveUp:
             return None
         self.last_progress = time.monotonic()
+        # Older rows still with the publishers (not those finished and waiting for their mark: the
+        # window bounds those, and larger claims make for larger, cheaper marks)
+        older = self.in_flight() - self._outcomes.qsize() - self._recording
+        self._claim_size = self._next_claim_size(want, len(rows), older, self._last_claim_full)
         self._last_claim_full = len(rows) == want
         self.observers.on_claimed(rows, self.last_progress - started)
         if rows:
@@ -497,7 +562,9 @@ class Relay:
         while True:
             batch = self._take_outcomes()
             if batch:
+                self._recording = len(batch)
                 self._apply(batch)
+                self._recording = 0
             now = time.monotonic()
             if now >= next_timeout_check:
                 for publisher in self.publishers:

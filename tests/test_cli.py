@@ -123,6 +123,10 @@ def test_invalid_settings_name_the_setting_and_the_fix(tmp_path: Path) -> None:
     url = "postgresql://u:pw@db/x"
     with pytest.raises(outbox.ConfigError, match=r"batch_size 0: .*--batch-size, OUTBOX_BATCH_SIZE"):
         Settings.load({"database_url": url, "batch_size": 0})
+    with pytest.raises(
+        outbox.ConfigError, match=r"max_batch_size 100: must not be smaller than batch_size \(200\)"
+    ):
+        Settings.load({"database_url": url, "max_batch_size": 100})
     with pytest.raises(outbox.ConfigError, match="backoff_max"):
         Settings.load({"database_url": url, "backoff_initial": 10.0, "backoff_max": 1.0})
     with pytest.raises(outbox.ConfigError, match="invalid outbox table name"):

@@ -6,7 +6,7 @@ import gc
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import sqlalchemy as sa
@@ -14,8 +14,11 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
+from outbox.errors import ConfigError
 from outbox.message import Message
 from relay import Relay
+from relay.claim import ClaimedRow
+from relay.observers import RelayObserver
 from tests.conftest import status_counts, wait_until
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.1}
@@ -245,6 +248,62 @@ def test_freeze_gc_moves_start_up_objects_out_of_the_collectors_way(
             assert done.wait(10), "a relay with a frozen heap did not deliver"
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
+
+
+class ClaimLog(RelayObserver):
+    """The size of each claim that found any rows."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_claimed(self, rows: Sequence[ClaimedRow], seconds: float) -> None:
+        if rows:
+            self.sizes.append(len(rows))
+
+
+def test_claims_grow_only_while_the_handlers_keep_up(engine: sa.Engine, registry: Registry) -> None:
+    """Invariants of "Claim size" (relay.runner): a backlog that fast handlers keep up with is claimed in
+    claims that double up to max_batch_size, and the size is back at batch_size when the backlog ends;
+    slow handlers keep the claims at batch_size and what the relay holds within twice that."""
+    registry.add("fast", lambda m: None)
+    with engine.begin() as conn:
+        for i in range(6000):
+            outbox.add(conn, "fast", {"i": i})
+    claims = ClaimLog()
+    relay = Relay(engine, registry, batch_size=50, max_batch_size=800, observers=[claims], poll_interval=0.05)
+    with relay:
+        wait_until(lambda: status_counts(engine) == {"delivered": 6000}, what="the fast backlog delivered")
+        wait_until(lambda: relay.claim_size == 50, timeout=5, what="the claim size back at batch_size")
+    print("fast claims:", claims.sizes)
+    assert claims.sizes[0] == 50 and max(claims.sizes) == 800, claims.sizes
+
+    running: list[int] = []
+    held: list[int] = []
+
+    def slow(message: Message) -> None:
+        held.append(slow_relay.in_flight())
+        time.sleep(0.05)
+        running.append(1)
+
+    registry.add("slow", slow)
+    with engine.begin() as conn:
+        for i in range(300):
+            outbox.add(conn, "slow", {"i": i})
+    claims = ClaimLog()
+    slow_relay = Relay(engine, registry, batch_size=20, max_batch_size=800, workers=2, observers=[claims])
+    with slow_relay:
+        wait_until(lambda: len(running) >= 60, what="60 slow messages handled")
+        assert slow_relay.claim_size == 20
+    print("slow claims:", claims.sizes)
+    assert claims.sizes and max(claims.sizes) <= 20, claims.sizes
+    assert max(held) <= 40, f"a relay with slow handlers held {max(held)} messages"
+
+
+def test_max_batch_size_below_batch_size_is_refused(engine: sa.Engine, registry: Registry) -> None:
+    with pytest.raises(ConfigError, match=r"max_batch_size \(100\) must be at least batch_size \(200\)"):
+        Relay(engine, registry, batch_size=200, max_batch_size=100)
+    fixed = Relay(engine, registry, batch_size=300, max_batch_size=300)
+    assert (fixed.claim_size, fixed.max_batch_size, fixed.max_in_flight) == (300, 300, 600)
 
 
 def write_from_another_process(db_url: str, code: str) -> None:
