@@ -16,8 +16,10 @@ Promises:
 How each session type writes:
 
 - ``Session`` and ``Connection``: an ``INSERT`` runs at once in the current transaction (autobegun if none).
-- ``AsyncSession``: ``add()`` is a plain (non-async) call, no ``await``: it adds an ORM object to the
-  session's unit of work, written at the next flush (``await session.commit()`` or ``await session.flush()``).
+- ``AsyncSession``: ``add()`` is a plain (non-async) call, no ``await``, so nothing can run yet: the row
+  waits in the session and its ``INSERT`` runs before the session's next flush of your ORM changes, its
+  next query (``await session.execute(...)``) or its commit, whichever comes first; a savepoint rolled
+  back before then drops it.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def _wake(tables: set[str]) -> None:
 
 
 _INFO_KEY = "outbox.tables"  # set of outbox tables written in the current transaction
+_QUEUED_KEY = "outbox.queued"  # AsyncSession: [(outbox, row, owning transaction)] not yet written
 _NOTIFIED_KEY = "outbox.notified"  # set of tables whose pg_notify was already sent in this transaction
 _AFTER_COMMIT_KEY = "outbox.notify_after_commit"  # set of (engine, table) to wake once committed
 
@@ -360,25 +363,34 @@ def _connection_rolled_back(conn: sa.Connection) -> None:
     _pop_connection_flags(conn)
 
 
-@event.listens_for(orm.Session, "after_flush")
-def _session_flushed(session: orm.Session, flush_context: Any) -> None:
-    """AsyncSession path: the outbox rows were just flushed; arrange the PostgreSQL wake-up.
+def _write_queued(session: orm.Session) -> None:
+    """AsyncSession path: INSERT the rows ``add`` queued in ``session``, on its connection.
 
-    On psycopg, by the notifier after the commit, as for a sync ``Session``. Another async driver
-    (asyncpg, say) cannot lend the notifier its connection parameters: ``pg_notify`` goes in the
-    transaction itself (which serialises the commits of notifying transactions: see :class:`_Notifier`).
+    Runs inside the session's flush or commit, which an AsyncSession drives from its greenlet, so
+    the statements can run here although ``add`` could not run them. One INSERT per row on the
+    sync-``Session`` path's statement: an ORM object per row, flushed by the unit of work, cost the
+    writer twice as much. Then the PostgreSQL wake-up: on psycopg, by the notifier after the commit,
+    as for a sync ``Session``; another async driver (asyncpg, say) cannot lend the notifier its
+    connection parameters, so ``pg_notify`` goes in the transaction itself (which serialises the
+    commits of notifying transactions: see :class:`_Notifier`).
     """
-    pending = session.info.get("outbox.notify_on_flush")
-    if not pending:
+    queued = session.info.get(_QUEUED_KEY)
+    if not queued:
         return
+    session.info[_QUEUED_KEY] = []
     conn = session.connection()
-    if conn.dialect.name == "postgresql":
+    notify: set[str] = set()
+    for writer, row, _owner in queued:
+        writer._write(conn, row)
+        session.info.setdefault(_INFO_KEY, set()).add(writer.table_name)
+        if writer.notify:
+            notify.add(writer.table_name)
+    if notify and conn.dialect.name == "postgresql":
         if conn.dialect.driver == "psycopg" and _remember_conninfo(conn):
-            session.info.setdefault(_AFTER_COMMIT_KEY, set()).update((conn.engine, t) for t in pending)
+            session.info.setdefault(_AFTER_COMMIT_KEY, set()).update((conn.engine, t) for t in notify)
         else:
-            for table in pending:
+            for table in notify:
                 _notify(conn, table, session.info)
-    pending.clear()
 
 
 def _notify(conn: sa.Connection, table: str, info: dict[Any, Any]) -> None:
@@ -386,6 +398,38 @@ def _notify(conn: sa.Connection, table: str, info: dict[Any, Any]) -> None:
     if table not in done:
         conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(table)})
         done.add(table)
+
+
+@event.listens_for(orm.Session, "before_flush")
+def _session_flushing(session: orm.Session, flush_context: Any, instances: Any) -> None:
+    _write_queued(session)  # before a query's autoflush too: the transaction's reads see the rows
+
+
+@event.listens_for(orm.Session, "do_orm_execute")
+def _session_executing(state: orm.ORMExecuteState) -> None:
+    _write_queued(state.session)  # a query through a session with nothing else to flush, too
+
+
+@event.listens_for(orm.Session, "before_commit")
+def _session_committing(session: orm.Session) -> None:
+    _write_queued(session)  # a session with nothing else to flush commits without flushing
+
+
+@event.listens_for(orm.Session, "after_soft_rollback")
+def _drop_queued(session: orm.Session, previous_transaction: orm.SessionTransaction) -> None:
+    """Rows queued inside a transaction or savepoint that rolled back are never written."""
+    queued = session.info.get(_QUEUED_KEY)
+    if not queued:
+        return
+
+    def inside(owner: orm.SessionTransaction | None) -> bool:
+        while owner is not None:
+            if owner is previous_transaction:
+                return True
+            owner = owner.parent
+        return False
+
+    session.info[_QUEUED_KEY] = [entry for entry in queued if not inside(entry[2])]
 
 
 # --- the outbox -------------------------------------------------------------------------------------------
@@ -405,7 +449,6 @@ class Outbox:
         # inline(): no RETURNING of the new seq, which nothing reads
         self._insert = sa.insert(self.tables.messages).inline()
         self._driver_sql: dict[type, str] = {}
-        self._orm_class: type | None = None
 
     @property
     def table_name(self) -> str:
@@ -439,11 +482,13 @@ class Outbox:
             self._write(session, row)
             self._mark_written(session, session.info)
         elif AsyncSession is not None and isinstance(session, AsyncSession):
+            # No statement can run here (add is not awaited): the row waits in the session for its next
+            # flush or its commit, whichever comes first (_write_queued), tagged with the transaction
+            # it belongs to, so that a savepoint rolled back first drops it (_drop_queued).
             sync = session.sync_session
-            sync.add(self._orm_row(row))
-            sync.info.setdefault(_INFO_KEY, set()).add(self.table_name)
-            if self.notify:
-                sync.info.setdefault("outbox.notify_on_flush", set()).add(self.table_name)
+            # begun if none is, as a Session's add begins one (no statement runs: it starts lazily)
+            owner = sync.get_nested_transaction() or sync.get_transaction() or sync.begin()
+            sync.info.setdefault(_QUEUED_KEY, []).append((self, row, owner))
         else:
             raise TypeError(
                 "outbox.add() needs a SQLAlchemy Session, AsyncSession or Connection, "
@@ -506,32 +551,6 @@ class Outbox:
         info.setdefault(_INFO_KEY, set()).add(self.table_name)
         if self.notify and conn.dialect.name == "postgresql":
             info.setdefault(_AFTER_COMMIT_KEY, set()).add((conn.engine, self.table_name))
-
-    def _orm_row(self, row: dict[str, Any]) -> Any:
-        if self._orm_class is None:
-            self._orm_class = _mapped_class(self.tables)
-        obj = self._orm_class()
-        for name, value in row.items():
-            setattr(obj, name, value)
-        return obj
-
-
-_mapped: dict[str, type] = {}
-_registry = orm.registry()
-
-
-def _mapped_class(tables: OutboxTables) -> type:
-    """An ORM class for the outbox table, used only to queue rows in an AsyncSession's unit of work.
-
-    Its mapper primary key is ``id`` (client-generated), so the flush never has to fetch ``seq`` back.
-    """
-    cls = _mapped.get(tables.name)
-    if cls is None:
-        cls = type(f"OutboxRow_{tables.name}", (), {})
-        t = tables.messages
-        _registry.map_imperatively(cls, t, primary_key=[t.c.id], exclude_properties=["seq"])
-        _mapped[tables.name] = cls
-    return cls
 
 
 default_outbox = Outbox()

@@ -137,6 +137,39 @@ def test_async_session_commit_and_rollback_without_await(shop: sa.Engine, db_url
     assert orders(shop) == [10]
 
 
+def test_async_session_writes_queued_rows_at_the_first_flush_query_or_commit(
+    shop: sa.Engine, db_url: str
+) -> None:
+    """An AsyncSession's rows wait for the session's next flush, query or commit (nothing can run in a
+    plain ``add``): a commit with nothing else to flush writes them, a query in the transaction sees
+    them, and a savepoint rolled back first drops only its own."""
+    t = outbox.tables_for().messages
+
+    async def scenario() -> tuple[list[uuid.UUID], int]:
+        aengine = create_async_engine(_async_url(db_url))
+        try:
+            async with AsyncSession(aengine) as session, session.begin():
+                alone = outbox.add(session, "order.created", {"n": 1})  # no ORM change at all
+            async with AsyncSession(aengine) as session, session.begin():
+                kept = outbox.add(session, "order.created", {"n": 2})
+                seen = (await session.execute(sa.select(sa.func.count()).select_from(t))).scalar_one()
+                nested = await session.begin_nested()
+                outbox.add(session, "order.created", {"n": 3})
+                await nested.rollback()
+                also_kept = outbox.add(session, "order.created", {"n": 4})
+            async with AsyncSession(aengine) as session:
+                outbox.add(session, "order.created", {"n": 5})  # before the session began
+                await session.rollback()
+                await session.commit()
+            return [alone, kept, also_kept], seen
+        finally:
+            await aengine.dispose()
+
+    expected, seen = asyncio.run(scenario())
+    assert seen == 2, "a query in the transaction did not see the row added before it"
+    assert [r.id for r in messages(shop)] == expected
+
+
 # --- payloads ------------------------------------------------------------------------------------------
 
 
