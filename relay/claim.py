@@ -42,7 +42,10 @@ Invariants (each names the test that would catch its violation):
    delivered mark with the handler's own writes. On MariaDB a plain read looks first unless the last
    claim came back full, so an idle relay's claims (one every poll interval: where a freeze lands) take
    no lock; only the claim that ends a backlog can find nothing under a lock.
-   -- ``tests/test_crash.py::test_relay_frozen_mid_write_holds_no_row``
+   The maintenance lease (:mod:`relay.maintenance`, a row of ``<table>_locks``) is written the same
+   way, so a relay frozen right after taking it does not keep the others from taking it over.
+   -- ``tests/test_crash.py::test_relay_frozen_mid_write_holds_no_row``,
+   ``tests/test_crash.py::test_relay_frozen_taking_the_maintenance_lease_holds_no_lock``
 
 ``attempts`` is incremented by the claim itself, so a message that crashes relays (kill -9, OOM) is
 counted; it only goes ``dead`` when a handler attempt fails with no attempts left.

@@ -114,6 +114,14 @@ class Maintenance:
         if stuck is None or stuck <= dt.timedelta(0):
             raise ConfigError(f"stuck_after must be a positive duration, got {stuck}")
         self.engine = engine
+        # The lease's writes run in autocommit (but on SQLite: one relay), each committed when it has
+        # run, so a relay frozen between one and the next holds no lock on the lease's row: the others
+        # take the lease over once it expires (as relay.claim invariant 7 for messages).
+        self._lock_engine = (
+            engine
+            if engine.dialect.name == "sqlite"
+            else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self.tables = tables
         self.holder = holder
         self.retention = keep if keep else None
@@ -211,7 +219,7 @@ class Maintenance:
         locks = self.tables.locks
         now = utcnow()
         until = now + dt.timedelta(seconds=self.lease_seconds)
-        with self.engine.begin() as conn:
+        with self._lock_engine.begin() as conn:
             taken = conn.execute(
                 sa.update(locks)
                 .where(
@@ -226,7 +234,7 @@ class Maintenance:
             )
         if not exists:
             try:
-                with self.engine.begin() as conn:
+                with self._lock_engine.begin() as conn:
                     conn.execute(
                         sa.insert(locks).values(name=MAINTENANCE_LOCK, holder=self.holder, expires_at=until)
                     )
@@ -244,7 +252,7 @@ class Maintenance:
     def release_lease(self) -> None:
         locks = self.tables.locks
         try:
-            with self.engine.begin() as conn:
+            with self._lock_engine.begin() as conn:
                 conn.execute(
                     sa.delete(locks).where(locks.c.name == MAINTENANCE_LOCK, locks.c.holder == self.holder)
                 )
@@ -257,7 +265,7 @@ class Maintenance:
         if time.monotonic() - self._renewed_at < self.lease_seconds / 3:
             return True
         locks = self.tables.locks
-        with self.engine.begin() as conn:
+        with self._lock_engine.begin() as conn:
             renewed = conn.execute(
                 sa.update(locks)
                 .where(locks.c.name == MAINTENANCE_LOCK, locks.c.holder == self.holder)

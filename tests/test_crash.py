@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from outbox.schema import Status, tables_for
 from outbox.writer import utcnow
+from relay.maintenance import MAINTENANCE_LOCK
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
 from tests.apps.freezing import EMPTY_ENV, FREEZE_ENV
 from tests.apps.recording import (
@@ -267,6 +268,43 @@ FREEZE_POINTS = {
     # a claim that found nothing (the outbox table is aliased "c" in the claim's statements only)
     "empty-claim": ({FREEZE_ENV: r"FROM \S+ AS c\b", EMPTY_ENV: "1"}),
 }
+
+
+def lease_holder(engine: sa.Engine) -> str | None:
+    locks = tables_for().locks
+    with engine.connect() as conn:
+        holder = conn.execute(sa.select(locks.c.holder).where(locks.c.name == MAINTENANCE_LOCK)).scalar()
+    return None if holder is None else str(holder)
+
+
+@pytest.mark.slow
+def test_relay_frozen_taking_the_maintenance_lease_holds_no_lock(
+    engine: sa.Engine, relays: RelayLauncher
+) -> None:
+    """The maintenance lease is written in autocommit too: a relay frozen right after taking it (its
+    UPDATE run, its COMMIT not yet sent) does not keep the lease's row locked, so another relay takes
+    the lease over once it expires instead of waiting on the lock for as long as the freeze lasts."""
+    locks = tables_for().locks
+    with engine.begin() as conn:  # an expired lease, so that the first relay's UPDATE takes it
+        conn.execute(sa.insert(locks).values(name=MAINTENANCE_LOCK, holder="gone", expires_at=utcnow()))
+    options = {"lease_seconds": LEASE, "maintenance_interval": 0.5, "poll_interval": 0.1}
+    relays.app = "tests.apps.freezing:registry"
+    relays.env[FREEZE_ENV] = r"^UPDATE \S+_locks SET holder="
+    frozen = relays.start(**options)
+    wait_until(frozen.stopped, timeout=30, what="the first relay to freeze after taking the lease")
+    del relays.env[FREEZE_ENV]
+    successor = relays.start(**options)
+    wait_until(
+        lambda: f":{successor.pid}:" in (lease_holder(engine) or ""),
+        timeout=LEASE + 20,
+        what="the second relay to take the expired maintenance lease over",
+        explain=lambda: f"holder {lease_holder(engine)!r}; successor log:\n{successor.log_tail()}",
+    )
+    frozen.send(signal.SIGCONT)
+    for relay in (frozen, successor):
+        relay.send(signal.SIGTERM)
+    assert frozen.wait_exit(timeout=30) == 0, frozen.log_tail()
+    assert successor.wait_exit(timeout=15) == 0, successor.log_tail()
 
 
 @pytest.mark.slow

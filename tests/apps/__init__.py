@@ -109,6 +109,10 @@ class RelayLauncher:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # A session of its own: in the caller's process group, a relay stopped by SIGSTOP gets
+                # SIGHUP and SIGCONT from the kernel whenever that group becomes orphaned (pytest run
+                # under `timeout`, say), and a frozen relay would quietly run on.
+                start_new_session=True,
             )
         process = RelayProcess(popen, log_path)
         self.started.append(process)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,4 +38,5 @@ def _freeze_after(conn: sa.Connection, cursor: Any, statement: str, *args: Any) 
     if _frozen or not _pattern.search(statement) or (_only_empty and cursor.rowcount != 0):
         return
     _frozen = True
+    print(f"freezing after: {statement} (rowcount {cursor.rowcount})", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
