@@ -53,6 +53,7 @@ import gc
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -556,6 +557,7 @@ class Relay:
     # -- completing ---------------------------------------------------------------------------------------
 
     def _complete_loop(self) -> None:
+        _leave_signals_to_other_threads()
         renew_every = self.lease_seconds / 3
         next_renew = time.monotonic() + renew_every
         next_timeout_check = time.monotonic() + 0.2
@@ -900,6 +902,27 @@ class _StopWhen(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.stopping.is_set() and self.give_up()
+
+
+#: signals an application or the CLI may handle (Python runs every handler in the main thread anyway)
+_HANDLED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
+    if hasattr(signal, name)
+)
+
+
+def _leave_signals_to_other_threads() -> None:
+    """Block the usual signals in the calling thread, so that the kernel delivers them to another.
+
+    For the completer: CPython 3.11's ``SimpleQueue.get(timeout)``, interrupted by a signal, retries
+    with the time left, and when none is left (the process was frozen inside the wait, then sent
+    SIGTERM as it resumed) waits with no timeout at all: the completer then never saw the stop, and
+    ``stop()`` never returned (tests/test_crash.py::
+    test_relay_frozen_taking_the_maintenance_lease_holds_no_lock, about one run in four).
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
 
 
 def _check_positive(**values: float) -> None:
