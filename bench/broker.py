@@ -27,6 +27,15 @@ def tansu_binary() -> Path:
     return path
 
 
+def broker_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each running Tansu broker process of this machine (none with
+    ``OUTBOX_BENCH_KAFKA_BOOTSTRAP``): two readings give the broker's share of a step's work."""
+    from bench.harness import processes_cpu
+
+    binary = str(tansu_binary())
+    return processes_cpu(lambda title: title.startswith(binary))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -278,9 +278,9 @@ def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (after[0] - before[0]) / total if total else float("nan")
 
 
-def backend_cpu(database: str) -> dict[int, float]:
-    """CPU seconds used so far by each PostgreSQL backend serving ``database`` (by its process title,
-    ``postgres: ... user database host``): the database's side of a scenario's work."""
+def processes_cpu(matches: Callable[[str], bool]) -> dict[int, float]:
+    """CPU seconds used so far by each process whose command line (arguments joined by spaces)
+    ``matches``: two readings, through :func:`backend_cpu_between`, give what those processes used."""
     tick = os.sysconf("SC_CLK_TCK")
     found: dict[int, float] = {}
     for proc in Path("/proc").iterdir():
@@ -288,13 +288,19 @@ def backend_cpu(database: str) -> dict[int, float]:
             continue
         try:
             title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if not title.startswith("postgres:") or f" {database} " not in title:
+            if not matches(title):
                 continue
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             found[int(proc.name)] = (int(stat[11]) + int(stat[12])) / tick  # utime + stime
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
     return found
+
+
+def backend_cpu(database: str) -> dict[int, float]:
+    """CPU seconds used so far by each PostgreSQL backend serving ``database`` (by its process title,
+    ``postgres: ... user database host``): the database's side of a scenario's work."""
+    return processes_cpu(lambda title: title.startswith("postgres:") and f" {database} " in title)
 
 
 def backend_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:

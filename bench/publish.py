@@ -19,8 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.broker import running_broker
-from bench.harness import Result, Settings, fresh_database, log, outbox_engine, ratio_values, vacuum_analyze
+from bench.broker import broker_cpu, running_broker
+from bench.harness import (
+    Result,
+    Settings,
+    backend_cpu,
+    backend_cpu_between,
+    fresh_database,
+    log,
+    outbox_engine,
+    ratio_values,
+    vacuum_analyze,
+)
 from bench.processes import Worker, drain_with, stop_all
 from bench.workload import TOPIC, insert_backlog, reset_table, status_counts
 
@@ -54,18 +64,28 @@ def publish_once(
     ceiling = Worker("ceiling", {"url": url, "bootstrap": bootstrap, "client": client}, settings)
     ceiling.wait_ready(timeout=300)  # it has read the records and created the topic
     rates: dict[str, float] = {}
+    database = engine.url.database or ""
+
+    def timed(who: str, workers: list[Worker], settle: float = 0.0) -> None:
+        """Drain with ``workers``; record the rate, and what the broker and the database's backends
+        spent per record meanwhile (read before the workers stop: their backends end with them)."""
+        broker_before, db_before = broker_cpu(), backend_cpu(database)
+        rates[who] = count / drain_with(workers, count, timeout=120 + count / 200, settle=settle)
+        if broker_before:  # none with an external broker (OUTBOX_BENCH_KAFKA_BOOTSTRAP): not measured
+            rates[f"{who}_broker_cpu_us"] = backend_cpu_between(broker_before, broker_cpu()) / count * 1e6
+        rates[f"{who}_db_cpu_us"] = backend_cpu_between(db_before, backend_cpu(database)) / count * 1e6
 
     def relay() -> None:
         workers = [Worker("relay", {"url": url, "kafka": bootstrap, "kafka_options": options}, settings)]
         try:
             # settle: the confluent publisher connects as the relay is built; give it the head start that
             # the ceiling's warm-up record gives the ceiling (kafka-python's connects on its first record).
-            rates["relay"] = count / drain_with(workers, count, timeout=120 + count / 200, settle=2.0)
+            timed("relay", workers, settle=2.0)
         finally:
             rates["relay_cpu_us"] = stop_all(workers)[0].get("cpu_seconds", 0.0) / count * 1e6
 
     def alone() -> None:
-        rates["ceiling"] = count / drain_with([ceiling], count, timeout=120 + count / 200)
+        timed("ceiling", [ceiling])
         rates["ceiling_cpu_us"] = stop_all([ceiling])[0].get("cpu_seconds", 0.0) / count * 1e6
 
     try:
@@ -89,13 +109,14 @@ def run(settings: Settings, recorder: Any) -> None:
         for client in clients:
             relay_rates: list[float] = []
             ceiling_rates: list[float] = []
-            cpu: dict[str, list[float]] = {"relay": [], "ceiling": []}
+            cpu: dict[str, list[float]] = {}
             for run_index in range(settings.runs):
                 rates = publish_once(url, bootstrap, count, client, run_index % 2 == 0, settings)
                 relay_rates.append(rates["relay"])
                 ceiling_rates.append(rates["ceiling"])
-                cpu["relay"].append(rates["relay_cpu_us"])
-                cpu["ceiling"].append(rates["ceiling_cpu_us"])
+                for name, value in rates.items():
+                    if name.endswith("_us"):
+                        cpu.setdefault(name, []).append(value)
                 log(f"publish {client}: relay {rates['relay']:,.0f}/s, ceiling {rates['ceiling']:,.0f}/s")
             common = {
                 "backlog": count,
@@ -117,20 +138,22 @@ def run(settings: Settings, recorder: Any) -> None:
                     common,
                 )
             )
-            # What bounds it: each process's own CPU time per record (the relay's includes its SQL work).
+            # What bounds it: CPU time per record of each side's own process, and of the broker and the
+            # database's backends while that side ran (the relay's own figure includes its SQL work).
             for who, label in (("relay", f"relay ({client})"), ("ceiling", f"{client} alone (ceiling)")):
-                recorder.add(
-                    Result(
-                        NAME,
-                        label,
-                        "postgresql",
-                        "CPU per msg",
-                        "us",
-                        cpu[who],
-                        common,
-                        higher_is_better=False,
+                for part, metric in (
+                    ("cpu", "CPU per msg"),
+                    ("broker_cpu", "broker CPU per msg"),
+                    ("db_cpu", "database CPU per msg"),
+                ):
+                    values = cpu.get(f"{who}_{part}_us")
+                    if values is None:
+                        continue
+                    recorder.add(
+                        Result(
+                            NAME, label, "postgresql", metric, "us", values, common, higher_is_better=False
+                        )
                     )
-                )
             recorder.add(
                 Result(
                     NAME,
