@@ -8,8 +8,10 @@ transaction. Writers are threads with sync ``Session`` objects, or asyncio tasks
 (psycopg's async driver) on PostgreSQL. Each variant runs for a fixed window and counts committed
 transactions; variants alternate within each run (A B, then B A) so that drifting load hits both alike,
 and the ratio is taken per run. On PostgreSQL a third variant, ``+outbox (notify off)``
-(``Outbox(notify=False)``), shows what the ``pg_notify`` wake-up sent in each transaction costs. No relay
-runs meanwhile: this is the writers' cost alone.
+(``Outbox(notify=False)``), shows what the ``pg_notify`` wake-up sent in each transaction costs, and a
+fourth, ``+message built, not written``, calls ``Outbox.build_row`` in its place (the payload encoded,
+the id and times made, nothing sent): the floor below which no way of writing the row could bring the
+ratio. No relay runs meanwhile: this is the writers' cost alone.
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ class Order(Base):
 PLAIN = "plain"
 WITH_OUTBOX = "+outbox"
 NO_NOTIFY = "+outbox (notify off)"
-_writers = {WITH_OUTBOX: outbox.Outbox(), NO_NOTIFY: outbox.Outbox(notify=False)}
+BUILT_ONLY = "+message built, not written"
+_writers = {WITH_OUTBOX: outbox.Outbox(), NO_NOTIFY: outbox.Outbox(notify=False), BUILT_ONLY: outbox.Outbox()}
+
+
+def _add(writer: outbox.Outbox, variant: str, session: Any, i: int) -> None:
+    """The variant's work beside the business row: ``outbox.add``, or only building the row."""
+    if variant == BUILT_ONLY:
+        writer.build_row("order.created", payload(i), key=key_for(i))
+    else:
+        writer.add(session, "order.created", payload(i), key=key_for(i))
 
 
 def _order(i: int) -> Order:
@@ -71,7 +82,7 @@ def measure_sync(engine: sa.Engine, variant: str, writers: int, seconds: float) 
             with sessions() as session, session.begin():
                 session.add(_order(i))
                 if writer is not None:
-                    writer.add(session, "order.created", payload(i), key=key_for(i))
+                    _add(writer, variant, session, i)
             counts[k] += 1
             i += 1
 
@@ -101,7 +112,7 @@ async def _measure_async(engine: Any, variant: str, writers: int, seconds: float
             async with sessions() as session, session.begin():
                 session.add(_order(i))
                 if writer is not None:
-                    writer.add(session, "order.created", payload(i), key=key_for(i))
+                    _add(writer, variant, session, i)
             counts[k] += 1
             i += 1
 
@@ -154,7 +165,7 @@ class _Measurer:
 
 def measure_case(url: str, backend: str, api: str, seconds: float, runs: int, recorder: Any) -> None:
     """Every variant with 1 and 8 writers on one database, alternating the variants' order per run."""
-    variants = [PLAIN, WITH_OUTBOX] + ([NO_NOTIFY] if backend == "postgresql" else [])
+    variants = [PLAIN, WITH_OUTBOX] + ([NO_NOTIFY, BUILT_ONLY] if backend == "postgresql" else [])
     measure = _Measurer(url, api)
     try:
         for writers in (1, 8):
