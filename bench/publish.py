@@ -12,7 +12,10 @@ topic, keys, values and the relay's four headers, read from the table before the
 same client and settings, flat out, timed from the first ``send`` to the end of ``flush()`` (after one
 warm-up record has connected it). The relay process gets two seconds between its set-up and the start,
 in which the confluent publisher connects; kafka-python's publisher connects on its first record, inside
-the figure. The ratio relay/ceiling is taken per run.
+the figure. The ratio relay/ceiling is taken per run. Then two relay processes publish a new backlog
+of the same records (each has its own interpreter and GIL: how far a second relay takes the job).
+Beside each side's rate: its own process's CPU per record, and the broker's and the database backends'
+CPU per record while it ran.
 """
 
 from __future__ import annotations
@@ -75,14 +78,19 @@ def publish_once(
             rates[f"{who}_broker_cpu_us"] = backend_cpu_between(broker_before, broker_cpu()) / count * 1e6
         rates[f"{who}_db_cpu_us"] = backend_cpu_between(db_before, backend_cpu(database)) / count * 1e6
 
-    def relay() -> None:
-        workers = [Worker("relay", {"url": url, "kafka": bootstrap, "kafka_options": options}, settings)]
+    def relays(who: str, how_many: int) -> None:
+        config = {"url": url, "kafka": bootstrap, "kafka_options": options}
+        workers = [Worker("relay", config, settings) for _ in range(how_many)]
         try:
             # settle: the confluent publisher connects as the relay is built; give it the head start that
             # the ceiling's warm-up record gives the ceiling (kafka-python's connects on its first record).
-            timed("relay", workers, settle=2.0)
+            timed(who, workers, settle=2.0)
         finally:
-            rates["relay_cpu_us"] = stop_all(workers)[0].get("cpu_seconds", 0.0) / count * 1e6
+            cpu_seconds = sum(result.get("cpu_seconds", 0.0) for result in stop_all(workers))
+            rates[f"{who}_cpu_us"] = cpu_seconds / count * 1e6
+
+    def relay() -> None:
+        relays("relay", 1)
 
     def alone() -> None:
         timed("ceiling", [ceiling])
@@ -93,11 +101,22 @@ def publish_once(
             step()
     finally:
         ceiling.close()
-    counts = status_counts(engine)
+    _check_all_delivered(engine, count)
+    # Then two relay processes on a new backlog of the same records: each has its own interpreter (and
+    # GIL), so this says how far running a second relay takes the same job.
+    reset_table(engine)
+    insert_backlog(engine, count)
+    vacuum_analyze(url, "outbox")
+    relays("two_relays", 2)
+    _check_all_delivered(engine, count)
     engine.dispose()
+    return rates
+
+
+def _check_all_delivered(engine: Any, count: int) -> None:
+    counts = status_counts(engine)
     if counts != {"delivered": count}:
         raise RuntimeError(f"after publishing the table holds {counts}, expected {count} delivered")
-    return rates
 
 
 def run(settings: Settings, recorder: Any) -> None:
@@ -109,15 +128,20 @@ def run(settings: Settings, recorder: Any) -> None:
         for client in clients:
             relay_rates: list[float] = []
             ceiling_rates: list[float] = []
+            two_rates: list[float] = []
             cpu: dict[str, list[float]] = {}
             for run_index in range(settings.runs):
                 rates = publish_once(url, bootstrap, count, client, run_index % 2 == 0, settings)
                 relay_rates.append(rates["relay"])
                 ceiling_rates.append(rates["ceiling"])
+                two_rates.append(rates["two_relays"])
                 for name, value in rates.items():
                     if name.endswith("_us"):
                         cpu.setdefault(name, []).append(value)
-                log(f"publish {client}: relay {rates['relay']:,.0f}/s, ceiling {rates['ceiling']:,.0f}/s")
+                log(
+                    f"publish {client}: relay {rates['relay']:,.0f}/s, ceiling {rates['ceiling']:,.0f}/s,"
+                    f" two relays {rates['two_relays']:,.0f}/s"
+                )
             common = {
                 "backlog": count,
                 "client": client,
@@ -126,6 +150,9 @@ def run(settings: Settings, recorder: Any) -> None:
             }
             recorder.add(
                 Result(NAME, f"relay ({client})", "postgresql", "throughput", "msg/s", relay_rates, common)
+            )
+            recorder.add(
+                Result(NAME, f"two relays ({client})", "postgresql", "throughput", "msg/s", two_rates, common)
             )
             recorder.add(
                 Result(
@@ -140,7 +167,12 @@ def run(settings: Settings, recorder: Any) -> None:
             )
             # What bounds it: CPU time per record of each side's own process, and of the broker and the
             # database's backends while that side ran (the relay's own figure includes its SQL work).
-            for who, label in (("relay", f"relay ({client})"), ("ceiling", f"{client} alone (ceiling)")):
+            sides = (
+                ("relay", f"relay ({client})"),
+                ("ceiling", f"{client} alone (ceiling)"),
+                ("two_relays", f"two relays ({client})"),
+            )
+            for who, label in sides:
                 for part, metric in (
                     ("cpu", "CPU per msg"),
                     ("broker_cpu", "broker CPU per msg"),
@@ -162,6 +194,17 @@ def run(settings: Settings, recorder: Any) -> None:
                     "ratio",
                     "x",
                     ratio_values(relay_rates, ceiling_rates),
+                    common,
+                )
+            )
+            recorder.add(
+                Result(
+                    NAME,
+                    f"two relays / ceiling ({client})",
+                    "postgresql",
+                    "ratio",
+                    "x",
+                    ratio_values(two_rates, ceiling_rates),
                     common,
                 )
             )
