@@ -3,19 +3,20 @@
 Threads (dramatiq's shape: fetching apart from running):
 
 - the **fetcher** claims batches while there is capacity (``max_in_flight``) and passes them to the
-  **dispatcher**, which turns rows into deliveries and hands them to the publisher that routes them (so
-  the next claim's round trip overlaps with that work); the fetcher sleeps on a wake-up event that a
-  commit in this process, a PostgreSQL NOTIFY or the poll interval sets. After a wake-up or a claimed
-  row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again after ``AWAKE_POLL`` (2 ms) when a
-  claim comes back short, twice as late after each empty look: writers send at most one NOTIFY per
-  ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake window), so a message whose NOTIFY was
-  merged into an earlier one is found by that looking, and the merged NOTIFY at the gap's end keeps
-  the relay awake while commits continue;
+  **dispatcher** (:mod:`relay.dispatch`), which turns rows into deliveries and hands them to the
+  publisher that routes them (so the next claim's round trip overlaps with that work); the fetcher
+  sleeps on a wake-up event that a commit in this process, a PostgreSQL NOTIFY or the poll interval
+  sets. After a wake-up or a claimed row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again
+  after ``AWAKE_POLL`` (2 ms) when a claim comes back short, twice as late after each empty look:
+  writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake
+  window), so a message whose NOTIFY was merged into an earlier one is found by that looking, and the
+  merged NOTIFY at the gap's end keeps the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
 - the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
   retry policies (failed / dead / parked), renews live leases, and enforces handler timeouts;
-- the **listener** (PostgreSQL only) holds a LISTEN connection and sets the wake-up event;
+- the **listener** (PostgreSQL only, :mod:`relay.listener`) holds a LISTEN connection and sets the
+  wake-up event;
 - the **maintenance** thread (:mod:`relay.maintenance`) applies retention (one relay at a time) and
   reports stuck messages, expired leases and held-back keys.
 
@@ -36,9 +37,10 @@ running. So the claim size adapts, and these hold:
   window, and an idle or steady relay claims exactly as with a fixed ``batch_size``.
 -- ``tests/test_handlers.py::test_claims_grow_only_while_the_handlers_keep_up``
 
-Database outages are retried forever with backoff (tenacity) and never recorded against a message: an
-outage around a handler releases the message (attempt not counted), and marks wait in memory until the
-database is back (if it stays away past the lease, the message is simply delivered again).
+Database outages are retried forever with backoff (:mod:`relay.outages`) and never recorded against a
+message: an outage around a handler releases the message (attempt not counted), and marks wait in
+memory until the database is back (if it stays away past the lease, the message is simply delivered
+again). On SQLite one relay runs at a time (:mod:`relay.single_relay`).
 
 Graceful stop: stop claiming; release what has not started; let running handlers finish within
 ``stop_timeout``; write every outcome; leave the leases of handlers still running to expire (never hand
@@ -63,30 +65,27 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-import tenacity
 from sqlalchemy import orm
 
 from consumers.registry import Registry, default_registry
 from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
-from outbox.errors import ConfigError, DatabaseUnavailable, RelayConflict, first_line
-from outbox.message import Message
+from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
-from outbox.serialization import decode_headers, decode_payload
 from outbox.writer import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter, utcnow
 from relay.claim import ClaimedRow, ClaimQueries, Failure
+from relay.dispatch import Dispatcher
+from relay.listener import listen
 from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
 from relay.observers import Observers, RecordedOutcome, RelayObserver, Result, failure_result
+from relay.outages import GaveUp, OutageRetry
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
 from relay.publishers.handlers import HandlerPublisher
+from relay.single_relay import SingleRelayLock
 
 log = logging.getLogger("outbox.relay")
 T = TypeVar("T")
 
-SQLITE_LOCK = "relay"
-#: attempts beyond a topic's max_attempts that may end with no outcome (relay killed mid-handler, lease
-#: lost) before the message is declared dead, so that a message that crashes relays cannot loop forever
-CRASH_ALLOWANCE = 3
 # After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again AWAKE_POLL
 # seconds after a claim that came back short (twice as late after each empty one; see
 # outbox.writer.NOTIFY_GAP for why).
@@ -164,7 +163,7 @@ class Relay:
             raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
         # An engine of our own skips the pool's pre-ping (a SELECT 1 before every claim and mark, 9-26 % of
         # the fetcher's and completer's time in profiles): a connection that died with its server fails
-        # its next statement instead, SQLAlchemy then discards the pool's connections, and _with_db
+        # its next statement instead, SQLAlchemy then discards the pool's connections, and _db.run
         # retries on a fresh one, as it retries any outage (tests/test_db_restart.py).
         self.engine = create_engine(database, pool_pre_ping=False) if isinstance(database, str) else database
         self.dialect: Dialect = dialect_for(self.engine)
@@ -181,12 +180,14 @@ class Relay:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.stop_timeout = stop_timeout
-        self.default_policy = TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout)
-        self.strict_order_topics = frozenset(strict_order_topics)
         self.freeze_gc = freeze_gc
-        # topic -> (its handler, the defaults, the policy they make): looked up for every message
-        self._policies: dict[str, tuple[Any, TopicPolicy, TopicPolicy]] = {}
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        #: SQLite's one relay at a time (relay.single_relay); None on PostgreSQL and MariaDB
+        self._relay_lock = (
+            SingleRelayLock(self.engine, self.tables, holder=self.name, lease_seconds=lease_seconds)
+            if self.dialect.single_relay
+            else None
+        )
         self.claims = ClaimQueries(self.tables, self.dialect)
         # Every lease write (renewal, marks, releases) is one statement, atomic on its own: on PostgreSQL
         # and MariaDB it runs in autocommit, so a relay frozen right after it holds no row lock (invariant
@@ -212,11 +213,19 @@ class Relay:
 
             extra.append(publisher_for(kafka))
         self.publishers: list[Any] = [self.handlers, *extra]
+        self.dispatcher = Dispatcher(
+            self.registry,
+            self.publishers,
+            default_policy=TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout),
+            strict_order_topics=strict_order_topics,
+            report=self._report,
+        )
         self.observers = Observers(observers)
 
         self._wake = threading.Event()
         self._capacity = threading.Event()
         self._stopping = threading.Event()
+        self._db = OutageRetry(self._stopping)  # every database operation, retried through outages
         self._fetcher_done = threading.Event()
         self._publishers_stopped = threading.Event()
         self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome]] = queue.SimpleQueue()
@@ -225,7 +234,6 @@ class Relay:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopped = threading.Event()
-        self._outage_since: float | None = None
         self._stop_deadline = float("inf")
         self.last_progress = time.monotonic()
         self.counters: dict[str, int] = defaultdict(int)
@@ -252,8 +260,8 @@ class Relay:
         if self._started:
             raise RuntimeError("relay already started")
         self._check_schema()
-        if self.dialect.single_relay:
-            self._acquire_single_relay_lock()
+        if self._relay_lock is not None:
+            self._relay_lock.acquire()
         self._started = True
         if self.freeze_gc:
             gc.freeze()  # after the schema check: the dialect's and the pool's state are built by now
@@ -261,7 +269,8 @@ class Relay:
         self._spawn("outbox-fetcher", self._fetch_loop)
         self._spawn("outbox-completer", self._complete_loop)
         if self.dialect.listen_notify:
-            self._spawn("outbox-listener", self._listen_loop)
+            channel = notify_channel(self.tables.name)
+            self._spawn("outbox-listener", lambda: listen(self.engine, channel, self._wake, self._stopping))
         if self.maintenance is not None:
             self.maintenance.start()
         log.info(
@@ -295,11 +304,11 @@ class Relay:
         for thread in self._threads:
             thread.join()
         unregister_waiter(self.tables.name, self._wake)
-        if self.dialect.single_relay:
+        if self._relay_lock is not None:
             if self.handlers.running_count():
                 log.warning("keeping the SQLite relay lock until it expires: handlers are still running")
             else:
-                self._release_single_relay_lock()
+                self._relay_lock.release()
         self._stopped.set()
         self.observers.on_stop(self)
         log.info("relay %s stopped (%s)", self.name, self.stats_line())
@@ -413,7 +422,7 @@ class Relay:
     def _dispatch_loop(self, batches: queue.SimpleQueue[list[ClaimedRow] | None]) -> None:
         while (rows := batches.get()) is not None:
             try:
-                self._dispatch(rows)
+                self.dispatcher.dispatch(rows, stopping=self._stopping.is_set())
             except Exception:  # pragma: no cover - a bug; do not die silently
                 log.exception("relay dispatcher crashed; stopping the relay")
                 threading.Thread(target=self.stop, daemon=True).start()
@@ -435,8 +444,8 @@ class Relay:
                 )
 
         try:
-            rows = self._with_db(claim, give_up=self._stopping.is_set)
-        except _GaveUp:
+            rows = self._db.run(claim, give_up=self._stopping.is_set)
+        except GaveUp:
             return None
         self.last_progress = time.monotonic()
         # Older rows still with the publishers (not those finished and waiting for their mark: the
@@ -452,104 +461,6 @@ class Relay:
                 self._inflight[rows[0].token] = {r.seq for r in rows}
             self.counters["claimed"] += len(rows)
         return rows
-
-    def _dispatch(self, rows: list[ClaimedRow]) -> None:
-        if self._stopping.is_set():
-            for row in rows:
-                self._report(self._delivery(row, fallback=True), Released("relay stopping"))
-            return
-        routed: dict[int, tuple[Any, list[Delivery]]] = {}
-        # topic -> (publisher, policy, decode?): looked up once per topic and batch, not once per row
-        routes: dict[str, tuple[Any, TopicPolicy, bool]] = {}
-        for row in rows:
-            route = routes.get(row.topic)
-            if route is None:
-                found = self._route(row.topic)
-                route = routes[row.topic] = (
-                    found,
-                    self._policy(row.topic),
-                    found is None or found.decodes_payload,
-                )
-            publisher, policy, decode = route
-            try:
-                delivery = self._delivery(row, policy, decode=decode)
-            except Exception as exc:  # undecodable row: nothing a retry would change
-                delivery = self._delivery(row, policy, fallback=True)
-                self._report(delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True))
-                continue
-            if row.attempts > policy.retry.max_attempts + CRASH_ALLOWANCE:
-                # Every attempt past the policy's ended with no outcome at all: the relay handling it
-                # was killed (OOM, segfault) or stalled each time. Stop feeding it to relays.
-                self._report(
-                    delivery,
-                    Failed(
-                        f"abandoned at attempt {delivery.message.attempt}: at least {CRASH_ALLOWANCE + 1} "
-                        "attempts ended without any outcome (a relay died or lost its lease handling it)",
-                        permanent=True,
-                    ),
-                )
-                continue
-            if publisher is None:
-                self._report(delivery, Failed(f"no route for topic {delivery.message.topic}"))
-                continue
-            routed.setdefault(id(publisher), (publisher, []))[1].append(delivery)
-        for publisher, deliveries in routed.values():
-            publisher.deliver(deliveries, self._report)
-
-    def _route(self, topic: str) -> Any:
-        for publisher in self.publishers:
-            if publisher.accepts(topic):
-                return publisher
-        return None
-
-    def _delivery(
-        self,
-        row: ClaimedRow,
-        policy: TopicPolicy | None = None,
-        *,
-        fallback: bool = False,
-        decode: bool = True,
-    ) -> Delivery:
-        if fallback:
-            payload: Any = row.payload
-            headers: dict[str, str] = {}
-        else:
-            payload = decode_payload(row.payload, row.content_type) if decode else row.payload
-            headers = decode_headers(row.headers)
-        message = Message(
-            id=row.id,
-            topic=row.topic,
-            key=row.key,
-            payload=payload,
-            headers=headers,
-            attempt=row.attempts,
-            created_at=row.created_at,
-            content_type=row.content_type,
-            body=row.payload,
-        )
-        if policy is None:
-            policy = self._policy(row.topic)
-        return Delivery(seq=row.seq, token=row.token, message=message, policy=policy)
-
-    def _policy(self, topic: str) -> TopicPolicy:
-        entry = self.registry.route(topic)
-        cached = self._policies.get(topic)
-        if cached is not None and cached[0] is entry and cached[1] is self.default_policy:
-            return cached[2]
-        policy = self._merged_policy(topic, entry)
-        if len(self._policies) >= 10_000:
-            self._policies.clear()
-        self._policies[topic] = (entry, self.default_policy, policy)
-        return policy
-
-    def _merged_policy(self, topic: str, entry: Any) -> TopicPolicy:
-        base = self.default_policy
-        if topic in self.strict_order_topics:
-            base = TopicPolicy(retry=base.retry, timeout=base.timeout, strict_order=True)
-        policy = entry.policy(base) if entry is not None else base
-        if topic in self.strict_order_topics and not policy.strict_order:
-            policy = TopicPolicy(retry=policy.retry, timeout=policy.timeout, strict_order=True)
-        return policy
 
     def _report(self, delivery: Delivery, outcome: Outcome) -> None:
         self._outcomes.put((delivery, outcome))
@@ -638,7 +549,7 @@ class Relay:
                     del released[(token, pause)]
 
         try:
-            self._with_db(write, give_up=self._stop_deadline_passed)
+            self._db.run(write, give_up=self._stop_deadline_passed)
         except Exception:
             left = sum(map(len, delivered.values())) + sum(map(len, failures.values()))
             left += sum(map(len, released.values()))
@@ -697,7 +608,7 @@ class Relay:
     def _renew_leases(self) -> None:
         with self._inflight_lock:
             tokens = [t for t, seqs in self._inflight.items() if seqs]
-        if not tokens and not self.dialect.single_relay:
+        if not tokens and self._relay_lock is None:
             return
         until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
 
@@ -705,11 +616,11 @@ class Relay:
             with self._lease_writes() as conn:
                 for token in tokens:
                     self.claims.renew(conn, token, lease_until=until)
-                if self.dialect.single_relay:
-                    self._renew_single_relay_lock(conn)
+                if self._relay_lock is not None:
+                    self._relay_lock.renew(conn)
 
         try:
-            self._with_db(renew, give_up=lambda: True)
+            self._db.run(renew, give_up=lambda: True)
         except Exception as exc:
             log.warning("could not renew leases: %s", describe_error(exc))
 
@@ -756,81 +667,6 @@ class Relay:
     def _session_factory(self) -> AbstractContextManager[orm.Session]:
         return self._sessions()
 
-    # -- PostgreSQL LISTEN ----------------------------------------------------------------------------------
-
-    def _listen_loop(self) -> None:
-        channel = notify_channel(self.tables.name)
-        backoff = 0.1
-        while not self._stopping.is_set():
-            raw = None
-            try:
-                raw = self.engine.raw_connection()
-                pg = raw.driver_connection
-                assert pg is not None
-                raw.rollback()
-                pg.autocommit = True
-                pg.execute(f'LISTEN "{channel}"')
-                self._wake.set()  # anything committed while we were not listening
-                backoff = 0.1
-                while not self._stopping.is_set():
-                    for _ in pg.notifies(timeout=0.5, stop_after=1):
-                        self._wake.set()
-            except Exception as exc:
-                if not self._stopping.is_set():
-                    log.debug(
-                        "LISTEN connection lost (%s); reconnecting in %.1fs", describe_error(exc), backoff
-                    )
-                    self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                if raw is not None:
-                    raw.invalidate()
-                    raw = None
-            finally:
-                if raw is not None:
-                    with contextlib.suppress(Exception):
-                        raw.invalidate()  # never hand a LISTENing connection back to the pool
-
-    # -- SQLite: one relay at a time ---------------------------------------------------------------------
-
-    def _acquire_single_relay_lock(self) -> None:
-        locks = self.tables.locks
-        now = utcnow()
-        until = now + dt.timedelta(seconds=self.lease_seconds)
-        with self.engine.begin() as conn:
-            row = conn.execute(sa.select(locks).where(locks.c.name == SQLITE_LOCK)).first()
-            if row is not None and row.holder != self.name and row.expires_at > now:
-                raise RelayConflict(
-                    f"another relay ({row.holder}) is running on this SQLite database; SQLite supports one "
-                    "relay at a time: stop it, or use PostgreSQL or MariaDB to run several relays"
-                )
-            if row is None:
-                conn.execute(sa.insert(locks).values(name=SQLITE_LOCK, holder=self.name, expires_at=until))
-            else:
-                conn.execute(
-                    sa.update(locks)
-                    .where(locks.c.name == SQLITE_LOCK)
-                    .values(holder=self.name, expires_at=until)
-                )
-            # Rows a previous relay left in flight come back when their leases expire, like everywhere
-            # else: forcing them back now could run a handler that an abandoned relay still executes.
-
-    def _renew_single_relay_lock(self, conn: sa.Connection) -> None:
-        locks = self.tables.locks
-        until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
-        conn.execute(
-            sa.update(locks)
-            .where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name)
-            .values(expires_at=until)
-        )
-
-    def _release_single_relay_lock(self) -> None:
-        locks = self.tables.locks
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(sa.delete(locks).where(locks.c.name == SQLITE_LOCK, locks.c.holder == self.name))
-        except Exception as exc:
-            log.warning("could not release the SQLite relay lock: %s", describe_error(exc))
-
     # -- plumbing -----------------------------------------------------------------------------------------
 
     def _check_schema(self) -> None:
@@ -845,63 +681,13 @@ class Relay:
                 ) from None
             raise ConfigError(f"database error at {url}: {first_line(exc.orig or exc)}") from None
 
-    def _with_db(self, fn: Callable[[], T], *, give_up: Callable[[], bool]) -> T:
-        """Run ``fn``, retrying through database outages with backoff until it works or ``give_up()``."""
-        if self._outage_since is None:  # the usual case: one plain call, no retry machinery
-            try:
-                return fn()
-            except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                # an outage: start over under the retrying loop (it logs, waits and tries again)
-        retryer = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_outage),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
-            stop=_StopWhen(give_up, self._stopping),
-            before_sleep=self._log_outage,
-            reraise=True,
-            sleep=self._sleep,
-        )
-        try:
-            result = retryer(fn)
-        except Exception as exc:
-            if is_outage(exc):
-                raise _GaveUp() from exc
-            raise
-        if self._outage_since is not None:
-            log.warning("database reachable again after %.1fs", time.monotonic() - self._outage_since)
-            self._outage_since = None
-        return result
-
     def _stop_deadline_passed(self) -> bool:
         return time.monotonic() > self._stop_deadline
-
-    def _log_outage(self, state: tenacity.RetryCallState) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning("database unreachable (%s); retrying", describe_error(exc) if exc else "?")
-
-    def _sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
-
-
-class _GaveUp(Exception):
-    """A database operation was abandoned during an outage because the relay is stopping."""
-
-
-class _StopWhen(tenacity.stop.stop_base):
-    def __init__(self, give_up: Callable[[], bool], stopping: threading.Event) -> None:
-        self.give_up = give_up
-        self.stopping = stopping
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return self.stopping.is_set() and self.give_up()
 
 
 #: signals an application or the CLI may handle (Python runs every handler in the main thread anyway)

@@ -344,7 +344,7 @@ def test_burst_from_another_process_is_delivered_without_waiting_for_a_poll(
 
 def test_message_that_keeps_killing_relays_goes_dead(engine: sa.Engine, registry: Registry) -> None:
     """Attempts are counted at claim; past max_attempts + CRASH_ALLOWANCE without outcomes it is dead."""
-    from relay.runner import CRASH_ALLOWANCE
+    from relay.dispatch import CRASH_ALLOWANCE
 
     calls: list[int] = []
     registry.add("crashy", lambda m: calls.append(m.attempt))
