@@ -13,8 +13,9 @@ Threads (dramatiq's shape: fetching apart from running):
   merged NOTIFY at the gap's end keeps the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
-- the **completer** writes outcomes in bulk (one fenced UPDATE per lease for delivered rows), applies
-  retry policies (failed / dead / parked), renews live leases, and enforces handler timeouts;
+- the **completer** (:mod:`relay.completer`) writes outcomes in bulk (one fenced UPDATE per lease for
+  delivered rows), applies retry policies (failed / dead / parked), renews live leases, and enforces
+  handler timeouts;
 - the **listener** (PostgreSQL only, :mod:`relay.listener`) holds a LISTEN connection and sets the
   wake-up event;
 - the **maintenance** thread (:mod:`relay.maintenance`) applies retention (one relay at a time) and
@@ -49,18 +50,16 @@ back a row that is still executing).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gc
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -71,15 +70,16 @@ from consumers.registry import Registry, default_registry
 from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.policy import RetryPolicy, TopicPolicy
-from outbox.schema import DEFAULT_TABLE, Status, check_version, tables_for
+from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 from outbox.writer import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter, utcnow
-from relay.claim import ClaimedRow, ClaimQueries, Failure
+from relay.claim import ClaimedRow, ClaimQueries
+from relay.completer import Completer, InFlight, LeaseWrites
 from relay.dispatch import Dispatcher
 from relay.listener import listen
 from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
-from relay.observers import Observers, RecordedOutcome, RelayObserver, Result, failure_result
+from relay.observers import Observers, RelayObserver
 from relay.outages import GaveUp, OutageRetry
-from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
+from relay.publishers import Delivery
 from relay.publishers.handlers import HandlerPublisher
 from relay.single_relay import SingleRelayLock
 
@@ -91,8 +91,6 @@ T = TypeVar("T")
 # outbox.writer.NOTIFY_GAP for why).
 AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
-#: a lease-write connection idle longer than this goes back to the pool (whose pre-ping checks the next)
-LEASE_CONNECTION_IDLE = 10.0
 #: default max_batch_size: claims grow to this while a backlog lasts and the handlers keep up (see above)
 MAX_BATCH_SIZE = 2000
 #: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
@@ -176,7 +174,6 @@ class Relay:
         self._max_in_flight = max_in_flight
         self._window_floor = max(workers * 4, BROKER_IN_FLIGHT if kafka is not None else 0)
         self._claim_size = batch_size  # the fetcher's: see "Claim size" above
-        self._recording = 0  # outcomes the completer is writing now (taken from self._outcomes)
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.stop_timeout = stop_timeout
@@ -197,8 +194,6 @@ class Relay:
         self._autocommit: sa.Engine | None = (
             None if self.dialect.single_relay else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
-        self._lease_connection: sa.Connection | None = None  # the completer's, see _lease_writes
-        self._lease_connection_used = 0.0
         self._last_claim_full = False  # the fetcher's: see ClaimQueries.claim_batch(look_first)
         self._sessions = orm.sessionmaker(self.engine)
         self.handlers = HandlerPublisher(
@@ -213,30 +208,40 @@ class Relay:
 
             extra.append(publisher_for(kafka))
         self.publishers: list[Any] = [self.handlers, *extra]
+        self.observers = Observers(observers)
+        self.counters: dict[str, int] = defaultdict(int)
+        self.last_progress = time.monotonic()
+
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._db = OutageRetry(self._stopping)  # every database operation, retried through outages
+        self._fetcher_done = threading.Event()
+        self._publishers_stopped = threading.Event()
+        self._window = InFlight()  # claimed and not yet recorded: at most max_in_flight
+        self.completer = Completer(
+            claims=self.claims,
+            lease_writes=LeaseWrites(self.engine, self._autocommit),
+            db=self._db,
+            in_flight=self._window,
+            observers=self.observers,
+            counters=self.counters,
+            lease_seconds=lease_seconds,
+            relay_lock=self._relay_lock,
+            publishers=self.publishers,
+            wake=self._wake,
+            progressed=self._progressed,
+        )
         self.dispatcher = Dispatcher(
             self.registry,
             self.publishers,
             default_policy=TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout),
             strict_order_topics=strict_order_topics,
-            report=self._report,
+            report=self.completer.report,
         )
-        self.observers = Observers(observers)
-
-        self._wake = threading.Event()
-        self._capacity = threading.Event()
-        self._stopping = threading.Event()
-        self._db = OutageRetry(self._stopping)  # every database operation, retried through outages
-        self._fetcher_done = threading.Event()
-        self._publishers_stopped = threading.Event()
-        self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome]] = queue.SimpleQueue()
-        self._inflight: dict[str, set[int]] = {}
-        self._inflight_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopped = threading.Event()
         self._stop_deadline = float("inf")
-        self.last_progress = time.monotonic()
-        self.counters: dict[str, int] = defaultdict(int)
         #: retention and the stuck-message monitor (relay.maintenance); None with maintenance=False
         self.maintenance = (
             Maintenance(
@@ -267,7 +272,10 @@ class Relay:
             gc.freeze()  # after the schema check: the dialect's and the pool's state are built by now
         register_waiter(self.tables.name, self._wake)
         self._spawn("outbox-fetcher", self._fetch_loop)
-        self._spawn("outbox-completer", self._complete_loop)
+        self._spawn(
+            "outbox-completer",
+            lambda: self.completer.run(self._publishers_stopped, self._stop_deadline_passed),
+        )
         if self.dialect.listen_notify:
             channel = notify_channel(self.tables.name)
             self._spawn("outbox-listener", lambda: listen(self.engine, channel, self._wake, self._stopping))
@@ -296,10 +304,10 @@ class Relay:
         if self.maintenance is not None:
             self.maintenance.stop()
         self._wake.set()
-        self._capacity.set()
+        self._window.room.set()
         self._fetcher_done.wait()
         for publisher in self.publishers:
-            publisher.stop(timeout, self._report)
+            publisher.stop(timeout, self.completer.report)
         self._publishers_stopped.set()
         for thread in self._threads:
             thread.join()
@@ -325,9 +333,12 @@ class Relay:
 
     def stats(self) -> dict[str, Any]:
         """Counters since start, and what is in flight now, as a plain dict."""
-        with self._inflight_lock:
-            in_flight = sum(len(s) for s in self._inflight.values())
-        return {**self.counters, "in_flight": in_flight, "claim_size": self._claim_size, "name": self.name}
+        return {
+            **self.counters,
+            "in_flight": self._window.count(),
+            "claim_size": self._claim_size,
+            "name": self.name,
+        }
 
     def stats_line(self) -> str:
         c = self.counters
@@ -342,8 +353,8 @@ class Relay:
         return self._started and not self._stopping.is_set()
 
     def in_flight(self) -> int:
-        with self._inflight_lock:
-            return sum(len(s) for s in self._inflight.values())
+        """Messages claimed and not yet recorded."""
+        return self._window.count()
 
     @property
     def claim_size(self) -> int:
@@ -386,9 +397,9 @@ class Relay:
             while not self._stopping.is_set():
                 room = self.max_in_flight - self.in_flight()
                 if room <= 0:
-                    self._capacity.clear()
+                    self._window.room.clear()
                     if self.in_flight() >= self.max_in_flight:
-                        self._capacity.wait(0.5)
+                        self._window.room.wait(0.5)
                     continue
                 want = min(self._claim_size, room)
                 self._wake.clear()
@@ -450,179 +461,16 @@ class Relay:
         self.last_progress = time.monotonic()
         # Older rows still with the publishers (not those finished and waiting for their mark: the
         # window bounds those, and larger claims make for larger, cheaper marks)
-        older = self.in_flight() - self._outcomes.qsize() - self._recording
+        older = self.in_flight() - self.completer.unrecorded()
         self._claim_size = self._next_claim_size(want, len(rows), older, self._last_claim_full)
         self._last_claim_full = len(rows) == want
         self.observers.on_claimed(rows, self.last_progress - started)
         if rows:
             log.debug("claimed %d message(s) in %.3fs", len(rows), self.last_progress - started)
         if rows:
-            with self._inflight_lock:
-                self._inflight[rows[0].token] = {r.seq for r in rows}
+            self._window.add(rows[0].token, (r.seq for r in rows))
             self.counters["claimed"] += len(rows)
         return rows
-
-    def _report(self, delivery: Delivery, outcome: Outcome) -> None:
-        self._outcomes.put((delivery, outcome))
-
-    # -- completing ---------------------------------------------------------------------------------------
-
-    def _complete_loop(self) -> None:
-        _leave_signals_to_other_threads()
-        renew_every = self.lease_seconds / 3
-        next_renew = time.monotonic() + renew_every
-        next_timeout_check = time.monotonic() + 0.2
-        while True:
-            batch = self._take_outcomes()
-            if batch:
-                self._recording = len(batch)
-                self._apply(batch)
-                self._recording = 0
-            now = time.monotonic()
-            if now >= next_timeout_check:
-                for publisher in self.publishers:
-                    publisher.check_timeouts(self._report)
-                next_timeout_check = now + 0.2
-            if now >= next_renew and not self._publishers_stopped.is_set():
-                self._renew_leases()
-                next_renew = time.monotonic() + renew_every
-            if self._publishers_stopped.is_set() and self._outcomes.empty():
-                self._drop_lease_connection()
-                return
-
-    def _take_outcomes(self) -> list[tuple[Delivery, Outcome]]:
-        try:
-            first = self._outcomes.get(timeout=0.05)
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < 5000:
-            try:
-                batch.append(self._outcomes.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _apply(self, batch: list[tuple[Delivery, Outcome]]) -> None:
-        delivered: dict[str, list[int]] = defaultdict(list)
-        released: dict[tuple[str, float], list[int]] = defaultdict(list)
-        failures: dict[str, list[Failure]] = defaultdict(list)
-        counts: dict[str, int] = defaultdict(int)
-        recorded: list[RecordedOutcome] = []
-        watched = bool(self.observers.observers)
-        now = utcnow()
-        for delivery, outcome in batch:
-            result: Result
-            if isinstance(outcome, Delivered):
-                counts["delivered"] += 1
-                result = "delivered"
-                if not outcome.marked:
-                    delivered[delivery.token].append(delivery.seq)
-            elif isinstance(outcome, Released):
-                counts["released"] += 1
-                result = "released"
-                released[(delivery.token, outcome.retry_after)].append(delivery.seq)
-            else:
-                failure = self._failure(delivery, outcome, now)
-                counts["dead" if failure.retry_at is None else "failed"] += 1
-                result = failure_result(failure.status)
-                failures[delivery.token].append(failure)
-            if watched:
-                recorded.append(RecordedOutcome(delivery, outcome, result))
-
-        fenced = 0
-
-        def write() -> None:
-            # Each statement is committed when it returns (autocommit), so a retry after an outage goes
-            # on from the first one not done: one already done would find its rows gone from the lease
-            # and count them as fenced off.
-            nonlocal fenced
-            with self._lease_writes() as conn:
-                for token, seqs in list(delivered.items()):
-                    fenced += len(seqs) - self.claims.mark_delivered(conn, token, seqs, now=now)
-                    del delivered[token]
-                for token, items in list(failures.items()):
-                    self.claims.mark_failed(conn, token, items)
-                    del failures[token]
-                for (token, pause), seqs in list(released.items()):
-                    self.claims.release(conn, token, seqs, due_at=now + dt.timedelta(seconds=pause))
-                    del released[(token, pause)]
-
-        try:
-            self._db.run(write, give_up=self._stop_deadline_passed)
-        except Exception:
-            left = sum(map(len, delivered.values())) + sum(map(len, failures.values()))
-            left += sum(map(len, released.values()))
-            log.exception(
-                "could not record %d outcome(s); their leases will expire and they will be retried", left
-            )
-        if fenced:
-            log.warning("%d delivered mark(s) were fenced off: their lease had been taken over", fenced)
-        self.counters["fenced"] += fenced
-        for key, value in counts.items():
-            self.counters[key] += value
-        if log.isEnabledFor(logging.DEBUG):
-            summary = ", ".join(f"{name} {n}" for name, n in counts.items())
-            log.debug("recorded %d outcome(s): %s", len(batch), summary)
-        if watched:
-            self.observers.on_outcomes(recorded)
-        if fenced:
-            self.observers.on_fenced(fenced)
-        with self._inflight_lock:
-            for delivery, _ in batch:
-                seqs = self._inflight.get(delivery.token)
-                if seqs is not None:
-                    seqs.discard(delivery.seq)
-                    if not seqs:
-                        del self._inflight[delivery.token]
-        self.last_progress = time.monotonic()
-        self._capacity.set()
-        if released or any(d.message.key is not None for d, _ in batch):
-            self._wake.set()  # the next message of those keys (or the released rows) can be claimed now
-
-    def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
-        policy = delivery.policy
-        attempt = delivery.message.attempt
-        if outcome.permanent or policy.retry.exhausted(attempt):
-            status = Status.PARKED if policy.strict_order and delivery.message.key else Status.DEAD
-            log.warning(
-                "message %s (%s) is %s after %d attempt(s): %s",
-                delivery.message.id,
-                delivery.message.topic,
-                status.value,
-                attempt,
-                outcome.error,
-            )
-            return Failure(delivery.seq, status, None, outcome.error)
-        retry_at = now + policy.retry.delay_after(attempt)
-        log.warning(
-            "message %s (%s) attempt %d failed, retry at %s: %s",
-            delivery.message.id,
-            delivery.message.topic,
-            attempt,
-            retry_at.isoformat(timespec="seconds"),
-            outcome.error,
-        )
-        return Failure(delivery.seq, Status.FAILED, retry_at, outcome.error)
-
-    def _renew_leases(self) -> None:
-        with self._inflight_lock:
-            tokens = [t for t, seqs in self._inflight.items() if seqs]
-        if not tokens and self._relay_lock is None:
-            return
-        until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
-
-        def renew() -> None:
-            with self._lease_writes() as conn:
-                for token in tokens:
-                    self.claims.renew(conn, token, lease_until=until)
-                if self._relay_lock is not None:
-                    self._relay_lock.renew(conn)
-
-        try:
-            self._db.run(renew, give_up=lambda: True)
-        except Exception as exc:
-            log.warning("could not renew leases: %s", describe_error(exc))
 
     def _mark_in_session(self, session: orm.Session, delivery: Delivery) -> bool:
         marked = self.claims.mark_delivered(
@@ -630,39 +478,8 @@ class Relay:
         )
         return marked == 1
 
-    @contextlib.contextmanager
-    def _lease_writes(self) -> Iterator[sa.Connection]:
-        """A connection for statements each atomic on its own (the completer thread's marks and renewals).
-
-        Autocommit, but for SQLite's one relay (a transaction). The completer keeps one connection for
-        them: taking an autocommit connection from the pool and giving it back switches the session's
-        mode twice, three more round trips per write on MariaDB (a 7 % slower drain here).
-        """
-        if self._autocommit is None:
-            with self.engine.begin() as tx:
-                yield tx
-            return
-        held = self._lease_connection
-        now = time.monotonic()
-        if held is not None and (
-            held.invalidated or now - self._lease_connection_used > LEASE_CONNECTION_IDLE
-        ):
-            self._drop_lease_connection()  # idle a while: the pool's pre-ping checks a fresh one
-            held = None
-        if held is None:
-            held = self._lease_connection = self._autocommit.connect()
-        self._lease_connection_used = now
-        try:
-            yield held
-        except BaseException:
-            self._drop_lease_connection()  # broken, or in a state nobody should guess: take a new one
-            raise
-
-    def _drop_lease_connection(self) -> None:
-        conn, self._lease_connection = self._lease_connection, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+    def _progressed(self) -> None:
+        self.last_progress = time.monotonic()
 
     def _session_factory(self) -> AbstractContextManager[orm.Session]:
         return self._sessions()
@@ -688,27 +505,6 @@ class Relay:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
-
-
-#: signals an application or the CLI may handle (Python runs every handler in the main thread anyway)
-_HANDLED_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
-    if hasattr(signal, name)
-)
-
-
-def _leave_signals_to_other_threads() -> None:
-    """Block the usual signals in the calling thread, so that the kernel delivers them to another.
-
-    For the completer: CPython 3.11's ``SimpleQueue.get(timeout)``, interrupted by a signal, retries
-    with the time left, and when none is left (the process was frozen inside the wait, then sent
-    SIGTERM as it resumed) waits with no timeout at all: the completer then never saw the stop, and
-    ``stop()`` never returned (tests/test_crash.py::
-    test_relay_frozen_taking_the_maintenance_lease_holds_no_lock, about one run in four).
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
 
 
 def _check_positive(**values: float) -> None:
