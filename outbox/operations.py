@@ -40,7 +40,8 @@ from outbox.reports import (
 )
 from outbox.schema import DEFAULT_TABLE, REPLAYABLE, OutboxTables, Status, tables_for
 from outbox.serialization import decode_headers
-from outbox.writer import notify_channel, utcnow
+from outbox.wakeup import notify_channel
+from outbox.writer import utcnow
 
 #: statuses of messages that still wait for delivery (their age is the backlog's age)
 WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)

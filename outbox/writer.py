@@ -10,8 +10,8 @@ Promises:
   ``pg_notify`` sent after the commit (from a connection of its own, never for a rollback) wakes listening
   relays elsewhere: at once after a quiet moment, and at most one per ``NOTIFY_GAP`` (20 ms) while
   commits keep coming, since relays woken by the first keep looking every few milliseconds (see
-  :class:`_Notifier`). An ``AsyncSession`` on an async driver other than psycopg notifies inside the
-  transaction instead.
+  :mod:`outbox.wakeup`). An ``AsyncSession`` on an async driver other than psycopg notifies inside
+  the transaction instead.
 
 How each session type writes:
 
@@ -24,15 +24,12 @@ How each session type writes:
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import datetime as dt
 import os
 import re
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +40,12 @@ from outbox.errors import DelayError, HeaderError, MessageKeyError, TopicError
 from outbox.schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
 from outbox.serialization import encode_headers, encode_payload
 from outbox.tracing import inject_current
+from outbox.wakeup import (
+    notify_after_commit,
+    notify_channel,
+    remember_conninfo,
+    wake_local,
+)
 
 TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 MAX_KEY_LENGTH = 255
@@ -130,187 +133,10 @@ def _validate_delay(delay: object) -> dt.timedelta:
 
 # --- wake-ups -------------------------------------------------------------------------------------------
 
-_local_waiters: dict[str, set[threading.Event]] = {}
-_waiters_lock = threading.Lock()
-
-
-def register_waiter(table: str, waiter: threading.Event) -> None:
-    """A relay in this process asks to be woken when a transaction that added to ``table`` commits."""
-    with _waiters_lock:
-        _local_waiters.setdefault(table, set()).add(waiter)
-
-
-def unregister_waiter(table: str, waiter: threading.Event) -> None:
-    with _waiters_lock:
-        _local_waiters.get(table, set()).discard(waiter)
-
-
-def _wake(tables: set[str]) -> None:
-    for table in tables:
-        for waiter in list(_local_waiters.get(table, ())):
-            waiter.set()
-
-
 _INFO_KEY = "outbox.tables"  # set of outbox tables written in the current transaction
 _QUEUED_KEY = "outbox.queued"  # AsyncSession: [(outbox, row, owning transaction)] not yet written
 _NOTIFIED_KEY = "outbox.notified"  # set of tables whose pg_notify was already sent in this transaction
 _AFTER_COMMIT_KEY = "outbox.notify_after_commit"  # set of (engine, table) to wake once committed
-
-
-# At most one NOTIFY per table every NOTIFY_GAP seconds from a process: the first at once, the others of a
-# gap merged into one at its end. Relays keep looking every few milliseconds for RELAY_AWAKE_SECONDS after
-# any wake-up, so a message whose NOTIFY was merged away is found by that looking, and the merged NOTIFY
-# at the gap's end wakes (and keeps awake) relays for the messages committed during it.
-NOTIFY_GAP = 0.02
-RELAY_AWAKE_SECONDS = 0.05  # relay.runner's awake window; longer than NOTIFY_GAP, with room for transit
-
-
-class _Notifier:
-    """Sends PostgreSQL wake-ups for one engine from a connection of its own, after the writer's commit.
-
-    Why not ``pg_notify`` inside the writer's transaction: PostgreSQL serialises the commits of all
-    transactions that notify (a global lock on the notification queue), which cut concurrent writers'
-    commit rates by a third to a half here. Sent after the commit instead, from one connection and a
-    thread of its own, the wake-up costs the writer's transaction nothing but handing over a table name.
-
-    Why at most one every ``NOTIFY_GAP``: each NOTIFY is a transaction of its own on the server and a
-    thread switch in this process; sent for every commit they cost a writer at 500 commits/s a fifth
-    of its rate here. The first request after a quiet gap is sent at once (the idle wake-up stays
-    within a millisecond or so); requests during the gap are merged into one NOTIFY at its end, and a
-    relay woken by the first keeps looking meanwhile (``RELAY_AWAKE_SECONDS``), so the merged messages
-    wait for at most the relay's next look, not for the gap. If the process dies between the commit
-    and the notify, relays find the message at their next poll.
-    """
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self._engine = weakref.ref(engine)  # the notifier ends with its engine
-        self._pending: set[str] = set()
-        self._lock = threading.Lock()
-        self._wanted = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread = threading.Thread(target=self._run, name="outbox-notifier", daemon=True)
-        self._thread.start()
-
-    def request(self, table: str) -> None:
-        with self._lock:
-            self._pending.add(table)
-            self._idle.clear()
-        self._wanted.set()
-
-    def flush(self, timeout: float) -> None:
-        """Wait until every requested wake-up was sent (at exit: a script that commits and ends)."""
-        self._idle.wait(timeout)
-
-    def _run(self) -> None:
-        raw: Any = None
-        next_allowed = 0.0
-        while True:
-            if not self._wanted.wait(60.0):
-                if self._engine() is None:
-                    break  # the engine is gone: so is the need for its wake-ups
-                continue
-            wait = next_allowed - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)  # inside the gap: what arrives meanwhile goes out in this one NOTIFY
-            self._wanted.clear()
-            with self._lock:
-                tables, self._pending = self._pending, set()
-            try:
-                if raw is None:
-                    raw = self._connect()
-                    if raw is None:
-                        break
-                    # A NOTIFY commits a transaction of its own (PostgreSQL gives it a transaction id and a
-                    # commit record): nothing in it needs to be durable, so it need not wait for the WAL
-                    # flush, and the wake-up leaves a moment sooner.
-                    raw.driver_connection.execute("SET synchronous_commit = off")
-                for table in tables:
-                    raw.driver_connection.execute("SELECT pg_notify(%s, '')", (notify_channel(table),))
-            except Exception:  # the relays' poll interval is the fallback; try a new connection next time
-                if raw is not None:
-                    with contextlib.suppress(Exception):
-                        raw.invalidate()
-                raw = None
-            next_allowed = time.monotonic() + NOTIFY_GAP
-            with self._lock:
-                if not self._pending:
-                    self._idle.set()
-
-    def _connect(self) -> Any:
-        """An autocommit connection of the notifier's own (``None``: the engine is gone)."""
-        engine = self._engine()
-        if engine is None:
-            return None
-        conninfo = _conninfos.get(engine)
-        if conninfo is not None:
-            # An AsyncEngine's pool cannot be used from this thread: a psycopg connection opened with the
-            # parameters of a connection the writer used (_remember_conninfo) instead.
-            import psycopg
-
-            return _OwnConnection(psycopg.connect(conninfo, autocommit=True))
-        raw: Any = engine.raw_connection()  # never returned to the pool: invalidated when it fails
-        raw.rollback()
-        raw.driver_connection.autocommit = True
-        return raw
-
-
-class _OwnConnection:
-    """A psycopg connection opened outside any pool, with the two methods the notifier uses."""
-
-    def __init__(self, connection: Any) -> None:
-        self.driver_connection = connection
-
-    def invalidate(self) -> None:
-        self.driver_connection.close()
-
-
-#: libpq parameters of a connection an AsyncEngine on psycopg gave a writer (see _Notifier)
-_conninfos: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
-
-
-def _remember_conninfo(conn: sa.Connection) -> bool:
-    """Keep the parameters of ``conn`` (an AsyncEngine's, on psycopg) for its engine's notifier."""
-    engine = conn.engine
-    if engine in _conninfos:
-        return True
-    try:
-        info = conn.connection.driver_connection.info  # type: ignore[union-attr]
-        from psycopg.conninfo import make_conninfo
-
-        parameters = info.get_parameters()
-        if info.password:
-            parameters["password"] = info.password
-        _conninfos[engine] = make_conninfo(**parameters)
-    except Exception:  # not psycopg after all: notify inside the transaction instead
-        return False
-    return True
-
-
-_notifiers: weakref.WeakKeyDictionary[sa.Engine, _Notifier] = weakref.WeakKeyDictionary()
-_notifiers_lock = threading.Lock()
-
-
-@atexit.register
-def _flush_notifiers() -> None:
-    for notifier in list(_notifiers.values()):
-        notifier.flush(1.0)
-
-
-def _notify_after_commit(pairs: set[tuple[sa.Engine, str]]) -> None:
-    for engine, table in pairs:
-        notifier = _notifiers.get(engine)
-        if notifier is None:
-            with _notifiers_lock:
-                notifier = _notifiers.get(engine)
-                if notifier is None:
-                    notifier = _notifiers[engine] = _Notifier(engine)
-        notifier.request(table)
-
-
-def notify_channel(table: str) -> str:
-    """The PostgreSQL LISTEN/NOTIFY channel that relays of ``table`` listen on."""
-    return f"{table}_wake"
 
 
 @event.listens_for(orm.Session, "after_commit")
@@ -319,9 +145,9 @@ def _session_committed(session: orm.Session) -> None:
     session.info.pop(_NOTIFIED_KEY, None)
     pairs = session.info.pop(_AFTER_COMMIT_KEY, None)
     if tables:
-        _wake(tables)
+        wake_local(tables)
     if pairs:
-        _notify_after_commit(pairs)
+        notify_after_commit(pairs)
 
 
 @event.listens_for(orm.Session, "after_rollback")
@@ -353,9 +179,9 @@ def _connection_committed(conn: sa.Connection) -> None:
     # looks again shortly (see relay.runner), and the notifier's own round trip comes after the commit's.
     tables, pairs = _pop_connection_flags(conn)
     if tables:
-        _wake(tables)
+        wake_local(tables)
     if pairs:
-        _notify_after_commit(pairs)
+        notify_after_commit(pairs)
 
 
 @event.listens_for(sa.Engine, "rollback")
@@ -372,7 +198,7 @@ def _write_queued(session: orm.Session) -> None:
     writer twice as much. Then the PostgreSQL wake-up: on psycopg, by the notifier after the commit,
     as for a sync ``Session``; another async driver (asyncpg, say) cannot lend the notifier its
     connection parameters, so ``pg_notify`` goes in the transaction itself (which serialises the
-    commits of notifying transactions: see :class:`_Notifier`).
+    commits of notifying transactions: see :class:`outbox.wakeup.Notifier`).
     """
     queued = session.info.get(_QUEUED_KEY)
     if not queued:
@@ -386,7 +212,7 @@ def _write_queued(session: orm.Session) -> None:
         if writer.notify:
             notify.add(writer.table_name)
     if notify and conn.dialect.name == "postgresql":
-        if conn.dialect.driver == "psycopg" and _remember_conninfo(conn):
+        if conn.dialect.driver == "psycopg" and remember_conninfo(conn):
             session.info.setdefault(_AFTER_COMMIT_KEY, set()).update((conn.engine, t) for t in notify)
         else:
             for table in notify:

@@ -8,7 +8,7 @@ Threads (dramatiq's shape: fetching apart from running):
   sleeps on a wake-up event that a commit in this process, a PostgreSQL NOTIFY or the poll interval
   sets. After a wake-up or a claimed row it stays awake for ``AWAKE_SECONDS`` (50 ms), looking again
   after ``AWAKE_POLL`` (2 ms) when a claim comes back short, twice as late after each empty look:
-  writers send at most one NOTIFY per ``outbox.writer.NOTIFY_GAP`` (20 ms, shorter than the awake
+  writers send at most one NOTIFY per ``outbox.wakeup.NOTIFY_GAP`` (20 ms, shorter than the awake
   window), so a message whose NOTIFY was merged into an earlier one is found by that looking, and the
   merged NOTIFY at the gap's end keeps the relay awake while commits continue;
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
@@ -71,7 +71,8 @@ from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
-from outbox.writer import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter, utcnow
+from outbox.wakeup import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter
+from outbox.writer import utcnow
 from relay.claim import ClaimedRow, ClaimQueries
 from relay.completer import Completer, InFlight, LeaseWrites
 from relay.dispatch import Dispatcher
@@ -88,7 +89,7 @@ T = TypeVar("T")
 
 # After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again AWAKE_POLL
 # seconds after a claim that came back short (twice as late after each empty one; see
-# outbox.writer.NOTIFY_GAP for why).
+# outbox.wakeup.NOTIFY_GAP for why).
 AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
 #: default max_batch_size: claims grow to this while a backlog lasts and the handlers keep up (see above)
@@ -412,7 +413,7 @@ class Relay:
                     pause = AWAKE_POLL
                 if len(rows) < want and not self._stopping.is_set():
                     # Awake (a wake-up or a claimed row in the last AWAKE_SECONDS): writers merge the
-                    # NOTIFYs of a busy moment (outbox.writer.NOTIFY_GAP), and a same-process wake-up can
+                    # NOTIFYs of a busy moment (outbox.wakeup.NOTIFY_GAP), and a same-process wake-up can
                     # come a moment before the writer's COMMIT is visible: look again shortly, at once
                     # while rows keep coming, twice as late after each empty look (a lone message costs
                     # about five empty claims, not one every AWAKE_POLL for the whole window).

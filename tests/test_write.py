@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 import outbox
 from outbox.dialects import normalise_url
 from outbox.schema import tables_for
-from outbox.writer import NOTIFY_GAP
+from outbox.wakeup import NOTIFY_GAP
 
 
 class Base(orm.DeclarativeBase):
@@ -337,7 +337,7 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
 def _notifications(db_url: str) -> Iterator[tuple[list[float], list[int]]]:
     """LISTEN on the default outbox's channel meanwhile: yields the arrival times of its notifications
     and the pids of the backends that sent them."""
-    from outbox.writer import notify_channel
+    from outbox.wakeup import notify_channel
 
     received: list[float] = []
     pids: list[int] = []
