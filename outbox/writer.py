@@ -139,15 +139,20 @@ _NOTIFIED_KEY = "outbox.notified"  # set of tables whose pg_notify was already s
 _AFTER_COMMIT_KEY = "outbox.notify_after_commit"  # set of (engine, table) to wake once committed
 
 
+def _wake_after_commit(tables: set[str] | None, pairs: set[tuple[sa.Engine, str]] | None) -> None:
+    """Wake this process's relays of ``tables``, and ask for the NOTIFYs of ``pairs``."""
+    if tables:
+        wake_local(tables)
+    if pairs:
+        notify_after_commit(pairs)
+
+
 @event.listens_for(orm.Session, "after_commit")
 def _session_committed(session: orm.Session) -> None:
     tables = session.info.pop(_INFO_KEY, None)
     session.info.pop(_NOTIFIED_KEY, None)
     pairs = session.info.pop(_AFTER_COMMIT_KEY, None)
-    if tables:
-        wake_local(tables)
-    if pairs:
-        notify_after_commit(pairs)
+    _wake_after_commit(tables, pairs)
 
 
 @event.listens_for(orm.Session, "after_rollback")
@@ -177,11 +182,7 @@ def _pop_connection_flags(conn: sa.Connection) -> tuple[set[str] | None, set[tup
 def _connection_committed(conn: sa.Connection) -> None:
     # SQLAlchemy fires this just before the COMMIT reaches the server; a relay woken a moment too early
     # looks again shortly (see relay.runner), and the notifier's own round trip comes after the commit's.
-    tables, pairs = _pop_connection_flags(conn)
-    if tables:
-        wake_local(tables)
-    if pairs:
-        notify_after_commit(pairs)
+    _wake_after_commit(*_pop_connection_flags(conn))
 
 
 @event.listens_for(sa.Engine, "rollback")

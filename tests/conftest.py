@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.dialects import create_engine
+from tests.apps import RelayLauncher
 
 POSTGRES_ADMIN = os.environ.get("OUTBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MARIADB_ADMIN = os.environ.get("OUTBOX_TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
@@ -118,6 +119,24 @@ def status_counts(engine: sa.Engine, table: str = "outbox") -> dict[str, int]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Path:
+    """The file the recording app (``tests.apps.recording``) appends each handled message to."""
+    return tmp_path / "handled.log"
+
+
+@pytest.fixture
+def relays(tmp_path: Path, db_url: str, record: Path) -> Iterator[RelayLauncher]:
+    """Starts ``outbox relay`` subprocesses running the recording app; kills what is left at the end."""
+    launcher = RelayLauncher(
+        tmp_path, db_url, "tests.apps.recording:registry", env={"OUTBOX_TEST_RECORD": str(record)}
+    )
+    try:
+        yield launcher
+    finally:
+        launcher.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import datetime as dt
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,22 +38,6 @@ pytestmark = pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
 
 LEASE = 2  # seconds: short, so that killed relays' rows come back quickly
 KILLS = 5
-
-
-@pytest.fixture
-def record(tmp_path: Path) -> Path:
-    return tmp_path / "handled.log"
-
-
-@pytest.fixture
-def relays(tmp_path: Path, db_url: str, record: Path) -> Iterator[RelayLauncher]:
-    launcher = RelayLauncher(
-        tmp_path, db_url, "tests.apps.recording:registry", env={"OUTBOX_TEST_RECORD": str(record)}
-    )
-    try:
-        yield launcher
-    finally:
-        launcher.cleanup()
 
 
 def inflight_claimed_since(engine: sa.Engine, since: dt.datetime) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,22 +20,6 @@ from outbox.writer import utcnow
 from tests.apps import RelayLauncher, outbox_rows
 from tests.apps.recording import commit_messages, read_record
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
-
-
-@pytest.fixture
-def record(tmp_path: Path) -> Path:
-    return tmp_path / "handled.log"
-
-
-@pytest.fixture
-def relays(tmp_path: Path, db_url: str, record: Path) -> Iterator[RelayLauncher]:
-    launcher = RelayLauncher(
-        tmp_path, db_url, "tests.apps.recording:registry", env={"OUTBOX_TEST_RECORD": str(record)}
-    )
-    try:
-        yield launcher
-    finally:
-        launcher.cleanup()
 
 
 def events(record: Path, event: str, pid: int | None = None) -> list[str]:
