@@ -239,13 +239,7 @@ def process_span(
     otel = _load()
     if otel is None or not (otel.recording() or message.headers):
         return _NO_SCOPE
-    destination = destination or message.topic
-    span = otel.tracer().start_span(
-        f"process {destination}",
-        context=otel.parent_context(message.headers),
-        kind=otel.trace.SpanKind.CONSUMER,
-        attributes=_attributes(message, system, "process", destination),
-    )
+    span = _start(otel, message, "process", system, destination or message.topic)
     return _SpanScope(otel, span)
 
 
@@ -259,13 +253,18 @@ def publish_span(message: Message, *, destination: str, system: str = "kafka") -
     otel = _load()
     if otel is None or not otel.recording():
         return _NO_SPAN
-    span = otel.tracer().start_span(
-        f"send {destination}",
+    return DeliverySpan(otel, _start(otel, message, "send", system, destination))
+
+
+def _start(otel: _Otel, message: Message, operation: str, system: str, destination: str) -> Any:
+    """A span of ``operation`` ("process": CONSUMER, "send": PRODUCER), child of the message's trace."""
+    kind = otel.trace.SpanKind.CONSUMER if operation == "process" else otel.trace.SpanKind.PRODUCER
+    return otel.tracer().start_span(
+        f"{operation} {destination}",
         context=otel.parent_context(message.headers),
-        kind=otel.trace.SpanKind.PRODUCER,
-        attributes=_attributes(message, system, "send", destination),
+        kind=kind,
+        attributes=_attributes(message, system, operation, destination),
     )
-    return DeliverySpan(otel, span)
 
 
 def trace_headers(headers: Mapping[str, str], span: DeliverySpan) -> dict[str, str]:
