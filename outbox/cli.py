@@ -31,7 +31,15 @@ import sqlalchemy as sa
 
 from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
-from outbox.cli_options import StopSignals, env_option, open_engine, scrub, settings_command, shared_options
+from outbox.cli_options import (
+    StopSignals,
+    env_option,
+    kafka_connection_flags,
+    open_engine,
+    scrub,
+    settings_command,
+    shared_options,
+)
 from outbox.config import Settings
 from outbox.dialects import is_outage
 from outbox.errors import (
@@ -297,33 +305,15 @@ _RELAY_SETTINGS = (
 @env_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
 )
-@env_option(
-    "kafka_bootstrap_servers",
-    str,
-    "Publish topics without an in-process handler to this Kafka cluster.",
-    metavar="HOST:PORT[,...]",
+@kafka_connection_flags(
+    servers_help="Publish topics without an in-process handler to this Kafka cluster.",
+    client_id_help="Kafka client id (default outbox-relay).",
 )
-@env_option("kafka_client_id", str, "Kafka client id (default outbox-relay).")
 @env_option(
     "kafka_client",
     click.Choice(["kafka-python", "confluent"]),
     "Kafka client library: kafka-python (default) or confluent (librdkafka; the confluent extra).",
 )
-@env_option(
-    "kafka_security_protocol",
-    click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
-    "Kafka security protocol (default PLAINTEXT).",
-)
-@env_option(
-    "kafka_sasl_mechanism",
-    click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
-    "SASL mechanism.",
-)
-@env_option("kafka_sasl_username", str, "SASL user name.")
-@env_option("kafka_sasl_password", str, "SASL password (prefer the environment variable).")
-@env_option("kafka_ssl_cafile", str, "CA certificate file (PEM) for TLS.")
-@env_option("kafka_ssl_certfile", str, "Client certificate file (PEM) for TLS.")
-@env_option("kafka_ssl_keyfile", str, "Client key file (PEM) for TLS.")
 @env_option(
     "kafka_compression",
     click.Choice(["gzip", "snappy", "lz4", "zstd"], case_sensitive=False),

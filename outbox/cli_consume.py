@@ -1,4 +1,4 @@
-"""``outbox consume``: the Kafka consumer runner, and the Kafka connection flags ``outbox dlq`` shares.
+"""``outbox consume``: the Kafka consumer runner, and how ``outbox dlq`` reads the Kafka connection.
 
 Command::
 
@@ -11,8 +11,8 @@ Every flag has an ``OUTBOX_*`` environment twin named after it (``--group``: ``O
 ``--metrics-port``, ``--metrics-host``) and the Kafka connection (``kafka_bootstrap_servers``, ...) are
 read from the config file too; the consumer's own flags (``--group``, ``--session-timeout-ms``, ...)
 come from flags and environment only. The SASL password is never printed: it is scrubbed from error
-lines and kept out of ``repr``. ``outbox dlq`` (:mod:`outbox.cli_dlq`) uses :func:`kafka_options` and
-:func:`connection_values` from here.
+lines and kept out of ``repr``. ``outbox dlq`` (:mod:`outbox.cli_dlq`) uses :func:`connection_values`
+from here; the connection flags themselves are :func:`outbox.cli_options.kafka_connection_flags`.
 
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
@@ -24,10 +24,16 @@ from typing import Any
 
 import click
 
-from outbox.cli_options import SECRETS, F, StopSignals, env_option, open_engine, settings_command
+from outbox.cli_options import (
+    SECRETS,
+    StopSignals,
+    env_option,
+    kafka_connection_flags,
+    open_engine,
+    settings_command,
+)
 from outbox.config import Settings
 from outbox.errors import ConfigError
-from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
 log = logging.getLogger("outbox.cli")
 
@@ -42,28 +48,6 @@ _KAFKA_FLAGS = (
     "kafka_ssl_certfile",
     "kafka_ssl_keyfile",
 )
-
-
-def kafka_options(func: F) -> F:
-    """The Kafka connection flags (bootstrap servers, client id, TLS, SASL)."""
-    options = [
-        env_option("kafka_bootstrap_servers", str, "Kafka brokers to start from.", metavar="HOST:PORT[,...]"),
-        env_option("kafka_client_id", str, "Client id shown to the brokers."),
-        env_option(
-            "kafka_security_protocol", click.Choice(SECURITY_PROTOCOLS), "How to talk to the brokers."
-        ),
-        env_option("kafka_sasl_mechanism", click.Choice(SASL_MECHANISMS), "SASL mechanism."),
-        env_option("kafka_sasl_username", str, "SASL user name."),
-        env_option(
-            "kafka_sasl_password", str, "SASL password (prefer the environment variable).", metavar="SECRET"
-        ),
-        env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
-        env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),
-        env_option("kafka_ssl_keyfile", str, "Client private key (PEM).", metavar="FILE"),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 def connection_values(kafka: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -123,7 +107,7 @@ _CONSUME_SETTINGS = (
     metavar="MODULE[:ATTR]",
 )
 @env_option("group", str, "Kafka consumer group; its inbox and dead letters are kept under this name.")
-@kafka_options
+@kafka_connection_flags()
 @env_option(
     "session_timeout_ms",
     int,

@@ -7,7 +7,8 @@ Commands::
     outbox dlq replay (SEQ... | --group G | --all) [--dry-run]
                                                 send dead letters back to their Kafka topic
 
-``replay`` takes the Kafka connection flags of ``outbox consume`` (:func:`outbox.cli_consume.kafka_options`).
+``replay`` takes the Kafka connection flags of ``outbox consume``
+(:func:`outbox.cli_options.kafka_connection_flags`).
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
 
@@ -19,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox.cli_consume import connection_values, kafka_options, quiet_kafka_logs, split_kafka_flags
-from outbox.cli_options import open_engine, settings_command
+from outbox.cli_consume import connection_values, quiet_kafka_logs, split_kafka_flags
+from outbox.cli_options import kafka_connection_flags, open_engine, settings_command
 from outbox.config import Settings
 from outbox.errors import MessageNotFound
 from outbox.kafka_settings import KafkaConnection
@@ -131,7 +132,7 @@ def dlq_show(settings: Settings, seq: int, as_json: bool) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be replayed; send nothing.")
 @_json_option
-@kafka_options
+@kafka_connection_flags()
 @settings_command()
 def dlq_replay(
     settings: Settings,

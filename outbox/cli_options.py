@@ -30,6 +30,7 @@ from click.core import ParameterSource
 from outbox.config import LOG_FORMATS, LOG_LEVELS, Settings, parse_duration, parse_time_ref
 from outbox.dialects import create_engine, mask_url
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
+from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.schema import check_version
 from outbox.writer import utcnow
 
@@ -299,3 +300,38 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
+
+
+def kafka_connection_flags(
+    *,
+    servers_help: str = "Kafka brokers to start from.",
+    client_id_help: str = "Client id shown to the brokers.",
+) -> Callable[[F], F]:
+    """The Kafka connection flags (bootstrap servers, client id, TLS, SASL) of ``outbox relay``,
+    ``outbox consume`` and ``outbox dlq replay``; each command says what its servers are for."""
+    options = [
+        env_option("kafka_bootstrap_servers", str, servers_help, metavar="HOST:PORT[,...]"),
+        env_option("kafka_client_id", str, client_id_help),
+        env_option(
+            "kafka_security_protocol",
+            click.Choice(SECURITY_PROTOCOLS, case_sensitive=False),
+            "How to talk to the brokers (default PLAINTEXT).",
+        ),
+        env_option(
+            "kafka_sasl_mechanism", click.Choice(SASL_MECHANISMS, case_sensitive=False), "SASL mechanism."
+        ),
+        env_option("kafka_sasl_username", str, "SASL user name."),
+        env_option(
+            "kafka_sasl_password", str, "SASL password (prefer the environment variable).", metavar="SECRET"
+        ),
+        env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
+        env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),
+        env_option("kafka_ssl_keyfile", str, "Client private key (PEM).", metavar="FILE"),
+    ]
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
