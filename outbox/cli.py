@@ -2,11 +2,12 @@
 
 Commands::
 
-    outbox relay --app MODULE[:ATTR]    deliver messages to the handlers registered in MODULE
+    outbox relay --app MODULE[:ATTR]    deliver committed messages          (outbox.cli_relay)
     outbox db upgrade | db version      apply / show schema migrations
     outbox status | list | show ID      what is in the outbox, and why     (outbox.cli_inspect)
     outbox replay | purge               send messages back / delete old ones (outbox.cli_inspect)
     outbox doctor                       check the database and explain each fix (outbox.cli_doctor)
+    outbox consume | dlq                consume from Kafka, its dead letters (outbox.cli_consume, cli_dlq)
 
 Every flag has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.config`).
 
@@ -32,9 +33,6 @@ import sqlalchemy as sa
 from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
 from outbox.cli_options import (
-    StopSignals,
-    env_option,
-    kafka_connection_flags,
     open_engine,
     scrub,
     settings_command,
@@ -231,203 +229,6 @@ def db_version(settings: Settings, as_json: bool, check: bool) -> None:
         raise problem
 
 
-# --- outbox relay ------------------------------------------------------------------------------------------
-
-_RELAY_SETTINGS = (
-    "app",
-    "batch_size",
-    "max_batch_size",
-    "workers",
-    "max_in_flight",
-    "lease_seconds",
-    "poll_interval",
-    "stop_timeout",
-    "max_attempts",
-    "backoff_initial",
-    "backoff_max",
-    "handler_timeout",
-    "strict_order_topic",
-    "kafka_bootstrap_servers",
-    "kafka_client_id",
-    "kafka_client",
-    "kafka_security_protocol",
-    "kafka_sasl_mechanism",
-    "kafka_sasl_username",
-    "kafka_sasl_password",
-    "kafka_ssl_cafile",
-    "kafka_ssl_certfile",
-    "kafka_ssl_keyfile",
-    "kafka_compression",
-    "kafka_linger_ms",
-    "kafka_batch_size",
-    "kafka_request_timeout_ms",
-    "kafka_delivery_timeout_ms",
-    "kafka_route",
-    "retention",
-    "stuck_after",
-    "maintenance_interval",
-    "metrics_port",
-    "metrics_host",
-    "metrics_interval",
-)
-
-
-@outbox.command()
-@env_option(
-    "app",
-    str,
-    "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
-    metavar="MODULE[:ATTR]",
-)
-@env_option(
-    "batch_size", int, "Messages a claim asks for (default 200; more during a backlog: --max-batch-size)."
-)
-@env_option(
-    "max_batch_size",
-    int,
-    "Claims grow to this while a backlog lasts and the handlers keep up (default: 2000 or --batch-size).",
-)
-@env_option("workers", int, "Handler threads (default 8).")
-@env_option(
-    "max_in_flight",
-    int,
-    "Messages claimed but not finished, at most (default: max(2 x claim, 4 x workers), 2000 with Kafka).",
-)
-@env_option(
-    "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."
-)
-@env_option("poll_interval", float, "Seconds between polls when idle (default 1).")
-@env_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
-@env_option("max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10).")
-@env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
-@env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
-@env_option("handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none).")
-@env_option(
-    "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
-)
-@kafka_connection_flags(
-    servers_help="Publish topics without an in-process handler to this Kafka cluster.",
-    client_id_help="Kafka client id (default outbox-relay).",
-)
-@env_option(
-    "kafka_client",
-    click.Choice(["kafka-python", "confluent"]),
-    "Kafka client library: kafka-python (default) or confluent (librdkafka; the confluent extra).",
-)
-@env_option(
-    "kafka_compression",
-    click.Choice(["gzip", "snappy", "lz4", "zstd"], case_sensitive=False),
-    "Compress record batches.",
-)
-@env_option("kafka_linger_ms", int, "Milliseconds the producer waits to fill a batch (default 5).")
-@env_option("kafka_batch_size", int, "Producer batch size in bytes (default 262144).")
-@env_option("kafka_request_timeout_ms", int, "Kafka request timeout in ms (default 30000).")
-@env_option(
-    "kafka_delivery_timeout_ms",
-    int,
-    "Give up on a send after this many ms; the message is released, not failed (default 120000).",
-)
-@env_option(
-    "kafka_route",
-    str,
-    "Publish outbox topics matching PATTERN to Kafka topic TOPIC (repeatable; default: same name).",
-    multiple=True,
-    metavar="PATTERN=TOPIC",
-)
-@env_option(
-    "retention",
-    str,
-    "Delete delivered messages older than this, in small batches, one relay at a time (default 7d; "
-    "off keeps them).",
-    metavar="DURATION|off",
-)
-@env_option(
-    "stuck_after",
-    str,
-    "Warn about messages and keys waiting this long past their due time (default 5m).",
-    metavar="DURATION",
-)
-@env_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
-@env_option(
-    "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
-)
-@env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
-@env_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
-@settings_command(*_RELAY_SETTINGS)
-def relay(settings: Settings) -> None:
-    """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.
-
-    The first signal stops gracefully: no new claims, running handlers get --stop-timeout seconds,
-    every outcome is written, then exit 0. A second signal exits at once (status 1); messages still
-    running then come back to another relay when their lease expires.
-    """
-    kafka_options = settings.kafka_options()
-    if settings.app is None and kafka_options is None:
-        raise ConfigError(
-            "nowhere to deliver: pass --app MODULE[:ATTR] (in-process handlers) and/or "
-            "--kafka-bootstrap-servers HOST:PORT (or OUTBOX_APP / OUTBOX_KAFKA_BOOTSTRAP_SERVERS)"
-        )
-    # outbox never imports relay/consumers at module level: only this command needs them
-    from consumers.registry import Registry, load_registry
-    from relay import Relay
-
-    registry = load_registry(settings.app) if settings.app is not None else Registry()
-    kafka = None
-    if kafka_options is not None:
-        from relay.publishers.kafka import KafkaSettings
-
-        kafka = KafkaSettings(**kafka_options)
-    metrics = None
-    if settings.metrics_port is not None:
-        from prometheus_client import disable_created_metrics
-
-        from relay.metrics import RelayMetrics
-
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # no "<counter>_created" series
-        metrics = RelayMetrics(interval=settings.metrics_interval)
-    runner = Relay(
-        settings.database_url,
-        registry,
-        table=settings.table,
-        batch_size=settings.batch_size,
-        max_batch_size=settings.max_batch_size,
-        workers=settings.workers,
-        max_in_flight=settings.max_in_flight,
-        lease_seconds=settings.lease_seconds,
-        poll_interval=settings.poll_interval,
-        stop_timeout=settings.stop_timeout,
-        retry=settings.retry_policy(),
-        handler_timeout=settings.handler_timeout,
-        strict_order_topics=settings.strict_order_topics,
-        kafka=kafka,
-        retention=settings.retention,
-        stuck_after=settings.stuck_after,
-        maintenance_interval=settings.maintenance_interval,
-        observers=[metrics] if metrics is not None else [],
-        freeze_gc=True,  # this process is the relay: its start-up objects live as long as it does
-    )
-    server = None
-    try:
-        with StopSignals("running messages return after their lease") as signals:
-            if metrics is not None:  # before start: /healthz answers (and /readyz says why not) meanwhile
-                from relay.health import serve
-
-                server = serve(runner, metrics, host=settings.metrics_host, port=settings.metrics_port or 0)
-            runner.start()
-            log.info(
-                "relay running with handlers for %s%s; stop with SIGTERM or Ctrl-C",
-                ", ".join(registry.topics()) or "no topics",
-                f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
-            )
-            while not signals.requested.wait(0.5):  # woken in time to run the signal handler
-                pass
-            log.info("%s received: stopping gracefully (again to exit at once)", signals.received or "stop")
-            runner.stop()
-    finally:
-        if server is not None:
-            server.stop()
-
-
 # --- inspect and operate (outbox.cli_inspect) -------------------------------------------------------------
 
 for _command in (status, list_messages, show, replay, purge):
@@ -441,10 +242,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     raise AssertionError("unreachable")  # main() exits
 
 
-# --- outbox consume (outbox.cli_consume), outbox dlq (outbox.cli_dlq) --------------------------------------
+# --- outbox relay (outbox.cli_relay), consume (outbox.cli_consume), dlq (outbox.cli_dlq) -------------------
 
 from outbox.cli_consume import consume  # noqa: E402
 from outbox.cli_dlq import dlq  # noqa: E402
+from outbox.cli_relay import relay  # noqa: E402
 
+outbox.add_command(relay)
 outbox.add_command(consume)
 outbox.add_command(dlq)
