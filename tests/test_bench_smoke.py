@@ -47,3 +47,19 @@ def test_smoke_mode_writes_json_lines_a_table_and_a_plot(tmp_path: Path) -> None
     assert table.splitlines()[0].startswith("| scenario") and "drain" in table
     assert table.splitlines()[0] in done.stdout, "the table is printed at the end"
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_the_write_probe_runs_and_prints_every_variant() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.probe_write", "--transactions", "30", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, f"python -m bench.probe_write failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("round 1: plain "), done.stdout
+    for variant in ("+outbox", "+insert in the commit's round trip", "+message built, not written", "+spin"):
+        assert f"{variant} " in last, last
