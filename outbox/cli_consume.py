@@ -27,8 +27,10 @@ import click
 from outbox.cli_options import (
     SECRETS,
     StopSignals,
+    backoff_flags,
     env_option,
     kafka_connection_flags,
+    metrics_flags,
     open_engine,
     settings_command,
 )
@@ -125,13 +127,9 @@ _CONSUME_SETTINGS = (
 @env_option(
     "max_attempts", int, "Attempts before a record is dead-lettered, unless its handler says (default 10)."
 )
-@env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
-@env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
+@backoff_flags
 @env_option("stop_timeout", float, "Seconds the current handler gets to finish on stop (default 30).")
-@env_option(
-    "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
-)
-@env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
+@metrics_flags
 @settings_command(*_CONSUME_SETTINGS)
 def consume(settings: Settings, **options: Any) -> None:
     """Run the handlers of --app on the records of their Kafka topics, as consumer group --group.

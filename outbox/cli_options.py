@@ -302,6 +302,31 @@ class StopSignals:
             signal.signal(sig, old)
 
 
+def option_group(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Options several commands share, applied in the order given (as if stacked as decorators)."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+#: the retry backoff flags of ``outbox relay`` and ``outbox consume``
+backoff_flags = option_group(
+    env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1)."),
+    env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300)."),
+)
+#: the metrics and health port flags of ``outbox relay`` and ``outbox consume``
+metrics_flags = option_group(
+    env_option(
+        "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
+    ),
+    env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0)."),
+)
+
+
 def kafka_connection_flags(
     *,
     servers_help: str = "Kafka brokers to start from.",
@@ -309,7 +334,7 @@ def kafka_connection_flags(
 ) -> Callable[[F], F]:
     """The Kafka connection flags (bootstrap servers, client id, TLS, SASL) of ``outbox relay``,
     ``outbox consume`` and ``outbox dlq replay``; each command says what its servers are for."""
-    options = [
+    return option_group(
         env_option("kafka_bootstrap_servers", str, servers_help, metavar="HOST:PORT[,...]"),
         env_option("kafka_client_id", str, client_id_help),
         env_option(
@@ -327,11 +352,4 @@ def kafka_connection_flags(
         env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
         env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),
         env_option("kafka_ssl_keyfile", str, "Client private key (PEM).", metavar="FILE"),
-    ]
-
-    def decorate(func: F) -> F:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
+    )

@@ -15,7 +15,14 @@ import logging
 
 import click
 
-from outbox.cli_options import StopSignals, env_option, kafka_connection_flags, settings_command
+from outbox.cli_options import (
+    StopSignals,
+    backoff_flags,
+    env_option,
+    kafka_connection_flags,
+    metrics_flags,
+    settings_command,
+)
 from outbox.config import Settings
 from outbox.errors import ConfigError
 
@@ -88,8 +95,7 @@ _RELAY_SETTINGS = (
 @env_option("poll_interval", float, "Seconds between polls when idle (default 1).")
 @env_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
 @env_option("max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10).")
-@env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1).")
-@env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300).")
+@backoff_flags
 @env_option("handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none).")
 @env_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
@@ -137,10 +143,7 @@ _RELAY_SETTINGS = (
     metavar="DURATION",
 )
 @env_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
-@env_option(
-    "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
-)
-@env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0).")
+@metrics_flags
 @env_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
 @settings_command(*_RELAY_SETTINGS)
 def relay(settings: Settings) -> None:
