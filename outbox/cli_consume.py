@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from outbox.cli_options import (
+    KAFKA_CONNECTION_NAMES,
     SECRETS,
     StopSignals,
     backoff_flags,
@@ -38,18 +39,6 @@ from outbox.config import Settings
 from outbox.errors import ConfigError
 
 log = logging.getLogger("outbox.cli")
-
-_KAFKA_FLAGS = (
-    "kafka_bootstrap_servers",
-    "kafka_client_id",
-    "kafka_security_protocol",
-    "kafka_sasl_mechanism",
-    "kafka_sasl_username",
-    "kafka_sasl_password",
-    "kafka_ssl_cafile",
-    "kafka_ssl_certfile",
-    "kafka_ssl_keyfile",
-)
 
 
 def connection_values(kafka: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -84,7 +73,7 @@ def quiet_kafka_logs(settings: Settings) -> None:
 
 
 def split_kafka_flags(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    kafka = {k: kwargs.pop(k) for k in _KAFKA_FLAGS}
+    kafka = {k: kwargs.pop(k) for k in KAFKA_CONNECTION_NAMES}
     return kafka, kwargs
 
 

@@ -327,6 +327,20 @@ metrics_flags = option_group(
 )
 
 
+#: the settings kafka_connection_flags declares, in its order
+KAFKA_CONNECTION_NAMES = (
+    "kafka_bootstrap_servers",
+    "kafka_client_id",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+)
+
+
 def kafka_connection_flags(
     *,
     servers_help: str = "Kafka brokers to start from.",

@@ -16,6 +16,7 @@ import logging
 import click
 
 from outbox.cli_options import (
+    KAFKA_CONNECTION_NAMES,
     StopSignals,
     backoff_flags,
     env_option,
@@ -43,16 +44,8 @@ _RELAY_SETTINGS = (
     "backoff_max",
     "handler_timeout",
     "strict_order_topic",
-    "kafka_bootstrap_servers",
-    "kafka_client_id",
+    *KAFKA_CONNECTION_NAMES,
     "kafka_client",
-    "kafka_security_protocol",
-    "kafka_sasl_mechanism",
-    "kafka_sasl_username",
-    "kafka_sasl_password",
-    "kafka_ssl_cafile",
-    "kafka_ssl_certfile",
-    "kafka_ssl_keyfile",
     "kafka_compression",
     "kafka_linger_ms",
     "kafka_batch_size",
