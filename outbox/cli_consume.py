@@ -28,6 +28,7 @@ from outbox.cli_options import (
     KAFKA_CONNECTION_NAMES,
     SECRETS,
     StopSignals,
+    app_flag,
     backoff_flags,
     env_option,
     kafka_connection_flags,
@@ -91,12 +92,7 @@ _CONSUME_SETTINGS = (
 
 
 @click.command()
-@env_option(
-    "app",
-    str,
-    "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
-    metavar="MODULE[:ATTR]",
-)
+@app_flag
 @env_option("group", str, "Kafka consumer group; its inbox and dead letters are kept under this name.")
 @kafka_connection_flags()
 @env_option(

@@ -313,6 +313,13 @@ def option_group(*options: Callable[[F], F]) -> Callable[[F], F]:
     return decorate
 
 
+#: --app of ``outbox relay`` and ``outbox consume``: where the handlers are registered
+app_flag = env_option(
+    "app",
+    str,
+    "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
+    metavar="MODULE[:ATTR]",
+)
 #: the retry backoff flags of ``outbox relay`` and ``outbox consume``
 backoff_flags = option_group(
     env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1)."),

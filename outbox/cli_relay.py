@@ -18,6 +18,7 @@ import click
 from outbox.cli_options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
+    app_flag,
     backoff_flags,
     env_option,
     kafka_connection_flags,
@@ -62,12 +63,7 @@ _RELAY_SETTINGS = (
 
 
 @click.command()
-@env_option(
-    "app",
-    str,
-    "Module (and Registry attribute) of the handlers: MODULE or MODULE:ATTR.",
-    metavar="MODULE[:ATTR]",
-)
+@app_flag
 @env_option(
     "batch_size", int, "Messages a claim asks for (default 200; more during a backlog: --max-batch-size)."
 )
