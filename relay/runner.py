@@ -61,7 +61,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -85,7 +85,6 @@ from relay.publishers.handlers import HandlerPublisher
 from relay.single_relay import SingleRelayLock
 
 log = logging.getLogger("outbox.relay")
-T = TypeVar("T")
 
 # After a wake-up or a claimed row, the fetcher stays awake for AWAKE_SECONDS, looking again AWAKE_POLL
 # seconds after a claim that came back short (twice as late after each empty one; see
