@@ -206,18 +206,10 @@ def _write_queued(session: orm.Session) -> None:
         return
     session.info[_QUEUED_KEY] = []
     conn = session.connection()
-    notify: set[str] = set()
+    after_commit = conn.dialect.driver == "psycopg" and remember_conninfo(conn)
     for writer, row, _owner in queued:
         writer._write(conn, row)
-        session.info.setdefault(_INFO_KEY, set()).add(writer.table_name)
-        if writer.notify:
-            notify.add(writer.table_name)
-    if notify and conn.dialect.name == "postgresql":
-        if conn.dialect.driver == "psycopg" and remember_conninfo(conn):
-            session.info.setdefault(_AFTER_COMMIT_KEY, set()).update((conn.engine, t) for t in notify)
-        else:
-            for table in notify:
-                _notify(conn, table, session.info)
+        writer._mark_written(conn, session.info, notify_after_commit=after_commit)
 
 
 def _notify(conn: sa.Connection, table: str, info: dict[Any, Any]) -> None:
@@ -373,11 +365,21 @@ class Outbox:
             sql = self._driver_sql[type(dialect)] = str(statement.compile(dialect=dialect))
         conn.exec_driver_sql(sql, row)
 
-    def _mark_written(self, conn: sa.Connection, info: dict[Any, Any]) -> None:
-        """Remember, in the session's or connection's info, whom to wake when this transaction commits."""
+    def _mark_written(
+        self, conn: sa.Connection, info: dict[Any, Any], *, notify_after_commit: bool = True
+    ) -> None:
+        """Remember, in the session's or connection's info, whom to wake when this transaction commits.
+
+        On PostgreSQL the NOTIFY goes after the commit, from the engine's notifier; with
+        ``notify_after_commit=False`` (an AsyncSession whose driver cannot lend the notifier its
+        connection parameters) it goes in the transaction itself, once per table.
+        """
         info.setdefault(_INFO_KEY, set()).add(self.table_name)
         if self.notify and conn.dialect.name == "postgresql":
-            info.setdefault(_AFTER_COMMIT_KEY, set()).add((conn.engine, self.table_name))
+            if notify_after_commit:
+                info.setdefault(_AFTER_COMMIT_KEY, set()).add((conn.engine, self.table_name))
+            else:
+                _notify(conn, self.table_name, info)
 
 
 default_outbox = Outbox()
