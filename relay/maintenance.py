@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from outbox.dialects import is_outage
+from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError
 from outbox.schema import OutboxTables
 from outbox.writer import utcnow
@@ -114,12 +114,12 @@ class Maintenance:
         if stuck is None or stuck <= dt.timedelta(0):
             raise ConfigError(f"stuck_after must be a positive duration, got {stuck}")
         self.engine = engine
-        # The lease's writes run in autocommit (but on SQLite: one relay), each committed when it has
-        # run, so a relay frozen between one and the next holds no lock on the lease's row: the others
-        # take the lease over once it expires (as relay.claim invariant 7 for messages).
+        # The lease's writes run in autocommit (but where one relay runs at a time: SQLite), each
+        # committed when it has run, so a relay frozen between one and the next holds no lock on the
+        # lease's row: the others take the lease over once it expires (as relay.claim invariant 7).
         self._lock_engine = (
             engine
-            if engine.dialect.name == "sqlite"
+            if dialect_for(engine).single_relay
             else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self.tables = tables
