@@ -83,11 +83,19 @@ def env_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[
     return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
 
 
-def shared_options(func: F) -> F:
-    """Add the shared options to a command or to the group."""
-    for option in reversed(_SHARED):
-        func = option(func)
-    return func
+def option_group(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Options several commands share, applied in the order given (as if stacked as decorators)."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+#: the shared options (database, table, config, logging), for every command and the group
+shared_options = option_group(*_SHARED)
 
 
 def settings_command(*setting_names: str) -> Callable[[F], F]:
@@ -300,17 +308,6 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
-
-
-def option_group(*options: Callable[[F], F]) -> Callable[[F], F]:
-    """Options several commands share, applied in the order given (as if stacked as decorators)."""
-
-    def decorate(func: F) -> F:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
 
 
 #: --app of ``outbox relay`` and ``outbox consume``: where the handlers are registered
