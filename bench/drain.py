@@ -19,8 +19,8 @@ from bench.harness import (
     Result,
     Settings,
     backend_cpu,
-    backend_cpu_between,
     busy_share,
+    cpu_between,
     cpu_jiffies,
     fresh_database,
     log,
@@ -63,7 +63,7 @@ def drain_once(
         cpu_before, db_before = cpu_jiffies(), backend_cpu(database)
         seconds = drain_with(workers, count, timeout=60 + count / 300)
         busy = busy_share(cpu_before, cpu_jiffies())
-        db_cpu = backend_cpu_between(db_before, backend_cpu(database)) if backend == "postgresql" else None
+        db_cpu = cpu_between(db_before, backend_cpu(database)) if backend == "postgresql" else None
     finally:
         results = stop_all(workers)
     counts = status_counts(engine)

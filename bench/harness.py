@@ -280,7 +280,7 @@ def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 def processes_cpu(matches: Callable[[str], bool]) -> dict[int, float]:
     """CPU seconds used so far by each process whose command line (arguments joined by spaces)
-    ``matches``: two readings, through :func:`backend_cpu_between`, give what those processes used."""
+    ``matches``: two readings, through :func:`cpu_between`, give what those processes used."""
     tick = os.sysconf("SC_CLK_TCK")
     found: dict[int, float] = {}
     for proc in Path("/proc").iterdir():
@@ -303,8 +303,9 @@ def backend_cpu(database: str) -> dict[int, float]:
     return processes_cpu(lambda title: title.startswith("postgres:") and f" {database} " in title)
 
 
-def backend_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds the backends used between two :func:`backend_cpu` readings (new backends count whole)."""
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes of two :func:`processes_cpu` readings (``backend_cpu``, ``broker_cpu``)
+    used between them; a process that appeared meanwhile counts whole."""
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 

@@ -34,7 +34,7 @@ from bench.harness import (
     Result,
     Settings,
     backend_cpu,
-    backend_cpu_between,
+    cpu_between,
     fresh_database,
     libpq_dsn,
     log,
@@ -165,7 +165,7 @@ def drain_peer(
         workers[0].wait_ready()
         db_before = backend_cpu(database)
         seconds = drain_with(workers, count, timeout=120 + count / 100)
-        db_cpu = backend_cpu_between(db_before, backend_cpu(database))
+        db_cpu = cpu_between(db_before, backend_cpu(database))
     finally:
         result = stop_all(workers)[0]
     return {

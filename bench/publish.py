@@ -27,7 +27,7 @@ from bench.harness import (
     Result,
     Settings,
     backend_cpu,
-    backend_cpu_between,
+    cpu_between,
     fresh_database,
     log,
     outbox_engine,
@@ -58,11 +58,17 @@ def _clients() -> list[str]:
 def publish_once(
     url: str, bootstrap: str, count: int, client: str, relay_first: bool, settings: Settings
 ) -> dict[str, float]:
-    """One run: the relay and the ceiling on the same fresh backlog; returns both rates."""
+    """One run: the relay and the ceiling on the same fresh backlog, then two relays on a new one;
+    returns each side's rate and CPU figures (``<side>``, ``<side>_cpu_us``, ``..._broker_cpu_us``,
+    ``..._db_cpu_us``)."""
     engine = outbox_engine(url)
-    reset_table(engine)
-    insert_backlog(engine, count)
-    vacuum_analyze(url, "outbox")
+
+    def fresh_backlog() -> None:
+        reset_table(engine)
+        insert_backlog(engine, count)
+        vacuum_analyze(url, "outbox")
+
+    fresh_backlog()
     options = {"client": client} if client != "kafka-python" else {}
     ceiling = Worker("ceiling", {"url": url, "bootstrap": bootstrap, "client": client}, settings)
     ceiling.wait_ready(timeout=300)  # it has read the records and created the topic
@@ -75,8 +81,8 @@ def publish_once(
         broker_before, db_before = broker_cpu(), backend_cpu(database)
         rates[who] = count / drain_with(workers, count, timeout=120 + count / 200, settle=settle)
         if broker_before:  # none with an external broker (OUTBOX_BENCH_KAFKA_BOOTSTRAP): not measured
-            rates[f"{who}_broker_cpu_us"] = backend_cpu_between(broker_before, broker_cpu()) / count * 1e6
-        rates[f"{who}_db_cpu_us"] = backend_cpu_between(db_before, backend_cpu(database)) / count * 1e6
+            rates[f"{who}_broker_cpu_us"] = cpu_between(broker_before, broker_cpu()) / count * 1e6
+        rates[f"{who}_db_cpu_us"] = cpu_between(db_before, backend_cpu(database)) / count * 1e6
 
     def relays(who: str, how_many: int) -> None:
         config = {"url": url, "kafka": bootstrap, "kafka_options": options}
@@ -104,9 +110,7 @@ def publish_once(
     _check_all_delivered(engine, count)
     # Then two relay processes on a new backlog of the same records: each has its own interpreter (and
     # GIL), so this says how far running a second relay takes the same job.
-    reset_table(engine)
-    insert_backlog(engine, count)
-    vacuum_analyze(url, "outbox")
+    fresh_backlog()
     relays("two_relays", 2)
     _check_all_delivered(engine, count)
     engine.dispose()
