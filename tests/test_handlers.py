@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import threading
 import time
@@ -16,6 +17,7 @@ import outbox
 from consumers import Registry
 from outbox.errors import ConfigError
 from outbox.message import Message
+from outbox.writer import utcnow
 from relay import Relay
 from relay.claim import ClaimedRow
 from relay.observers import RelayObserver
@@ -188,14 +190,19 @@ def test_handler_timeout_counts_as_failed_attempt(
 
 
 def test_delayed_message_waits(engine: sa.Engine, registry: Registry, relay: Relay) -> None:
-    times: list[float] = []
-    registry.add("later", lambda m: times.append(time.monotonic()))
+    """The handler starts no sooner than ``delay`` after the message was built (its ``created_at``).
+
+    Both sides are read on the wall clock the relay claims by, so a slow commit of the writer (which
+    delays the test's own start, not the message's due time) cannot make the check pass or fail.
+    """
+    seen: list[tuple[dt.datetime, dt.datetime]] = []
+    registry.add("later", lambda m: seen.append((utcnow(), m.created_at)))
     with engine.begin() as conn:
         outbox.add(conn, "later", {}, delay=0.8)
-    start = time.monotonic()
     relay.start()
-    wait_until(lambda: times, timeout=10)
-    assert times[0] - start >= 0.7
+    wait_until(lambda: seen, timeout=10)
+    started, created = seen[0]
+    assert started - created >= dt.timedelta(seconds=0.8)
 
 
 def test_commit_in_same_process_wakes_the_relay(engine: sa.Engine, registry: Registry) -> None:
