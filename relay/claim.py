@@ -8,7 +8,7 @@ Invariants (each names the test that would catch its violation):
 
 1. **A row is handled by at most one live lease.** Claiming locks the candidate rows
    (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB; SQLite allows one relay, see
-   ``relay.runner``) and re-checks ``due_at <= now`` on the locked version, so two relays never both
+   ``relay.single_relay``) and re-checks ``due_at <= now`` on the locked version, so two relays never both
    claim a row whose lease is live. -- ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
 2. **A mark without the current token changes nothing.** Every UPDATE after the claim has
    ``WHERE lease_token = :token``; a reclaim replaces the token, so a relay that stalled past its lease

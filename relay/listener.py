@@ -1,6 +1,6 @@
 """PostgreSQL LISTEN: wake a relay's fetcher as soon as a writer's NOTIFY arrives.
 
-Writers send ``NOTIFY <table>_wake`` after their commit (:mod:`outbox.writer`, at most one per
+Writers send ``NOTIFY <table>_wake`` after their commit (:mod:`outbox.wakeup`, at most one per
 ``NOTIFY_GAP``); the listener holds a connection of its own in ``LISTEN`` and sets the relay's wake-up
 event for each notification, and once after every (re)connection, for whatever was committed while
 nobody listened. A lost connection is reopened with backoff; it is never handed back to the pool
