@@ -184,7 +184,7 @@ def consume(settings: Settings, **options: Any) -> None:
 def _run_until_signalled(runner: Any) -> None:
     with StopSignals("the current record will be read again") as signals:
         runner.start()
-        while not signals.requested.wait(0.5):
+        while not signals.wait(0.5):
             if not runner.running:
                 break
         if signals.received:

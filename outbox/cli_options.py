@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import sys
-import threading
+import time
 import uuid
 from collections.abc import Callable
 from types import FrameType
@@ -282,24 +282,44 @@ def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) ->
 class StopSignals:
     """``with StopSignals(...)``: SIGTERM or SIGINT asks a long-running command to stop gracefully.
 
-    The first signal sets ``requested`` (its name is ``received``); a second one exits at once with
-    status 1, after printing ``on_second`` (what that costs) to stderr. The previous handlers come back
-    on leaving the block. Shared by ``outbox relay`` and ``outbox consume``.
+    The first signal's name goes into ``received``; a second one exits at once with status 1, after
+    printing ``on_second`` (what that costs) to stderr. The previous handlers come back on leaving the
+    block. Shared by ``outbox relay`` and ``outbox consume``, whose main thread waits in :meth:`wait`.
+
+    The handler only records the name. Python runs it in the main thread between any two bytecodes, so
+    it must not take a lock that the code it interrupts may hold: a ``threading.Event.set()`` there
+    deadlocks when the main thread was inside that Event's ``wait()``, which holds the Event's lock
+    around its sleep (a relay that never stopped on SIGTERM; tests/test_cli_signals.py).
     """
 
+    #: seconds between :meth:`wait`'s looks at ``received``: the longest a stop waits to be noticed
+    POLL = 0.05
+
     def __init__(self, on_second: str) -> None:
-        self.requested = threading.Event()
         self.received: str | None = None
         self._on_second = on_second
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.requested.is_set():
+        if self.received is not None:
             os.write(2, f"outbox: second {name}: exiting now; {self._on_second}\n".encode())
             os._exit(1)  # RET_ERROR
         self.received = name
-        self.requested.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop signal has come, or ``timeout`` seconds have passed; true once one has.
+
+        Short sleeps and no lock (see the class docstring): a signal does not cut ``time.sleep`` short,
+        its handler runs and the sleep goes on, so each sleep lasts at most :attr:`POLL`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.received is None:
+            left = self.POLL if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, self.POLL))
+        return self.received is not None
 
     def __enter__(self) -> StopSignals:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -200,8 +200,7 @@ def relay(settings: Settings) -> None:
                 ", ".join(registry.topics()) or "no topics",
                 f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
             )
-            while not signals.requested.wait(0.5):  # woken in time to run the signal handler
-                pass
+            signals.wait()
             log.info("%s received: stopping gracefully (again to exit at once)", signals.received or "stop")
             runner.stop()
     finally:
