@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pause(seconds: float, stopping: list[int]) -> None:
+    """Sleep ``seconds``, in short sleeps that end once a stop signal has come."""
+    deadline = time.monotonic() + seconds
+    while not stopping and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pass --database-url or set OUTBOX_DATABASE_URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    stop = threading.Event()
+    # The handler only notes the signal: it runs in this (the main) thread between any two bytecodes,
+    # so it must not take a lock this thread may hold, as threading.Event.set() would during its wait().
+    stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
 
     engine = create_engine(args.database_url)
     with engine.begin() as conn:
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     count = range(args.orders) if args.orders else itertools.count()
     for order_id in (last + 1 + n for n in count):
-        if stop.is_set():
+        if stopping:
             break
         customer = random.choice(CUSTOMERS)
         sku = random.choice(list(shop.CATALOGUE))
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("order %d placed for %s (%s)", order_id, customer, sku)
         except shop.OutOfStock as exc:
             log.info("order %d rolled back, message included: %s", order_id, exc)
-        stop.wait(args.interval)
+        pause(args.interval, stopping)
     engine.dispose()
     return 0
 
