@@ -29,7 +29,7 @@ from bench.harness import (
     vacuum_analyze,
 )
 from bench.processes import Worker, drain_with, stop_all
-from bench.workload import insert_backlog, reset_table, status_counts
+from bench.workload import KeyOf, insert_backlog, key_for, reset_table, status_counts
 
 NAME = "drain"
 
@@ -43,6 +43,7 @@ def drain_once(
     *,
     keep_table: bool = False,
     expect_total: int | None = None,
+    key_of: KeyOf = key_for,
 ) -> dict[str, Any]:
     """Insert a backlog of ``count`` and let ``relays`` relay processes drain it; return the figures.
 
@@ -54,7 +55,7 @@ def drain_once(
         reset_table(engine)
     workers = [Worker("relay", {"url": url}, settings) for _ in range(relays)]
     try:
-        insert_backlog(engine, count)
+        insert_backlog(engine, count, key_of=key_of)
         if backend == "postgresql":
             vacuum_analyze(url, "outbox")
         for worker in workers:

@@ -16,6 +16,8 @@ Variants (PostgreSQL):
 
 - ``notify``: the default ``Outbox()`` sends ``pg_notify`` in each transaction; the relay (product
   defaults, poll interval 1 s) is woken by LISTEN;
+- ``notify, 10 keys``: as ``notify``, each message keyed over 10 keys (round robin), so a key's next
+  message is often committed while its previous one is still in flight;
 - ``polling 50 ms``: the writer uses ``Outbox(notify=False)`` and the relay polls every 50 ms
   (``poll_interval=0.05``), the price of finding work by polling alone.
 
@@ -52,6 +54,8 @@ KAFKA = "notify, Kafka ack"
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # name: (writer config, relay config); "kafka": True is replaced by the broker's address
     "notify": ({"notify": True}, {}),
+    # the same rate spread over 10 keys, each key's messages in order (issue 14's target: as for unkeyed)
+    "notify, 10 keys": ({"notify": True, "keys": 10}, {}),
     "polling 50 ms": ({"notify": False}, {"poll_interval": 0.05}),
     KAFKA: ({"notify": True}, {"kafka": True}),
 }

@@ -16,6 +16,10 @@ the figure. The ratio relay/ceiling is taken per run. Then two relay processes p
 of the same records (each has its own interpreter and GIL: how far a second relay takes the job).
 Beside each side's rate: its own process's CPU per record, and the broker's and the database backends'
 CPU per record while it ran.
+
+Key depth (issue 14): in the same run, one relay publishes a backlog with no key and one whose every
+message has the same key (a hot key: one partition, order kept), in alternating order; the one-key rate
+and its ratio to the unkeyed rate say what ordered delivery of a deep key costs (target: at least 0.7).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from bench.harness import (
     vacuum_analyze,
 )
 from bench.processes import Worker, drain_with, stop_all
-from bench.workload import TOPIC, insert_backlog, reset_table, status_counts
+from bench.workload import TOPIC, KeyOf, insert_backlog, reset_table, status_counts
 
 NAME = "publish"
 
@@ -117,6 +121,30 @@ def publish_once(
     return rates
 
 
+def keyed_once(
+    url: str, bootstrap: str, count: int, client: str, one_key_first: bool, settings: Settings
+) -> dict[str, float]:
+    """One relay publishing ``count`` unkeyed messages, and ``count`` messages of one key, each on a
+    fresh backlog; returns the two rates (``unkeyed``, ``one key``) in msg/s."""
+    engine = outbox_engine(url)
+    options = {"client": client} if client != "kafka-python" else {}
+    shapes: list[tuple[str, KeyOf]] = [("unkeyed", lambda i: None), ("one key", lambda i: "hot")]
+    rates: dict[str, float] = {}
+    for name, key_of in reversed(shapes) if one_key_first else shapes:
+        reset_table(engine)
+        insert_backlog(engine, count, key_of=key_of)
+        vacuum_analyze(url, "outbox")
+        workers = [Worker("relay", {"url": url, "kafka": bootstrap, "kafka_options": options}, settings)]
+        try:
+            # a key drained one record per broker round trip is slow: allow for it rather than fail
+            rates[name] = count / drain_with(workers, count, timeout=120 + count / 20, settle=2.0)
+        finally:
+            stop_all(workers)
+        _check_all_delivered(engine, count)
+    engine.dispose()
+    return rates
+
+
 def _check_all_delivered(engine: Any, count: int) -> None:
     counts = status_counts(engine)
     if counts != {"delivered": count}:
@@ -125,6 +153,7 @@ def _check_all_delivered(engine: Any, count: int) -> None:
 
 def run(settings: Settings, recorder: Any) -> None:
     count = settings.size(100_000, 5_000, 300)
+    keyed_count = settings.size(100_000, 5_000, 300)
     clients = _clients()
     if "confluent" not in clients:
         recorder.note(NAME, "confluent variant skipped: no relay.publishers.confluent / KafkaSettings.client")
@@ -210,5 +239,38 @@ def run(settings: Settings, recorder: Any) -> None:
                     "x",
                     ratio_values(two_rates, ceiling_rates),
                     common,
+                )
+            )
+            keyed: dict[str, list[float]] = {"unkeyed": [], "one key": []}
+            for run_index in range(settings.runs):
+                rates = keyed_once(url, bootstrap, keyed_count, client, run_index % 2 == 1, settings)
+                for name, rate in rates.items():
+                    keyed[name].append(rate)
+                log(
+                    f"publish {client}: unkeyed {rates['unkeyed']:,.0f}/s, one key {rates['one key']:,.0f}/s"
+                    f" ({rates['one key'] / rates['unkeyed']:.2f})"
+                )
+            keyed_common = {**common, "backlog": keyed_count, "relays": 1}
+            for name, values in keyed.items():
+                recorder.add(
+                    Result(
+                        NAME,
+                        f"relay, {name} ({client})",
+                        "postgresql",
+                        "throughput",
+                        "msg/s",
+                        values,
+                        keyed_common,
+                    )
+                )
+            recorder.add(
+                Result(
+                    NAME,
+                    f"relay, one key / unkeyed ({client})",
+                    "postgresql",
+                    "ratio",
+                    "x",
+                    ratio_values(keyed["one key"], keyed["unkeyed"]),
+                    keyed_common,
                 )
             )

@@ -188,6 +188,16 @@ TARGETS = (
         0.70,
     ),
     Target("publish, confluent: >= 15,000 msg/s", "publish", "relay (confluent)", "throughput", 15_000),
+    *(
+        Target(
+            f"publish, {client}, one key: >= 0.7 of unkeyed (issue 14)",
+            "publish",
+            f"relay, one key / unkeyed ({client})",
+            "ratio",
+            0.70,
+        )
+        for client in ("kafka-python", "confluent")
+    ),
     Target(
         "latency, NOTIFY, 1,000 msg/s: p50 < 5 ms (from commit)",
         "latency",

@@ -117,6 +117,7 @@ def role_writer(cfg: dict[str, Any]) -> dict[str, Any]:
 
         engine = outbox.create_engine(cfg["url"], pool_size=max(5, lanes))
         writer = outbox.Outbox(notify=cfg.get("notify", True))
+        keys = int(cfg.get("keys", 0))  # messages keyed over this many keys, round robin (0: unkeyed)
         with engine.connect():
             pass  # open a pooled connection before the clock starts
 
@@ -124,7 +125,7 @@ def role_writer(cfg: dict[str, Any]) -> dict[str, Any]:
             body = payload(i)
             with engine.begin() as conn:
                 body["t"] = sent = time.time()
-                writer.add(conn, TOPIC, body)
+                writer.add(conn, TOPIC, body, key=f"k{i % keys}" if keys else None)
             return time.time() - sent
 
         say("ready")

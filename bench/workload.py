@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -49,19 +50,24 @@ def key_for(i: int) -> str | None:
 _writer = outbox.Outbox(notify=False)
 
 
-def build_rows(start: int, count: int, topic: str = TOPIC) -> list[dict[str, Any]]:
+KeyOf = Callable[[int], "str | None"]
+
+
+def build_rows(start: int, count: int, topic: str = TOPIC, key_of: KeyOf = key_for) -> list[dict[str, Any]]:
     """The rows ``outbox.add`` would write for messages ``start`` .. ``start + count - 1``."""
-    return [_writer.build_row(topic, payload(i), key=key_for(i)) for i in range(start, start + count)]
+    return [_writer.build_row(topic, payload(i), key=key_of(i)) for i in range(start, start + count)]
 
 
-def insert_backlog(engine: sa.Engine, count: int, *, topic: str = TOPIC, start: int = 0) -> float:
-    """Bulk-insert ``count`` pending messages; return the seconds it took."""
+def insert_backlog(
+    engine: sa.Engine, count: int, *, topic: str = TOPIC, start: int = 0, key_of: KeyOf = key_for
+) -> float:
+    """Bulk-insert ``count`` pending messages (keyed by ``key_of(i)``); return the seconds it took."""
     table = tables_for().messages
     began = time.monotonic()
     chunk = 5_000
     with engine.begin() as conn:
         for first in range(start, start + count, chunk):
-            rows = build_rows(first, min(chunk, start + count - first), topic)
+            rows = build_rows(first, min(chunk, start + count - first), topic, key_of)
             conn.execute(sa.insert(table), rows)
     return time.monotonic() - began
 

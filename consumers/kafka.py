@@ -68,14 +68,16 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from consumers.attempt import describe_error
 from consumers.dead_letters import BrokerError
-from consumers.processing import RecordProcessor, Stopping, describe_error
+from consumers.processing import RecordProcessor, Stopping
 from consumers.registry import Registry
 from outbox.broker_health import BrokerHealth
 from outbox.dialects import is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.kafka_settings import KafkaConnection
 from outbox.policy import RetryPolicy, TopicPolicy
+from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 
 if TYPE_CHECKING:
@@ -182,7 +184,7 @@ class KafkaConsumerRunner:
         self.metrics = metrics
         #: monotonic time of the loop's last poll or finished record (``None`` before start), for /readyz
         self.last_progress: float | None = None
-        self._broker = BrokerHealth(settings.bootstrap_servers)
+        self._broker = BrokerHealth(settings)
         self._factory = consumer_factory or _kafka_python_consumer
         self._consumer: Any = None
         self._thread: threading.Thread | None = None
@@ -270,7 +272,8 @@ class KafkaConsumerRunner:
 
         Unreachable when, within the last 30 s, a poll or an offset commit failed with the broker away
         or busy and nothing was fetched or committed since; with nothing that recent (an idle group),
-        when no bootstrap server accepts a TCP connection within ``timeout`` seconds.
+        when no bootstrap server completes a handshake (TLS, SASL, a metadata request) with these
+        settings (:class:`outbox.broker_health.BrokerHealth`).
         """
         return self._broker.problem(timeout)
 
@@ -377,7 +380,7 @@ class KafkaConsumerRunner:
             with engine.connect() as conn:
                 check_version(conn, self.tables.name)
         except sa.exc.DBAPIError as exc:
-            url = engine.url.render_as_string(hide_password=True)
+            url = mask_url(engine.url)
             if is_outage(exc):
                 raise DatabaseUnavailable(
                     f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"

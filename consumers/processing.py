@@ -10,13 +10,16 @@ record, in partition order). A record is *finished* when :meth:`~RecordProcessor
 - **dead-lettered**: the last attempt failed (or the record cannot be read, or has no handler) and the
   record was written to the dead letters.
 
-A failing attempt is retried in place under the topic's policy (``max_attempts``, backoff); a handler
-running past its ``timeout`` fails its attempt, and a session handler's transaction is then rolled
-back. When the database is unreachable (:func:`outbox.dialects.is_outage`) during a session handler's
-transaction, the inbox check or a dead-letter write, the processor waits (backoff up to
-:data:`OUTAGE_BACKOFF_MAX` seconds) and tries again: an outage is never an attempt and never
-dead-letters a record. When the runner stops meanwhile, :class:`Stopping` is raised instead and the
-record stays unfinished (its offset is not committed).
+Each attempt is run by :func:`consumers.attempt.run_attempt`, the relay's attempt runner too: whatever
+the handler raises, ``BaseException`` included (``sys.exit()``), fails the attempt, never the
+consumer. A failing attempt is retried in place under the topic's policy (``max_attempts``, backoff); a
+handler running past its ``timeout`` fails its attempt and is interrupted (a session handler's
+transaction is then rolled back); one blocked where Python cannot interrupt it (in C) is abandoned on
+its thread (:meth:`RecordProcessor.stuck_count`) and the consumer goes on. When the database is
+unreachable (:func:`outbox.dialects.is_outage`) during a session handler's transaction, the inbox check
+or a dead-letter write, the processor waits (backoff up to :data:`OUTAGE_BACKOFF_MAX` seconds) and tries
+again: an outage is never an attempt and never dead-letters a record. When the runner stops meanwhile,
+:class:`Stopping` is raised instead and the record stays unfinished (its offset is not committed).
 
 Each attempt runs the handler inside a CONSUMER span (:func:`outbox.tracing.process_span`), child of
 the record's ``traceparent``. With :class:`~consumers.metrics.ConsumerMetrics`, every attempt, finished
@@ -37,6 +40,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from consumers.attempt import (
+    HANDOFF_GRACE,
+    AttemptResult,
+    Handled,
+    Interruption,
+    Outage,
+    RolledBack,
+    Skipped,
+    Transaction,
+    describe_error,
+    run_attempt,
+)
 from consumers.dead_letters import DeadLetters
 from consumers.inbox import Inbox
 from consumers.records import KafkaRecord, UndecodableRecord, message_from_record, message_id_of
@@ -46,7 +61,6 @@ from outbox.errors import ConfigError
 from outbox.message import Message
 from outbox.policy import TopicPolicy
 from outbox.schema import OutboxTables
-from outbox.tracing import process_span
 
 if TYPE_CHECKING:
     from consumers.metrics import ConsumerMetrics, RecordResult
@@ -81,22 +95,21 @@ _HANDLED = _Done()
 _DUPLICATE = _Done(duplicate=True)
 
 
+def _outcome(result: AttemptResult) -> _Outcome:
+    """What an attempt's result means for a record."""
+    if isinstance(result, Handled):
+        return _HANDLED
+    if isinstance(result, Skipped):
+        return _DUPLICATE  # the inbox already had it
+    if isinstance(result, Outage):
+        return _Outage(result.error)
+    if isinstance(result, RolledBack):
+        return _Failed(result.reason)
+    return _Failed(result.error)
+
+
 class Stopping(Exception):
     """The runner is stopping: the current record is left unfinished (its offset is not committed)."""
-
-
-class _TimedOut(Exception):
-    """The attempt ran past its timeout: roll the handler's transaction back."""
-
-
-class _AlreadyProcessed(Exception):
-    """The inbox already holds the message: roll the handler's transaction back unused."""
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` for logs and dead letters."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RecordProcessor:
@@ -134,6 +147,8 @@ class RecordProcessor:
         self._inbox = Inbox(tables, group) if engine is not None else None
         self._dead_letters = DeadLetters(tables)
         self._outage_logged = False
+        #: handler threads abandoned after a timeout, still running (see stuck_count)
+        self._abandoned: list[threading.Thread] = []
 
     def process(self, record: KafkaRecord) -> None:
         """Finish ``record`` (handled, duplicate, dead-lettered); :class:`Stopping` if stopped first."""
@@ -181,7 +196,7 @@ class RecordProcessor:
         record: KafkaRecord,
         message: Message,
         handler: Handler,
-        attempt_with: Callable[[Message, Handler, threading.Event], _Outcome],
+        attempt_with: Callable[[Message, Handler, threading.Event, Interruption | None], _Outcome],
     ) -> tuple[_Done | _Failed, int]:
         """Attempts under the topic's policy: ``(outcome, attempts made)``; outages are not attempts."""
         policy = handler.policy(self.default_policy)
@@ -222,58 +237,81 @@ class RecordProcessor:
             self._pause(delay)
             attempt += 1
 
-    def _run(self, work: Callable[[threading.Event], _Outcome], timeout: float | None) -> _Outcome:
-        """Run one attempt; with a timeout, on a thread of its own that is abandoned when late."""
+    def _run(
+        self, work: Callable[[threading.Event, Interruption | None], _Outcome], timeout: float | None
+    ) -> _Outcome:
+        """Run one attempt; with a timeout, on a thread of its own, interrupted when late and abandoned
+        when it does not stop (blocked where Python cannot interrupt it)."""
         cancelled = threading.Event()
         if timeout is None:
-            return work(cancelled)
+            return work(cancelled, None)
+        interruption = Interruption()
         result: list[_Outcome] = []
         finished = threading.Event()
 
         def target() -> None:
             try:
-                result.append(work(cancelled))
+                result.append(work(cancelled, interruption))
             finally:
                 finished.set()
 
-        threading.Thread(target=target, name="outbox-consumer-handler", daemon=True).start()
+        thread = threading.Thread(target=target, name="outbox-consumer-handler", daemon=True)
+        thread.start()
         if finished.wait(timeout) and result:
             return result[0]
-        # Python cannot kill the thread: a session handler still running rolls back at its end (or, if
-        # it commits first, the retry finds its inbox row and counts a duplicate).
-        cancelled.set()
-        return _Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s")
+        error = f"HandlerTimeout: handler ran longer than {timeout:g}s"
+        cancelled.set()  # a session handler that returns late rolls back (never commits)
+        give_up = time.monotonic() + HANDOFF_GRACE
+        while not finished.is_set() and time.monotonic() < give_up:
+            interruption.interrupt(error)  # again until it is armed (it may still be starting), once
+            finished.wait(0.05)
+        if finished.is_set() and result:
+            outcome = result[0]
+            # an outage or an inbox hit is not the handler's doing: not a failed attempt either
+            return outcome if isinstance(outcome, _Outage) or outcome == _DUPLICATE else _Failed(error)
+        self._abandoned = [t for t in self._abandoned if t.is_alive()] + [thread]
+        log.warning(
+            "a timed-out handler did not stop (blocked where Python cannot interrupt it, e.g. in a C call): "
+            "its thread is abandoned (%d abandoned and still running)",
+            len(self._abandoned),
+        )
+        return _Failed(error)
 
-    def _in_transaction(self, message: Message, handler: Handler, cancelled: threading.Event) -> _Outcome:
+    def stuck_count(self) -> int:
+        """Handler threads abandoned after a timeout they did not stop at, still running."""
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return len(self._abandoned)
+
+    def _in_transaction(
+        self,
+        message: Message,
+        handler: Handler,
+        cancelled: threading.Event,
+        interruption: Interruption | None,
+    ) -> _Outcome:
         assert self._sessions is not None and self._inbox is not None
-        try:
-            with self._sessions() as session, session.begin():
-                if not self._inbox.claim(session.connection(), message):
-                    raise _AlreadyProcessed()
-                with process_span(message, system="kafka"):
-                    handler(message, session)
-                    session.flush()
-                if cancelled.is_set():
-                    raise _TimedOut()  # leaving the block by an exception rolls the transaction back
-            return _HANDLED
-        except _AlreadyProcessed:
-            return _DUPLICATE
-        except _TimedOut:
-            return _Failed("HandlerTimeout: rolled back after the timeout")
-        except Exception as exc:
-            # Only this consumer's own database failing is an outage to wait out; anything a handler
-            # raises about other systems (SMTP down, HTTP timeout) is its failure.
-            if isinstance(exc, sa.exc.SQLAlchemyError) and is_outage(exc):
-                return _Outage(describe_error(exc))
-            return _Failed(describe_error(exc))
+        inbox, sessions = self._inbox, self._sessions
 
-    def _plain(self, message: Message, handler: Handler, cancelled: threading.Event) -> _Outcome:
-        try:
-            with process_span(message, system="kafka"):
-                handler(message)
-        except Exception as exc:
-            return _Failed(describe_error(exc))
-        return _HANDLED
+        def claim_inbox(session: orm.Session) -> str | None:
+            return None if inbox.claim(session.connection(), message) else "already processed"
+
+        def still_wanted(session: orm.Session) -> str | None:
+            return "HandlerTimeout: rolled back after the timeout" if cancelled.is_set() else None
+
+        transaction = Transaction(sessions, before=claim_inbox, before_commit=still_wanted)
+        result = run_attempt(
+            handler, message, transaction=transaction, interruption=interruption, system="kafka"
+        )
+        return _outcome(result)
+
+    def _plain(
+        self,
+        message: Message,
+        handler: Handler,
+        cancelled: threading.Event,
+        interruption: Interruption | None,
+    ) -> _Outcome:
+        return _outcome(run_attempt(handler, message, interruption=interruption, system="kafka"))
 
     def _already_processed(self, message: Message) -> bool:
         inbox, engine = self._inbox, self.engine

@@ -25,6 +25,7 @@ from outbox.errors import (
     OutboxError,
     PayloadError,
     RelayConflict,
+    RelayFailed,
     SchemaError,
     TopicError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "OutboxError",
     "PayloadError",
     "RelayConflict",
+    "RelayFailed",
     "RetryPolicy",
     "SchemaError",
     "Status",

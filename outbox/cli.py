@@ -32,12 +32,7 @@ import sqlalchemy as sa
 
 from outbox.cli_doctor import doctor
 from outbox.cli_inspect import list_messages, purge, replay, show, status
-from outbox.cli_options import (
-    open_engine,
-    scrub,
-    settings_command,
-    shared_options,
-)
+from outbox.cli_options import open_engine, settings_command, shared_options
 from outbox.config import Settings
 from outbox.dialects import is_outage
 from outbox.errors import (
@@ -46,9 +41,11 @@ from outbox.errors import (
     MessageNotFound,
     OutboxError,
     RelayConflict,
+    RelayFailed,
     SchemaError,
     first_line,
 )
+from outbox.redaction import scrub
 from outbox.schema import SCHEMA_VERSION, check_version, current_version, upgrade
 
 #: success (also: the relay stopped gracefully on SIGTERM/SIGINT)
@@ -67,6 +64,9 @@ RET_SCHEMA = 5
 RET_CONFLICT = 6
 #: no message has the given id
 RET_NOT_FOUND = 7
+#: a thread ``outbox relay`` cannot work without died (a claim's MemoryError, a bug): it stopped rather
+#: than live on claiming nothing; restart it (its unfinished messages come back after their lease)
+RET_CRASHED = 8
 
 _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (ConfigError, RET_CONFIG),
@@ -74,6 +74,7 @@ _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (SchemaError, RET_SCHEMA),
     (RelayConflict, RET_CONFLICT),
     (MessageNotFound, RET_NOT_FOUND),
+    (RelayFailed, RET_CRASHED),
 )
 
 log = logging.getLogger("outbox.cli")
@@ -169,7 +170,7 @@ def outbox(**_options: Any) -> None:
     Every option also reads an OUTBOX_* environment variable (--batch-size: OUTBOX_BATCH_SIZE) and a
     key of the --config TOML file (batch_size = 500); flags win over the environment, which wins over
     the file. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 configuration, 4 database unreachable,
-    5 schema missing or outdated, 6 relay conflict, 7 message not found.
+    5 schema missing or outdated, 6 relay conflict, 7 message not found, 8 the relay crashed.
     """
 
 

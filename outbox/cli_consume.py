@@ -10,9 +10,11 @@ Every flag has an ``OUTBOX_*`` environment twin named after it (``--group``: ``O
 (``--app``, ``--max-attempts``, ``--backoff-initial``, ``--backoff-max``, ``--stop-timeout``,
 ``--metrics-port``, ``--metrics-host``) and the Kafka connection (``kafka_bootstrap_servers``, ...) are
 read from the config file too; the consumer's own flags (``--group``, ``--session-timeout-ms``, ...)
-come from flags and environment only. The SASL password is never printed: it is scrubbed from error
-lines and kept out of ``repr``. ``outbox dlq`` (:mod:`outbox.cli_dlq`) uses :func:`connection_values`
-from here; the connection flags themselves are :func:`outbox.cli_options.kafka_connection_flags`.
+come from flags and environment only. The SASL password is never printed: it is scrubbed from every
+output (:mod:`outbox.redaction`) and kept out of ``repr``; give it in the environment or a file
+(``--kafka-sasl-password-file``), as flags are visible to every user in ``ps``. ``outbox dlq``
+(:mod:`outbox.cli_dlq`) uses :func:`connection_values` from here; the connection flags themselves are
+:func:`outbox.cli_options.kafka_connection_flags`.
 
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
@@ -26,7 +28,6 @@ import click
 
 from outbox.cli_options import (
     KAFKA_CONNECTION_NAMES,
-    SECRETS,
     StopSignals,
     app_flag,
     backoff_flags,
@@ -36,21 +37,18 @@ from outbox.cli_options import (
     open_engine,
     settings_command,
 )
-from outbox.config import Settings
+from outbox.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.errors import ConfigError
 
 log = logging.getLogger("outbox.cli")
 
 
-def connection_values(kafka: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """``KafkaConnection`` keyword arguments from the ``kafka_*`` flags (ConfigError without servers).
+def connection_values(settings: Settings) -> dict[str, Any]:
+    """``KafkaConnection`` keyword arguments from the ``kafka_*`` settings (ConfigError without servers).
 
-    A flag (or its environment twin) not given falls back to the same key of the config file, when
-    :class:`Settings` knows it (the ``kafka_*`` keys ``outbox relay`` reads).
+    The connection flags are settings like any other: flag, environment, then the config file's key.
     """
-    kafka = {
-        name: value if value is not None else getattr(settings, name, None) for name, value in kafka.items()
-    }
+    kafka = {name: getattr(settings, name) for name in KAFKA_CONNECTION_SETTINGS}
     for name in ("kafka_security_protocol", "kafka_sasl_mechanism"):
         if isinstance(kafka.get(name), str):
             kafka[name] = kafka[name].upper()
@@ -59,9 +57,6 @@ def connection_values(kafka: dict[str, Any], settings: Settings) -> dict[str, An
         raise ConfigError(
             "no Kafka brokers: pass --kafka-bootstrap-servers HOST:PORT or set OUTBOX_KAFKA_BOOTSTRAP_SERVERS"
         )
-    password = kafka.get("kafka_sasl_password")
-    if password and len(password) >= 4:  # shorter ones would mangle every error line they occur in
-        SECRETS.add(password)
     values = {name.removeprefix("kafka_"): value for name, value in kafka.items() if value is not None}
     values["bootstrap_servers"] = values["bootstrap_servers"].strip()
     return values
@@ -73,14 +68,10 @@ def quiet_kafka_logs(settings: Settings) -> None:
         logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def split_kafka_flags(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    kafka = {k: kwargs.pop(k) for k in KAFKA_CONNECTION_NAMES}
-    return kafka, kwargs
-
-
 # --- outbox consume ----------------------------------------------------------------------------------------
 
 _CONSUME_SETTINGS = (
+    *KAFKA_CONNECTION_NAMES,
     "app",
     "max_attempts",
     "backoff_initial",
@@ -126,22 +117,21 @@ def consume(settings: Settings, **options: Any) -> None:
     0); a second one exits at once (status 1). With --metrics-port, /metrics, /healthz and /readyz
     are served on that port while it runs.
     """
-    kafka, rest = split_kafka_flags(options)
     quiet_kafka_logs(settings)
     if settings.app is None:
         raise ConfigError("no handlers: pass --app MODULE[:ATTR] or set OUTBOX_APP")
-    if not rest["group"]:
+    if not options["group"]:
         raise ConfigError("no consumer group: pass --group GROUP or set OUTBOX_GROUP")
     from consumers.kafka import ConsumerSettings, KafkaConsumerRunner  # lazily: see the module docstring
     from consumers.registry import load_registry
 
     consumer_values = {
-        name: rest[name]
+        name: options[name]
         for name in ("session_timeout_ms", "max_poll_records", "max_poll_interval_ms", "auto_offset_reset")
-        if rest[name] is not None
+        if options[name] is not None
     }
     consumer_settings = ConsumerSettings(
-        **connection_values(kafka, settings), group=rest["group"], **consumer_values
+        **connection_values(settings), group=options["group"], **consumer_values
     )
     registry = load_registry(settings.app)
     metrics = None

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox.cli_consume import connection_values, quiet_kafka_logs, split_kafka_flags
-from outbox.cli_options import kafka_connection_flags, open_engine, settings_command
+from outbox.cli_consume import connection_values, quiet_kafka_logs
+from outbox.cli_options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
 from outbox.config import Settings
 from outbox.errors import MessageNotFound
 from outbox.kafka_settings import KafkaConnection
@@ -133,7 +133,7 @@ def dlq_show(settings: Settings, seq: int, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be replayed; send nothing.")
 @_json_option
 @kafka_connection_flags()
-@settings_command()
+@settings_command(*KAFKA_CONNECTION_NAMES)
 def dlq_replay(
     settings: Settings,
     seqs: tuple[int, ...],
@@ -141,14 +141,12 @@ def dlq_replay(
     select_all: bool,
     dry_run: bool,
     as_json: bool,
-    **options: Any,
 ) -> None:
     """Send dead letters back to their Kafka topic, with their key, value and headers.
 
     Give SEQs (replayed again even if they were before), or --group G / --all for those not replayed
     yet. Groups whose inbox has the message skip it; the group that failed handles it again.
     """
-    kafka, _ = split_kafka_flags(options)
     quiet_kafka_logs(settings)
     if seqs and (group or select_all):
         raise click.UsageError("give SEQs, or --group / --all, not both")
@@ -156,9 +154,7 @@ def dlq_replay(
         raise click.UsageError("say what to replay: SEQs, --group GROUP or --all")
     connection = None
     if not dry_run:
-        connection = KafkaConnection(
-            **{"client_id": "outbox-dlq-replay", **connection_values(kafka, settings)}
-        )
+        connection = KafkaConnection(**{"client_id": "outbox-dlq-replay", **connection_values(settings)})
     from consumers.dead_letters import BrokerError, republish
     from outbox.writer import utcnow
 

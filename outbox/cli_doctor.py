@@ -14,6 +14,7 @@ from outbox.cli_options import settings_command
 from outbox.config import Settings
 from outbox.dialects import create_engine
 from outbox.doctor import Thresholds, diagnose, format_report
+from outbox.redaction import scrub
 
 #: some check warned or failed
 RET_PROBLEMS = 1
@@ -106,10 +107,12 @@ def doctor(
         report = diagnose(engine, settings.table, thresholds=thresholds, clock_offset=clock_offset)
     finally:
         engine.dispose()
+    # The URL is masked and driver errors scrubbed where the findings are made; scrubbing the whole
+    # report again is the second guard (outbox.redaction): a doctor's report carries no user data.
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(scrub(json.dumps(report.to_dict(), indent=2, ensure_ascii=False)))
     else:
-        click.echo(format_report(report))
+        click.echo(scrub(format_report(report)))
     if not report.reachable:
         click.get_current_context().exit(RET_UNREACHABLE)
     if not report.ok:

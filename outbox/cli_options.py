@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -27,24 +26,38 @@ import click
 import sqlalchemy as sa
 from click.core import ParameterSource
 
-from outbox.config import LOG_FORMATS, LOG_LEVELS, Settings, parse_duration, parse_time_ref
-from outbox.dialects import create_engine, mask_url
+from outbox.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    SECRET_FILES,
+    Settings,
+    parse_duration,
+    parse_time_ref,
+)
+from outbox.dialects import create_engine
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
+from outbox.redaction import mask_url, remember, scrub
 from outbox.schema import check_version
 from outbox.writer import utcnow
 
 F = Callable[..., Any]
-
-#: passwords seen in this process's settings; error lines are scrubbed of them before printing
-SECRETS: set[str] = set()
 
 _SHARED: list[Callable[[F], F]] = [
     click.option(
         "--database-url",
         envvar="OUTBOX_DATABASE_URL",
         metavar="URL",
-        help="Database holding the outbox, e.g. postgresql://user@host/db.  [env: OUTBOX_DATABASE_URL]",
+        help="Database holding the outbox, e.g. postgresql://user@host/db. A URL with a password belongs "
+        "in the environment variable or --database-url-file: flags are visible to every user in ps.  "
+        "[env: OUTBOX_DATABASE_URL]",
+    ),
+    click.option(
+        "--database-url-file",
+        envvar="OUTBOX_DATABASE_URL_FILE",
+        metavar="FILE",
+        help="Read the database URL from this file (stripped), e.g. a mounted secret.  "
+        "[env: OUTBOX_DATABASE_URL_FILE]",
     ),
     click.option(
         "--table",
@@ -72,7 +85,7 @@ _SHARED: list[Callable[[F], F]] = [
         help="Log lines as text or one JSON object per line (default: text).  [env: OUTBOX_LOG_FORMAT]",
     ),
 ]
-SHARED_NAMES = ("database_url", "table", "config", "log_level", "log_format")
+SHARED_NAMES = ("database_url", "database_url_file", "table", "config", "log_level", "log_format")
 
 
 def env_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
@@ -137,30 +150,25 @@ def build_settings(ctx: click.Context, names: tuple[str, ...]) -> Settings:
                 ranked.append((1000 + depth, name, context.params[name]))
             elif source is ParameterSource.ENVIRONMENT:
                 ranked.append((depth, name, context.params[name]))
+    # A secret and its *_file twin (--database-url, --database-url-file) are one setting given two ways:
+    # the higher rank wins; the same rank (two flags, two variables) is left for Settings.load to refuse.
+    twins = {**SECRET_FILES, **{setting: file for file, setting in SECRET_FILES.items()}}
     explicit: dict[str, Any] = {}
-    for _rank, name, value in sorted(ranked, key=lambda item: item[0]):
+    ranks: dict[str, int] = {}
+    for rank, name, value in sorted(ranked, key=lambda item: item[0]):
+        twin = twins.get(name)
+        if twin is not None and twin in explicit and ranks[twin] < rank:
+            del explicit[twin]
         explicit[name] = value
+        ranks[name] = rank
     config_file = explicit.pop("config", None)
     if "strict_order_topic" in explicit:
         explicit["strict_order_topics"] = tuple(explicit.pop("strict_order_topic"))
     settings = Settings.load(explicit, config_file=config_file)
-    # Messages already show URLs masked; this is a second guard against a driver echoing the password.
-    # Very short passwords are not scrubbed: replacing every "ab" would mangle the message instead.
-    for secret in (settings.password, settings.kafka_sasl_password):
-        if secret and len(secret) >= 4:
-            SECRETS.add(secret)
+    # Messages already show URLs masked; this is the second guard (outbox.redaction), against a driver or
+    # a library echoing a password: every log line, error and ops-server body is scrubbed of these.
+    remember(settings.secrets)
     return settings
-
-
-#: ``scheme://user:password@`` in any text (a URL a driver or library echoed): the password part
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@\s/]+@")
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known password (database, SASL) and any URL's password replaced by ``***``."""
-    for secret in SECRETS:
-        text = text.replace(secret, "***")
-    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 # --- logging ---------------------------------------------------------------------------------------------
@@ -359,6 +367,7 @@ KAFKA_CONNECTION_NAMES = (
     "kafka_sasl_mechanism",
     "kafka_sasl_username",
     "kafka_sasl_password",
+    "kafka_sasl_password_file",
     "kafka_ssl_cafile",
     "kafka_ssl_certfile",
     "kafka_ssl_keyfile",
@@ -385,7 +394,17 @@ def kafka_connection_flags(
         ),
         env_option("kafka_sasl_username", str, "SASL user name."),
         env_option(
-            "kafka_sasl_password", str, "SASL password (prefer the environment variable).", metavar="SECRET"
+            "kafka_sasl_password",
+            str,
+            "SASL password: give it in the environment variable or --kafka-sasl-password-file, as flags are "
+            "visible to every user in ps.",
+            metavar="SECRET",
+        ),
+        env_option(
+            "kafka_sasl_password_file",
+            str,
+            "Read the SASL password from this file (stripped).",
+            metavar="FILE",
         ),
         env_option("kafka_ssl_cafile", str, "CA certificates (PEM) to verify the brokers.", metavar="FILE"),
         env_option("kafka_ssl_certfile", str, "Client certificate (PEM).", metavar="FILE"),

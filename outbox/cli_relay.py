@@ -12,6 +12,9 @@ at module level.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from typing import TYPE_CHECKING
 
 import click
 
@@ -26,7 +29,15 @@ from outbox.cli_options import (
     settings_command,
 )
 from outbox.config import Settings
-from outbox.errors import ConfigError
+from outbox.errors import ConfigError, RelayFailed
+
+if TYPE_CHECKING:
+    from relay import Relay
+
+#: seconds between the main thread's looks at whether the relay lost a thread it needs
+FAILURE_CHECK_SECONDS = 0.2
+#: seconds a failed relay gets to stop, beyond --stop-timeout, before the process exits regardless
+STOP_MARGIN_SECONDS = 15.0
 
 log = logging.getLogger("outbox.cli")
 
@@ -44,6 +55,9 @@ _RELAY_SETTINGS = (
     "backoff_initial",
     "backoff_max",
     "handler_timeout",
+    "max_payload_bytes",
+    "max_in_flight_bytes",
+    "max_stuck_handlers",
     "strict_order_topic",
     *KAFKA_CONNECTION_NAMES,
     "kafka_client",
@@ -85,7 +99,27 @@ _RELAY_SETTINGS = (
 @env_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
 @env_option("max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10).")
 @backoff_flags
-@env_option("handler_timeout", float, "Seconds a handler may run before the attempt fails (default: none).")
+@env_option(
+    "handler_timeout",
+    float,
+    "Seconds a handler may run before the attempt fails and the handler is interrupted (default: none).",
+)
+@env_option(
+    "max_stuck_handlers",
+    int,
+    "Handler threads stuck past their timeout (blocked in C) before the relay stops claiming and "
+    "/readyz fails (default: 2 x --workers).",
+)
+@env_option(
+    "max_in_flight_bytes",
+    int,
+    "Payload bytes claimed and not yet recorded, at most: the relay's memory follows it (default 67108864).",
+)
+@env_option(
+    "max_payload_bytes",
+    int,
+    "Largest payload handed out, in bytes; a larger one goes dead (default 4194304, as outbox.add's).",
+)
 @env_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
 )
@@ -140,7 +174,8 @@ def relay(settings: Settings) -> None:
 
     The first signal stops gracefully: no new claims, running handlers get --stop-timeout seconds,
     every outcome is written, then exit 0. A second signal exits at once (status 1); messages still
-    running then come back to another relay when their lease expires.
+    running then come back to another relay when their lease expires. A relay that loses a thread it
+    cannot work without (its claim, dispatch or completion loop) fails /healthz, stops and exits 8.
     """
     kafka_options = settings.kafka_options()
     if settings.app is None and kafka_options is None:
@@ -179,6 +214,7 @@ def relay(settings: Settings) -> None:
         stop_timeout=settings.stop_timeout,
         retry=settings.retry_policy(),
         handler_timeout=settings.handler_timeout,
+        max_stuck_handlers=settings.max_stuck_handlers,
         strict_order_topics=settings.strict_order_topics,
         kafka=kafka,
         retention=settings.retention,
@@ -186,6 +222,8 @@ def relay(settings: Settings) -> None:
         maintenance_interval=settings.maintenance_interval,
         observers=[metrics] if metrics is not None else [],
         freeze_gc=True,  # this process is the relay: its start-up objects live as long as it does
+        max_payload_bytes=settings.max_payload_bytes,
+        max_in_flight_bytes=settings.max_in_flight_bytes,
     )
     server = None
     try:
@@ -200,9 +238,32 @@ def relay(settings: Settings) -> None:
                 ", ".join(registry.topics()) or "no topics",
                 f", other topics to Kafka at {kafka.bootstrap_servers}" if kafka is not None else "",
             )
-            signals.wait()
-            log.info("%s received: stopping gracefully (again to exit at once)", signals.received or "stop")
-            runner.stop()
+            while runner.failure is None and not signals.wait(FAILURE_CHECK_SECONDS):
+                pass  # a signal, or a thread the relay needs died
+            if runner.failure is None:
+                log.info("%s received: stopping gracefully (again to exit at once)", signals.received)
+                runner.stop()
+            else:
+                _stop_after_failure(runner, settings.stop_timeout + STOP_MARGIN_SECONDS)
     finally:
         if server is not None:
             server.stop()
+    if runner.failure is not None:
+        raise RelayFailed(f"{runner.failure}: the relay stopped; restart it")
+
+
+def _stop_after_failure(runner: Relay, deadline_seconds: float) -> None:
+    """Stop a relay that lost a thread it needs; exit at once (``RET_CRASHED``) if stopping hangs.
+
+    The relay already stops itself (``Relay._thread_died``); this waits for it within a deadline. A
+    process in that state (a MemoryError, a bug) may not manage a graceful stop: it must exit anyway,
+    and what it still holds comes back after the lease.
+    """
+    from outbox.cli import RET_CRASHED  # here: outbox.cli imports this module
+
+    stopper = threading.Thread(target=runner.stop, name="outbox-cli-stop", daemon=True)
+    stopper.start()
+    stopper.join(deadline_seconds)
+    if stopper.is_alive():
+        os.write(2, f"outbox: error: {runner.failure}; the stop hung, exiting now\n".encode())
+        os._exit(RET_CRASHED)

@@ -13,6 +13,14 @@ The CLI resolves 1 and 2 (click reads the environment) and hands the explicit va
 :class:`~outbox.errors.ConfigError` naming the setting and how to fix it. The rest of the code receives
 the :class:`Settings` object and never reads the environment itself.
 
+Secrets (the database URL, which may hold a password, and the SASL password) can also be read from a
+file: ``--database-url-file`` / ``OUTBOX_DATABASE_URL_FILE`` / ``database_url_file`` and
+``--kafka-sasl-password-file`` / ``OUTBOX_KAFKA_SASL_PASSWORD_FILE`` / ``kafka_sasl_password_file``
+(the file's content, stripped of surrounding whitespace; a Kubernetes or Docker secret mounted as a
+file). Such a ``*_file`` setting is another way of giving its setting, with the same rank: where both
+come from the same place (two flags, two environment variables, two keys of the file), that is an error.
+Flags are visible to every user of the machine in ``ps``: give secrets in the environment or a file.
+
 Durations typed by operators (``30s``, ``10m``, ``2h``, ``7d``) are parsed by :func:`parse_duration`,
 and points in time (``2024-05-01T12:00`` or ``2h``, meaning two hours ago) by :func:`parse_time_ref`.
 """
@@ -27,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from outbox.dialects import mask_url, normalise_url
+from outbox.dialects import normalise_url
 from outbox.errors import ConfigError
-from outbox.policy import RetryPolicy
+from outbox.policy import MAX_SECONDS, RetryPolicy
+from outbox.redaction import mask_url, url_secrets
 from outbox.schema import DEFAULT_TABLE, validate_table_name
+from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -38,6 +48,7 @@ LOG_FORMATS = ("text", "json")
 #: setting name -> the kind of value it holds (how a config-file value is checked and converted)
 _KINDS: dict[str, str] = {
     "database_url": "str",
+    "database_url_file": "str",
     "table": "str",
     "log_level": "str",
     "log_format": "str",
@@ -53,6 +64,9 @@ _KINDS: dict[str, str] = {
     "backoff_initial": "float",
     "backoff_max": "float",
     "handler_timeout": "float?",
+    "max_payload_bytes": "int",
+    "max_in_flight_bytes": "int",
+    "max_stuck_handlers": "int?",
     "strict_order_topics": "list",
     "kafka_bootstrap_servers": "str?",
     "kafka_client_id": "str?",
@@ -61,6 +75,7 @@ _KINDS: dict[str, str] = {
     "kafka_sasl_mechanism": "str?",
     "kafka_sasl_username": "str?",
     "kafka_sasl_password": "str?",
+    "kafka_sasl_password_file": "str?",
     "kafka_ssl_cafile": "str?",
     "kafka_ssl_certfile": "str?",
     "kafka_ssl_keyfile": "str?",
@@ -77,6 +92,23 @@ _KINDS: dict[str, str] = {
     "metrics_host": "str",
     "metrics_interval": "float",
 }
+#: settings read from a file instead (``--database-url-file``): the setting each one gives
+SECRET_FILES: dict[str, str] = {
+    "database_url_file": "database_url",
+    "kafka_sasl_password_file": "kafka_sasl_password",
+}
+#: the settings of a Kafka connection (``outbox.kafka_settings.KafkaConnection``), named as in the file
+KAFKA_CONNECTION_SETTINGS = (
+    "kafka_bootstrap_servers",
+    "kafka_client_id",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+)
 #: config-file spellings that are not the field name (the file uses the option's name)
 _ALIASES = {"strict_order_topic": "strict_order_topics", "kafka_route": "kafka_routes"}
 
@@ -105,6 +137,12 @@ class Settings:
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
     handler_timeout: float | None = None
+    #: the largest payload the relay hands out (bytes, as stored); larger ones go dead
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: payload bytes a relay holds claimed and not yet recorded, at most (its memory follows this)
+    max_in_flight_bytes: int = 64 * 1024 * 1024
+    #: handler threads stuck past their timeout before the relay stops claiming (default 2 x workers)
+    max_stuck_handlers: int | None = None
     strict_order_topics: tuple[str, ...] = ()
     #: Kafka publishing (``outbox relay``); unset bootstrap servers = no Kafka
     kafka_bootstrap_servers: str | None = None
@@ -137,6 +175,20 @@ class Settings:
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form
+        # Every number of seconds is finite and at most 100 years (MAX_SECONDS), every duration too: leases,
+        # backoffs and retention are added to or taken from a time, which must stay a datetime, and
+        # timeouts become thread waits (at most threading.TIMEOUT_MAX, 292 years). An infinite lease
+        # passed "> 0", then killed the relay's claim thread while the process lived on.
+        for name, kind in _KINDS.items():
+            value = getattr(self, name, None)  # a *_file key is read into its twin, not kept
+            if value is None:
+                continue
+            if kind in ("float", "float?") and not abs(value) <= MAX_SECONDS:
+                _invalid(
+                    name, value, f"must be a finite number of seconds, at most {MAX_SECONDS:.0f} (100 years)"
+                )
+            if kind == "duration" and abs(value) > MAX_DELAY:
+                _invalid(name, value, f"must be at most {MAX_DELAY.days} days (100 years)")
         validate_table_name(self.table)
         if self.log_level not in LOG_LEVELS:
             _invalid("log_level", self.log_level, f"use one of {', '.join(LOG_LEVELS)}")
@@ -144,7 +196,7 @@ class Settings:
             _invalid("log_format", self.log_format, f"use one of {', '.join(LOG_FORMATS)}")
         if self.app is not None and not self.app.partition(":")[0]:
             _invalid("app", self.app, "expected MODULE or MODULE:ATTR")
-        for name in ("batch_size", "workers", "max_attempts"):
+        for name in ("batch_size", "workers", "max_attempts", "max_payload_bytes", "max_in_flight_bytes"):
             if getattr(self, name) < 1:
                 _invalid(name, getattr(self, name), "must be a whole number of at least 1")
         if self.max_batch_size is not None and self.max_batch_size < self.batch_size:
@@ -169,6 +221,8 @@ class Settings:
             )
         if self.handler_timeout is not None and not self.handler_timeout > 0:
             _invalid("handler_timeout", self.handler_timeout, "must be a positive number of seconds")
+        if self.max_stuck_handlers is not None and self.max_stuck_handlers < 0:
+            _invalid("max_stuck_handlers", self.max_stuck_handlers, "must be a whole number, 0 or more")
         if self.retention < dt.timedelta(0):
             _invalid("retention", self.retention, "must be a duration (7d) or off")
         if self.stuck_after <= dt.timedelta(0):
@@ -191,17 +245,19 @@ class Settings:
         """
         values: dict[str, Any] = {}
         if config_file is not None:
-            values.update(read_config_file(config_file))
+            values.update(_read_secret_files(read_config_file(config_file), f" in config file {config_file}"))
+        given: dict[str, Any] = {}
         for name, value in explicit.items():
             name = _ALIASES.get(name, name)
             if name not in _KINDS:
                 raise ConfigError(f"unknown setting {name!r}")
             if value is not None:
-                values[name] = _convert(name, value, "")
+                given[name] = _convert(name, value, "")
+        values.update(_read_secret_files(given, ""))
         if "database_url" not in values:
             raise ConfigError(
-                "no database URL: pass --database-url, set OUTBOX_DATABASE_URL "
-                "or add database_url to the config file"
+                "no database URL: set OUTBOX_DATABASE_URL or OUTBOX_DATABASE_URL_FILE, pass --database-url "
+                "or --database-url-file, or add database_url to the config file"
             )
         return cls(**values)
 
@@ -211,9 +267,11 @@ class Settings:
         return mask_url(self.database_url)
 
     @property
-    def password(self) -> str | None:
-        """The database password, so that error output can be scrubbed of it."""
-        return normalise_url(self.database_url).password
+    def secrets(self) -> tuple[str, ...]:
+        """Every password in these settings (the database URL's, in any form, and the SASL one), so that
+        all output can be scrubbed of them (:func:`outbox.redaction.remember`)."""
+        found = url_secrets(normalise_url(self.database_url))
+        return (*found, self.kafka_sasl_password) if self.kafka_sasl_password else found
 
     def kafka_options(self) -> dict[str, Any] | None:
         """Keyword arguments for ``relay.publishers.kafka.KafkaSettings`` (``None``: Kafka not configured).
@@ -267,6 +325,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML files are UTF-8; tomllib lets the decode error through
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}): save it as UTF-8"
+        ) from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
@@ -279,6 +342,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             )
         values[name] = _convert(name, value, f" in config file {str(path)!r}")
     return values
+
+
+def _read_secret_files(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with each ``*_file`` setting replaced by its setting, read from that file."""
+    values = dict(values)
+    for file_setting, setting in SECRET_FILES.items():
+        path = values.pop(file_setting, None)
+        if path is None:
+            continue
+        flag, file_flag = (_option_names(setting)[0], _option_names(file_setting)[0])
+        if setting in values:
+            raise ConfigError(f"give {flag} or {file_flag}{where}, not both")
+        values[setting] = read_secret_file(path, file_flag)
+    return values
+
+
+def read_secret_file(path: str | Path, flag: str) -> str:
+    """The secret held in the file at ``path`` (named by ``flag`` in errors), stripped of surrounding
+    whitespace (the newline an editor or ``echo`` adds)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {str(path)!r}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {str(path)!r}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    secret = text.strip()
+    if not secret:
+        raise ConfigError(f"{flag} {str(path)!r} is empty")
+    return secret
 
 
 def _convert(name: str, value: Any, where: str) -> Any:
@@ -297,13 +391,17 @@ def _convert(name: str, value: Any, where: str) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"setting {name}{where} must be a number of seconds, got {value!r}")
-        return float(value)
+        return float(value)  # TOML's inf and nan are refused by Settings with the flags' values
     if kind == "duration":  # "7d", "90m", a number of seconds, or "off" (zero)
         if isinstance(value, dt.timedelta):
             return value
         if isinstance(value, str) and value.strip().lower() in ("off", "none", "never"):
             return dt.timedelta(0)
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not abs(value) <= MAX_SECONDS:  # TOML's inf and nan too
+                raise ConfigError(
+                    f"setting {name}{where} must be at most {MAX_DELAY.days} days, got {value!r}"
+                )
             return dt.timedelta(seconds=value)
         if not isinstance(value, str):
             raise ConfigError(
@@ -337,9 +435,14 @@ def _convert(name: str, value: Any, where: str) -> Any:
     return tuple(t for v in items for t in v.replace(",", " ").split())
 
 
-def _invalid(name: str, value: object, rule: str) -> None:
+def _option_names(name: str) -> tuple[str, str]:
+    """The flag and the environment variable of setting ``name``."""
     option = "--" + ("strict-order-topic" if name == "strict_order_topics" else name.replace("_", "-"))
-    env = "OUTBOX_" + option[2:].replace("-", "_").upper()
+    return option, "OUTBOX_" + option[2:].replace("-", "_").upper()
+
+
+def _invalid(name: str, value: object, rule: str) -> None:
+    option, env = _option_names(name)
     raise ConfigError(f"invalid {name} {value!r}: {rule} (set {option}, {env} or {name} in the config file)")
 
 
@@ -360,7 +463,10 @@ def parse_duration(text: str) -> dt.timedelta:
     if not match:
         raise ConfigError(f"invalid duration {text!r}: use a number and a unit, e.g. 30s, 10m, 2h or 7d")
     number, unit = match.groups()
-    return dt.timedelta(seconds=float(number) * _UNIT_SECONDS[(unit or "s")[0].lower()])
+    seconds = float(number) * _UNIT_SECONDS[(unit or "s")[0].lower()]
+    if seconds > MAX_SECONDS:  # a timedelta of 1e12 days overflows
+        raise ConfigError(f"invalid duration {text!r}: use at most {MAX_DELAY.days} days (100 years)")
+    return dt.timedelta(seconds=seconds)
 
 
 def parse_time_ref(text: str, *, now: dt.datetime) -> dt.datetime:

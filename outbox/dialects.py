@@ -7,8 +7,9 @@ tests the database name. The differences:
                               PostgreSQL          MariaDB / MySQL        SQLite
 ============================  ==================  =====================  ==================
 driver added to a bare URL    psycopg 3           PyMySQL                sqlite3
-claim statement               one UPDATE ... FROM  SELECT ... FOR UPDATE  one UPDATE ...
-                              (CTE, SKIP LOCKED)  SKIP LOCKED + UPDATE   RETURNING
+claim: scan, then take      SELECT ... FOR      SELECT ... FOR UPDATE  SELECT, then
+                              UPDATE SKIP LOCKED, SKIP LOCKED, UPDATE,   UPDATE ...
+                              UPDATE ... RETURNING then SELECT          RETURNING
 relays side by side           any number          any number             one (lock row)
 cross-process wake-up         LISTEN/NOTIFY       polling                polling
 relay isolation level         READ COMMITTED      READ COMMITTED         (serialised)
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from outbox.errors import ConfigError
+from outbox.redaction import mask_url
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class Dialect:
     listen_notify: bool
     #: lists bind as one array parameter (``= ANY(:ids)``): one statement text, prepared once
     array_params: bool = False
+    #: the SQL function that returns the greatest of its arguments (SQLite's multi-argument ``max``)
+    greatest_function: str = "greatest"
+    #: a transaction reads without taking the write lock (pysqlite begins only before a write), so a
+    #: claim that must see the rows it reads stay as they are takes the database's write lock first
+    write_lock_first: bool = False
+    #: the table has ``ix_<name>_holding`` (a partial index of the rows holding each key), so the claim
+    #: finds a keyed row's nearest earlier holding row with one probe (else: one per holding status)
+    holding_index: bool = False
 
     def engine_options(self) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this database."""
@@ -64,9 +74,18 @@ POSTGRESQL = Dialect(
     single_relay=False,
     listen_notify=True,
     array_params=True,
+    holding_index=True,
 )
 MARIADB = Dialect("mysql", claim_returning=False, skip_locked=True, single_relay=False, listen_notify=False)
-SQLITE = Dialect("sqlite", claim_returning=True, skip_locked=False, single_relay=True, listen_notify=False)
+SQLITE = Dialect(
+    "sqlite",
+    claim_returning=True,
+    skip_locked=False,
+    single_relay=True,
+    listen_notify=False,
+    greatest_function="max",
+    write_lock_first=True,
+)
 
 
 def dialect_for(engine_or_conn: sa.Engine | sa.Connection) -> Dialect:
@@ -154,24 +173,19 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def mask_url(url: str | sa.URL) -> str:
-    """The URL with its password replaced by ``***``, for messages and logs."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-        return parsed.render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"
-
-
 # PostgreSQL SQLSTATE classes/codes that mean "the server is away", not "your statement is wrong".
-_PG_OUTAGE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+# Deadlock and serialization failure too: the database rolled the statement back and the same work,
+# run again, goes through; like an outage, it is no fault of a message.
+_PG_OUTAGE_STATES = ("08", "57P01", "57P02", "57P03", "53300", "40P01", "40001")
 # MySQL/MariaDB client errors: can't connect, server gone away, lost connection, shutdown in progress.
-_MYSQL_OUTAGE_CODES = {1053, 1077, 1152, 2002, 2003, 2005, 2006, 2013, 2055}
+# ... and deadlock (1213) or lock wait timeout (1205): rolled back, to be run again.
+_MYSQL_OUTAGE_CODES = {1053, 1077, 1152, 1205, 1213, 2002, 2003, 2005, 2006, 2013, 2055}
 
 
 def is_outage(exc: BaseException) -> bool:
-    """True when ``exc`` means the database is unreachable (restart, network), so the work should be
-    retried later without counting against a message's attempts."""
+    """True when ``exc`` means the database is unreachable (restart, network) or rolled the work back
+    on a conflict (deadlock), so the work should be retried later without counting against a message's
+    attempts."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

@@ -40,10 +40,19 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.dialects import dialect_for, mask_url
+from outbox.dialects import dialect_for
 from outbox.doctor_probes import PROBES, Probes
 from outbox.errors import first_line
-from outbox.schema import DEFAULT_TABLE, SCHEMA_VERSION, OutboxTables, Status, current_version, tables_for
+from outbox.redaction import mask_url, scrub
+from outbox.schema import (
+    DEFAULT_TABLE,
+    SCHEMA_VERSION,
+    OutboxTables,
+    Status,
+    current_version,
+    index_applies,
+    tables_for,
+)
 
 
 class Level(StrEnum):
@@ -139,7 +148,7 @@ def diagnose(
         found = Finding(
             "database",
             Level.FAIL,
-            f"cannot connect to {where}: {first_line(exc.orig or exc)}",
+            f"cannot connect to {where}: {scrub(first_line(exc.orig or exc))}",
             "check the URL, the network and the server; nothing else can be checked until it answers",
         )
         return DoctorReport(table, where, (found,))
@@ -168,7 +177,7 @@ def diagnose(
                 Finding(
                     name,
                     Level.WARN,
-                    f"could not run this check: {first_line(exc.orig or exc)}",
+                    f"could not run this check: {scrub(first_line(exc.orig or exc))}",
                     "run `outbox doctor` as a user that can read the database's statistics views",
                 )
             )
@@ -266,6 +275,7 @@ def _indexes(ctx: _Context) -> Finding:
                 _ddl(engine, sa.schema.CreateIndex(index)),
             )
             for index in table.indexes
+            if index_applies(index, engine.dialect.name)
         ]
         # A unique constraint is put back as a unique index: the same guarantee, and SQLite cannot ALTER
         # TABLE ... ADD CONSTRAINT. (No sa.schema.AddConstraint here: building one changes the Table so

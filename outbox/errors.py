@@ -4,16 +4,20 @@ Catch by meaning::
 
     OutboxError
     ├── MessageError          invalid input to ``outbox.add`` (raised before anything is written)
-    │   ├── PayloadError      payload is not JSON-serialisable and not bytes
-    │   ├── TopicError        empty, too long, or characters outside [A-Za-z0-9._-]
-    │   ├── MessageKeyError   key is not a string, or longer than 255 characters
-    │   ├── HeaderError       a header name or value is not a string
-    │   └── DelayError        negative or non-numeric delay
+    │   ├── PayloadError      payload is not JSON-serialisable and not bytes, or is larger than
+    │   │                     max_payload_bytes (4 MiB by default)
+    │   ├── TopicError        empty, too long, or characters outside [A-Za-z0-9._-] (a newline too)
+    │   ├── MessageKeyError   key is not a string, longer than 255 characters, or holds a NUL or a
+    │   │                     lone surrogate
+    │   ├── HeaderError       a header name or value is not a string or holds a lone surrogate, or
+    │   │                     the headers are larger than 64 KiB
+    │   └── DelayError        negative, non-numeric or longer than 100 years
     ├── ConfigError           bad configuration: database URL, table name, --app, policy values
     ├── SchemaError           the outbox table is missing or at another schema version
     ├── DatabaseUnavailable   the database cannot be reached (at start-up; later outages are retried)
     ├── MessageNotFound       ``outbox show`` / ``replay`` of an id that does not exist
-    └── RelayConflict         a second relay on a SQLite database (SQLite allows one at a time)
+    ├── RelayConflict         a second relay on a SQLite database (SQLite allows one at a time)
+    └── RelayFailed           a thread the relay cannot work without died: the relay stopped
 
 The CLI turns each of these into one line on stderr and a non-zero exit code (see ``outbox.cli``).
 """
@@ -30,7 +34,7 @@ class MessageError(OutboxError, ValueError):
 
 
 class PayloadError(MessageError):
-    """The payload cannot be serialised (not JSON-serialisable and not bytes)."""
+    """The payload cannot be serialised (not JSON-serialisable and not bytes), or is too large."""
 
 
 class TopicError(MessageError):
@@ -38,15 +42,15 @@ class TopicError(MessageError):
 
 
 class MessageKeyError(MessageError):
-    """The key is not a string or is longer than 255 characters."""
+    """The key is not a string, is longer than 255 characters, or holds a NUL or a lone surrogate."""
 
 
 class HeaderError(MessageError):
-    """A header name or value is not a string."""
+    """A header name or value is not a string or holds a lone surrogate, or the headers are too large."""
 
 
 class DelayError(MessageError):
-    """The delay is negative or not a number of seconds / ``timedelta``."""
+    """The delay is negative, longer than 100 years, or not a number of seconds / ``timedelta``."""
 
 
 class ConfigError(OutboxError):
@@ -69,6 +73,11 @@ class RelayConflict(OutboxError):
     """Another relay already runs on this SQLite database (SQLite supports one relay at a time)."""
 
 
+class RelayFailed(OutboxError):
+    """A thread the relay cannot work without (fetcher, dispatcher, completer) died, so it stopped
+    instead of living on without claiming; its unfinished messages come back after their lease."""
+
+
 __all__ = [
     "ConfigError",
     "DatabaseUnavailable",
@@ -80,6 +89,7 @@ __all__ = [
     "OutboxError",
     "PayloadError",
     "RelayConflict",
+    "RelayFailed",
     "SchemaError",
     "TopicError",
 ]

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from outbox.dialects import dialect_for
 from outbox.errors import MessageNotFound
+from outbox.key_queue import KeyQueue
 from outbox.reports import (
     MessageFilter,
     MessageRecord,
@@ -58,6 +59,7 @@ class Operations:
         self.engine = engine
         self.tables = tables_for(table)
         self.t = self.tables.messages
+        self._key_queue = KeyQueue(self.tables)  # purging a parked message promotes its key
         self._wakes_relays = dialect_for(engine).listen_notify
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -306,7 +308,17 @@ class Operations:
                     ).scalars()
                 )
                 if seqs:
+                    # a parked row held its key: the key's queued rows come back (outbox.key_queue)
+                    keys = set(
+                        conn.execute(
+                            sa.select(t.c.msg_key).where(
+                                t.c.seq.in_(seqs), t.c.status == Status.PARKED.value, t.c.msg_key.is_not(None)
+                            )
+                        ).scalars()
+                    )
                     deleted += conn.execute(sa.delete(t).where(t.c.seq.in_(seqs), *conditions)).rowcount
+                    if keys:
+                        self._key_queue.promote_keys(conn, sorted(keys), now=utcnow())
                     batches += 1
             if len(seqs) < batch_size:
                 break

@@ -4,15 +4,18 @@ Shared by ``outbox relay`` and ``outbox consume`` (``--metrics-port``, off by de
 standard library's ``http.server`` on daemon threads, so it never keeps a stopping process alive:
 
 - ``GET /metrics``: the Prometheus text format of one ``prometheus_client`` registry;
-- ``GET /healthz``: ``200 ok`` while the process answers at all (liveness: restart it when this fails);
+- ``GET /healthz``: ``200 ok`` while the process can work (liveness: restart it when this fails): it
+  answers, and its ``liveness`` check, if any, finds nothing wrong; else ``503`` and the reason;
 - ``GET /readyz``: runs the readiness checks, each a callable returning ``None`` (fine) or a one-line
   reason; ``200`` when all pass, else ``503``. Both carry a JSON body naming every check::
 
       {"ready": false, "checks": {"database": {"ok": false, "detail": "OperationalError: ..."},
                                   "progress": {"ok": true}}}
 
-Readiness checks must be quick (a probe has a timeout of a second or two): :class:`DatabaseCheck` runs
-its query on a thread of its own and gives up waiting after ``timeout`` seconds.
+Every body goes through :func:`outbox.redaction.scrub` on its way out: no password, whatever a check's
+detail quotes. Readiness checks must be quick (a probe has a timeout of a second or two):
+:class:`DatabaseCheck` runs its query on a thread of its own and gives up waiting after ``timeout``
+seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from outbox.errors import ConfigError, first_line
+from outbox.redaction import scrub_bytes
 
 log = logging.getLogger("outbox.ops")
 
@@ -39,6 +43,8 @@ class OpsServer:
 
     ``port=0`` picks a free port (see :attr:`port`). ``checks`` maps names to checks, or is a callable
     returning that mapping (read at each request, for checks that change with the process's state).
+    ``liveness`` is the check behind ``/healthz``: cheap (no I/O), failing only when the process cannot
+    work any more (a thread it needs died), as an orchestrator restarts a process that fails it.
     :meth:`start` binds the port (raising :class:`ConfigError` when it cannot) and serves; :meth:`stop`.
     """
 
@@ -49,9 +55,11 @@ class OpsServer:
         *,
         host: str = "0.0.0.0",
         port: int = 0,
+        liveness: Check | None = None,
     ) -> None:
         self.registry = registry
         self.checks = checks
+        self.liveness = liveness
         self.host = host
         self.requested_port = port
         self._server: ThreadingHTTPServer | None = None
@@ -126,7 +134,11 @@ class _OpsHandler(BaseHTTPRequestHandler):
             body, content_type = self.server_ops.metrics()
             self._send(200, body, content_type)
         elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            problem = self.server_ops.liveness() if self.server_ops.liveness is not None else None
+            if problem is None:
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            else:
+                self._send(503, f"not alive: {problem}\n".encode(), "text/plain; charset=utf-8")
         elif path == "/readyz":
             ready, report = self.server_ops.readiness()
             if not ready:
@@ -137,6 +149,7 @@ class _OpsHandler(BaseHTTPRequestHandler):
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
+        body = scrub_bytes(body)  # a check's detail may quote a driver's error (outbox.redaction)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

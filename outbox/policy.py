@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 import tenacity
 
 from outbox.errors import ConfigError
+from outbox.writer import MAX_DELAY
+
+#: the most seconds a backoff, a timeout, a lease or any setting in seconds may be: 100 years, as
+#: ``outbox.add``'s longest delay (an infinite backoff passed ``>= 0``, then adding it to a time raised
+#: OverflowError in the relay's completer)
+MAX_SECONDS = MAX_DELAY.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,11 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}")
-        if self.backoff_initial < 0 or self.backoff_max < 0 or self.jitter < 0:
-            raise ConfigError("backoff_initial, backoff_max and jitter must be zero or more seconds")
+        if not all(0 <= s <= MAX_SECONDS for s in (self.backoff_initial, self.backoff_max, self.jitter)):
+            raise ConfigError(
+                "backoff_initial, backoff_max and jitter must be zero or more seconds, finite, at most "
+                f"{MAX_SECONDS:.0f}; got {self.backoff_initial!r}, {self.backoff_max!r}, {self.jitter!r}"
+            )
         if self.backoff_max < self.backoff_initial:
             raise ConfigError(
                 f"backoff_max ({self.backoff_max}) must not be smaller than "
@@ -62,8 +71,10 @@ class TopicPolicy:
     strict_order: bool = False
 
     def __post_init__(self) -> None:
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"handler timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_SECONDS:
+            raise ConfigError(
+                f"handler timeout must be a positive, finite number of seconds, got {self.timeout!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ One outbox is five tables, all named from one configurable base name (default ``
     ``due_at`` is non-NULL exactly while the row waits for a relay (pending, failed with a retry
     scheduled, or in flight, where it holds the lease expiry), so one index on ``due_at`` finds claimable
     work no matter how many delivered rows are kept; ``(msg_key, status, seq)`` answers "is an earlier
-    message of this key still unfinished?" with a few index probes.
+    message of this key still unfinished?" with a few index probes (on PostgreSQL one:
+    ``(msg_key, seq)`` over the rows holding their key, the claim's).
 
     Indexes. On PostgreSQL every UPDATE of a row that changes an indexed column (each claim and each
     mark does) writes a new entry into *every* index whose condition the new row version meets, so the
@@ -51,7 +52,7 @@ from sqlalchemy.dialects import mysql
 from outbox.errors import ConfigError, SchemaError
 
 DEFAULT_TABLE = "outbox"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
 
@@ -161,6 +162,15 @@ def _define(name: str) -> OutboxTables:
             "seq",
             postgresql_where=sa.text(f"msg_key IS NOT NULL AND status IN ({_KEY_HOLDING_SQL})"),
         ),
+        # PostgreSQL only: the claim's one probe for "the nearest earlier row holding this key" (relay.claim,
+        # invariant 8). Elsewhere the claim probes ix_<name>_key once per holding status.
+        sa.Index(
+            f"ix_{name}_holding",
+            "msg_key",
+            "seq",
+            postgresql_where=sa.text(f"msg_key IS NOT NULL AND status IN ({_KEY_HOLDING_SQL})"),
+            info={"dialect": "postgresql"},
+        ).ddl_if(dialect="postgresql"),
         sa.Index(
             f"ix_{name}_status",
             "status",
@@ -254,10 +264,25 @@ def _v3(conn: sa.Connection, t: OutboxTables) -> None:
         conn.execute(sa.schema.CreateIndex(index))
 
 
+def _v4(conn: sa.Connection, t: OutboxTables) -> None:
+    for index in t.messages.indexes:
+        if index.info.get("dialect") == conn.dialect.name:
+            conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+
+
+def index_applies(index: sa.Index, dialect_name: str) -> bool:
+    """Whether ``index`` exists on a database of ``dialect_name`` (some are PostgreSQL's alone)."""
+    only = index.info.get("dialect")
+    return only is None or only == dialect_name
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the outbox, locks and meta tables", _v1),
     Migration(2, "create the inbox and dead-letter tables of `outbox consume`", _v2),
     Migration(3, "PostgreSQL: partial indexes, so that claims and marks write fewer index entries", _v3),
+    Migration(
+        4, "PostgreSQL: an index of the rows holding each key, for the claim's one probe per keyed row", _v4
+    ),
 )
 
 

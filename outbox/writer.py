@@ -4,8 +4,10 @@ Promises:
 
 - **Atomic with the business change.** The row is written through the caller's ``Session``,
   ``AsyncSession`` or ``Connection`` and so commits or rolls back with it (savepoints included).
-- **Validated before anything is written.** Topic, key, headers, delay and payload are checked first;
-  a bad value raises a :class:`outbox.MessageError` subclass naming it, and the transaction is untouched.
+- **Validated before anything is written.** Topic, key, headers, delay and payload are checked first,
+  sizes included (``max_payload_bytes``, ``MAX_HEADERS_BYTES``), and so is text no database can store (a
+  NUL in a key, a lone surrogate); a bad value raises a :class:`outbox.MessageError` subclass naming it,
+  and the transaction is untouched: no database gets a row it would refuse.
 - **Wakes relays on commit.** Relays in the same process wake right after the commit; on PostgreSQL a
   ``pg_notify`` sent after the commit (from a connection of its own, never for a rollback) wakes listening
   relays elsewhere: at once after a quiet moment, and at most one per ``NOTIFY_GAP`` (20 ms) while
@@ -36,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, orm
 
-from outbox.errors import DelayError, HeaderError, MessageKeyError, TopicError
+from outbox.errors import ConfigError, DelayError, HeaderError, MessageKeyError, PayloadError, TopicError
 from outbox.schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
 from outbox.serialization import encode_headers, encode_payload
 from outbox.tracing import inject_current
@@ -47,8 +49,22 @@ from outbox.wakeup import (
     wake_local,
 )
 
-TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+#: Kafka's rule; used with fullmatch (a "$" also matches before a final newline: "abc\n" passed)
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
 MAX_KEY_LENGTH = 255
+#: the longest ``delay``: 100 years. Its due time must fit a Python ``datetime`` (year 9999) and a MariaDB
+#: DATETIME; longer, ``now + delay`` raised OverflowError instead of a DelayError.
+MAX_DELAY = dt.timedelta(days=36_525)
+#: ``outbox.add``'s and the relay's default largest payload (encoded), 4 MiB. A row the database refuses
+#: fails in the caller's transaction and poisons it: MariaDB's default ``max_allowed_packet`` is 16 MiB
+#: for the whole INSERT, and PyMySQL sends bytes as hex, twice their size (measured here: a 7 MiB payload
+#: is written, an 8 MiB one gets "server has gone away" and the transaction is lost). 4 MiB leaves half
+#: of the packet for the headers and the rest. Kafka's brokers take 1 MB records by default: lower it for
+#: topics published to Kafka. PostgreSQL and SQLite take much more (raise it with ``max_payload_bytes``).
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+#: the largest headers, as stored (compact JSON): 64 KiB, so that headers too never make the row too big
+#: for MariaDB's packet (above); a Kafka record's headers are small.
+MAX_HEADERS_BYTES = 64 * 1024
 
 try:  # SQLAlchemy's asyncio extension needs greenlet; without it, AsyncSession is simply not supported.
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -87,11 +103,25 @@ def new_message_id() -> uuid.UUID:
 
 
 def validate_topic(topic: object) -> str:
-    if not isinstance(topic, str) or not TOPIC_PATTERN.match(topic):
+    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
         raise TopicError(
             f"invalid topic {topic!r}: use 1-249 characters from letters, digits, '.', '_' and '-'"
         )
     return topic
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (``"\\ud800"``, left by a bad decode), or ``None``.
+
+    It has no UTF-8 form, so every driver failed to send it, with a ``UnicodeEncodeError``.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
 
 
 def _validate_key(key: object) -> str | None:
@@ -101,6 +131,15 @@ def _validate_key(key: object) -> str | None:
         raise MessageKeyError(f"invalid key {key!r}: a key must be a str (or None), not {type(key).__name__}")
     if len(key) > MAX_KEY_LENGTH or not key:
         raise MessageKeyError(f"invalid key {key[:40]!r}: use 1-{MAX_KEY_LENGTH} characters")
+    # A NUL is refused by PostgreSQL (a DataError that also aborts the caller's transaction) and kept by
+    # MariaDB and SQLite: refused here, the same key means the same thing on every database.
+    if "\x00" in key:
+        raise MessageKeyError(f"invalid key {key[:40]!r}: it contains a NUL character (\\x00); remove it")
+    if (surrogate := _lone_surrogate(key)) is not None:
+        raise MessageKeyError(
+            f"invalid key {key[:40]!r}: it contains {surrogate!r}, a lone surrogate with no UTF-8 form; "
+            "use valid Unicode text"
+        )
     return key
 
 
@@ -114,6 +153,13 @@ def _validate_headers(headers: object) -> dict[str, str] | None:
             raise HeaderError(f"header name {name!r} must be a non-empty str")
         if not isinstance(value, str):
             raise HeaderError(f"header {name!r} has a {type(value).__name__} value {value!r:.60}; use a str")
+        # Stored as JSON, which escapes a NUL (kept on every database), but a lone surrogate cannot be sent.
+        for part, text in (("name", name), ("value", value)):
+            if (surrogate := _lone_surrogate(text)) is not None:
+                raise HeaderError(
+                    f"header {name[:40]!r}: its {part} contains {surrogate!r}, a lone surrogate with no "
+                    "UTF-8 form; use valid Unicode text"
+                )
     return dict(headers)
 
 
@@ -126,8 +172,10 @@ def _validate_delay(delay: object) -> dt.timedelta:
         seconds = float(delay)
     else:
         raise DelayError(f"delay must be seconds (int/float) or a timedelta, not {type(delay).__name__}")
-    if not seconds >= 0 or seconds == float("inf"):  # also rejects NaN
+    if not seconds >= 0:  # also rejects NaN
         raise DelayError(f"delay must be zero or more seconds, got {delay!r}")
+    if seconds > MAX_DELAY.total_seconds():  # also rejects infinity
+        raise DelayError(f"delay {delay!r} is too long: use at most {MAX_DELAY.days} days (100 years)")
     return dt.timedelta(seconds=seconds)
 
 
@@ -258,13 +306,26 @@ class Outbox:
     """An outbox table and how messages are written to it.
 
     ``outbox.add`` is :meth:`add` of a default ``Outbox()`` (table ``outbox``); create your own with
-    ``Outbox(table="orders_outbox")`` for another table, or ``notify=False`` to skip PostgreSQL's
-    ``pg_notify`` on commit (relays then find new messages by polling).
+    ``Outbox(table="orders_outbox")`` for another table, ``notify=False`` to skip PostgreSQL's
+    ``pg_notify`` on commit (relays then find new messages by polling), or ``max_payload_bytes`` for
+    another largest payload than ``DEFAULT_MAX_PAYLOAD_BYTES`` (4 MiB; the relays reading the table need
+    the same ``--max-payload-bytes``, and on MariaDB a ``max_allowed_packet`` above twice it).
     """
 
-    def __init__(self, *, table: str = DEFAULT_TABLE, notify: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        table: str = DEFAULT_TABLE,
+        notify: bool = True,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise ConfigError(
+                f"max_payload_bytes must be a whole number of bytes, at least 1, got {max_payload_bytes!r}"
+            )
         self.tables: OutboxTables = tables_for(table)
         self.notify = notify
+        self.max_payload_bytes = max_payload_bytes
         # inline(): no RETURNING of the new seq, which nothing reads
         self._insert = sa.insert(self.tables.messages).inline()
         self._driver_sql: dict[type, str] = {}
@@ -329,7 +390,24 @@ class Outbox:
         key = _validate_key(key)
         valid_headers = inject_current(_validate_headers(headers))  # the writer's trace, if any
         wait = _validate_delay(delay)
+        stored_headers = encode_headers(valid_headers)
+        # Sizes are checked before the database can refuse the row inside the caller's transaction (the
+        # headers encoded only when they might be too large: a character is at most 4 bytes in UTF-8).
+        if (
+            stored_headers is not None
+            and len(stored_headers) > MAX_HEADERS_BYTES // 4
+            and (size := len(stored_headers.encode())) > MAX_HEADERS_BYTES
+        ):
+            raise HeaderError(
+                f"headers of {size} bytes (as JSON) exceed {MAX_HEADERS_BYTES}: put large values in the "
+                "payload"
+            )
         body, content_type = encode_payload(payload)
+        if len(body) > self.max_payload_bytes:
+            raise PayloadError(
+                f"payload of {len(body)} bytes exceeds max_payload_bytes {self.max_payload_bytes}: send a "
+                "reference to the data instead, or raise Outbox(max_payload_bytes=...) and the relay's too"
+            )
         now = utcnow()
         return {
             "id": new_message_id(),
@@ -337,7 +415,7 @@ class Outbox:
             "msg_key": key,
             "payload": body,
             "content_type": content_type,
-            "headers": encode_headers(valid_headers),
+            "headers": stored_headers,
             "status": Status.PENDING.value,
             "attempts": 0,
             "due_at": now + wait,
@@ -398,8 +476,11 @@ def add(
     return default_outbox.add(session, topic, payload, key=key, headers=headers, delay=delay)
 
 
-def configure(*, table: str = DEFAULT_TABLE, notify: bool = True) -> Outbox:
-    """Replace the default outbox used by :func:`add` (table name, PostgreSQL notify on commit)."""
+def configure(
+    *, table: str = DEFAULT_TABLE, notify: bool = True, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> Outbox:
+    """Replace the default outbox used by :func:`add` (table name, PostgreSQL notify on commit, largest
+    payload)."""
     global default_outbox
-    default_outbox = Outbox(table=table, notify=notify)
+    default_outbox = Outbox(table=table, notify=notify, max_payload_bytes=max_payload_bytes)
     return default_outbox

@@ -1,61 +1,131 @@
 """Claim, lease and fence: the queries that decide who handles which message.
 
-A relay takes work in batches. One claim statement picks up to N claimable rows, marks them ``inflight``
-under a fresh lease (a random token and an expiry kept in ``due_at``) and returns them. Everything the
-relay later writes about those rows (delivered, failed, dead, released, renewed) carries the token.
+A relay takes work in batches. A claim is one short transaction: it **scans** up to N due rows
+(``due_at <= now``, in ``due_at, seq`` order, locked with ``FOR UPDATE SKIP LOCKED``), each with the
+nearest earlier row of its key that still holds the key; it **takes** the rows it may deliver, marking
+them ``inflight`` under a fresh lease (a random token and an expiry kept in ``due_at``); and it
+**queues** the keyed rows it finds blocked behind an earlier row it does not hold (their ``due_at``
+becomes NULL: they leave the scan's index). Everything the relay later writes about its rows
+(delivered, failed, dead, released, renewed) carries the token.
+
+**Runs.** For a key whose head is due, the claim takes the head and the key's rows that follow it in the
+scan, consecutive in ``seq`` order, up to ``run_length`` (256): a run, delivered in order under one
+lease (``relay.dispatch``). A key's queued rows come back to the scan by **promotion**: once a run's
+last row is delivered (or a row of the key is dead), the completer sets ``due_at`` on the key's next
+``run_length`` pending rows, if nothing earlier holds the key. A deep key thus costs each claim what it
+returns: its rows are read by the scan about twice (found blocked once, taken once), never once per
+claim. A relay that drains a hot key **chains** its runs (invariant 12): a claim takes the key's next run
+behind the relay's own run still in flight, so the key goes on with no pause between runs.
 
 Invariants (each names the test that would catch its violation):
 
-1. **A row is handled by at most one live lease.** Claiming locks the candidate rows
-   (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB; SQLite allows one relay, see
-   ``relay.single_relay``) and re-checks ``due_at <= now`` on the locked version, so two relays never both
-   claim a row whose lease is live. -- ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
+1. **A row is handled by at most one live lease.** The scan locks its rows (``FOR UPDATE SKIP LOCKED``
+   on PostgreSQL and MariaDB; SQLite allows one relay, see ``relay.single_relay``) and re-checks
+   ``due_at <= now`` on the locked version, so two relays never both claim a row whose lease is live.
+   -- ``tests/test_concurrency.py::test_three_relays_deliver_each_once``,
+   ``tests/test_claim.py::test_concurrent_claims_never_overlap``
 2. **A mark without the current token changes nothing.** Every UPDATE after the claim has
    ``WHERE lease_token = :token``; a reclaim replaces the token, so a relay that stalled past its lease
    (fenced) cannot mark, fail or release rows it no longer holds; a handler's session work is rolled
    back when its delivered mark finds no row. -- ``tests/test_claim.py::test_expired_lease_is_fenced``
-3. **For one key, a row is claimable only when every earlier row of that key is delivered or dead**
-   (or, for a strict-order topic, delivered: a dead one is ``parked`` and holds the key). So messages of
-   one key are handled one at a time, in ``seq`` order, and a failing message holds back only its own
-   key. -- ``tests/test_handlers.py::test_order_per_key_with_failures``,
-   ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
+3. **For one key, a row is taken only when every earlier row of that key is delivered or dead, or taken
+   by the same claim before it** (a dead row of a strict-order topic is ``parked`` and holds the key).
+   The scan reads, for each keyed row, the nearest earlier row holding the key; the row is taken when
+   there is none, or when that row is taken by this claim (a run); a claim that could not lock a key's
+   earlier rows (another claim holds them) takes none of the later ones. So messages of one key are
+   handled one run at a time, in ``seq`` order, and a failing message holds back only its own key.
+   -- ``tests/test_handlers.py::test_order_per_key_with_failures``,
+   ``tests/test_claim.py::test_two_claims_at_once_never_split_a_key``,
+   ``tests/test_runs.py``
 4. **A lease that is not renewed expires, and the row comes back by itself.** ``due_at`` of an
-   inflight row is its lease expiry; the claim takes any row whose ``due_at`` has passed, whatever its
-   status, so a crashed relay's rows are reclaimed with no sweeper; the claim marks those rows
-   ``ClaimedRow.reclaimed`` (their status was still inflight), which the metrics count.
+   inflight row is its lease expiry; the scan takes any row whose ``due_at`` has passed, whatever its
+   status, so a crashed relay's rows (a whole run) are reclaimed with no sweeper, in order; the claim
+   marks those rows ``ClaimedRow.reclaimed`` (their status was still inflight), which the metrics count.
    -- ``tests/test_crash.py``, ``tests/test_metrics.py::test_reclaimed_leases_are_counted``
-5. **No committed message is skipped.** Claiming only reads ``due_at`` (set at insert) and the key's
-   earlier rows; a row becomes invisible to the claim only by being delivered, dead or parked, each
-   written under a live token. -- ``tests/test_crash.py::test_killed_relay_loses_nothing``
-6. **Releasing gives back the attempt.** A release (graceful stop, database outage around a handler)
-   decrements ``attempts``, so infrastructure trouble never pushes a message towards ``dead``.
-   -- ``tests/test_stop.py``, ``tests/test_db_restart.py``
-
+5. **No committed message is skipped.** A row leaves the scan only by being delivered, dead or parked
+   (each written under a live token) or queued behind an earlier row of its key that holds the key
+   (invariant 9 brings it back). -- ``tests/test_crash.py::test_killed_relay_loses_nothing``
+6. **A release counts no attempt.** A release (graceful stop, database outage around a handler, the
+   rest of a run after a failure) leaves ``attempts`` as it was, so infrastructure trouble never pushes
+   a message towards ``dead``. -- ``tests/test_stop.py``, ``tests/test_db_restart.py``,
+   ``tests/test_runs.py::test_failure_inside_a_run_releases_the_rest_without_an_attempt``
 7. **A relay frozen at any instant keeps no other relay from its expired rows.** A process can stop
    between two statements for any length of time (a GC pause, a VM freeze, ``SIGSTOP``); a row lock it
    holds lasts as long, and every other claim skips the row (``SKIP LOCKED``). So, on PostgreSQL and
-   MariaDB, each write of the lease path (renewal, delivered, failed, released marks) is one statement
-   run in autocommit: committed by the server when it has run, whatever the client does next. Two
-   transactions remain, both as short as a claim: the claim on MariaDB (lock the candidates, then update
-   them; a relay frozen in between holds those rows, and the first row past them in ``due_at`` order,
-   until it runs again or its connection dies), and a session handler's transaction, which must hold the
-   delivered mark with the handler's own writes. On MariaDB a plain read looks first unless the last
-   claim came back full, so an idle relay's claims (one every poll interval: where a freeze lands) take
-   no lock; only the claim that ends a backlog can find nothing under a lock.
-   The maintenance lease (:mod:`relay.maintenance`, a row of ``<table>_locks``) is written the same
-   way, so a relay frozen right after taking it does not keep the others from taking it over.
+   MariaDB, each write of the lease path (renewal, delivered, failed, released marks, promotion) is
+   one statement run in autocommit: committed by the server when it has run, whatever the client does
+   next. Two transactions remain, both short: the claim (scan, queue, take: a relay frozen inside it
+   holds the rows it scanned, until it runs again or its connection dies), and a session handler's
+   transaction, which must hold the delivered mark with the handler's own writes. On MariaDB a plain
+   read looks first unless the last claim came back full, so an idle relay's claims (one every poll
+   interval: where a freeze lands) take no lock; only the claim that ends a backlog can find nothing
+   under a lock. The maintenance lease (:mod:`relay.maintenance`, a row of ``<table>_locks``) is
+   written in autocommit too, so a relay frozen right after taking it does not keep the others from it.
    -- ``tests/test_crash.py::test_relay_frozen_mid_write_holds_no_row``,
    ``tests/test_crash.py::test_relay_frozen_taking_the_maintenance_lease_holds_no_lock``
+8. **A claim's cost follows what it returns, not the depth of a key.** The scan reads due rows only;
+   each keyed row costs one index probe to find its nearest earlier holding row on PostgreSQL (the
+   partial index of holding rows, ``(msg_key, seq)``), one per holding status elsewhere (a probe reads
+   one index entry, whatever the planner's statistics say of each status); a blocked row is queued
+   by the claim that finds it, so the rows behind a held or busy key are read once, not by every
+   claim.
+   -- ``tests/test_claim.py::test_rows_behind_a_run_leave_the_scan_and_come_back_a_run_at_a_time``,
+   ``bench/keys.py`` (claim time with 1,000,000 rows behind one key)
+9. **A queued row is promoted once nothing earlier holds its key.** The claim that queues rows locks
+   their blockers (the earlier rows holding the key that it does not hold) for share, skipping any
+   locked right now, and queues only the rows whose blockers it locked and found still holding. A
+   blocker therefore stops holding the key only after that claim committed, and every way a keyed row
+   stops holding its key is followed by a promotion of the key (a run's last row delivered, a row
+   dead: the completer; a parked row purged: ``outbox purge``; and the maintenance thread's
+   sweep as a safety net).
+   -- ``tests/test_claim.py::test_promotion_waits_while_anything_earlier_holds_the_key``,
+   ``tests/test_claim.py::test_a_row_queued_while_its_blocker_finishes_is_promoted``,
+   ``tests/test_runs.py::test_purging_a_parked_message_lets_its_queued_key_go_on``
 
-``attempts`` is incremented by the claim itself, so a message that crashes relays (kill -9, OOM) is
-counted; it only goes ``dead`` when a handler attempt fails with no attempts left.
+10. **An attempt is counted only for a message that started.** The claim counts nothing; the outcome's
+    mark counts the attempt (delivered: ``attempts + 1``; failed, dead, parked: the attempt's number),
+    so the messages of a relay killed mid-batch lose nothing for having been claimed with the one that
+    killed it. A message taken back from an expired lease (``reclaimed``) may be the one that killed
+    its relay: those are run one at a time, relay-wide, each after a durable start mark
+    (:meth:`ClaimQueries.mark_started`, committed before it starts), so only the one running when a
+    relay dies is counted, and past ``max_attempts + CRASH_ALLOWANCE`` it is dead, "abandoned", with an
+    error saying it kept killing relays (``relay.dispatch``). The normal path pays nothing.
+    -- ``tests/test_poison_crash.py``,
+    ``tests/test_handlers.py::test_message_that_keeps_killing_relays_goes_dead``
+11. **A claim is bounded by bytes as well as by count.** The scan reads each row's payload size (not the
+    payload); with ``max_bytes`` the claim takes rows in scan order until their payloads reach it (one
+    row at least, so a message larger than the bound still goes), and a keyed row left out leaves out
+    every later row of its key: a run is cut, never holed. The relay passes the room left in its
+    ``max_in_flight_bytes``, so its memory follows that bound, not claim size x payload size.
+    -- ``tests/test_claim.py::test_a_claim_stops_at_its_byte_bound_without_skipping_a_row_of_a_key``,
+    ``tests/test_memory.py``
+12. **A run is chained only behind the claiming relay's own live run, and handed out only after it.**
+    A claim given ``own`` may take, instead of queueing them, the rows of a key whose one blocker is a
+    row the calling relay holds in flight as the last row of its run (``own`` gives that lease's token;
+    the claim locks the blocker for share and takes the rows only if it still carries that token):
+    consecutive rows, at most ``run_length``, within the byte room, as a **chained run** under a lease
+    of its own, its first row marked with the seq it follows (``ClaimedRow.after``). This bends
+    invariant 3 for the relay that holds the key, and only for it: the dispatcher (``relay.dispatch``)
+    appends a chained run to the run it follows and hands it out after that run's last row was
+    delivered, on the same lane, in order; if that run broke (a row failed, the relay stops), the
+    chained rows are released unattempted (invariant 6), and a chained run whose run is unknown is
+    released too. A key thus has at most two runs in a relay, one going on and one chained. To keep a
+    hot key going, a claim that takes a full run (``run_length`` rows) leaves the key's next
+    ``run_length`` scanned rows due instead of queueing them, or, when the scan did not reach them,
+    promotes them in the claim's transaction (``KeyQueue.promote_after``); and the delivery of a run's
+    last row that a chained run follows promotes the rows after the chained run
+    (``Delivery.promote_after``). Promotion is safe whenever it happens, since the claim enforces
+    order (invariants 3 and 9); it only decides which rows the scan sees.
+    -- ``tests/test_claim.py::test_a_claim_chains_a_keys_next_run_behind_its_own_in_flight_run``,
+    ``tests/test_claim.py::test_a_full_head_run_brings_its_keys_next_run_back_when_nothing_was_left_due``,
+    ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +133,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
+from outbox.key_queue import RUN_LENGTH, KeyQueue
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
 #: longest stored error text (type and message); the rest is cut with a marker
@@ -71,6 +142,10 @@ MAX_ERROR_LENGTH = 2000
 
 def new_token() -> str:
     return secrets.token_hex(16)
+
+
+def _by_seq(row: Any) -> int:
+    return int(row.seq)
 
 
 @dataclass(slots=True)  # not frozen: built for every claimed row, and frozen dataclasses build slowly
@@ -89,32 +164,40 @@ class ClaimedRow:
     token: str
     #: the row was in flight under an expired lease (its relay died or stalled): taken back, not new
     reclaimed: bool = False
+    #: the first row of a chained run: the seq of this relay's in-flight row of its key that it follows
+    #: (invariant 12; the dispatcher hands it out only after that row was delivered). 0: not chained
+    after: int = 0
+
+
+class ClaimResult(list[ClaimedRow]):
+    """The rows a claim took (a list), and how many blocked rows it set aside (``queued``).
+
+    A claim that queued rows found work even when it took none: the fetcher looks again at once.
+    """
+
+    queued: int = 0
+
+
+@dataclass(slots=True)
+class _Scanned:
+    seq: int
+    key: str | None
+    status: str
+    #: the nearest earlier row of the key that holds it (0: none, the row is its key's head)
+    prev: int
+    #: the payload's size in bytes (read from the row's header: the payload itself stays on the server)
+    size: int
 
 
 class ClaimQueries:
     """The claim path's statements for one outbox table on one database family."""
 
-    def __init__(self, tables: OutboxTables, dialect: Dialect) -> None:
+    def __init__(self, tables: OutboxTables, dialect: Dialect, *, run_length: int = RUN_LENGTH) -> None:
         self.tables = tables
         self.dialect = dialect
+        self.run_length = run_length
         t = self.t = tables.messages
         c = t.alias("c")
-        e = t.alias("e")
-        earlier_unfinished = (
-            sa.select(sa.literal(1))
-            .where(
-                e.c.msg_key == c.c.msg_key,
-                status_in(e.c.status, KEY_HOLDING),
-                e.c.seq < c.c.seq,
-            )
-            .exists()
-        )
-        candidates = (
-            sa.select(c.c.seq)
-            .where(c.c.due_at <= sa.bindparam("now"), sa.or_(c.c.msg_key.is_(None), ~earlier_unfinished))
-            .order_by(c.c.due_at)
-            .limit(sa.bindparam("limit", type_=sa.Integer))
-        )
         self._columns = [
             t.c.seq,
             t.c.id,
@@ -126,51 +209,6 @@ class ClaimQueries:
             t.c.attempts,
             t.c.created_at,
         ]
-        claim_values = {
-            "status": Status.INFLIGHT.value,
-            "lease_token": sa.bindparam("token"),
-            "due_at": sa.bindparam("lease_until"),
-            "attempts": t.c.attempts + 1,
-            "last_attempt_at": sa.bindparam("now"),
-        }
-        if dialect.claim_returning and dialect.skip_locked:  # PostgreSQL
-            # the locked rows' status before the claim comes back too: "inflight" = a reclaimed lease
-            picked = (
-                candidates.add_columns(c.c.status.label("previous_status"))
-                .with_for_update(skip_locked=True, of=c)
-                .cte("picked")
-            )
-            self._claim: Any = (
-                sa.update(t)
-                .where(t.c.seq == picked.c.seq)
-                .values(claim_values)
-                .returning(*self._columns, picked.c.previous_status)
-            )
-        elif dialect.claim_returning:  # SQLite: one relay, the statement is atomic on its own
-            self._claim = (
-                sa.update(t)
-                .where(t.c.seq.in_(candidates.scalar_subquery()))
-                .values(claim_values)
-                .returning(*self._columns)
-            )
-            # RETURNING shows only new values: find expired leases first (same transaction, one relay)
-            self._expired_leases = sa.select(t.c.seq).where(
-                t.c.status == Status.INFLIGHT.value, t.c.due_at <= sa.bindparam("now")
-            )
-        else:  # MariaDB/MySQL: lock the rows, then update them by primary key
-            # InnoDB keeps a lock on the first row past the scanned range of due_at (READ COMMITTED too),
-            # typically a live lease: a relay frozen inside a claim transaction that found nothing would
-            # hold that row until it ran again. So a plain read (no locks) looks first, and the locking
-            # transaction runs only when there is something to take (see claim_batch).
-            self._probe = candidates.limit(1)
-            self._lock_candidates = candidates.add_columns(c.c.status).with_for_update(skip_locked=True, of=c)
-            self._claim = (
-                sa.update(t).where(t.c.seq.in_(sa.bindparam("seqs", expanding=True))).values(claim_values)
-            )
-            self._select_claimed = sa.select(*self._columns).where(
-                t.c.seq.in_(sa.bindparam("seqs", expanding=True))
-            )
-
         if dialect.array_params:  # one statement text whatever the batch size: prepared once, no re-parsing
             # The array goes as one text literal ("{1,2,3}", see _seqs): psycopg's list dumper spends about
             # 3 us of Python per element (a regex each), a sixth of the relay's own cost of a delivered mark.
@@ -178,12 +216,85 @@ class ClaimQueries:
             in_seqs = t.c.seq == sa.any_(seq_array)
         else:
             in_seqs = t.c.seq.in_(sa.bindparam("seqs", expanding=True))
+
+        # -- the scan: due rows in due_at order, each with the nearest earlier row holding its key --------
+        # One index probe per holding status (the greatest of them): a probe per status reads one index
+        # entry; "max(seq) over any holding status" would read every holding row of the key (invariant 8).
+        def nearest_holding(status: Status) -> Any:
+            e = t.alias(f"e_{status.value}")
+            found = (
+                sa.select(sa.func.max(e.c.seq))
+                .where(e.c.msg_key == c.c.msg_key, status_in(e.c.status, [status]), e.c.seq < c.c.seq)
+                .scalar_subquery()
+            )
+            return sa.func.coalesce(found, 0)
+
+        if dialect.holding_index:
+            # PostgreSQL: one probe of the partial index of holding rows, (msg_key, seq). Four probes of
+            # (msg_key, status, seq) let the planner pick (status, topic) for a status it believes rare
+            # (in flight, after a backlog's ANALYZE), scanning every in-flight row once per keyed row.
+            e = t.alias("e")
+            nearest = (
+                sa.select(sa.func.max(e.c.seq))
+                .where(e.c.msg_key == c.c.msg_key, status_in(e.c.status, KEY_HOLDING), e.c.seq < c.c.seq)
+                .scalar_subquery()
+            )
+            earlier: Any = sa.func.coalesce(nearest, 0)
+        else:
+            earlier = getattr(sa.func, dialect.greatest_function)(*(nearest_holding(s) for s in KEY_HOLDING))
+        prev = sa.case((c.c.msg_key.is_(None), sa.literal(0)), else_=earlier)
+        scan = (
+            sa.select(c.c.seq, c.c.msg_key, c.c.status, prev.label("prev"), sa.func.length(c.c.payload))
+            .where(c.c.due_at <= sa.bindparam("now"))
+            .order_by(c.c.due_at, c.c.seq)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        self._scan = scan.with_for_update(skip_locked=True, of=c) if dialect.skip_locked else scan
+        # a write that changes nothing: it takes SQLite's write lock (pysqlite begins a transaction only
+        # before a write, and SQLite takes the lock only on a write)
+        self._write_lock = sa.update(t).where(sa.false()).values(seq=t.c.seq)
+        #: MariaDB's plain look before a locking claim (see claim_batch's look_first)
+        self._probe = sa.select(c.c.seq).where(c.c.due_at <= sa.bindparam("now")).limit(1)
+        # The rows that block queued rows: locked for share (so their own finishing waits for our commit,
+        # and its promotion sees what we queued), skipped when someone writes them right now.
+        blockers = sa.select(t.c.seq, t.c.lease_token).where(in_seqs, status_in(t.c.status, KEY_HOLDING))
+        self._lock_blockers = (
+            blockers.with_for_update(read=True, skip_locked=True) if dialect.skip_locked else blockers
+        )
+        self._queue = (
+            sa.update(t).where(in_seqs).values(status=Status.PENDING.value, due_at=None, lease_token=None)
+        )
+        claim = (
+            sa.update(t)
+            .where(in_seqs)
+            .values(
+                status=Status.INFLIGHT.value,
+                lease_token=sa.bindparam("token"),
+                due_at=sa.bindparam("lease_until"),
+                last_attempt_at=sa.bindparam("now"),
+            )
+        )
+        if dialect.claim_returning:
+            self._claim: Any = claim.returning(*self._columns)
+        else:  # MariaDB: update, then read the claimed rows back (same transaction, rows locked)
+            self._claim = claim
+            self._select_claimed = sa.select(*self._columns).where(in_seqs)
+
+        #: promotion of queued rows (outbox.key_queue): the completer's, after a run or a dead row
+        self.key_queue = KeyQueue(tables, run_length=run_length)
+
+        # -- marks (fenced by the lease token) -----------------------------------------------------------
         fenced = sa.and_(t.c.lease_token == sa.bindparam("token"), in_seqs)
         self._delivered = (
             sa.update(t)
             .where(fenced)
             .values(
-                status=Status.DELIVERED.value, due_at=None, lease_token=None, delivered_at=sa.bindparam("now")
+                status=Status.DELIVERED.value,
+                due_at=None,
+                lease_token=None,
+                delivered_at=sa.bindparam("now"),
+                # the attempt is counted with its outcome, unless its start was (invariant 10)
+                attempts=t.c.attempts + sa.bindparam("count", type_=sa.Integer),
             )
         )
         self._failed = (
@@ -194,6 +305,7 @@ class ClaimQueries:
                 due_at=sa.bindparam("b_due"),
                 lease_token=None,
                 last_error=sa.bindparam("b_error"),
+                attempts=sa.bindparam("b_attempts", type_=sa.Integer),
             )
         )
         self._release = (
@@ -203,19 +315,18 @@ class ClaimQueries:
                 status=sa.case((t.c.last_error.is_(None), Status.PENDING.value), else_=Status.FAILED.value),
                 due_at=sa.bindparam("now"),
                 lease_token=None,
-                attempts=sa.case((t.c.attempts > 0, t.c.attempts - 1), else_=0),
             )
+        )
+        self._started = (
+            sa.update(t)
+            .where(t.c.lease_token == sa.bindparam("token"), in_seqs, t.c.status == Status.INFLIGHT.value)
+            .values(attempts=t.c.attempts + 1)
         )
         self._renew = (
             sa.update(t)
             .where(t.c.lease_token == sa.bindparam("token"), t.c.status == Status.INFLIGHT.value)
             .values(due_at=sa.bindparam("lease_until"))
         )
-
-    @property
-    def one_statement(self) -> bool:
-        """The claim is a single statement (PostgreSQL): it needs no transaction around it."""
-        return bool(self.dialect.claim_returning and self.dialect.skip_locked)
 
     # -- claim ----------------------------------------------------------------------------------------
 
@@ -227,45 +338,181 @@ class ClaimQueries:
         lease_seconds: float,
         now: dt.datetime,
         look_first: bool = True,
-    ) -> list[ClaimedRow]:
+        max_bytes: int | None = None,
+        own: Callable[[str, int], str | None] | None = None,
+    ) -> ClaimResult:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
-        The caller commits right after (or, where :attr:`one_statement`, may run it in autocommit); the
-        lease is live from then until ``now + lease_seconds``. ``look_first=False`` skips MariaDB's plain
-        read before the locking one (one round trip) when rows are expected: the last claim was full.
+        The caller commits right after; the lease is live from then until ``now + lease_seconds``.
+        Rows come back in ``seq`` order; the rows of one key form a run (consecutive messages of the
+        key, to be delivered in that order). ``look_first=False`` skips MariaDB's plain read before the
+        locking one (one round trip) when rows are expected: the last claim was full. ``max_bytes``
+        bounds the payload bytes taken (the first row is taken whatever its size, so work goes on): the
+        rows past it stay as they are, for a later claim (invariant 11). ``own`` chains runs (invariant
+        12): given a key and a row, it gives the live lease token under which the calling relay holds that
+        row in flight at the end of a run it can chain behind (None: it cannot).
         """
+        result = ClaimResult()
+        params: dict[str, Any] = {"now": now, "limit": limit}
+        if self.dialect.write_lock_first:  # SQLite: what the scan reads holds until the commit (inv. 9)
+            conn.execute(self._write_lock)
+        mariadb = not self.dialect.claim_returning
+        if mariadb and look_first and conn.execute(self._probe, params).first() is None:
+            return result
+        scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
+        if not scanned:
+            return result
+        chain = own is not None
+        take, queue_own, blocked, full = self._plan(scanned, chain=chain)
+        if max_bytes is not None:
+            take, queue_own = _within(scanned, take, queue_own, max_bytes)
+        room = None
+        if max_bytes is not None:
+            sizes = {r.seq: r.size for r in scanned}
+            room = max_bytes - sum(sizes[seq] for seq in take)
+        queue_blocked, chained, after = self._queue_blocked(conn, blocked, scanned, own, room)
+        take += chained
+        queued = queue_blocked + queue_own
+        if queued:
+            conn.execute(self._queue, {"seqs": self._seqs(queued)})
+            result.queued = len(queued)
+        if chain and full:
+            # a full head run taken: its key's next run comes back now, to be chained (invariant 12)
+            taking = set(take)
+            ahead = [
+                (key, last, count) for key, (last, count, run_last) in full.items() if run_last in taking
+            ]
+            if ahead:
+                self.key_queue.promote_after(conn, ahead, now=now)
+        if not take:
+            return result
         token = new_token()
-        params = {
+        claim_params = {
+            "seqs": self._seqs(take),
             "now": now,
-            "limit": limit,
             "token": token,
             "lease_until": now + dt.timedelta(seconds=lease_seconds),
         }
-        held = Status.INFLIGHT.value  # a row claimed while still held: its lease had expired
-        if self.dialect.claim_returning and self.dialect.skip_locked:
-            # rows unpacked by position: Row attribute access by name costs more than the rest together
-            result = conn.execute(self._claim, params).all()
-            return [
-                ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, prev == held)
-                for seq, id_, topic, key, payload, ctype, headers, tries, created, prev in result
-            ]
         if self.dialect.claim_returning:
-            reclaimed = set(conn.execute(self._expired_leases, params).scalars())
-            rows = conn.execute(self._claim, params).all()
+            rows = conn.execute(self._claim, claim_params).all()
         else:
-            if look_first and conn.execute(self._probe, params).first() is None:
-                return []
-            locked = conn.execute(self._lock_candidates, params).all()
-            if not locked:
-                return []
-            seqs = [r.seq for r in locked]
-            reclaimed = {r.seq for r in locked if r.status == held}
-            conn.execute(self._claim, {**params, "seqs": seqs})
-            rows = conn.execute(self._select_claimed, {"seqs": seqs}).all()
-        return [
+            conn.execute(self._claim, claim_params)
+            rows = conn.execute(self._select_claimed, {"seqs": self._seqs(take)}).all()
+        reclaimed = {s.seq for s in scanned if s.status == Status.INFLIGHT.value}
+        # rows unpacked by position: Row attribute access by name costs more than the rest together
+        claimed = [
             ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, seq in reclaimed)
             for seq, id_, topic, key, payload, ctype, headers, tries, created in rows
         ]
+        for row in claimed:
+            if row.seq in after:
+                row.after = after[row.seq]
+        claimed.sort(key=_by_seq)
+        result.extend(claimed)
+        return result
+
+    def _plan(
+        self, scanned: list[_Scanned], *, chain: bool = False
+    ) -> tuple[list[int], list[int], dict[str, list[_Scanned]], dict[str, tuple[int, int, int]]]:
+        """Split scanned rows into: taken, set aside behind our own run (over ``run_length``), and blocked
+        by a row this claim does not hold (by key). Invariant 3: a row is taken only when its nearest
+        earlier holding row is taken too (or it has none).
+
+        With ``chain`` (invariant 12), a key whose run is full keeps its next ``run_length`` scanned rows
+        due (the next claim chains them) and queues only the rest; ``full`` then says, per such key,
+        after which row its next queued rows may come back, how many, and the run's last row."""
+        take: list[int] = []
+        queue_own: list[int] = []
+        blocked: dict[str, list[_Scanned]] = {}
+        full: dict[str, tuple[int, int, int]] = {}
+        by_key: dict[str, list[_Scanned]] = {}
+        for row in scanned:
+            if row.key is None:
+                take.append(row.seq)
+            else:
+                by_key.setdefault(row.key, []).append(row)
+        for key, rows in by_key.items():
+            rows.sort(key=_by_seq)
+            taken: set[int] = set()
+            last = 0
+            for i, row in enumerate(rows):
+                if row.prev == 0 or row.prev in taken:
+                    if len(taken) < self.run_length:
+                        taken.add(row.seq)
+                        take.append(row.seq)
+                        last = row.seq
+                        continue
+                    # past the run's bound: behind our own last taken row, which this claim locks
+                    rest = rows[i:]
+                    if chain:
+                        left = _consecutive(rest[: self.run_length], last)
+                        queue_own.extend(r.seq for r in rest[len(left) :])
+                        full[key] = (left[-1].seq if left else last, self.run_length - len(left), last)
+                    else:
+                        queue_own.extend(r.seq for r in rest)
+                    break
+                blocked[key] = rows[i:]
+                break
+            else:
+                if chain and len(taken) == self.run_length:
+                    full[key] = (last, self.run_length, last)
+        return take, queue_own, blocked, full
+
+    def _queue_blocked(
+        self,
+        conn: sa.Connection,
+        blocked: dict[str, list[_Scanned]],
+        scanned: list[_Scanned],
+        own: Callable[[str, int], str | None] | None,
+        room: int | None,
+    ) -> tuple[list[int], list[int], dict[int, int]]:
+        """The blocked rows that may leave the scan: those whose blockers (the earlier rows of their key
+        this claim does not hold) are still holding the key and could be locked for share. And the
+        chained runs (invariant 12): blocked rows whose one blocker is the caller's own in-flight row,
+        still under its lease once locked, are taken instead (up to ``run_length`` a key, within
+        ``room`` bytes), each run's first row mapped to the row it follows."""
+        if not blocked:
+            return [], [], {}
+        ours = {s.seq for s in scanned}
+        needed = {key: {r.prev for r in rows if r.prev not in ours} for key, rows in blocked.items()}
+        mine: dict[str, str] = {}  # key -> the token of the caller's lease on its one blocker
+        if own is not None:
+            for key, rows in blocked.items():
+                if needed[key] == {rows[0].prev} and (token := own(key, rows[0].prev)) is not None:
+                    mine[key] = token
+        wanted = sorted(set().union(*needed.values()))
+        held: dict[int, str | None] = {}
+        if wanted:
+            locked = conn.execute(self._lock_blockers, {"seqs": self._seqs(wanted)})
+            held = {seq: token for seq, token in locked}
+        queue: list[int] = []
+        chained: list[int] = []
+        after: dict[int, int] = {}
+        for key, rows in blocked.items():
+            if key in mine and held.get(rows[0].prev, "") == mine[key]:
+                run = _consecutive(rows[: self.run_length], rows[0].prev)
+                if room is not None:
+                    kept = 0
+                    for r in run:
+                        if r.size > room:
+                            break
+                        room -= r.size
+                        kept += 1
+                    run = run[:kept]
+                if run:
+                    chained.extend(r.seq for r in run)
+                    after[run[0].seq] = rows[0].prev
+                    if len(run) == self.run_length:  # the rest waits behind our own run (locked by us)
+                        queue.extend(r.seq for r in rows[len(run) :])
+                continue
+            if needed[key] <= held.keys():
+                queue.extend(r.seq for r in rows)
+        return queue, chained, after
+
+    def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
+        """Bring back to the scan the queued rows of the keys of ``seqs`` (rows that just stopped holding
+        their key): see :mod:`outbox.key_queue`. Returns how many rows were promoted."""
+        return self.key_queue.promote(conn, seqs, now=now)
 
     # -- marks (all fenced by the lease token) -----------------------------------------------------------
 
@@ -276,12 +523,19 @@ class ClaimQueries:
         return list(seqs)
 
     def mark_delivered(
-        self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime
+        self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime, counted: bool = False
     ) -> int:
-        """Mark rows delivered; returns how many still held ``token`` (the others were fenced off)."""
+        """Mark rows delivered, counting their attempt (unless ``counted``: :meth:`mark_started` did);
+        returns how many still held ``token`` (the others were fenced off)."""
         if not seqs:
             return 0
-        return conn.execute(self._delivered, {"token": token, "seqs": self._seqs(seqs), "now": now}).rowcount
+        params = {"token": token, "seqs": self._seqs(seqs), "now": now, "count": 0 if counted else 1}
+        return conn.execute(self._delivered, params).rowcount
+
+    def mark_started(self, conn: sa.Connection, token: str, seq: int) -> bool:
+        """Count an attempt before it starts (durably: the caller commits before starting it), for a
+        message taken back from a relay that died or stalled (invariant 10); False when fenced off."""
+        return bool(conn.execute(self._started, {"token": token, "seqs": self._seqs([seq])}).rowcount)
 
     def mark_failed(self, conn: sa.Connection, token: str, failures: Sequence[Failure]) -> None:
         """Record failed attempts: each gets its status (failed/dead/parked), next due time and error."""
@@ -296,6 +550,7 @@ class ClaimQueries:
                     "b_status": f.status.value,
                     "b_due": f.retry_at,
                     "b_error": truncate_error(f.error),
+                    "b_attempts": f.attempt,
                 }
                 for f in failures
             ],
@@ -320,9 +575,50 @@ class Failure:
     status: Status
     retry_at: dt.datetime | None
     error: str
+    #: the attempts the row has counted once this one is (its ``Message.attempt``)
+    attempt: int = 1
 
 
 def truncate_error(text: str) -> str:
     if len(text) <= MAX_ERROR_LENGTH:
         return text
     return text[: MAX_ERROR_LENGTH - 15] + " ...[truncated]"
+
+
+def _within(
+    scanned: list[_Scanned], take: list[int], queue_own: list[int], max_bytes: int
+) -> tuple[list[int], list[int]]:
+    """``take`` cut to ``max_bytes`` of payload, in scan order (at least one row): a keyed row left out
+    leaves out every later row of its key, and the rows that were to be queued behind those keys' runs
+    stay as they are too (order: a run never skips a row of its key)."""
+    taking = set(take)
+    kept: set[int] = set()
+    cut_from: dict[str | None, int] = {}  # key -> the first seq left out
+    total = 0
+    for row in scanned:
+        if row.seq not in taking:
+            continue
+        if row.key in cut_from or (kept and total + row.size > max_bytes):
+            if row.key is not None:
+                cut_from[row.key] = min(row.seq, cut_from.get(row.key, row.seq))
+            continue
+        kept.add(row.seq)
+        total += row.size
+    if len(kept) == len(taking):
+        return take, queue_own
+    keys = {r.seq: r.key for r in scanned}
+    kept_list = [
+        seq for seq in take if seq in kept and not (keys[seq] in cut_from and seq > cut_from[keys[seq]])
+    ]
+    return kept_list, [seq for seq in queue_own if keys[seq] not in cut_from]
+
+
+def _consecutive(rows: list[_Scanned], after: int) -> list[_Scanned]:
+    """The leading rows of ``rows`` (one key's, in seq order) that each follow the one before, the first
+    following row ``after``: a run with no hole."""
+    run: list[_Scanned] = []
+    for row in rows:
+        if row.prev != (run[-1].seq if run else after):
+            break
+        run.append(row)
+    return run

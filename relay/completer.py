@@ -16,8 +16,15 @@ Rules it keeps:
 - each statement is committed on its own (autocommit, but on SQLite), so a retry after an outage goes on
   from the first statement not done; a database that stays away past the stop's deadline leaves the
   rest unwritten: their leases expire and they are delivered again (at least once);
+- once a key's run has been delivered (its last message), or a message of a key is dead, the key's
+  queued messages are promoted (:meth:`relay.claim.ClaimQueries.promote`) after the marks that let
+  them go on, in the same write;
 - a recorded outcome of a keyed message, or any release, wakes the fetcher: the key's next message, or
-  the released row, can be claimed at once.
+  the released row, can be claimed at once;
+- a lease's deadline (:class:`InFlight`: until when this relay knows, by its own clock, that it holds
+  the lease; handlers do not start past it) moves forward only with a renewal sent while the lease was
+  still live by that clock: a relay frozen past its lease does not revive it by renewing when it
+  thaws. ``tests/test_crash.py::test_relay_thawed_after_its_leases_expired_starts_none_of_their_handlers``
 """
 
 from __future__ import annotations
@@ -55,11 +62,15 @@ class InFlight:
     """The relay's window: the messages claimed and not yet recorded, by lease token.
 
     The fetcher adds each claimed batch and waits on :attr:`room` when the window is full; the completer
-    removes what it has recorded and sets :attr:`room`.
+    removes what it has recorded and sets :attr:`room`. Each lease also has its **deadline**: the
+    monotonic time until which this relay knows it holds it, by its own clock (the claim's start, or a
+    renewal's, plus ``lease_seconds`` less :func:`lease_margin`); a handler does not start past it.
     """
 
     def __init__(self) -> None:
         self._by_lease: dict[str, set[int]] = {}
+        self._deadlines: dict[str, float] = {}
+        self._bytes = 0  # payload bytes in flight
         self._lock = threading.Lock()
         #: set whenever messages leave the window (and by a stopping relay)
         self.room = threading.Event()
@@ -68,24 +79,65 @@ class InFlight:
         with self._lock:
             return sum(len(seqs) for seqs in self._by_lease.values())
 
-    def add(self, token: str, seqs: Iterable[int]) -> None:
+    def add(
+        self, token: str, seqs: Iterable[int], *, deadline: float = float("inf"), nbytes: int = 0
+    ) -> None:
         with self._lock:
             self._by_lease[token] = set(seqs)
+            self._deadlines[token] = deadline
+            self._bytes += nbytes
+
+    def bytes(self) -> int:
+        """Payload bytes of the messages in flight."""
+        return self._bytes
 
     def remove(self, deliveries: Iterable[Delivery]) -> None:
         with self._lock:
             for delivery in deliveries:
                 seqs = self._by_lease.get(delivery.token)
-                if seqs is not None:
+                if seqs is not None and delivery.seq in seqs:
+                    self._bytes -= len(delivery.message.body)
                     seqs.discard(delivery.seq)
                     if not seqs:
                         del self._by_lease[delivery.token]
+                        self._deadlines.pop(delivery.token, None)
         self.room.set()
+
+    def token_of(self, seq: int) -> str | None:
+        """The lease token under which row ``seq`` is in this relay's window (None: it is not)."""
+        with self._lock:
+            for token, seqs in self._by_lease.items():
+                if seq in seqs:
+                    return token
+        return None
 
     def leases(self) -> list[str]:
         """The lease tokens with messages still in flight."""
         with self._lock:
             return [token for token, seqs in self._by_lease.items() if seqs]
+
+    def deadline(self, token: str) -> float:
+        """Until when (monotonic) this relay knows it holds lease ``token``; -inf once it left the window."""
+        return self._deadlines.get(token, float("-inf"))
+
+    def renewed(self, tokens: Iterable[str], sent_at: float, lease_seconds: float) -> None:
+        """A renewal of ``tokens`` sent at ``sent_at`` (monotonic) succeeded: push their deadlines forward.
+
+        Only a lease still live by this relay's clock when the renewal was sent is pushed: one that had
+        expired may have been taken over by another relay meanwhile, and the renewal (which changes only
+        the rows still under the token) cannot tell this relay which of its rows are still its own.
+        """
+        deadline = sent_at + lease_seconds - lease_margin(lease_seconds)
+        with self._lock:
+            for token in tokens:
+                if self._deadlines.get(token, float("-inf")) >= sent_at:
+                    self._deadlines[token] = deadline
+
+
+def lease_margin(lease_seconds: float) -> float:
+    """How much earlier than its expiry a lease counts as lost: a sixth of it (the claim or renewal's
+    own round trip, a scheduling delay). Renewals, every third of the lease, keep it well ahead."""
+    return lease_seconds / 6
 
 
 class LeaseWrites:
@@ -121,6 +173,13 @@ class LeaseWrites:
         except BaseException:
             self.close()  # broken, or in a state nobody should guess: take a new one
             raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A transaction of its own, for writes that must commit together (not while
+        :meth:`connection` is open: on SQLite the two would wait on each other's write lock)."""
+        with self.engine.begin() as tx:
+            yield tx
 
     def close(self) -> None:
         conn, self._held = self._held, None
@@ -158,12 +217,28 @@ class Completer:
         self.publishers = publishers
         self.wake = wake
         self.progressed = progressed
-        self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome]] = queue.SimpleQueue()
+        # outcomes to write, each with the event to set once its write is over (None: nobody waits)
+        self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome, threading.Event | None]] = (
+            queue.SimpleQueue()
+        )
         self._recording = 0  # outcomes being written now (taken from _outcomes)
+        self._thread: int | None = None  # the ident of the thread in run()
 
     def report(self, delivery: Delivery, outcome: Outcome) -> None:
         """A publisher's report: ``delivery`` ended with ``outcome`` (called once per delivery)."""
-        self._outcomes.put((delivery, outcome))
+        self._outcomes.put((delivery, outcome, None))
+
+    def report_and_wait(self, delivery: Delivery, outcome: Outcome) -> None:
+        """:meth:`report`, then wait until the outcome's write is over (committed, or given up after
+        an outage), at most one lease: a message taken back from an expired lease must have its
+        outcome durable before the next one starts (``relay.claim``, invariant 10), or a relay killed
+        by that next one would count a second attempt for it."""
+        if threading.get_ident() == self._thread:  # the timeout check's report: it would wait on itself
+            self.report(delivery, outcome)
+            return
+        written = threading.Event()
+        self._outcomes.put((delivery, outcome, written))
+        written.wait(self.lease_seconds)
 
     def unrecorded(self) -> int:
         """Outcomes reported and not yet written: finished messages still counted in flight."""
@@ -173,15 +248,21 @@ class Completer:
         """Write outcomes until the publishers have stopped and every outcome is written; during an
         outage at stop, give up once ``past_deadline()``."""
         _leave_signals_to_other_threads()
+        self._thread = threading.get_ident()
         renew_every = self.lease_seconds / 3
         next_renew = time.monotonic() + renew_every
         next_timeout_check = time.monotonic() + 0.2
         while True:
-            batch = self._take()
-            if batch:
-                self._recording = len(batch)
-                self._write(batch, past_deadline)
-                self._recording = 0
+            taken = self._take()
+            if taken:
+                self._recording = len(taken)
+                try:
+                    self._write([(delivery, outcome) for delivery, outcome, _ in taken], past_deadline)
+                finally:
+                    self._recording = 0
+                    for _, _, written in taken:
+                        if written is not None:
+                            written.set()
             now = time.monotonic()
             if now >= next_timeout_check:
                 for publisher in self.publishers:
@@ -194,7 +275,7 @@ class Completer:
                 self.lease_writes.close()
                 return
 
-    def _take(self) -> list[tuple[Delivery, Outcome]]:
+    def _take(self) -> list[tuple[Delivery, Outcome, threading.Event | None]]:
         try:
             first = self._outcomes.get(timeout=0.05)
         except queue.Empty:
@@ -208,9 +289,17 @@ class Completer:
         return batch
 
     def _write(self, batch: list[tuple[Delivery, Outcome]], past_deadline: Callable[[], bool]) -> None:
-        delivered: dict[str, list[int]] = defaultdict(list)
+        delivered: dict[tuple[str, bool], list[int]] = defaultdict(list)
         released: dict[tuple[str, float], list[int]] = defaultdict(list)
         failures: dict[str, list[Failure]] = defaultdict(list)
+        # Rows after which their key may go on (a run's end delivered, a keyed row dead): their mark and
+        # the promotion of their key's queued rows commit together (ClaimQueries.promote), so that no
+        # crash can come between them and leave the key's queued rows waiting for the safety net.
+        key_ends: dict[tuple[str, bool], list[int]] = defaultdict(list)
+        key_deaths: dict[str, list[Failure]] = defaultdict(list)
+        finished_keys: list[int] = []
+        chained: list[tuple[str, int, int]] = []  # (key, after, count): the run after a chained one
+        key_went_on = False  # a key's run ended or a keyed row failed: its next rows may be claimable now
         counts: dict[str, int] = defaultdict(int)
         recorded: list[RecordedOutcome] = []
         watched = bool(self.observers.observers)
@@ -220,8 +309,19 @@ class Completer:
             if isinstance(outcome, Delivered):
                 counts["delivered"] += 1
                 result = "delivered"
-                if not outcome.marked:
-                    delivered[delivery.token].append(delivery.seq)
+                ends_a_run = delivery.run_end and delivery.message.key is not None
+                key_went_on = key_went_on or ends_a_run
+                chains = delivery.promote_after != 0 and delivery.message.key is not None
+                if chains:
+                    key_went_on = True
+                    chained.append(
+                        (str(delivery.message.key), delivery.promote_after, self.claims.run_length)
+                    )
+                if not outcome.marked:  # else: marked, and promoted, in the handler's transaction
+                    lease = (delivery.token, delivery.counted)
+                    (key_ends if ends_a_run or chains else delivered)[lease].append(delivery.seq)
+                    if ends_a_run:
+                        finished_keys.append(delivery.seq)
             elif isinstance(outcome, Released):
                 counts["released"] += 1
                 result = "released"
@@ -230,7 +330,12 @@ class Completer:
                 failure = self._failure(delivery, outcome, now)
                 counts["dead" if failure.retry_at is None else "failed"] += 1
                 result = failure_result(failure.status)
-                failures[delivery.token].append(failure)
+                key_went_on = key_went_on or delivery.message.key is not None
+                if failure.status is Status.DEAD and delivery.message.key is not None:
+                    key_deaths[delivery.token].append(failure)
+                    finished_keys.append(delivery.seq)
+                else:
+                    failures[delivery.token].append(failure)
             if watched:
                 recorded.append(RecordedOutcome(delivery, outcome, result))
 
@@ -242,20 +347,37 @@ class Completer:
             # and count them as fenced off.
             nonlocal fenced
             with self.lease_writes.connection() as conn:
-                for token, seqs in list(delivered.items()):
-                    fenced += len(seqs) - self.claims.mark_delivered(conn, token, seqs, now=now)
-                    del delivered[token]
+                for (token, counted), seqs in list(delivered.items()):
+                    marked = self.claims.mark_delivered(conn, token, seqs, now=now, counted=counted)
+                    fenced += len(seqs) - marked
+                    del delivered[(token, counted)]
                 for token, items in list(failures.items()):
                     self.claims.mark_failed(conn, token, items)
                     del failures[token]
                 for (token, pause), seqs in list(released.items()):
                     self.claims.release(conn, token, seqs, due_at=now + dt.timedelta(seconds=pause))
                     del released[(token, pause)]
+            if finished_keys or chained or key_ends:
+                # one transaction: these marks, then the promotion that reads them (a relay frozen
+                # inside it holds only finished rows and queued ones, which no claim takes)
+                with self.lease_writes.transaction() as tx:
+                    for (token, counted), seqs in key_ends.items():
+                        marked = self.claims.mark_delivered(tx, token, seqs, now=now, counted=counted)
+                        fenced += len(seqs) - marked
+                    for token, items in key_deaths.items():
+                        self.claims.mark_failed(tx, token, items)
+                    self.claims.promote(tx, finished_keys, now=now)
+                    self.claims.key_queue.promote_after(tx, chained, now=now)
+                key_ends.clear()
+                key_deaths.clear()
+                finished_keys.clear()
+                chained.clear()
 
         try:
             self.db.run(write, give_up=past_deadline)
         except Exception:
             left = sum(map(len, delivered.values())) + sum(map(len, failures.values()))
+            left += sum(map(len, key_ends.values())) + sum(map(len, key_deaths.values()))
             left += sum(map(len, released.values()))
             log.exception(
                 "could not record %d outcome(s); their leases will expire and they will be retried", left
@@ -274,8 +396,10 @@ class Completer:
             self.observers.on_fenced(fenced)
         self.in_flight.remove(delivery for delivery, _ in batch)
         self.progressed()
-        if released or any(d.message.key is not None for d, _ in batch):
-            self.wake.set()  # the next message of those keys (or the released rows) can be claimed now
+        if counts.get("released") or key_went_on:  # (`released` itself is emptied as it is written)
+            # the next rows of those keys (promoted, or due behind the finished row) or the released
+            # rows can be claimed now; a delivery inside a run frees nothing (its run hands out the next)
+            self.wake.set()
 
     def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
         policy = delivery.policy
@@ -290,7 +414,7 @@ class Completer:
                 attempt,
                 outcome.error,
             )
-            return Failure(delivery.seq, status, None, outcome.error)
+            return Failure(delivery.seq, status, None, outcome.error, attempt)
         retry_at = now + policy.retry.delay_after(attempt)
         log.warning(
             "message %s (%s) attempt %d failed, retry at %s: %s",
@@ -300,12 +424,13 @@ class Completer:
             retry_at.isoformat(timespec="seconds"),
             outcome.error,
         )
-        return Failure(delivery.seq, Status.FAILED, retry_at, outcome.error)
+        return Failure(delivery.seq, Status.FAILED, retry_at, outcome.error, attempt)
 
     def _renew_leases(self) -> None:
         tokens = self.in_flight.leases()
         if not tokens and self.relay_lock is None:
             return
+        sent_at = time.monotonic()
         until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
 
         def renew() -> None:
@@ -319,6 +444,8 @@ class Completer:
             self.db.run(renew, give_up=lambda: True)
         except Exception as exc:
             log.warning("could not renew leases: %s", describe_error(exc))
+            return
+        self.in_flight.renewed(tokens, sent_at, self.lease_seconds)
 
 
 #: signals an application or the CLI may handle (Python runs every handler in the main thread anyway)

@@ -5,13 +5,18 @@ A relay is ready when all of these hold (``/readyz`` answers 503 naming each one
 - ``relay``: it has started and is not stopping;
 - ``database``: the outbox database answers ``SELECT 1`` within ``database_timeout`` seconds;
 - ``broker`` (only when a publisher talks to a broker, i.e. Kafka is configured): the publisher's
-  ``broker_problem()`` finds nothing wrong (its last answer from the broker was not an outage, or a
-  bootstrap server accepts a connection);
+  ``broker_problem()`` finds nothing wrong (its last answer from the broker was not an outage, or,
+  with no recent answer, a bootstrap server completes a handshake with the configured security
+  settings: a metadata request over TLS and SASL as configured, not only a TCP connection);
+- ``handlers``: no more handler threads are stuck past their timeout than ``max_stuck_handlers``
+  (past that the relay stops claiming: restart it; see ``relay.publishers.handlers``);
 - ``progress``: the claim loop claimed (even nothing) or recorded outcomes within the last
   ``max(3 x poll_interval, 30 s)``. A relay whose handlers all run longer than that, with no capacity
   left to claim, reads as not progressing too: raise ``progress_within`` for such workloads.
 
-``/healthz`` (liveness) only says that the process answers.
+``/healthz`` (liveness) says that the relay can work: it answers ``503`` once a thread the relay cannot
+work without (fetcher, dispatcher, completer) has died (``Relay.failure``), while the relay stops and
+``outbox relay`` exits with code 8.
 """
 
 from __future__ import annotations
@@ -43,10 +48,13 @@ class RelayReadiness:
             problem = getattr(publisher, "broker_problem", None)
             if problem is not None:
                 checks["broker"] = problem
+        checks["handlers"] = self.relay.handlers.stuck_problem
         checks["progress"] = self.progress
         return checks
 
     def running(self) -> str | None:
+        if self.relay.failure is not None:
+            return self.relay.failure
         return None if self.relay.running else "the relay is not running (not started yet, or stopping)"
 
     def progress(self) -> str | None:
@@ -58,4 +66,6 @@ class RelayReadiness:
 
 def serve(relay: Relay, metrics: RelayMetrics, *, host: str = "0.0.0.0", port: int = 0) -> OpsServer:
     """Start serving ``/metrics`` (of ``metrics``), ``/healthz`` and ``/readyz`` (of ``relay``)."""
-    return OpsServer(metrics.registry, RelayReadiness(relay), host=host, port=port).start()
+    return OpsServer(
+        metrics.registry, RelayReadiness(relay), host=host, port=port, liveness=lambda: relay.failure
+    ).start()

@@ -42,8 +42,9 @@ import sqlalchemy as sa
 
 from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError
+from outbox.key_queue import KeyQueue
 from outbox.schema import OutboxTables
-from outbox.writer import utcnow
+from outbox.writer import MAX_DELAY, utcnow
 from relay.publishers import describe_error
 from relay.retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
 from relay.stuck import StuckFindings, StuckMonitor, report
@@ -105,14 +106,20 @@ class Maintenance:
     ) -> None:
         keep = as_timedelta(retention)
         stuck = as_timedelta(stuck_after)
-        if not (interval > 0 and lease_seconds > 0 and batch_size >= 1 and max_batches >= 1):
+        limit = MAX_DELAY.total_seconds()  # an infinite interval or lease would kill the thread later
+        if not (
+            0 < interval <= limit and 0 < lease_seconds <= limit and batch_size >= 1 and max_batches >= 1
+        ):
             raise ConfigError(
-                "maintenance interval, lease_seconds, batch_size and max_batches must be positive"
+                "maintenance interval, lease_seconds, batch_size and max_batches must be positive "
+                "(and the seconds finite)"
             )
-        if keep is not None and keep < dt.timedelta(0):
-            raise ConfigError(f"retention must not be negative, got {keep}")
-        if stuck is None or stuck <= dt.timedelta(0):
-            raise ConfigError(f"stuck_after must be a positive duration, got {stuck}")
+        if keep is not None and not dt.timedelta(0) <= keep <= MAX_DELAY:
+            raise ConfigError(f"retention must be zero to {MAX_DELAY.days} days, got {keep}")
+        if stuck is None or not dt.timedelta(0) < stuck <= MAX_DELAY:
+            raise ConfigError(
+                f"stuck_after must be a positive duration of at most {MAX_DELAY.days} days, got {stuck}"
+            )
         self.engine = engine
         # The lease's writes run in autocommit (but where one relay runs at a time: SQLite), each
         # committed when it has run, so a relay frozen between one and the next holds no lock on the
@@ -123,6 +130,7 @@ class Maintenance:
             else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self.tables = tables
+        self._key_queue = KeyQueue(tables)
         self.holder = holder
         self.retention = keep if keep else None
         self.stuck_after = stuck
@@ -196,6 +204,8 @@ class Maintenance:
                 if time.monotonic() >= next_work:
                     next_work = time.monotonic() + self.interval
                     self.check()
+                    if self._held:
+                        self.sweep_queued_keys()
                     if self._held and self.retention is not None:
                         runs = [self.apply_retention()]
                         if self._held and not self._stop.is_set():
@@ -337,6 +347,17 @@ class Maintenance:
             )
 
     # -- the stuck monitor -------------------------------------------------------------------------------
+
+    def sweep_queued_keys(self, *, now: dt.datetime | None = None) -> int:
+        """Promote the keys whose queued messages nothing holds back any more (outbox.key_queue): a
+        safety net for a promotion a crash came between. Returns how many messages came back."""
+        with self.engine.begin() as conn:
+            promoted = self._key_queue.sweep(conn, now=now or utcnow())
+        if promoted:
+            log.warning(
+                "maintenance: %d queued message(s) had no promotion; they are claimable again", promoted
+            )
+        return promoted
 
     def check(self, *, now: dt.datetime | None = None) -> StuckFindings:
         """Look for expired leases, overdue messages and held-back keys; keep, report and return them."""

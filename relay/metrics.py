@@ -17,7 +17,8 @@ Three sources, all named ``outbox_*`` (the README has the full table):
   the oldest due one per topic, in-flight, dead (dead + parked), and keys stopped at a failed or parked
   message. Every relay runs it, so take ``max`` across relays in queries and alerts;
 - **the relay itself**, read at each scrape: its in-flight deliveries, seconds since its claim loop last
-  made progress, and the latest findings of its maintenance thread (:mod:`relay.maintenance`).
+  made progress, its stuck handler threads (and whether it stopped claiming for them), and the latest
+  findings of its maintenance thread (:mod:`relay.maintenance`).
 
 Each :class:`RelayMetrics` has a registry of its own (:attr:`RelayMetrics.registry`), so several relays
 in one process (tests) never collide; it also holds the usual process and Python collectors.
@@ -340,6 +341,16 @@ class _StateCollector(Collector):
             "outbox_relay_seconds_since_progress",
             "Seconds since this relay's claim loop last claimed (even nothing) or recorded outcomes.",
             value=max(0.0, time.monotonic() - relay.last_progress),
+        )
+        yield GaugeMetricFamily(
+            "outbox_relay_stuck_handlers",
+            "Handler threads of this relay handed off after a timeout they did not stop at, still running.",
+            value=relay.handlers.stuck_count(),
+        )
+        yield GaugeMetricFamily(
+            "outbox_relay_claiming_stopped",
+            "1 when this relay stopped claiming: more stuck handler threads than max_stuck_handlers.",
+            value=0.0 if relay.handlers.stuck_problem() is None else 1.0,
         )
         maintenance = getattr(relay, "maintenance", None)
         findings = getattr(maintenance, "findings", None)

@@ -10,7 +10,9 @@ Threads (dramatiq's shape: fetching apart from running):
   after ``AWAKE_POLL`` (2 ms) when a claim comes back short, twice as late after each empty look:
   writers send at most one NOTIFY per ``outbox.wakeup.NOTIFY_GAP`` (20 ms, shorter than the awake
   window), so a message whose NOTIFY was merged into an earlier one is found by that looking, and the
-  merged NOTIFY at the gap's end keeps the relay awake while commits continue;
+  merged NOTIFY at the gap's end keeps the relay awake while commits continue. It stops claiming while
+  more handler threads are stuck past their timeout than ``max_stuck_handlers`` (see
+  :mod:`relay.publishers.handlers`; ``/readyz`` then fails, so that the relay is restarted);
 - **publishers** deliver (in-process handlers on a bounded worker pool; Kafka in ``publishers.kafka``)
   and report each outcome once;
 - the **completer** (:mod:`relay.completer`) writes outcomes in bulk (one fenced UPDATE per lease for
@@ -46,6 +48,12 @@ again). On SQLite one relay runs at a time (:mod:`relay.single_relay`).
 Graceful stop: stop claiming; release what has not started; let running handlers finish within
 ``stop_timeout``; write every outcome; leave the leases of handlers still running to expire (never hand
 back a row that is still executing).
+
+No zombie: the fetcher, the dispatcher and the completer are threads the relay cannot work without. When
+one dies (any exception, ``BaseException`` included: a claim's ``MemoryError`` after the server committed
+it, a bug), :attr:`Relay.failure` says why, ``/healthz`` answers 503 and the relay stops itself
+(``outbox relay`` then exits with code 8); the rows it held and could not finish are left to their
+lease, so a relay claims them again once it expires. -- ``tests/test_relay_liveness.py``
 """
 
 from __future__ import annotations
@@ -69,12 +77,14 @@ from sqlalchemy import orm
 from consumers.registry import Registry, default_registry
 from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
-from outbox.policy import RetryPolicy, TopicPolicy
+from outbox.key_queue import RUN_LENGTH
+from outbox.policy import MAX_SECONDS, RetryPolicy, TopicPolicy
+from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 from outbox.wakeup import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter
-from outbox.writer import utcnow
-from relay.claim import ClaimedRow, ClaimQueries
-from relay.completer import Completer, InFlight, LeaseWrites
+from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, utcnow
+from relay.claim import ClaimedRow, ClaimQueries, ClaimResult
+from relay.completer import Completer, InFlight, LeaseWrites, lease_margin
 from relay.dispatch import Dispatcher
 from relay.listener import listen
 from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
@@ -93,6 +103,9 @@ AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
 #: default max_batch_size: claims grow to this while a backlog lasts and the handlers keep up (see above)
 MAX_BATCH_SIZE = 2000
+#: default max_in_flight_bytes: the payload bytes a relay holds claimed at most (a message larger than
+#: that is still claimed, alone), so that its memory follows this, not claim size x payload size
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 #: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
 #: 1,000 records are in flight; twice that leaves room for a slower broker
 BROKER_IN_FLIGHT = 2000
@@ -112,6 +125,19 @@ class Relay:
     to ``batch_size`` for a fixed size) and shrink back when the handlers fall behind or the backlog
     ends (the module's "Claim size"). ``max_in_flight`` caps the messages claimed and not yet recorded
     (default: twice the current claim size, at least 4 per worker, 2,000 with Kafka).
+
+    ``max_in_flight_bytes`` (default 64 MiB) bounds the payload bytes claimed and not yet recorded, as
+    ``max_in_flight`` bounds their number: a claim stops at it (taking one message at least), so the
+    relay's memory follows it, not the claim size times the payload size.
+
+    ``max_payload_bytes`` (default ``outbox.writer.DEFAULT_MAX_PAYLOAD_BYTES``, 4 MiB, as ``outbox.add``'s)
+    is the largest payload the relay hands out: a larger stored one (from a writer allowed more) fails
+    permanently, dead with "payload of N bytes exceeds max_payload_bytes M" (:mod:`relay.dispatch`).
+
+    ``handler_timeout``: seconds an attempt may run (unless its handler sets ``timeout``) before it fails
+    and its handler is interrupted; ``max_stuck_handlers`` (default twice ``workers``): how many handler
+    threads blocked past their timeout where Python cannot interrupt them may run on before the relay
+    stops claiming and reports itself unready (``relay.publishers.handlers``).
 
     ``freeze_gc=True`` calls :func:`gc.freeze` in :meth:`start`, once the relay is set up: every object
     alive then (the interpreter's modules, SQLAlchemy's, the application's) moves to the collector's
@@ -137,6 +163,7 @@ class Relay:
         stop_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         handler_timeout: float | None = None,
+        max_stuck_handlers: int | None = None,
         strict_order_topics: Sequence[str] = (),
         kafka: Any = None,
         publishers: Sequence[Any] = (),
@@ -147,18 +174,37 @@ class Relay:
         stuck_after: dt.timedelta | float = DEFAULT_STUCK_AFTER,
         maintenance_interval: float = DEFAULT_INTERVAL,
         freeze_gc: bool = False,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_in_flight_bytes: int = MAX_IN_FLIGHT_BYTES,
     ) -> None:
         _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
+        if not isinstance(max_in_flight_bytes, int) or max_in_flight_bytes < 1:
+            raise ConfigError(
+                "max_in_flight_bytes must be a whole number of bytes, at least 1, "
+                f"got {max_in_flight_bytes!r}"
+            )
+        #: payload bytes claimed and not yet recorded, at most (a claim takes at least one message)
+        self.max_in_flight_bytes = max_in_flight_bytes
+        if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise ConfigError(
+                f"max_payload_bytes must be a whole number of bytes, at least 1, got {max_payload_bytes!r}"
+            )
         _check_positive(poll_interval=poll_interval)
         if max_in_flight is not None:
             _check_positive(max_in_flight=max_in_flight)
+        if max_stuck_handlers is not None and not (
+            isinstance(max_stuck_handlers, int) and max_stuck_handlers >= 0
+        ):
+            raise ConfigError(
+                f"max_stuck_handlers must be a whole number, 0 or more, got {max_stuck_handlers!r}"
+            )
         if max_batch_size is not None and max_batch_size < batch_size:
             raise ConfigError(
                 f"max_batch_size ({max_batch_size}) must be at least batch_size ({batch_size}); "
                 "set them equal to claim a fixed batch_size"
             )
-        if stop_timeout < 0:
-            raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
+        if not 0 <= stop_timeout <= MAX_SECONDS:
+            raise ConfigError(f"stop_timeout must be zero or more seconds, and finite, got {stop_timeout!r}")
         # An engine of our own skips the pool's pre-ping (a SELECT 1 before every claim and mark, 9-26 % of
         # the fetcher's and completer's time in profiles): a connection that died with its server fails
         # its next statement instead, SQLAlchemy then discards the pool's connections, and _db.run
@@ -196,11 +242,15 @@ class Relay:
         )
         self._last_claim_full = False  # the fetcher's: see ClaimQueries.claim_batch(look_first)
         self._sessions = orm.sessionmaker(self.engine)
+        self._window = InFlight()  # claimed and not yet recorded: at most max_in_flight
         self.handlers = HandlerPublisher(
             self.registry,
             workers=workers,
             session_factory=self._session_factory,
             mark_in_session=self._mark_in_session,
+            lease_deadline=self._window.deadline,
+            max_stuck=max_stuck_handlers,
+            mark_started=self._mark_started,
         )
         extra = list(publishers)
         if kafka is not None:
@@ -217,7 +267,6 @@ class Relay:
         self._db = OutageRetry(self._stopping)  # every database operation, retried through outages
         self._fetcher_done = threading.Event()
         self._publishers_stopped = threading.Event()
-        self._window = InFlight()  # claimed and not yet recorded: at most max_in_flight
         self.completer = Completer(
             claims=self.claims,
             lease_writes=LeaseWrites(self.engine, self._autocommit),
@@ -237,10 +286,17 @@ class Relay:
             default_policy=TopicPolicy(retry=retry or RetryPolicy(), timeout=handler_timeout),
             strict_order_topics=strict_order_topics,
             report=self.completer.report,
+            report_and_wait=self.completer.report_and_wait,
+            stopping=self._stopping,
+            max_payload_bytes=max_payload_bytes,
+            mark_started=self._mark_started,
         )
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()  # stop() from a dying thread and from the owner: one runs
+        #: why the relay cannot work (a thread it needs died; see _thread_died), else None
+        self.failure: str | None = None
         self._stop_deadline = float("inf")
         #: retention and the stuck-message monitor (relay.maintenance); None with maintenance=False
         self.maintenance = (
@@ -272,10 +328,7 @@ class Relay:
             gc.freeze()  # after the schema check: the dialect's and the pool's state are built by now
         register_waiter(self.tables.name, self._wake)
         self._spawn("outbox-fetcher", self._fetch_loop)
-        self._spawn(
-            "outbox-completer",
-            lambda: self.completer.run(self._publishers_stopped, self._stop_deadline_passed),
-        )
+        self._spawn("outbox-completer", self._complete_loop)
         if self.dialect.listen_notify:
             channel = notify_channel(self.tables.name)
             self._spawn("outbox-listener", lambda: listen(self.engine, channel, self._wake, self._stopping))
@@ -284,7 +337,7 @@ class Relay:
         log.info(
             "relay %s started on %s table %r (batch %d to %d, workers %d, lease %gs)",
             self.name,
-            self.engine.url.render_as_string(hide_password=True),
+            mask_url(self.engine.url),
             self.tables.name,
             self.batch_size,
             self.max_batch_size,
@@ -295,9 +348,16 @@ class Relay:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop gracefully (see the module docstring); returns when every outcome has been written."""
-        if not self._started or self._stopped.is_set():
-            return
+        """Stop gracefully (see the module docstring); returns when every outcome has been written.
+
+        Safe to call from several threads: one stops the relay, the others wait until it has stopped.
+        """
+        with self._stop_lock:
+            if not self._started or self._stopped.is_set():
+                return
+            self._stop(timeout)
+
+    def _stop(self, timeout: float | None) -> None:
         timeout = self.stop_timeout if timeout is None else timeout
         self._stop_deadline = time.monotonic() + timeout
         self._stopping.set()
@@ -364,10 +424,14 @@ class Relay:
     @property
     def max_in_flight(self) -> int:
         """Messages claimed and not yet recorded, at most: the ``max_in_flight`` given, or by default
-        twice the claim size (at least 4 per worker; 2,000 with a Kafka publisher)."""
+        twice the claim size (at least 4 per worker; 2,000 with a Kafka publisher), and while a run is
+        going on, room for four runs more: the run chained behind it (relay.claim, invariant 12), and
+        the runs delivered but not yet recorded, which stay in the window until their marks are written
+        (measured: one key drained at 0.3 of the unkeyed rate with two runs of room, 0.6 with four)."""
         if self._max_in_flight is not None:
             return self._max_in_flight
-        return max(2 * self._claim_size, self._window_floor)
+        base = max(2 * self._claim_size, self._window_floor)
+        return base + 4 * RUN_LENGTH if self.dispatcher.chaining() else base
 
     def _next_claim_size(self, want: int, claimed: int, older: int, last_full: bool) -> int:
         """The claim size after a claim that asked for ``want`` and got ``claimed`` rows, while ``older``
@@ -393,24 +457,40 @@ class Relay:
         dispatcher.start()
         awake_until = 0.0  # until then, look again after `pause` seconds instead of poll_interval
         pause = AWAKE_POLL
+        stuck = False
         try:
             while not self._stopping.is_set():
+                problem = self.handlers.stuck_problem()
+                if (problem is not None) != stuck:
+                    if problem is not None:
+                        log.error("%s: this relay stops claiming; restart it", problem)
+                    else:
+                        log.warning("the stuck handler threads have ended: this relay claims again")
+                    stuck = problem is not None
+                if stuck:  # finish what is held; /readyz and a metric say why, so that it is restarted
+                    self._wake.wait(self.poll_interval)
+                    self._wake.clear()
+                    continue
                 room = self.max_in_flight - self.in_flight()
-                if room <= 0:
+                byte_room = self.max_in_flight_bytes - self._window.bytes()
+                if room <= 0 or byte_room <= 0:
                     self._window.room.clear()
-                    if self.in_flight() >= self.max_in_flight:
+                    full = self.in_flight() >= self.max_in_flight
+                    if full or self._window.bytes() >= self.max_in_flight_bytes:
                         self._window.room.wait(0.5)
                     continue
                 want = min(self._claim_size, room)
+                if self.dispatcher.chaining():  # a run is going on: the next claim may chain a whole run
+                    want = min(max(want, self.claims.run_length), room)
                 self._wake.clear()
-                rows = self._claim(want)
+                rows = self._claim(want, byte_room)
                 if rows is None:
                     continue  # outage while stopping
                 if rows:
                     batches.put(rows)
                     awake_until = time.monotonic() + AWAKE_SECONDS
                     pause = AWAKE_POLL
-                if len(rows) < want and not self._stopping.is_set():
+                if len(rows) + rows.queued < want and not self._stopping.is_set():
                     # Awake (a wake-up or a claimed row in the last AWAKE_SECONDS): writers merge the
                     # NOTIFYs of a busy moment (outbox.wakeup.NOTIFY_GAP), and a same-process wake-up can
                     # come a moment before the writer's COMMIT is visible: look again shortly, at once
@@ -422,9 +502,8 @@ class Relay:
                         pause = AWAKE_POLL
                     elif awake and not rows:
                         pause *= 2
-        except Exception:  # pragma: no cover - a bug; do not die silently
-            log.exception("relay fetcher crashed; stopping the relay")
-            threading.Thread(target=self.stop, daemon=True).start()
+        except BaseException as exc:  # MemoryError in a claim, a bug: the relay cannot claim any more
+            self._thread_died("fetcher", exc)
         finally:
             batches.put(None)
             dispatcher.join()  # every claimed batch is with a publisher (or released) before they stop
@@ -434,24 +513,60 @@ class Relay:
         while (rows := batches.get()) is not None:
             try:
                 self.dispatcher.dispatch(rows, stopping=self._stopping.is_set())
-            except Exception:  # pragma: no cover - a bug; do not die silently
-                log.exception("relay dispatcher crashed; stopping the relay")
-                threading.Thread(target=self.stop, daemon=True).start()
+            except BaseException as exc:  # a bug: this batch's rows wait for their lease; later ones are
+                self._thread_died("dispatcher", exc)  # released, as the relay is stopping now
 
-    def _claim(self, want: int) -> list[ClaimedRow] | None:
+    def _complete_loop(self) -> None:
+        try:
+            self.completer.run(self._publishers_stopped, self._stop_deadline_passed)
+        except BaseException as exc:  # nothing would be recorded or renewed any more
+            self._thread_died("completer", exc)
+
+    def _thread_died(self, thread: str, exc: BaseException) -> None:
+        """A thread the relay cannot work without (fetcher, dispatcher, completer) met ``exc``.
+
+        The relay must not live on as a zombie (answering probes, claiming nothing): it records why in
+        :attr:`failure` (``/healthz`` then fails, ``outbox relay`` exits with ``RET_CRASHED``) and stops.
+        Rows it claimed and could not finish are never lost: their lease expires and another relay (or
+        this one, restarted) claims them again.
+        -- tests/test_relay_liveness.py::test_a_relay_whose_claim_thread_dies_exits_and_loses_nothing
+        """
+        if self.failure is None:
+            self.failure = f"the relay's {thread} thread died: {type(exc).__name__}: {first_line(exc)}"
+        log.critical(
+            "%s; stopping the relay (its unfinished messages come back after their lease)",
+            self.failure,
+            exc_info=exc,
+        )
+        if not self._stopping.is_set():
+            threading.Thread(target=self.stop, name="outbox-stop-after-failure", daemon=True).start()
+
+    def _own_lease(self, key: str, seq: int) -> str | None:
+        """The lease under which this relay holds row ``seq`` in flight at the end of its run of ``key``,
+        while it is live by this relay's clock with time to spare (the claim chains the key's next run
+        behind it: invariant 12); None otherwise."""
+        if not self.dispatcher.chainable(key, seq):
+            return None
+        token = self._window.token_of(seq)
+        if token is None or self._window.deadline(token) < time.monotonic() + self.lease_seconds / 6:
+            return None
+        return token
+
+    def _claim(self, want: int, max_bytes: int | None = None) -> ClaimResult | None:
         started = 0.0
 
-        def claim() -> list[ClaimedRow]:
+        def claim() -> ClaimResult:
             nonlocal started
             started = time.monotonic()  # the try that succeeds: outage retries are not claim time
-            alone = self._autocommit if self.claims.one_statement else None  # PostgreSQL: no transaction
-            with alone.connect() if alone is not None else self.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 return self.claims.claim_batch(
                     conn,
                     limit=want,
                     lease_seconds=self.lease_seconds,
                     now=utcnow(),
                     look_first=not self._last_claim_full,
+                    max_bytes=max_bytes,
+                    own=self._own_lease,
                 )
 
         try:
@@ -462,21 +577,44 @@ class Relay:
         # Older rows still with the publishers (not those finished and waiting for their mark: the
         # window bounds those, and larger claims make for larger, cheaper marks)
         older = self.in_flight() - self.completer.unrecorded()
-        self._claim_size = self._next_claim_size(want, len(rows), older, self._last_claim_full)
-        self._last_claim_full = len(rows) == want
+        # rows set aside behind their key (queued) count as found: the scan met that many due rows
+        found = len(rows) + rows.queued
+        self._claim_size = self._next_claim_size(want, found, older, self._last_claim_full)
+        self._last_claim_full = found == want
         self.observers.on_claimed(rows, self.last_progress - started)
         if rows:
             log.debug("claimed %d message(s) in %.3fs", len(rows), self.last_progress - started)
         if rows:
-            self._window.add(rows[0].token, (r.seq for r in rows))
+            self.dispatcher.register(rows)  # before the next claim asks what it may chain
+            # the lease runs from the claim's start, by this relay's clock (handlers check it)
+            deadline = started + self.lease_seconds - lease_margin(self.lease_seconds)
+            nbytes = sum(len(r.payload) for r in rows)
+            self._window.add(rows[0].token, (r.seq for r in rows), deadline=deadline, nbytes=nbytes)
             self.counters["claimed"] += len(rows)
         return rows
 
     def _mark_in_session(self, session: orm.Session, delivery: Delivery) -> bool:
+        now = utcnow()
+        connection = session.connection()
         marked = self.claims.mark_delivered(
-            session.connection(), delivery.token, [delivery.seq], now=utcnow()
+            connection, delivery.token, [delivery.seq], now=now, counted=delivery.counted
         )
+        if marked and delivery.run_end and delivery.message.key is not None:
+            # in the handler's transaction too: committed with the mark, or not at all (relay.completer)
+            self.claims.promote(connection, [delivery.seq], now=now)
         return marked == 1
+
+    def _mark_started(self, delivery: Delivery) -> bool:
+        """Count ``delivery``'s attempt before it starts, committed (relay.claim, invariant 10)."""
+
+        def mark() -> bool:
+            with self._autocommit.connect() if self._autocommit is not None else self.engine.begin() as conn:
+                return self.claims.mark_started(conn, delivery.token, delivery.seq)
+
+        try:
+            return self._db.run(mark, give_up=self._stopping.is_set)
+        except GaveUp:
+            return False
 
     def _progressed(self) -> None:
         self.last_progress = time.monotonic()
@@ -491,7 +629,7 @@ class Relay:
             with self.engine.connect() as conn:
                 check_version(conn, self.tables.name)
         except sa.exc.DBAPIError as exc:
-            url = self.engine.url.render_as_string(hide_password=True)
+            url = mask_url(self.engine.url)
             if is_outage(exc):
                 raise DatabaseUnavailable(
                     f"cannot reach the database at {url}: {first_line(exc.orig or exc)}"
@@ -508,6 +646,10 @@ class Relay:
 
 
 def _check_positive(**values: float) -> None:
+    """Each value is a positive number, finite and at most ``MAX_SECONDS`` (100 years): an infinite lease
+    passed ``> 0``, then adding it to a time killed the fetcher thread while the process lived on."""
     for name, value in values.items():
-        if not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
+            raise ConfigError(
+                f"{name} must be a positive number, finite and at most {MAX_SECONDS:.0f}, got {value!r}"
+            )

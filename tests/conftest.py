@@ -21,7 +21,9 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
+from consumers import Registry
 from outbox.dialects import create_engine
+from relay import Relay
 from tests.apps import RelayLauncher
 
 POSTGRES_ADMIN = os.environ.get("OUTBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -195,3 +197,18 @@ def spans() -> Iterator[Any]:
     finally:
         install(None)
         provider.shutdown()
+
+
+@pytest.fixture
+def registry() -> Registry:
+    """A fresh handler registry (not the default one), for the ``relay`` fixture."""
+    return Registry()
+
+
+@pytest.fixture
+def relay(engine: sa.Engine, registry: Registry) -> Iterator[Relay]:
+    """An in-process relay on ``engine`` with the handlers of ``registry``, quick to poll; started by the
+    test (after it registered its handlers), stopped afterwards."""
+    r = Relay(engine, registry, poll_interval=0.05, batch_size=50, workers=4)
+    yield r
+    r.stop()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +15,7 @@ from outbox.dialects import dialect_for
 from outbox.schema import Status, tables_for
 from outbox.writer import utcnow
 from relay.claim import ClaimQueries, Failure
-from tests.conftest import SERVER_BACKENDS
+from tests.conftest import SERVER_BACKENDS, wait_until
 
 
 @pytest.fixture
@@ -44,19 +46,29 @@ def row_state(engine: sa.Engine, seq: int) -> sa.Row:  # type: ignore[type-arg]
         return conn.execute(sa.select(t).where(t.c.seq == seq)).one()
 
 
-def test_claim_takes_only_the_head_of_each_key(engine: sa.Engine, claims: ClaimQueries) -> None:
+def test_claim_takes_each_key_as_one_run_in_seq_order(engine: sa.Engine, claims: ClaimQueries) -> None:
     add_many(engine, [("a", "k1"), ("b", "k1"), ("c", "k2"), ("d", None), ("e", None), ("f", "k2")])
     rows = claim(engine, claims)
-    assert sorted(r.topic for r in rows) == ["a", "c", "d", "e"]
+    assert [r.topic for r in rows] == ["a", "b", "c", "d", "e", "f"]  # seq order
     assert len({r.token for r in rows}) == 1
-    assert all(r.attempts == 1 for r in rows)
-    # nothing more is claimable until the heads finish
+    assert all(r.attempts == 0 for r in rows)  # the claim counts no attempt (invariant 10)
+    # nothing more is claimable until the runs finish
     assert claim(engine, claims) == []
+
+
+def test_a_key_is_claimed_again_only_after_its_run(engine: sa.Engine, claims: ClaimQueries) -> None:
+    """Invariant 3: rows added behind a run in flight wait for it, whatever else is claimable."""
+    add_many(engine, [("a", "k1"), ("b", "k1")])
+    run = claim(engine, claims)
+    add_many(engine, [("c", "k1"), ("d", None)])
+    assert [r.topic for r in claim(engine, claims)] == ["d"]
     with engine.begin() as conn:
-        claims.mark_delivered(
-            conn, rows[0].token, [r.seq for r in rows if r.topic in ("a", "c")], now=utcnow()
-        )
-    assert sorted(r.topic for r in claim(engine, claims)) == ["b", "f"]
+        claims.mark_delivered(conn, run[0].token, [run[0].seq], now=utcnow())
+    assert claim(engine, claims) == []  # b still in flight
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, run[0].token, [run[1].seq], now=utcnow())
+        claims.promote(conn, [run[1].seq], now=utcnow())
+    assert [r.topic for r in claim(engine, claims)] == ["c"]
 
 
 def test_delayed_message_is_claimed_only_when_due(engine: sa.Engine, claims: ClaimQueries) -> None:
@@ -69,11 +81,12 @@ def test_delayed_message_is_claimed_only_when_due(engine: sa.Engine, claims: Cla
 def test_expired_lease_is_fenced(engine: sa.Engine, claims: ClaimQueries) -> None:
     """Invariant 2: once a lease is reclaimed, the old token can neither mark, fail, release nor renew."""
     add_many(engine, [("t", "k")])
-    (first,) = claim(engine, claims, lease=0.2)
+    (first,) = claim(engine, claims, lease=5)
     assert claim(engine, claims) == []  # live lease: nobody else gets it
-    time.sleep(0.3)
-    (second,) = claim(engine, claims)  # lease expired: reclaimed with a new token
-    assert second.seq == first.seq and second.token != first.token and second.attempts == 2
+    later = utcnow() + dt.timedelta(seconds=6)  # the claim decides by the time it is given
+    (second,) = claim(engine, claims, now=later)  # lease expired: reclaimed with a new token
+    assert second.seq == first.seq and second.token != first.token and second.attempts == 0
+    assert second.reclaimed
     with engine.begin() as conn:
         now = utcnow()
         assert claims.mark_delivered(conn, first.token, [first.seq], now=now) == 0
@@ -86,9 +99,10 @@ def test_expired_lease_is_fenced(engine: sa.Engine, claims: ClaimQueries) -> Non
         assert claims.mark_delivered(conn, second.token, [second.seq], now=utcnow()) == 1
     state = row_state(engine, first.seq)
     assert state.status == "delivered" and state.due_at is None and state.lease_token is None
+    assert state.attempts == 1  # counted with its outcome
 
 
-def test_release_gives_the_attempt_back(engine: sa.Engine, claims: ClaimQueries) -> None:
+def test_release_counts_no_attempt(engine: sa.Engine, claims: ClaimQueries) -> None:
     add_many(engine, [("t", "k")])
     (row,) = claim(engine, claims)
     with engine.begin() as conn:
@@ -96,7 +110,7 @@ def test_release_gives_the_attempt_back(engine: sa.Engine, claims: ClaimQueries)
     state = row_state(engine, row.seq)
     assert (state.status, state.attempts, state.lease_token) == ("pending", 0, None)
     (again,) = claim(engine, claims)
-    assert again.seq == row.seq and again.attempts == 1
+    assert again.seq == row.seq and again.attempts == 0
 
 
 def test_renew_keeps_the_lease_alive(engine: sa.Engine, claims: ClaimQueries) -> None:
@@ -114,11 +128,17 @@ def test_failed_message_holds_only_its_key_until_retry_time(engine: sa.Engine, c
     retry_at = utcnow() + dt.timedelta(seconds=60)
     with engine.begin() as conn:
         claims.mark_failed(conn, rows["a"].token, [Failure(rows["a"].seq, Status.FAILED, retry_at, "boom")])
+        claims.release(conn, rows["b"].token, [rows["b"].seq], due_at=utcnow())  # the rest of a's run
         claims.mark_delivered(conn, rows["c"].token, [rows["c"].seq], now=utcnow())
     assert claim(engine, claims) == []  # b waits behind failed a
+    assert row_state(engine, rows["b"].seq).due_at is None  # queued: out of the scan until a finishes
     later = claim(engine, claims, now=retry_at + dt.timedelta(seconds=1))
-    assert [r.topic for r in later] == ["a"] and later[0].attempts == 2
+    assert [r.topic for r in later] == ["a"] and later[0].attempts == 1  # the failed one, counted
     assert row_state(engine, rows["a"].seq).last_error == "boom"
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, later[0].token, [later[0].seq], now=utcnow())
+        assert claims.promote(conn, [later[0].seq], now=utcnow()) == 1
+    assert [r.topic for r in claim(engine, claims)] == ["b"]
 
 
 def test_dead_lets_the_key_go_on_but_parked_holds_it(engine: sa.Engine, claims: ClaimQueries) -> None:
@@ -127,6 +147,8 @@ def test_dead_lets_the_key_go_on_but_parked_holds_it(engine: sa.Engine, claims: 
     with engine.begin() as conn:
         claims.mark_failed(conn, rows["a"].token, [Failure(rows["a"].seq, Status.DEAD, None, "poison")])
         claims.mark_failed(conn, rows["c"].token, [Failure(rows["c"].seq, Status.PARKED, None, "poison")])
+        # what the relay does: the rest of each run is released
+        claims.release(conn, rows["a"].token, [rows["b"].seq, rows["d"].seq], due_at=utcnow())
     assert [r.topic for r in claim(engine, claims)] == ["b"]  # d stays behind parked c
     assert row_state(engine, rows["a"].seq).due_at is None
 
@@ -144,3 +166,221 @@ def test_concurrent_claims_never_overlap(engine: sa.Engine, claims: ClaimQueries
         two.commit()
     assert len(first) == 60 and len(second) == 40
     assert not {r.seq for r in first} & {r.seq for r in second}
+
+
+def keyed_seqs(engine: sa.Engine, key: str) -> list[tuple[int, dt.datetime | None, str]]:
+    t = tables_for().messages
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.seq, t.c.due_at, t.c.status).where(t.c.msg_key == key).order_by(t.c.seq)
+        )
+        return [(r.seq, r.due_at, r.status) for r in rows]
+
+
+def test_rows_behind_a_run_leave_the_scan_and_come_back_a_run_at_a_time(engine: sa.Engine) -> None:
+    """Invariant 8: a row the scan finds blocked is queued (out of the due_at index) once, and promotion
+    brings back exactly one run of its key: claims never re-read the depth of a key."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    add_many(engine, [("hot", "k")] * 45 + [("cold", None)] * 3)
+    first = claim(engine, claims, limit=100)
+    assert [r.topic for r in first].count("hot") == 10 and [r.topic for r in first].count("cold") == 3
+    assert first.queued == 35
+    again = claim(engine, claims, limit=100)
+    assert again == [] and again.queued == 0  # nothing of the key is scanned any more
+    state = keyed_seqs(engine, "k")
+    assert all(due is None and status == "pending" for _, due, status in state[10:])
+    for n in range(1, 5):  # the rest, one run at a time, in seq order
+        with engine.begin() as conn:
+            claims.mark_delivered(conn, first[0].token, [r.seq for r in first], now=utcnow())
+            run_end = [r.seq for r in first if r.key == "k"][-1]
+            assert claims.promote(conn, [run_end], now=utcnow()) == min(10, 45 - 10 * n)
+        first = claim(engine, claims, limit=100)
+        assert [r.seq for r in first] == [seq for seq, _, _ in state[10 * n : 10 * n + 10]]
+
+
+def test_promotion_waits_while_anything_earlier_holds_the_key(
+    engine: sa.Engine, claims: ClaimQueries
+) -> None:
+    add_many(engine, [("a", "k")])
+    (head,) = claim(engine, claims)
+    add_many(engine, [("b", "k"), ("c", "k")])
+    assert claim(engine, claims).queued == 2
+    with engine.begin() as conn:
+        assert claims.promote(conn, [head.seq], now=utcnow()) == 0  # a is still in flight
+        claims.mark_delivered(conn, head.token, [head.seq], now=utcnow())
+        assert claims.promote(conn, [head.seq], now=utcnow()) == 2
+    assert [r.topic for r in claim(engine, claims)] == ["b", "c"]
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)  # SQLite: one relay at a time
+def test_two_claims_at_once_never_split_a_key(engine: sa.Engine) -> None:
+    """Invariants 1 and 3: a claim that cannot lock a key's earlier rows takes none of the later ones."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=3)
+    add_many(engine, [("hot", "k")] * 10 + [("cold", None)] * 2)
+    with engine.connect() as one, engine.connect() as two:
+        one.begin()
+        two.begin()
+        first = claims.claim_batch(one, limit=3, lease_seconds=30, now=utcnow())
+        second = claims.claim_batch(two, limit=20, lease_seconds=30, now=utcnow())
+        one.commit()
+        two.commit()
+    assert [r.topic for r in first] == ["hot"] * 3
+    assert [r.topic for r in second] == ["cold", "cold"] and second.queued == 0
+    later = claim(engine, claims, limit=20)
+    assert later == [] and later.queued == 7
+
+
+def _mark_waits(engine: sa.Engine) -> bool:
+    """The delivered mark is running (and so waiting: it cannot finish while the claim holds its lock)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            sql = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+        else:
+            sql = "SELECT count(*) FROM information_schema.PROCESSLIST WHERE info LIKE 'UPDATE %delivered%'"
+        return bool(conn.execute(sa.text(sql)).scalar())
+
+
+def _activity(engine: sa.Engine) -> str:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            sql = "SELECT wait_event_type, query FROM pg_stat_activity WHERE datname = current_database()"
+        else:
+            sql = "SELECT command, state, info FROM information_schema.PROCESSLIST WHERE db = database()"
+        return "\n".join(map(str, conn.execute(sa.text(sql)).all()))
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_a_row_queued_while_its_blocker_finishes_is_promoted(engine: sa.Engine, claims: ClaimQueries) -> None:
+    """Invariant 9: the claim that queues rows holds their blocker for share until it commits, so the
+    blocker's delivered mark waits and the promotion after it sees the queued rows (no lost wake-up)."""
+    add_many(engine, [("a", "k")])
+    (head,) = claim(engine, claims)
+    add_many(engine, [("b", "k"), ("c", "k")])
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    errors: list[BaseException] = []
+    events: list[str] = []
+
+    def finish_head() -> None:
+        try:
+            with autocommit.connect() as conn:
+                claims.mark_delivered(conn, head.token, [head.seq], now=utcnow())
+                events.append("marked")
+                claims.promote(conn, [head.seq], now=utcnow())
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
+
+    with engine.connect() as one:
+        one.begin()
+        assert claims.claim_batch(one, limit=10, lease_seconds=30, now=utcnow()).queued == 2
+        finisher = threading.Thread(target=finish_head)
+        finisher.start()
+        # the mark waits for our commit (or failed: shown below)
+        wait_until(lambda: errors or _mark_waits(engine), timeout=10, explain=lambda: _activity(engine))
+        events.append("committed")
+        one.commit()
+    finisher.join(10)
+    assert errors == []
+    assert events == ["committed", "marked"]  # the mark waited for the claim that queued b and c
+    assert [r.topic for r in claim(engine, claims)] == ["b", "c"]
+
+
+def test_a_claim_stops_at_its_byte_bound_without_skipping_a_row_of_a_key(
+    engine: sa.Engine, claims: ClaimQueries
+) -> None:
+    """Invariant 11: rows past ``max_bytes`` stay for a later claim; a key's run is cut, never holed."""
+    pad = "x" * 1000
+    with engine.begin() as conn:
+        for topic, key in [("k1", "k"), ("u1", None), ("k2", "k"), ("u2", None), ("k3", "k")]:
+            outbox.add(conn, topic, {"pad": pad}, key=key)
+    with engine.begin() as conn:
+        first = claims.claim_batch(conn, limit=10, lease_seconds=30, now=utcnow(), max_bytes=2100)
+    assert [r.topic for r in first] == ["k1", "u1"]
+    with engine.begin() as conn:  # one row at least, whatever its size
+        second = claims.claim_batch(conn, limit=10, lease_seconds=30, now=utcnow(), max_bytes=1)
+    assert [r.topic for r in second] == ["u2"] and second.queued == 2  # k2, k3 wait behind k1
+
+
+def test_an_attempt_is_counted_by_its_outcome_or_its_start_mark(
+    engine: sa.Engine, claims: ClaimQueries
+) -> None:
+    """Invariant 10: claiming counts nothing; a delivered or failed mark counts the attempt, and a start
+    mark (for a message taken back from an expired lease) counts it before it runs, once."""
+    add_many(engine, [("a", None), ("b", None), ("c", None)])
+    rows = {r.topic: r for r in claim(engine, claims)}
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, rows["a"].token, [rows["a"].seq], now=utcnow())
+        claims.mark_failed(conn, rows["b"].token, [Failure(rows["b"].seq, Status.FAILED, utcnow(), "x", 1)])
+        assert claims.mark_started(conn, rows["c"].token, rows["c"].seq)
+        assert not claims.mark_started(conn, "not-the-token", rows["c"].seq)  # fenced
+    assert row_state(engine, rows["c"].seq).attempts == 1  # durable before the handler starts
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, rows["c"].token, [rows["c"].seq], now=utcnow(), counted=True)
+    assert [row_state(engine, rows[t].seq).attempts for t in "abc"] == [1, 1, 1]
+
+
+def own_runs(token_of: dict[int, str]) -> Callable[[str, int], str | None]:
+    """A relay's answer to "which of these rows ends a run of mine?": the rows of ``token_of``."""
+    return lambda key, seq: token_of.get(seq)
+
+
+def test_a_claim_chains_a_keys_next_run_behind_its_own_in_flight_run(engine: sa.Engine) -> None:
+    """Invariant 12: the claim that takes a full run keeps the key's next run due and queues the rest;
+    the relay's next claim takes that run chained behind its own (``after``); any other claim, or one
+    whose lease on the run is gone, queues it."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=3)
+    add_many(engine, [("hot", "k")] * 10)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    with engine.begin() as conn:
+        head = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
+    assert [r.seq for r in head] == seqs[:3] and all(r.after == 0 for r in head)
+    assert head.queued == 4, "the next run stays due, the rest is queued"
+    state = {seq: due for seq, due, _ in keyed_seqs(engine, "k")}
+    assert all(state[s] is not None for s in seqs[3:6]) and all(state[s] is None for s in seqs[6:])
+    with engine.begin() as conn:  # another relay: the run behind ours is queued, not taken
+        other = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
+        assert other == [] and other.queued == 3
+        conn.rollback()
+    with engine.begin() as conn:  # a token that is not the row's any more: not chained
+        stale = claims.claim_batch(
+            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[2]: "x"})
+        )
+        assert stale == [] and stale.queued == 3
+        conn.rollback()
+    with engine.begin() as conn:
+        chained = claims.claim_batch(
+            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[2]: head[0].token})
+        )
+    assert [r.seq for r in chained] == seqs[3:6]
+    assert [r.after for r in chained] == [seqs[2], 0, 0]
+    assert chained[0].token != head[0].token, "a lease of its own"
+    # the run after the chained one comes back once the head run's last row is delivered
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, head[0].token, [r.seq for r in head], now=utcnow())
+        assert claims.key_queue.promote_after(conn, [("k", seqs[5], 3)], now=utcnow()) == 3
+    with engine.begin() as conn:
+        last = claims.claim_batch(
+            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[5]: chained[0].token})
+        )
+    assert [r.seq for r in last] == seqs[6:9] and last[0].after == seqs[5]
+
+
+def test_a_full_head_run_brings_its_keys_next_run_back_when_nothing_was_left_due(engine: sa.Engine) -> None:
+    """Invariant 12: a full run taken from promoted rows (nothing of the key behind it in the scan)
+    promotes the key's next run in the claim's own transaction, for the next claim to chain."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=3)
+    add_many(engine, [("hot", "k")] * 9)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    first = claim(engine, claims, limit=100)  # no chaining: takes 3, queues 6
+    assert first.queued == 6
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, first[0].token, [r.seq for r in first], now=utcnow())
+        assert claims.promote(conn, [seqs[2]], now=utcnow()) == 3
+    with engine.begin() as conn:
+        run = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
+    assert [r.seq for r in run] == seqs[3:6]
+    state = {seq: due for seq, due, _ in keyed_seqs(engine, "k")}
+    assert [state[s] is not None for s in seqs[6:]] == [True, True, True]

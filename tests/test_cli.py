@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 import outbox
-from outbox import cli
+from outbox import cli, config
 from outbox.config import Settings, parse_duration, parse_time_ref
 from outbox.schema import SCHEMA_VERSION, Status, tables_for
 from outbox.writer import utcnow
@@ -358,6 +358,58 @@ def test_a_user_mistake_is_one_line_and_an_exit_code(
     assert "s3cret" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--lease-seconds", "inf"],
+        ["--lease-seconds", "1e12"],
+        ["--poll-interval", "nan"],
+        ["--stop-timeout", "inf"],
+        ["--backoff-initial", "0", "--backoff-max", "inf"],
+        ["--handler-timeout", "inf"],
+        ["--maintenance-interval", "inf"],
+        ["--metrics-interval", "inf"],
+        ["--retention", "99999999999d"],
+    ],
+    ids=lambda flags: "=".join(flags[-2:]),
+)
+def test_a_setting_in_seconds_that_is_not_finite_is_refused_at_start(
+    flags: list[str], tmp_path: Path
+) -> None:
+    """``--lease-seconds inf`` passed validation, then the claim thread died and the relay lived on,
+    delivering nothing. Every number of seconds must be finite (at most 100 years): one line, exit 3."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    result = run_outbox("relay", "--app", APP, "--database-url", url, *flags)
+    assert result.returncode == cli.RET_CONFIG, result.stderr
+    name = flags[-2].removeprefix("--").replace("-", "_")
+    assert_one_line_error(result.stderr, name, "at most")
+
+
+def test_every_setting_in_seconds_refuses_inf_and_nan_from_any_source(tmp_path: Path) -> None:
+    url = "sqlite://"
+    seconds = [name for name, kind in config._KINDS.items() if kind in ("float", "float?")]
+    assert "lease_seconds" in seconds and "handler_timeout" in seconds
+    for name in seconds:
+        for value in (float("inf"), float("nan"), -float("inf")):
+            with pytest.raises(outbox.ConfigError, match=f"invalid {name} .*finite"):
+                Settings.load({"database_url": url, name: value})
+    toml = tmp_path / "inf.toml"
+    too_long = 'stuck_after = "99999999999d"'
+    for text in ("lease_seconds = inf", "backoff_max = nan", "retention = inf", too_long):
+        toml.write_text(text + "\n")
+        with pytest.raises(outbox.ConfigError, match=r"at most|finite"):
+            Settings.load({"database_url": url}, config_file=toml)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """It printed a UnicodeDecodeError's traceback (exit 1)."""
+    config_file = tmp_path / "latin1.toml"
+    config_file.write_bytes("# caf\u00e9 in Latin-1\nbatch_size = 5\n".encode("latin-1"))
+    result = run_outbox("status", "--config", str(config_file))
+    assert result.returncode == cli.RET_CONFIG, result.stderr
+    assert_one_line_error(result.stderr, str(config_file), "not UTF-8", "byte 0xe9", "save it as UTF-8")
+
+
 def test_an_unknown_app_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'app.db'}"
     result = run_outbox("relay", "--app", "tests.apps.no_such_module", env={"OUTBOX_DATABASE_URL": url})
@@ -449,6 +501,26 @@ def test_second_signal_exits_at_once(engine: sa.Engine, relay_process: Any) -> N
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=10)
     assert process.returncode == cli.RET_ERROR
+
+
+@sqlite_only
+def test_relay_process_fails_payloads_over_its_max_payload_bytes(
+    engine: sa.Engine, relay_process: Any
+) -> None:
+    big = add(engine, payload=b"x" * 2_000)
+    small = add(engine)
+    process = relay_process("--max-payload-bytes", "1000")
+    wait_until(lambda: status_counts(engine) == {"dead": 1, "delivered": 1}, timeout=30, what="the outcomes")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == cli.RET_OK, stderr
+    with engine.connect() as conn:
+        errors = dict(conn.execute(sa.select(T.c.id, T.c.last_error)).all())
+    assert errors == {big: "payload of 2000 bytes exceeds max_payload_bytes 1000", small: None}
+    settings = Settings.load({"database_url": "sqlite://"})
+    assert settings.max_payload_bytes == outbox.writer.DEFAULT_MAX_PAYLOAD_BYTES == 4 * 1024 * 1024
+    with pytest.raises(outbox.ConfigError, match=r"invalid max_payload_bytes 0: .*OUTBOX_MAX_PAYLOAD_BYTES"):
+        Settings.load({"database_url": "sqlite://", "max_payload_bytes": 0})
 
 
 def _read_some(process: subprocess.Popen[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 import signal
 from collections import Counter
 from functools import partial
@@ -33,6 +34,7 @@ from tests.apps.recording import (
     read_record,
 )
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
+from tests.test_metrics import Scraper
 
 pytestmark = pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
 
@@ -185,7 +187,7 @@ def test_killed_relay_rows_come_back_after_lease(
         assert row.status == Status.DELIVERED.value
         # Taken back only once the dead relay's lease had expired, and counted as a second attempt.
         assert row.delivered_at >= orphan.due_at, (mid, row.delivered_at, orphan.due_at)
-        assert row.attempts == 2, (mid, row.attempts)
+        assert row.attempts == 1, (mid, row.attempts)  # the killed attempt had no outcome: not counted
     handlers = {h.message_id: h.pid for h in read_record(record) if h.event == "done" and h.pid == second.pid}
     assert set(orphans) <= set(handlers), "the second relay should have handled every orphaned row"
 
@@ -213,7 +215,7 @@ def test_relay_stalled_past_its_lease_is_fenced(
 
     successor = take_over(engine, relays, record, options)
     after_takeover = outbox_rows(engine)[message_id]
-    assert after_takeover.attempts == 2  # one claim each
+    assert after_takeover.attempts == 1  # the successor's start mark; the stalled attempt had no outcome
 
     # Let the frozen relay run again: its handler finishes and it tries to mark the message delivered
     # with a token that no longer holds the row. Then stop it gracefully, so that every outcome it had
@@ -234,7 +236,7 @@ def test_relay_stalled_past_its_lease_is_fenced(
     assert (row.status, row.delivered_at, row.attempts, row.lease_token, row.last_error) == (
         Status.DELIVERED.value,
         after_takeover.delivered_at,
-        2,
+        1,
         None,
         None,
     )
@@ -316,7 +318,7 @@ def test_relay_frozen_mid_write_holds_no_row(
     for name in freeze:
         del relays.env[name]
     successor = take_over(engine, relays, record, options)
-    assert outbox_rows(engine)[message_id].attempts == 2
+    assert outbox_rows(engine)[message_id].attempts == 1  # the successor's start mark
 
     frozen.send(signal.SIGCONT)
     for relay in (frozen, successor):
@@ -326,4 +328,59 @@ def test_relay_frozen_mid_write_holds_no_row(
     done = sorted(h.pid for h in read_record(record) if h.event == "done")
     assert successor.pid in done, "the successor should have handled the message"
     row = outbox_rows(engine)[message_id]
-    assert (row.status, row.attempts, row.lease_token) == (Status.DELIVERED.value, 2, None)
+    assert (row.status, row.attempts, row.lease_token) == (Status.DELIVERED.value, 1, None)
+
+
+@pytest.mark.slow
+def test_relay_thawed_after_its_leases_expired_starts_none_of_their_handlers(
+    engine: sa.Engine, relays: RelayLauncher, record: Path
+) -> None:
+    """A relay frozen while it holds a claimed batch (one worker: one handler running, the rest queued)
+    until its lease expires and another relay has delivered everything: thawed, it finishes the handler
+    that was running, and starts none of the queued ones (their lease is gone by its own clock: each
+    is released, not attempted), so no handler runs after the key's next message started elsewhere."""
+    commit_messages(engine, [(None, i) for i in range(10)], sleep=0.5)
+    options = {
+        "lease_seconds": LEASE,
+        "workers": 1,
+        "batch_size": 10,
+        "poll_interval": 0.1,
+        "stop_timeout": 20,
+    }
+    frozen = relays.start(**options, metrics_port=0, metrics_host="127.0.0.1")
+    wait_until(
+        lambda: any(h.event == "start" for h in read_record(record)), timeout=30, what="the first handler"
+    )
+    port = re.search(r"serving /metrics.* on http://127\.0\.0\.1:(\d+)", frozen.log_path.read_text())
+    assert port is not None, frozen.log_tail()
+    scrape = Scraper(int(port[1]))
+    frozen.send(signal.SIGSTOP)
+    wait_until(frozen.stopped, timeout=10, what="the relay frozen")
+    started_before = [h.message_id for h in read_record(record) if h.event == "start" and h.pid == frozen.pid]
+    assert 1 <= len(started_before) < 10
+
+    successor = relays.start(**options)
+    wait_until(
+        lambda: all_delivered(engine, 10),
+        timeout=60,
+        what="the successor to deliver everything",
+        explain=partial(takeover_state, engine, record, successor),
+    )
+    frozen.send(signal.SIGCONT)
+    wait_until(
+        lambda: scrape.value("outbox_relay_in_flight") == 0,
+        timeout=30,
+        what="the thawed relay done with its batch",
+        explain=frozen.log_tail,
+    )
+    frozen.send(signal.SIGTERM)
+    assert frozen.wait_exit(timeout=30) == 0, frozen.log_tail()
+    successor.send(signal.SIGTERM)
+    assert successor.wait_exit(timeout=15) == 0, successor.log_tail()
+
+    started_by_frozen = [
+        h.message_id for h in read_record(record) if h.event == "start" and h.pid == frozen.pid
+    ]
+    assert started_by_frozen == started_before, "the thawed relay started a handler whose lease had expired"
+    assert "lease expired before its handler could start" in frozen.log_path.read_text(errors="replace")
+    assert all_delivered(engine, 10)

@@ -7,7 +7,7 @@ import gc
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import sqlalchemy as sa
@@ -24,18 +24,6 @@ from relay.observers import RelayObserver
 from tests.conftest import status_counts, wait_until
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.1}
-
-
-@pytest.fixture
-def registry() -> Registry:
-    return Registry()
-
-
-@pytest.fixture
-def relay(engine: sa.Engine, registry: Registry) -> Iterator[Relay]:
-    r = Relay(engine, registry, poll_interval=0.05, batch_size=50, workers=4)
-    yield r
-    r.stop()
 
 
 def row(engine: sa.Engine, message_id: object) -> sa.Row:  # type: ignore[type-arg]
@@ -311,6 +299,52 @@ def test_max_batch_size_below_batch_size_is_refused(engine: sa.Engine, registry:
         Relay(engine, registry, batch_size=200, max_batch_size=100)
     fixed = Relay(engine, registry, batch_size=300, max_batch_size=300)
     assert (fixed.claim_size, fixed.max_batch_size, fixed.max_in_flight) == (300, 300, 600)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"lease_seconds": float("inf")},
+        {"lease_seconds": 1e12},
+        {"poll_interval": float("nan")},
+        {"stop_timeout": float("inf")},
+        {"handler_timeout": float("inf")},
+        {"maintenance_interval": float("inf")},
+    ],
+    ids=lambda setting: ",".join(f"{k}={v}" for k, v in setting.items()),
+)
+def test_a_relay_refuses_seconds_that_are_not_finite(
+    engine: sa.Engine, registry: Registry, setting: dict[str, float]
+) -> None:
+    """An infinite lease passed the check, then adding it to a time killed the fetcher thread."""
+    with pytest.raises(ConfigError, match="finite"):
+        Relay(engine, registry, **setting)  # type: ignore[arg-type]
+    for backoff in ({"backoff_max": float("inf")}, {"backoff_initial": float("nan")}, {"jitter": 1e300}):
+        with pytest.raises(ConfigError, match="finite"):
+            outbox.RetryPolicy(**backoff)
+
+
+def test_a_payload_over_the_relays_maximum_goes_dead_without_reaching_a_handler(
+    engine: sa.Engine, registry: Registry
+) -> None:
+    """A row written by a writer allowed more than the relay is never decoded nor handed out: it fails
+    permanently, saying why, and the rest is delivered."""
+    handled: list[object] = []
+    registry.add("sized", lambda message: handled.append(message.id))
+    generous = outbox.Outbox(max_payload_bytes=10_000)
+    with engine.begin() as conn:
+        big = generous.add(conn, "sized", b"x" * 2_000, key="k")
+        small = outbox.add(conn, "sized", {"ok": True}, key="k")  # its key goes on once the big one is dead
+    with Relay(engine, registry, poll_interval=0.05, max_payload_bytes=1_000):
+        wait_until(
+            lambda: status_counts(engine) == {"dead": 1, "delivered": 1}, what="one dead, one delivered"
+        )
+    assert handled == [small]
+    dead = row(engine, big)
+    assert (dead.status, dead.last_error) == ("dead", "payload of 2000 bytes exceeds max_payload_bytes 1000")
+    with pytest.raises(ConfigError, match="max_payload_bytes must be a whole number of bytes"):
+        Relay(engine, registry, max_payload_bytes=0)
 
 
 def write_from_another_process(db_url: str, code: str) -> None:

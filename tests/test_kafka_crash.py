@@ -18,11 +18,30 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.kafka_settings import HEADER_ID
+from outbox.writer import utcnow
 from tests.apps import ROOT
 from tests.conftest import status_counts, wait_until
 from tests.kafka_check import read_all
 
 TOTAL = 5000
+
+
+def key_state(engine: sa.Engine) -> str:
+    """Each unfinished key's first unfinished row (status, due_at, attempts) and how many rows of it wait."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT msg_key, MIN(seq), COUNT(*), SUM(CASE WHEN due_at IS NULL THEN 1 ELSE 0 END) "
+                "FROM outbox WHERE status <> 'delivered' GROUP BY msg_key ORDER BY msg_key"
+            )
+        ).all()
+        lines = []
+        for key, first, waiting, queued in rows:
+            head = conn.execute(
+                sa.text("SELECT status, due_at, attempts FROM outbox WHERE seq = :seq"), {"seq": first}
+            ).one()
+            lines.append(f"{key}: {waiting} left ({queued} queued), first {first}: {tuple(head)}")
+    return f"now {utcnow()}; " + "\n".join(lines)
 
 
 def start_relay(db_url: str, bootstrap: str, log: Path) -> subprocess.Popen[bytes]:
@@ -52,11 +71,13 @@ def test_killed_relay_publishing_to_kafka_loses_nothing(
     kills = 0
     for _ in range(4):
         relay = start_relay(db_url, kafka_bootstrap, log)
-        before = status_counts(engine).get("delivered", 0)
+        # 200 more delivered (or all of them: a fast relay may have left fewer), then killed mid-stream
+        enough = min(status_counts(engine).get("delivered", 0) + 200, TOTAL)
         wait_until(
-            lambda before=before: status_counts(engine).get("delivered", 0) > before + 200,  # type: ignore[misc]
+            lambda enough=enough: status_counts(engine).get("delivered", 0) >= enough,  # type: ignore[misc]
             timeout=60,
             what="the relay publishing",
+            explain=lambda: key_state(engine),
         )
         time.sleep(rng.uniform(0.05, 0.4))
         relay.send_signal(signal.SIGKILL)
@@ -64,9 +85,17 @@ def test_killed_relay_publishing_to_kafka_loses_nothing(
         kills += 1
         if status_counts(engine).get("delivered", 0) == TOTAL:
             break
+    running = log.read_text().count("relay running with")
     final = start_relay(db_url, kafka_bootstrap, log)
     try:
-        wait_until(lambda: status_counts(engine) == {"delivered": TOTAL}, timeout=120, what="all delivered")
+        # (its signal handlers are in place once it says so: a SIGTERM before that would kill it)
+        wait_until(lambda: log.read_text().count("relay running with") > running, what="the relay running")
+        wait_until(
+            lambda: status_counts(engine) == {"delivered": TOTAL},
+            timeout=120,
+            what="all delivered",
+            explain=lambda: key_state(engine),
+        )
     finally:
         final.send_signal(signal.SIGTERM)
         assert final.wait(30) == 0

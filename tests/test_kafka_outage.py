@@ -26,7 +26,8 @@ OUTAGE_SECONDS = 30
 
 
 class SteadyWriter:
-    """Commits one keyed message every few milliseconds until stopped; remembers what committed."""
+    """Commits one keyed message every few milliseconds until stopped (every other one on the key
+    ``hot``); remembers what committed."""
 
     def __init__(self, engine: sa.Engine, topic: str) -> None:
         self.engine = engine
@@ -47,7 +48,9 @@ class SteadyWriter:
         i = 0
         while not self._stop.is_set():
             with self.engine.begin() as conn:
-                message_id = outbox.add(conn, self.topic, {"i": i}, key=f"k{i % 25}")
+                # half on one hot key: the outage leaves a deep run of it to publish, pipelined
+                key = "hot" if i % 2 == 0 else f"k{i % 25}"
+                message_id = outbox.add(conn, self.topic, {"i": i}, key=key)
             self.committed[str(message_id)] = i
             i += 1
             self._stop.wait(0.01)

@@ -16,7 +16,7 @@ from relay import Relay
 from relay.publishers import Failed, Released
 from relay.publishers.kafka import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_TOPIC, KafkaSettings, classify
 from tests.conftest import status_counts, wait_until
-from tests.kafka_check import read_all
+from tests.kafka_check import Record, read_all
 
 
 def unique_topic(prefix: str) -> str:
@@ -160,3 +160,82 @@ def test_confluent_backend_publishes_the_same_records(engine: sa.Engine, kafka_b
     with engine.connect() as conn:
         error = conn.execute(sa.select(t.c.last_error).where(t.c.id == too_big)).scalar()
     assert "MSG_SIZE_TOO_LARGE" in (error or "")
+
+
+def first_appearances(records: list[Record]) -> dict[str, list[int]]:
+    """Per topic, the ``i`` of each message in the order of its first record in the partition's log
+    (a record published again after a failure is a duplicate: it does not count)."""
+    seen: set[str] = set()
+    order: dict[str, list[int]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        if record.headers[HEADER_ID] not in seen:
+            seen.add(record.headers[HEADER_ID])
+            order[record.topic].append(json.loads(record.value)["i"])
+    return order
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_hot_key_reaches_kafka_complete_and_in_order(
+    engine: sa.Engine, kafka_bootstrap: str, client: str
+) -> None:
+    """2,000 messages of one key, handed to the producer a run at a time: all of them, once, in order."""
+    topic = unique_topic("hot")
+    with engine.begin() as conn:
+        for i in range(2000):
+            outbox.add(conn, topic, {"i": i}, key="hot")
+    settings = KafkaSettings(kafka_bootstrap, client=client)
+    with Relay(engine, Registry(), kafka=settings, poll_interval=0.1, batch_size=500):
+        wait_until(lambda: status_counts(engine) == {"delivered": 2000}, timeout=120, what="all published")
+    records = read_all(kafka_bootstrap, [topic], expect=2000)
+    assert len(records) == 2000, "every message once: no failure, no duplicate"
+    assert len({r.partition for r in records}) == 1
+    in_log_order = [json.loads(r.value)["i"] for r in sorted(records, key=lambda r: r.offset)]
+    assert in_log_order == list(range(2000))
+
+
+def test_a_key_alternating_between_two_topics_keeps_its_order_on_each(
+    engine: sa.Engine, kafka_bootstrap: str
+) -> None:
+    """A run whose topics alternate goes out a topic's stretch at a time: each topic's log in order."""
+    first, second = unique_topic("even"), unique_topic("odd")
+    with engine.begin() as conn:
+        topics: list[str] = []
+        for stretch in range(400):  # stretches of 1, 2, 3, 1, ... messages, on one topic then the other
+            topics += [(first, second)[stretch % 2]] * (1 + stretch % 3)
+        for i, topic in enumerate(topics[:600]):
+            outbox.add(conn, topic, {"i": i}, key="k")
+    with Relay(engine, Registry(), kafka=KafkaSettings(kafka_bootstrap), poll_interval=0.1, batch_size=500):
+        wait_until(lambda: status_counts(engine) == {"delivered": 600}, timeout=120, what="all published")
+    records = read_all(kafka_bootstrap, [first, second], expect=600)
+    order = first_appearances(records)
+    assert sorted(order[first] + order[second]) == list(range(600)), "every message arrived"
+    assert order[first] and order[second]
+    for topic in (first, second):
+        assert order[topic] == sorted(order[topic]), f"order broken on {topic}"
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_record_that_fails_for_good_inside_a_hot_key_holds_nothing_back(
+    engine: sa.Engine, kafka_bootstrap: str, client: str
+) -> None:
+    """A too-large record in the middle of a run ends dead; every other record of the key arrives, first
+    appearances in order (a failure the broker reports makes duplicates of the records sent after it;
+    the producer refuses this one before sending it, so the rest of its group is not sent either)."""
+    topic = unique_topic("hot-big")
+    with engine.begin() as conn:
+        for i in range(1000):
+            payload: object = {"i": i} if i != 500 else {"i": i, "pad": "x" * 2_000_000}
+            message_id = outbox.add(conn, topic, payload, key="hot")
+            if i == 500:
+                too_big = message_id
+    settings = KafkaSettings(kafka_bootstrap, client=client)
+    with Relay(engine, Registry(), kafka=settings, poll_interval=0.1, batch_size=500):
+        wait_until(lambda: status_counts(engine) == {"dead": 1, "delivered": 999}, timeout=120)
+    t = outbox.tables_for().messages
+    with engine.connect() as conn:
+        dead = conn.execute(sa.select(t).where(t.c.id == too_big)).one()
+    assert dead.attempts == 1, "a permanent error does not use up retries"
+    assert any(name in (dead.last_error or "") for name in ("MessageSizeTooLargeError", "MSG_SIZE_TOO_LARGE"))
+    records = read_all(kafka_bootstrap, [topic], expect=999)
+    assert first_appearances(records)[topic] == [i for i in range(1000) if i != 500]
+    assert len(records) == 999, "nothing after the refused record was sent before it was refused"

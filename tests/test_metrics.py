@@ -414,9 +414,9 @@ def test_log_lines_of_any_library_are_scrubbed(
 ) -> None:
     """The second guard: whatever a library logs (a URL with its password, a SASL config, an exception
     message) goes through the same scrubbing as the CLI's one-line errors."""
-    from outbox import cli_options
+    from outbox import cli_options, redaction
 
-    monkeypatch.setattr(cli_options, "SECRETS", set())
+    monkeypatch.setattr(redaction, "_known", set())
     settings = Settings.load(
         {
             "database_url": f"postgresql://app:{DB_SECRET}@db.example/shop",
@@ -427,9 +427,8 @@ def test_log_lines_of_any_library_are_scrubbed(
     root = logging.getLogger()
     level = root.level
     try:
-        for secret in (settings.password, settings.kafka_sasl_password):
-            assert secret is not None
-            cli_options.SECRETS.add(secret)
+        assert set(settings.secrets) == {DB_SECRET, SASL_SECRET}
+        redaction.remember(settings.secrets)
         cli_options.configure_logging(settings)
         other = logging.getLogger("some.library")
         other.warning("connecting with %s", {"sasl_plain_password": SASL_SECRET})

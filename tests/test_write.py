@@ -25,6 +25,7 @@ import outbox
 from outbox.dialects import normalise_url
 from outbox.schema import tables_for
 from outbox.wakeup import NOTIFY_GAP
+from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADERS_BYTES
 
 
 class Base(orm.DeclarativeBase):
@@ -265,6 +266,112 @@ def test_bad_input_raises_named_error_and_writes_nothing(
         assert isinstance(info.value, outbox.OutboxError)
         good = outbox.add(session, "order.created", {"still": "usable"})  # the transaction is untouched
     assert [r.id for r in messages(engine)] == [good]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"topic": "abc\n"}, outbox.TopicError, "invalid topic 'abc\\n'"),
+        ({"key": "a\x00b"}, outbox.MessageKeyError, "NUL"),
+        ({"key": "a\ud800"}, outbox.MessageKeyError, "lone surrogate"),
+        ({"headers": {"h": "\udcff"}}, outbox.HeaderError, "its value contains '\\udcff'"),
+        ({"headers": {"h\ud800": "v"}}, outbox.HeaderError, "its name contains '\\ud800'"),
+        ({"delay": 1e12}, outbox.DelayError, "too long"),
+        ({"delay": dt.timedelta.max}, outbox.DelayError, "too long"),
+        ({"delay": float("inf")}, outbox.DelayError, "too long"),
+        ({"delay": dt.timedelta(days=36_526)}, outbox.DelayError, "at most 36525 days"),
+    ],
+    ids=[
+        "topic-trailing-newline",
+        "key-nul",
+        "key-lone-surrogate",
+        "header-value-lone-surrogate",
+        "header-name-lone-surrogate",
+        "delay-1e12",
+        "delay-timedelta-max",
+        "delay-inf",
+        "delay-past-100-years",
+    ],
+)
+def test_input_a_database_would_reject_or_mangle_is_refused_before_anything_is_written(
+    engine: sa.Engine, kwargs: dict[str, Any], error: type[Exception], fragment: str
+) -> None:
+    """Each of these reached the database before: a DataError that aborted the caller's transaction
+    (PostgreSQL), a key stored with its NUL (MariaDB, SQLite), a UnicodeEncodeError from the driver, an
+    OverflowError computing the due time. Now each is the documented error, on every database, and the
+    same transaction goes on."""
+    args = dict(kwargs)  # the parameters are shared by the backends' runs
+    topic = args.pop("topic", "order.created")
+    with orm.Session(engine) as session, session.begin():
+        session.execute(sa.text("SELECT 1"))  # a transaction with work in it, like the caller's
+        with pytest.raises(error) as info:
+            outbox.add(session, topic, {"bad": True}, **args)
+        assert fragment in str(info.value)
+        assert isinstance(info.value, outbox.MessageError)
+        assert len(str(info.value).splitlines()) == 1
+        good = outbox.add(session, "order.created", {"still": "usable"}, key="k")
+    assert [r.id for r in messages(engine)] == [good]
+
+
+def test_a_nul_in_a_header_is_kept_on_every_database(engine: sa.Engine) -> None:
+    """Headers are stored as JSON, which escapes a NUL: unlike a key's, it reaches no text column."""
+    with engine.begin() as conn:
+        outbox.add(conn, "t", {}, headers={"h\x00": "a\x00b"}, delay=dt.timedelta(days=36_525))
+    (row,) = messages(engine)
+    assert json.loads(row.headers) == {"h\x00": "a\x00b"}
+    assert row.due_at - row.created_at == dt.timedelta(days=36_525)  # the longest delay fits everywhere
+
+
+def test_oversized_payload_is_refused_before_anything_is_written(shop: sa.Engine) -> None:
+    """A 20 MB payload got "server has gone away" from MariaDB (its max_allowed_packet is 16 MiB) and
+    took the caller's transaction with it. Now outbox.add refuses it on every database, and the same
+    transaction, with the business change made before it, goes on and commits."""
+    twenty_mb = b"\x00" * 20_000_000
+    with orm.Session(shop) as session, session.begin():
+        session.add(Order(id=1, item="before"))
+        session.flush()
+        with pytest.raises(outbox.PayloadError) as info:
+            outbox.add(session, "big", twenty_mb)
+        assert str(info.value).startswith(
+            f"payload of 20000000 bytes exceeds max_payload_bytes {DEFAULT_MAX_PAYLOAD_BYTES}: "
+        )
+        with pytest.raises(outbox.PayloadError, match="exceeds max_payload_bytes"):
+            outbox.add(session, "big", {"text": "x" * DEFAULT_MAX_PAYLOAD_BYTES})  # as JSON, 11 bytes more
+        session.add(Order(id=2, item="after"))
+        good = outbox.add(session, "small", {"still": "usable"})
+    assert [r.id for r in messages(shop)] == [good]
+    assert orders(shop) == [1, 2]
+
+
+def test_payload_and_headers_at_their_maximum_are_written_on_every_database(engine: sa.Engine) -> None:
+    """The default maximum fits MariaDB's default packet in the worst case: PyMySQL sends bytes as hex
+    (twice their size) and escapes quotes in text, here with the largest headers allowed."""
+    payload = b"\x00" * DEFAULT_MAX_PAYLOAD_BYTES
+    headers = {"h": "'" * (MAX_HEADERS_BYTES - len('{"h":""}'))}
+    with orm.Session(engine) as session, session.begin():
+        outbox.add(session, "max", payload, headers=headers)
+    (row,) = messages(engine)
+    assert bytes(row.payload) == payload and json.loads(row.headers) == headers
+    with (
+        engine.connect() as conn,
+        pytest.raises(outbox.HeaderError, match=f"of {MAX_HEADERS_BYTES + 1} bytes"),
+    ):
+        outbox.add(conn, "max", {}, headers={"h": headers["h"] + "'"})
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_max_payload_bytes_is_a_setting_of_the_writer(engine: sa.Engine) -> None:
+    small = outbox.Outbox(max_payload_bytes=10)
+    large = outbox.Outbox(max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES + 1)
+    with engine.begin() as conn:
+        small.add(conn, "t", b"0123456789")
+        with pytest.raises(outbox.PayloadError, match="payload of 11 bytes exceeds max_payload_bytes 10"):
+            small.add(conn, "t", b"0123456789A")
+        large.add(conn, "t", b"x" * (DEFAULT_MAX_PAYLOAD_BYTES + 1))
+    assert [len(r.payload) for r in messages(engine)] == [10, DEFAULT_MAX_PAYLOAD_BYTES + 1]
+    for bad in (0, -1, 1.5, None):
+        with pytest.raises(outbox.ConfigError, match="max_payload_bytes must be a whole number"):
+            outbox.Outbox(max_payload_bytes=bad)  # type: ignore[arg-type]
 
 
 def test_add_rejects_something_that_is_not_a_session(engine: sa.Engine) -> None:

@@ -30,6 +30,16 @@ class Delivery:
     token: str
     message: Message
     policy: TopicPolicy
+    #: the last message of its key's run in this claim (or a message without a key): once it is
+    #: delivered, the key's next messages are brought back to the claim (relay.claim, promotion)
+    run_end: bool = True
+    #: its attempt was counted before it started (a message taken back from an expired lease:
+    #: ``relay.claim``, invariant 10), so its outcome's mark does not count it again
+    counted: bool = False
+    #: not 0: the run that follows this message in the relay (a chained run, ``relay.claim`` invariant
+    #: 12) ends at this seq; once this message is delivered, its key's queued rows after that run are
+    #: brought back, so that the key's next run is claimed while that one is delivered
+    promote_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +72,17 @@ class Publisher(Protocol):
     decodes_payload: bool
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
-        """Start delivering; report each delivery's outcome through ``done`` (from any thread)."""
+        """Start delivering; report each delivery's outcome, exactly once, through the ``done`` it was
+        delivered with (from any thread), whoever decides it: a key's run hands out its next message,
+        and the lane of reclaimed messages its next one, only when their callback hears."""
 
     def check_timeouts(self, done: DoneCallback) -> None:
-        """Called periodically: report deliveries that ran past their topic's timeout as failed."""
+        """Called periodically: report deliveries that ran past their topic's timeout as failed (to
+        their own callback; ``done`` is the relay's, for what has no callback of its own)."""
 
     def stop(self, timeout: float, done: DoneCallback) -> None:
-        """Stop: release what has not started, wait up to ``timeout`` seconds for what runs."""
+        """Stop: release what has not started, wait up to ``timeout`` seconds for what runs (outcomes
+        go to each delivery's own callback, as in :meth:`deliver`)."""
 
 
 def describe_error(exc: BaseException) -> str:

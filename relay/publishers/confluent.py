@@ -28,6 +28,7 @@ from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
 from relay.publishers.kafka import (
     BROKER_RETRY_PAUSE,
+    EARLIER_NOT_SENT,
     KafkaSettings,
     note_broker_answer,
     pop_all,
@@ -101,6 +102,11 @@ class ConfluentPublisher:
     """Publishes with a confluent-kafka ``Producer``; a poll thread serves its delivery callbacks."""
 
     decodes_payload = False
+    #: a key's consecutive records of one topic may be in flight together (``relay.dispatch``, runs):
+    #: librdkafka's idempotent producer (``enable.idempotence``, which implies acks=all, at most 5
+    #: requests in flight and unlimited retries) keeps a partition's records in the order produced,
+    #: written once each, and :meth:`deliver` produces a group with one producer
+    keeps_order_in_flight = True
 
     def __init__(self, settings: KafkaSettings) -> None:
         try:
@@ -117,7 +123,7 @@ class ConfluentPublisher:
         #: deliveries handed to the producer and not yet reported, with their send span; whoever pops
         #: one (one atomic dict.pop: its answer, a restart, stop) reports it, so no lock per record
         self._pending: dict[tuple[str, int], tuple[Delivery, DoneCallback, DeliverySpan]] = {}
-        self._health = BrokerHealth(settings.bootstrap_servers)
+        self._health = BrokerHealth(settings)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="outbox-kafka-poll", daemon=True)
         self._poller.start()
@@ -131,33 +137,54 @@ class ConfluentPublisher:
         return self._health.problem(timeout)
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
+        producer = self._producer
+        produced = 0
+        held: set[str] = set()  # keys of a record the producer refused: the rest of the key waits
         for delivery in deliveries:
+            if self._producer is not producer:  # restarted (a fatal error) while producing these
+                break
+            produced += 1
+            key = delivery.message.key
+            if key is not None and key in held:
+                # not produced: it would only be published again, after the refused one (a duplicate)
+                done(delivery, Released(EARLIER_NOT_SENT))
+                continue
             topic = self.settings.target_topic(delivery.message.topic)
             span = publish_span(delivery.message, destination=topic)  # a no-op without OpenTelemetry
             self._pending[(delivery.token, delivery.seq)] = (delivery, done, span)
-            self._produce(delivery, topic, span)
+            if not self._produce(producer, delivery, topic, span) and key is not None:
+                held.add(key)
+        if self._producer is not producer:
+            # One group, one producer: what went to the old one (no longer polled: no answer will come)
+            # is released, and the rest of a key's group must not overtake it through the new one.
+            restarted = Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE)
+            for delivery in deliveries[:produced]:
+                self._report(delivery, restarted)
+            for delivery in deliveries[produced:]:
+                done(delivery, restarted)
 
-    def _produce(self, delivery: Delivery, topic: str, span: DeliverySpan) -> None:
+    def _produce(self, producer: Any, delivery: Delivery, topic: str, span: DeliverySpan) -> bool:
+        """Hand the record to the producer; False when it refused it (and the refusal was reported)."""
         message = delivery.message
         while True:
             try:
-                self._producer.produce(
+                producer.produce(
                     topic,
                     value=message.body,
                     key=message.key.encode("utf-8") if message.key is not None else None,
                     headers=record_headers(delivery, span),
                     on_delivery=functools.partial(self._on_delivery, delivery),
                 )
-                return
+                return True
             except BufferError:  # librdkafka's local queue is full: let it drain, then try again
-                self._producer.poll(0.05)
+                producer.poll(0.05)
             except Exception as exc:  # invalid topic name and the like: raised before anything is sent
                 error = getattr(exc, "args", [None])[0]
                 outcome = (
                     classify(error) if hasattr(error, "name") else Failed(f"{type(exc).__name__}: {exc}")
                 )
                 self._report(delivery, outcome)
-                return
+                return False
 
     def _on_delivery(self, delivery: Delivery, err: Any, _record: Any = None) -> None:
         if err is None:

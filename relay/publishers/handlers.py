@@ -2,10 +2,41 @@
 
 A handler that takes a session runs inside one transaction that also writes the message's delivered mark
 (fenced by the lease token): its database work, the messages it adds and the mark commit together, and
-if the lease was lost meanwhile the whole transaction rolls back.
+if the lease was lost meanwhile the whole transaction rolls back. Each attempt is run by
+:func:`consumers.attempt.run_attempt`, the attempt runner ``outbox consume`` uses too. What this module
+promises, and the test that would catch a violation:
 
-Each delivery is reported exactly once: finished, timed out (the handler thread is abandoned; a session
-handler's transaction is then rolled back instead of committed), or released because it never started.
+- **Each delivery is reported exactly once**: finished (delivered, failed, or released by a database
+  outage), timed out, or released without an attempt (a stop came first, or its lease had expired).
+- **No handler takes a worker away.** Whatever a handler raises, ``BaseException`` included
+  (``sys.exit()``, ``KeyboardInterrupt``), is a failed attempt with its error; the worker goes on.
+  ``tests/test_handler_faults.py::test_handler_that_raises_a_base_exception_fails_its_attempt_and_the_worker_lives_on``
+- **A timed-out attempt frees its worker.** Past its topic's timeout an attempt is reported failed
+  (retried, then dead, like any failure) and its handler interrupted (:class:`consumers.attempt.
+  HandlerTimeout` raised in its thread). A handler still running :data:`~consumers.attempt.HANDOFF_GRACE`
+  seconds later is blocked where Python cannot interrupt it (``time.sleep``, a socket read): its thread
+  is handed off (a daemon left to finish on its own, its outcome already written) and a fresh thread
+  takes its place, so that the pool keeps ``workers`` threads free to run the next attempts.
+  ``tests/test_handler_faults.py::test_handler_busy_in_python_past_its_timeout_is_interrupted_and_its_worker_freed``,
+  ``tests/test_handler_faults.py::test_handler_blocked_in_c_past_its_timeout_is_handed_off_and_the_pool_keeps_its_workers``
+- **A timed-out session handler never commits.** Interrupted, its transaction rolls back; returning
+  late, it finds that it was reported timed out and rolls back. Its worker takes the right to report
+  (one atomic ``dict.pop``) before it commits, so a transaction that commits was never reported timed
+  out. ``tests/test_handler_faults.py::test_timed_out_session_handler_never_commits``
+- **Stuck threads are bounded.** With more handed-off threads still running than ``max_stuck``
+  (``max_stuck_handlers``, default twice ``workers``), the relay stops claiming, logs why (ERROR), says
+  so in ``outbox_relay_claiming_stopped`` and ``outbox_relay_stuck_handlers`` and fails ``/readyz``
+  (``handlers``), so that it gets restarted; it claims again if they end meanwhile.
+  ``tests/test_handler_faults.py::test_relay_with_more_stuck_handlers_than_its_bound_stops_claiming_and_says_why``,
+  ``tests/test_handler_faults.py::test_relay_process_survives_every_faulty_handler_and_readyz_tells_the_truth``
+- **No handler starts on a lease known to be lost.** A worker about to start a task checks its lease's
+  deadline by the relay's own clock (no round trip: :class:`relay.completer.InFlight`, the claim's or
+  last renewal's time plus the lease, less a margin); past it, the task is released (not an attempt)
+  instead of run: another relay may hold it, and may have started the next message of its key.
+  ``tests/test_crash.py::test_relay_thawed_after_its_leases_expired_starts_none_of_their_handlers``
+
+Stop releases the tasks not started and waits (``stop_timeout``) for the running ones, but not for
+those that timed out (their outcome is written; their threads may never return).
 
 With OpenTelemetry, each attempt runs inside a CONSUMER span continuing the writer's trace
 (:func:`outbox.tracing.process_span`), so spans a handler starts belong to that trace.
@@ -17,17 +48,23 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy import orm
 
+from consumers.attempt import (
+    HANDOFF_GRACE,
+    Handled,
+    HandlerFailed,
+    Interruption,
+    Outage,
+    Transaction,
+    run_attempt,
+)
 from consumers.registry import Registry
-from outbox.dialects import is_outage
-from outbox.tracing import process_span
-from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, describe_error
+from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released
 
 log = logging.getLogger("outbox.relay")
 
@@ -35,9 +72,8 @@ log = logging.getLogger("outbox.relay")
 MarkInSession = Callable[[orm.Session, Delivery], bool]
 
 
-class LeaseLost(Exception):
-    """The delivered mark found no row under our token: another relay has taken the message over."""
-
+#: the monotonic time until which the relay knows a lease (by its token) to be held
+LeaseDeadline = Callable[[str], float]
 
 #: a function and its arguments, run by a worker
 _Job = tuple[Callable[..., None], tuple[Any, ...]]
@@ -59,19 +95,51 @@ class _WorkerPool:
 
     def __init__(self, size: int, name: str) -> None:
         self.size = size
+        self.name = name
         self._jobs: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._idle = 0
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._started = 0  # threads started so far, to name the next one
+        self._members: set[threading.Thread] = set()  # every thread started (handed off ones too)
+        #: threads handed off by hand_off(): they leave the pool when their job ends
+        self._handed_off: set[threading.Thread] = set()
+        for _ in range(size):
+            self._start_thread()
 
-    def submit_many(self, jobs: Iterable[_Job]) -> None:
+    def _start_thread(self) -> None:
+        self._started += 1
+        thread = threading.Thread(target=self._work, name=f"{self.name}-{self._started}", daemon=True)
+        self._members.add(thread)
+        thread.start()
+
+    def hand_off(self, thread: threading.Thread) -> bool:
+        """Give up on ``thread`` (stuck in a job) and start a fresh worker in its place, so that the pool
+        keeps ``size`` workers; the handed-off thread leaves the pool if its job ever ends. False when
+        it was already handed off."""
+        with self._lock:
+            if thread in self._handed_off or not thread.is_alive():
+                return False
+            self._handed_off.add(thread)
+            if not self._closed:
+                self._start_thread()
+            return True
+
+    def stuck(self) -> int:
+        """Handed-off threads still running their job."""
+        with self._lock:
+            self._handed_off = {t for t in self._handed_off if t.is_alive()}
+            return len(self._handed_off)
+
+    def submit_many(self, jobs: Sequence[_Job]) -> None:
         self._jobs.extend(jobs)
+        me = threading.current_thread()
+        if len(jobs) == 1 and me in self._members and me not in self._handed_off:
+            # one job from a worker finishing its own (a run's next message, handed out as the one
+            # before is reported): that worker takes it next; waking another would cost a thread
+            # switch per message and find nothing to do
+            return
         with self._lock:
             self._wake_one()
 
@@ -111,21 +179,32 @@ class _WorkerPool:
             return job
 
     def _work(self) -> None:
-        while (job := self._take()) is not None:
+        me = threading.current_thread()
+        while me not in self._handed_off and (job := self._take()) is not None:
             try:
                 job[0](*job[1])
-            except Exception:  # pragma: no cover - _run reports every outcome itself
+            except BaseException:  # pragma: no cover - _run reports every outcome itself
                 log.exception("unexpected error in a handler worker")
 
 
 class _Task:
     """One delivery's state (see :class:`HandlerPublisher` for who changes what)."""
 
-    __slots__ = ("delivery", "started_at")
+    __slots__ = ("committing", "delivery", "done", "interruption", "started_at", "thread", "timed_out_at")
 
-    def __init__(self, delivery: Delivery) -> None:
+    def __init__(self, delivery: Delivery, done: DoneCallback) -> None:
         self.delivery = delivery
+        #: the callback it was delivered with: its outcome goes there, whoever decides it (its worker,
+        #: the timeout check, stop), so that a run or the lane of reclaimed messages hears of it
+        self.done = done
         self.started_at: float | None = None
+        #: the worker running it (set when it starts), and how the timeout check interrupts it
+        self.thread: threading.Thread | None = None
+        self.interruption = Interruption() if delivery.policy.timeout is not None else None
+        #: when the timeout check reported it timed out and interrupted it
+        self.timed_out_at: float | None = None
+        #: its worker took the right to report it, to commit its handler's transaction
+        self.committing = False
 
 
 class HandlerPublisher:
@@ -140,6 +219,8 @@ class HandlerPublisher:
     """
 
     decodes_payload = True
+    #: a ``counted`` delivery's start mark is written by the worker that runs it, right before its handler
+    marks_starts = True
 
     def __init__(
         self,
@@ -148,9 +229,18 @@ class HandlerPublisher:
         workers: int,
         session_factory: Callable[[], AbstractContextManager[orm.Session]],
         mark_in_session: MarkInSession,
+        lease_deadline: LeaseDeadline | None = None,
+        max_stuck: int | None = None,
+        mark_started: Callable[[Delivery], bool] | None = None,
     ) -> None:
         self.registry = registry
+        #: the durable start mark of a ``counted`` delivery, written by its worker right before the
+        #: handler starts (``relay.claim``, invariant 10); False: the lease is lost
+        self._mark_started = mark_started
         self.workers = workers
+        #: handed-off (stuck) handler threads tolerated before the relay stops claiming
+        self.max_stuck = 2 * workers if max_stuck is None else max_stuck
+        self._lease_deadline = lease_deadline
         self._pool = _WorkerPool(workers, "outbox-handler")
         self._session_factory = session_factory
         self._mark_in_session = mark_in_session
@@ -164,39 +254,59 @@ class HandlerPublisher:
         return self.registry.route(topic) is not None
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
-        tasks = dict.fromkeys([_Task(delivery) for delivery in deliveries], True)
+        tasks = dict.fromkeys([_Task(delivery, done) for delivery in deliveries], True)
         self._tasks.update(tasks)
         self._unreported.update(tasks)
         self._unstarted.update(tasks)
-        self._pool.submit_many([(self._run, (task, done)) for task in tasks])
+        self._pool.submit_many([(self._run, (task,)) for task in tasks])
 
     # -- task state (each change is one atomic dict operation) --------------------------------------------
 
     def _start(self, task: _Task) -> bool:
         if not self._unstarted.pop(task, False):
             return False  # cancelled by stop()
+        task.thread = threading.current_thread()
         task.started_at = time.monotonic()
         return True
 
-    def _report(self, task: _Task, outcome: Outcome, done: DoneCallback) -> bool:
+    def _lease_expired(self, task: _Task) -> bool:
+        """Whether the task's lease may have expired by this relay's clock (no round trip)."""
+        return self._lease_deadline is not None and time.monotonic() > self._lease_deadline(
+            task.delivery.token
+        )
+
+    def _report(self, task: _Task, outcome: Outcome) -> bool:
         """Report ``outcome`` unless something (timeout, stop) already did; exactly once per task."""
-        if not self._unreported.pop(task, False):
+        if not (task.committing or self._unreported.pop(task, False)):
             return False
-        done(task.delivery, outcome)
+        task.done(task.delivery, outcome)
         return True
 
-    def _still_wanted(self, task: _Task) -> bool:
-        return task in self._unreported
+    def _commit_wanted(self, task: _Task) -> bool:
+        """Take the right to report ``task`` before committing its handler's transaction: False when the
+        timeout check reported it first (the transaction must roll back). Once taken, the timeout check
+        can no longer fail the attempt, so a transaction that commits was never reported timed out."""
+        task.committing = self._unreported.pop(task, False)
+        return task.committing
 
-    def _run(self, task: _Task, done: DoneCallback) -> None:
+    def _run(self, task: _Task) -> None:
         try:
             if not self._start(task):
                 return
-            with process_span(task.delivery.message) as span:  # a no-op without OpenTelemetry
-                outcome = self._attempt(task)
-                if isinstance(outcome, Failed):
-                    span.fail(outcome.error)
-            self._report(task, outcome, done)
+            if self._lease_expired(task):
+                # Its lease may be another relay's by now (this one was frozen, or starved): running it
+                # could run it twice at once, out of its key's order. Not an attempt: give it back.
+                log.warning(
+                    "message %s: its lease expired before its handler could start; released",
+                    task.delivery.message.id,
+                )
+                self._report(task, Released("lease expired before the handler started"))
+                return
+            delivery = task.delivery
+            if delivery.counted and self._mark_started is not None and not self._mark_started(delivery):
+                self._report(task, Released("lease lost before the handler started"))
+                return
+            self._report(task, self._attempt(task))
         finally:
             self._tasks.pop(task, None)
             if self._stopping:  # set before stop() looks for running tasks: it hears of this one
@@ -208,38 +318,75 @@ class HandlerPublisher:
         entry = self.registry.route(delivery.message.topic)
         if entry is None:
             return Failed(f"no route for topic {delivery.message.topic}")
-        try:
-            if not entry.takes_session:
-                entry(delivery.message)
-                return Delivered()
-            with self._session_factory() as session, session.begin():
-                entry(delivery.message, session)
-                session.flush()
-                if not self._still_wanted(task):  # timed out meanwhile: its retry will run it again
-                    raise LeaseLost("handler ran past its timeout")
+        transaction = None
+        if entry.takes_session:
+
+            def before_commit(session: orm.Session) -> str | None:
+                if not self._commit_wanted(task):  # timed out meanwhile: its retry will run it again
+                    return "handler ran past its timeout"
                 if not self._mark_in_session(session, delivery):
-                    raise LeaseLost("lease lost before commit")
-            return Delivered(marked=True)
-        except LeaseLost as exc:
-            log.warning("message %s: %s; its transaction was rolled back", delivery.message.id, exc)
-            return Released(str(exc))
-        except Exception as exc:
-            # Only the relay's own database failing under a session handler is an outage to wait out;
-            # anything a handler raises about other systems (SMTP down, HTTP timeout) is its failure.
-            if entry.takes_session and isinstance(exc, sa.exc.SQLAlchemyError) and is_outage(exc):
-                return Released(f"database unavailable: {describe_error(exc)}", retry_after=1.0)
-            return Failed(describe_error(exc))
+                    return "lease lost before commit"
+                return None
+
+            transaction = Transaction(self._session_factory, before_commit=before_commit)
+        result = run_attempt(entry, delivery.message, transaction=transaction, interruption=task.interruption)
+        if isinstance(result, Handled):
+            return Delivered(marked=entry.takes_session)
+        if isinstance(result, HandlerFailed):
+            return Failed(result.error)
+        if isinstance(result, Outage):
+            return Released(f"database unavailable: {result.error}", retry_after=1.0)
+        log.warning("message %s: %s; its transaction was rolled back", delivery.message.id, result.reason)
+        return Released(result.reason)
 
     def check_timeouts(self, done: DoneCallback) -> None:
+        """Fail the attempts past their timeout and interrupt their handlers; hand off the threads of
+        those that a grace period later are still running (blocked where Python cannot interrupt)."""
         now = time.monotonic()
         for task in list(self._tasks):
             timeout = task.delivery.policy.timeout
             started = task.started_at
-            expired = timeout is not None and started is not None and now - started > timeout
-            if expired and self._report(
-                task, Failed(f"HandlerTimeout: handler ran longer than {timeout:g}s"), done
-            ):
+            if timeout is None or started is None or now - started <= timeout:
+                continue
+            if task.committing:
+                continue  # its handler returned in time and its transaction is committing
+            error = f"HandlerTimeout: handler ran longer than {timeout:g}s"
+            if task.timed_out_at is None:
+                if not self._report(task, Failed(error)):
+                    continue  # it finished meanwhile
+                task.timed_out_at = now
                 log.warning("message %s: handler timed out after %gs", task.delivery.message.id, timeout)
+            if task.interruption is not None:  # once, and only while the handler itself runs
+                task.interruption.interrupt(error)
+            if now - task.timed_out_at > HANDOFF_GRACE and task.thread is not None:
+                self._hand_off(task, task.thread)
+
+    def _hand_off(self, task: _Task, thread: threading.Thread) -> None:
+        if task not in self._tasks or not self._pool.hand_off(thread):
+            return  # it ended meanwhile (its thread, if handed off in that instant, serves one more job)
+        stuck = self._pool.stuck()
+        log.warning(
+            "message %s: its timed-out handler did not stop (blocked where Python cannot interrupt it, "
+            "e.g. in a C call); thread %s handed off and replaced by a fresh worker (%d stuck, at most %d)",
+            task.delivery.message.id,
+            thread.name,
+            stuck,
+            self.max_stuck,
+        )
+
+    def stuck_count(self) -> int:
+        """Handler threads handed off after a timeout and still running."""
+        return self._pool.stuck()
+
+    def stuck_problem(self) -> str | None:
+        """Why this relay must stop claiming (too many stuck handler threads), or ``None``."""
+        stuck = self._pool.stuck()
+        if stuck <= self.max_stuck:
+            return None
+        return (
+            f"{stuck} handler threads are stuck past their timeout (at most {self.max_stuck}: "
+            "max_stuck_handlers)"
+        )
 
     def stop(self, timeout: float, done: DoneCallback) -> None:
         self._stopping = True
@@ -247,11 +394,12 @@ class HandlerPublisher:
             if self._unstarted.pop(task, False):  # won: its worker will skip it
                 self._tasks.pop(task, None)
                 if self._unreported.pop(task, False):
-                    done(task.delivery, Released("relay stopping"))
+                    task.done(task.delivery, Released("relay stopping"))
         deadline = time.monotonic() + timeout
         with self._finished:
-            while True:  # every task left has started: wait for them
-                running = list(self._tasks)
+            while True:  # every task left has started: wait for them, but those that timed out
+                # (reported failed already: their threads may never return)
+                running = [task for task in list(self._tasks) if task.timed_out_at is None]
                 remaining = deadline - time.monotonic()
                 if not running or remaining <= 0:
                     break

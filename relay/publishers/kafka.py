@@ -6,9 +6,15 @@ user's headers plus :data:`HEADER_ID`, :data:`HEADER_TOPIC`, :data:`HEADER_CREAT
 installed and configured: then each send is a PRODUCER span, child of the message's ``traceparent``, and
 the record carries that span's context instead (:mod:`outbox.tracing`).
 
-Why it keeps order per key: the claim path hands out at most one message per key at a time (the next
-one becomes claimable only after this one is marked delivered), so two records of one key are never in
-flight together, whatever the producer retries.
+Why it keeps order per key: one key on one topic goes to one partition, and the producer is idempotent
+(``enable_idempotence=True``, ``acks=all``, retries on; kafka-python refuses, rather than quietly drops,
+idempotence that conflicts with the other settings or the broker's version): the broker writes a
+partition's records in the order they were sent, once each, whatever the producer retries, and
+kafka-python keeps one batch per partition in flight. So a key's run (``relay.dispatch``, runs) is
+handed over as one group of records of one topic (:attr:`KafkaPublisher.keeps_order_in_flight`),
+all sent by one producer: what the broker took of a group is a prefix of it, in order. Records of one
+key on different topics are never in flight together, and the next group of a key is sent only once
+every record before it was acknowledged.
 
 How errors are classified (:func:`classify`):
 
@@ -63,6 +69,8 @@ V = TypeVar("V")
 
 #: seconds a message released because of a broker problem waits before it is claimed again
 BROKER_RETRY_PAUSE = 2.0
+#: why a record is not sent after the producer refused an earlier record of its key in the same batch
+EARLIER_NOT_SENT = "an earlier record of its key was not sent"
 
 _PERMANENT = {
     "MessageSizeTooLargeError",
@@ -193,6 +201,11 @@ class KafkaPublisher:
     """
 
     decodes_payload = False
+    #: a key's consecutive records of one topic may be in flight together (``relay.dispatch``, runs):
+    #: the producer is idempotent with acks=all (:meth:`KafkaSettings.producer_config`), so the broker
+    #: keeps a partition's records in the order sent, and :meth:`_send_loop` sends a group with one
+    #: producer (a ``producer_factory`` must build a producer with these settings too)
+    keeps_order_in_flight = True
 
     def __init__(self, settings: KafkaSettings, *, producer_factory: Any = None) -> None:
         self.settings = settings
@@ -206,7 +219,7 @@ class KafkaPublisher:
         self._lock = threading.Lock()  # producer restarts only
         self._stopping = threading.Event()
         #: acknowledgements and broker problems, for readiness (broker_problem)
-        self._health = BrokerHealth(settings.bootstrap_servers)
+        self._health = BrokerHealth(settings)
         self._thread = threading.Thread(target=self._send_loop, name="outbox-kafka-sender", daemon=True)
         self._thread.start()
 
@@ -217,8 +230,9 @@ class KafkaPublisher:
         """Why the broker looks unreachable now (``None``: it looks fine), for ``/readyz``.
 
         Unreachable when the latest answer, within the last 30 s, was a broker problem (no
-        acknowledgement since); with nothing that recent, when no bootstrap server accepts a TCP
-        connection within ``timeout`` seconds (:class:`outbox.broker_health.BrokerHealth`).
+        acknowledgement since); with nothing that recent, when no bootstrap server completes a handshake
+        (TLS, SASL, a metadata request) with these settings (:class:`outbox.broker_health.BrokerHealth`,
+        which waits at most ``timeout`` seconds and reuses a result for a few seconds).
         """
         return self._health.problem(timeout)
 
@@ -248,8 +262,11 @@ class KafkaPublisher:
 
     def _reset_producer(self) -> None:
         """Drop the current producer (kafka-python's idempotent producer can stay wedged after its
-        batches expired during an outage). Its unanswered messages are released: order per key is safe,
-        since only one message per key is ever in flight, and a late duplicate is at-least-once."""
+        batches expired during an outage). Its unanswered messages are released, and a key's group is
+        never split between two producers (:meth:`_send_loop`): the old producer may still have
+        written any prefix of a group's unanswered records, so each released record is published
+        again, a duplicate when it was written (at-least-once), while the order of first appearances
+        in the partition is kept: the key's next records go out only once these were published again."""
         with self._lock:
             old, self._producer = self._producer, None
             generation = self._generation
@@ -275,10 +292,8 @@ class KafkaPublisher:
                 self._producer.close(timeout=1)
             except Exception:  # closing a producer whose broker is gone may raise; nothing is lost
                 log.debug("closing the Kafka producer raised", exc_info=True)
-        for entry in pop_all(
-            self._pending
-        ):  # never acknowledged: give them back, they will be published again
-            done(entry.delivery, Released("relay stopping before the broker acknowledged"))
+        for entry in pop_all(self._pending):  # never acknowledged: give them back, to be published again
+            entry.done(entry.delivery, Released("relay stopping before the broker acknowledged"))
 
     def _report(self, delivery: Delivery, done: DoneCallback, outcome: Outcome) -> None:
         if self._pending.pop((delivery.token, delivery.seq), None) is None:
@@ -291,6 +306,8 @@ class KafkaPublisher:
     def _send_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             deliveries, done = item
+            generation = -1  # the producer generation that sent the batch's first record
+            held: set[str] = set()  # keys of a record the producer refused: the rest of the key waits
             for index, delivery in enumerate(deliveries):
                 if self._stopping.is_set():
                     self._report_all(deliveries[index:], done, Released("relay stopping"))
@@ -303,16 +320,30 @@ class KafkaPublisher:
                     released = Released("broker unavailable", retry_after=BROKER_RETRY_PAUSE)
                     self._report_all(deliveries[index:], done, released)
                     break
-                self._send(producer, delivery, done)
+                if generation < 0:
+                    generation = self._generation
+                elif generation != self._generation:
+                    # Restarted mid-batch: the records before were released, whatever the old producer
+                    # wrote of them. The rest of a key's group must not overtake them with the new one.
+                    released = Released("Kafka producer restarted", retry_after=BROKER_RETRY_PAUSE)
+                    self._report_all(deliveries[index:], done, released)
+                    break
+                key = delivery.message.key
+                if key is not None and key in held:
+                    # not sent: it would only be published again, after the refused one (a duplicate)
+                    self._report(delivery, done, Released(EARLIER_NOT_SENT))
+                elif not self._send(producer, delivery, done) and key is not None:
+                    held.add(key)
 
     def _report_all(self, deliveries: Sequence[Delivery], done: DoneCallback, outcome: Outcome) -> None:
         for delivery in deliveries:
             self._report(delivery, done, outcome)
 
-    def _send(self, producer: Any, delivery: Delivery, done: DoneCallback) -> None:
+    def _send(self, producer: Any, delivery: Delivery, done: DoneCallback) -> bool:
+        """Hand the record to the producer; False when it refused it (reported) or it was reported."""
         entry = self._pending.get((delivery.token, delivery.seq))
         if entry is None:
-            return  # already reported (a producer restart from the watchdog)
+            return False  # already reported (a producer restart from the watchdog)
         entry.generation = self._generation
         entry.sent_at = time.monotonic()
         message = delivery.message
@@ -330,10 +361,11 @@ class KafkaPublisher:
                 self._answer(delivery, done, span, Failed(f"invalid Kafka topic: {exc}", permanent=True))
             else:
                 self._answer(delivery, done, span, classify(exc))
-            return
+            return False
         # bound methods with arguments (kafka-python wraps them in functools.partial): no closures per record
         future.add_callback(self._acknowledged, delivery, done, span)
         future.add_errback(self._not_acknowledged, delivery, done, span)
+        return True
 
     def _acknowledged(self, delivery: Delivery, done: DoneCallback, span: DeliverySpan, _meta: Any) -> None:
         self._answer(delivery, done, span, _DELIVERED)

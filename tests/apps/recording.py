@@ -17,7 +17,8 @@ commit, so ``done`` means "the handler returned", not "committed"). Each line is
 and several relays can share the file.
 
 The payload is ``{"i": index}`` plus, optionally, ``"sleep": seconds`` (how long the handler works
-between ``start`` and ``done``; default ``OUTBOX_TEST_SLEEP``, else 0).
+between ``start`` and ``done``; default ``OUTBOX_TEST_SLEEP``, else 0), or ``"exit": true`` (the handler
+kills its relay with ``os._exit`` after ``start``: a poison message).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _record(event: str, message: Message) -> None:
 
 
 def _work(message: Message) -> None:
+    if message.payload.get("exit"):  # a poison message that kills its relay (as a segfault or OOM would)
+        os._exit(70)
     seconds = message.payload.get("sleep", float(os.environ.get(SLEEP_ENV) or 0))
     if seconds:
         time.sleep(seconds)

@@ -1,0 +1,179 @@
+"""Ordered delivery at depth: how fast keyed backlogs drain, against unkeyed ones, in the same run.
+
+Why: order per key is the product's distinctive promise, and it must not be paid for in throughput
+(issue 14). Real backlogs concentrate on few keys (an outage, a bulk import, a busy tenant), so the
+shapes here are: no key (the baseline), one key, 10 keys, 100 keys, 10,000 keys, and unkeyed messages
+drained while a deep strict-order key is parked in front of them, each drained by one relay process
+with no-op in-process handlers (as :mod:`bench.drain`) and reported as messages/s and as a ratio to the
+unkeyed drain of the same run; and 10 keys drained by three relays at once, against one relay (a key's
+runs go to one relay at a time: more relays must not make it slower). A last figure is the claim's own
+cost: the median time of a claim with 10,000 and with 1,000,000 messages queued behind one key
+(PostgreSQL; the targets want them within 2x).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.drain import drain_once
+from bench.harness import Result, Settings, fresh_database, log, outbox_engine, ratio_values, vacuum_analyze
+from bench.processes import Worker, drain_with, stop_all
+from bench.workload import KeyOf, insert_backlog, reset_table, status_counts
+from outbox.dialects import dialect_for
+from outbox.schema import tables_for
+from outbox.writer import utcnow
+from relay.claim import ClaimQueries
+
+NAME = "keys"
+
+
+def _shapes(count: int) -> list[tuple[str, KeyOf]]:
+    return [
+        ("unkeyed", lambda i: None),
+        ("one key", lambda i: "hot"),
+        ("10 keys", lambda i: f"k{i % 10}"),
+        ("100 keys", lambda i: f"k{i % 100}"),
+        ("10,000 keys", lambda i: f"k{i % 10_000}"),
+    ]
+
+
+def drain_behind_parked(url: str, backend: str, count: int, settings: Settings) -> float:
+    """Unkeyed messages/s while ``count`` messages wait behind a parked strict-order key."""
+    engine = outbox_engine(url)
+    reset_table(engine)
+    t = tables_for().messages
+    insert_backlog(engine, 1, key_of=lambda i: "parked")
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).values(status="parked", due_at=None, last_error="parked by the benchmark"))
+    insert_backlog(engine, count, key_of=lambda i: "parked", start=1)
+    insert_backlog(engine, count, key_of=lambda i: None, start=count + 1)
+    if backend == "postgresql":
+        vacuum_analyze(url, "outbox")
+    workers = [Worker("relay", {"url": url}, settings)]
+    try:
+        seconds = drain_with(workers, count, timeout=60 + count / 300)
+    finally:
+        stop_all(workers)
+    counts = status_counts(engine)
+    engine.dispose()
+    if counts.get("delivered") != count:
+        raise RuntimeError(f"behind the parked key the table holds {counts}, expected {count} delivered")
+    return count / seconds
+
+
+def claim_times(url: str, depth: int, claims_measured: int = 30) -> list[float]:
+    """Seconds per claim (take one run, deliver it, promote the next) with ``depth`` messages on one key
+    queued behind it, after the first pass that queues them."""
+    engine = outbox_engine(url)
+    reset_table(engine)
+    insert_backlog(engine, depth, key_of=lambda i: "deep")
+    vacuum_analyze(url, "outbox")
+    claims = ClaimQueries(tables_for(), dialect_for(engine))
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    times: list[float] = []
+    with autocommit.connect() as marks:
+        while True:  # the first pass: the head's run taken, every row behind it queued once
+            with engine.begin() as conn:
+                rows = claims.claim_batch(conn, limit=2000, lease_seconds=300, now=utcnow())
+            if rows:
+                claims.mark_delivered(marks, rows[0].token, [r.seq for r in rows], now=utcnow())
+                last = rows[-1].seq
+            if not rows and not rows.queued:
+                break
+        claims.promote(marks, [last], now=utcnow())
+        for _ in range(claims_measured):
+            began = time.perf_counter()
+            with engine.begin() as conn:
+                rows = claims.claim_batch(conn, limit=2000, lease_seconds=300, now=utcnow())
+            times.append(time.perf_counter() - began)
+            if not rows:
+                break
+            claims.mark_delivered(marks, rows[0].token, [r.seq for r in rows], now=utcnow())
+            claims.promote(marks, [rows[-1].seq], now=utcnow())
+    engine.dispose()
+    return times
+
+
+def run(settings: Settings, recorder: Any) -> None:
+    count = settings.size(100_000, 10_000, 600)
+    backends = settings.pick(("postgresql", "mariadb", "sqlite"), ("postgresql",), ("postgresql",))
+    for backend in backends:
+        shapes = _shapes(count)
+        rates: dict[str, list[float]] = {name: [] for name, _ in shapes}
+        parked: list[float] = []
+        three: list[float] = []  # 10 hot keys drained by three relays (target: at least one relay's rate)
+        with fresh_database(backend, settings) as url:
+            for run_index in range(settings.runs):
+                order = shapes if run_index % 2 == 0 else list(reversed(shapes))
+                for name, key_of in order:
+                    figures = drain_once(url, backend, count, 1, settings, key_of=key_of)
+                    rates[name].append(figures["rate"])
+                    log(f"keys {backend} {name}: {figures['rate']:,.0f} msg/s")
+                parked.append(drain_behind_parked(url, backend, count, settings))
+                log(f"keys {backend} unkeyed behind a parked key: {parked[-1]:,.0f} msg/s")
+                if backend != "sqlite":  # (SQLite: one relay at a time)
+                    figures = drain_once(url, backend, count, 3, settings, key_of=lambda i: f"k{i % 10}")
+                    three.append(figures["rate"])
+                    log(f"keys {backend} 10 keys, 3 relays: {three[-1]:,.0f} msg/s")
+        common = {"backlog": count, "relays": 1}
+        for name, _ in shapes:
+            recorder.add(Result(NAME, name, backend, "throughput", "msg/s", rates[name], common))
+            if name != "unkeyed":
+                ratio = ratio_values(rates[name], rates["unkeyed"])
+                recorder.add(Result(NAME, f"{name} / unkeyed", backend, "ratio", "x", ratio, common))
+        if three:
+            many = {**common, "relays": 3}
+            recorder.add(Result(NAME, "10 keys, 3 relays", backend, "throughput", "msg/s", three, many))
+            ratio = ratio_values(three, rates["10 keys"])
+            recorder.add(Result(NAME, "10 keys, 3 relays / 1 relay", backend, "ratio", "x", ratio, many))
+        recorder.add(
+            Result(NAME, "unkeyed behind a parked key", backend, "throughput", "msg/s", parked, common)
+        )
+        recorder.add(
+            Result(
+                NAME,
+                "behind a parked key / unkeyed",
+                backend,
+                "ratio",
+                "x",
+                ratio_values(parked, rates["unkeyed"]),
+                {**common, "parked_behind": count},
+            )
+        )
+    if "postgresql" in backends:
+        depths = settings.pick((10_000, 1_000_000), (10_000, 100_000), (1_000, 5_000))
+        with fresh_database("postgresql", settings) as url:
+            medians = {}
+            for depth in depths:
+                times = claim_times(url, depth)
+                medians[depth] = statistics.median(times)
+                recorder.add(
+                    Result(
+                        NAME,
+                        f"claim time, {depth:,} behind one key",
+                        "postgresql",
+                        "claim time",
+                        "ms",
+                        [s * 1000 for s in times],
+                        {"depth": depth},
+                        higher_is_better=False,
+                    )
+                )
+                log(f"keys claim time with {depth:,} behind one key: {medians[depth] * 1000:.2f} ms (median)")
+            deep, shallow = depths[-1], depths[0]
+            recorder.add(
+                Result(
+                    NAME,
+                    f"claim time {deep:,} / {shallow:,} behind one key",
+                    "postgresql",
+                    "ratio",
+                    "x",
+                    [medians[deep] / medians[shallow]],
+                    {"depths": list(depths)},
+                    higher_is_better=False,
+                )
+            )

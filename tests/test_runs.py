@@ -1,0 +1,421 @@
+"""Key runs: a key's consecutive messages claimed together and delivered in order (relay/claim.py, runs;
+relay/dispatch.py), and the queued rows of busy or held keys (outbox/key_queue.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+import outbox
+from consumers import Registry
+from outbox.message import Message
+from outbox.operations import Operations
+from outbox.policy import TopicPolicy
+from outbox.schema import Status
+from relay import Relay
+from relay.claim import ClaimedRow
+from relay.dispatch import Dispatcher
+from relay.maintenance import Maintenance
+from relay.publishers import Delivered, Delivery, Failed, Outcome, Released
+from relay.publishers.handlers import HandlerPublisher
+from tests.conftest import status_counts, wait_until
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.1}
+
+
+def attempts_by_index(engine: sa.Engine) -> dict[int, int]:
+    t = outbox.tables_for().messages
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.payload, t.c.attempts)).all()
+    import json
+
+    return {json.loads(payload)["i"]: attempts for payload, attempts in rows}
+
+
+def test_hot_key_many_keys_and_unkeyed_each_delivered_once_in_order(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
+    """Order per key holds with runs: every message once, each key's messages in seq order."""
+    seen: dict[str | None, list[int]] = defaultdict(list)
+    lock = threading.Lock()
+
+    @registry.handler("step")
+    def step(message: Message) -> None:
+        with lock:
+            seen[message.key].append(message.payload["i"])
+
+    with engine.begin() as conn:
+        for i in range(2400):
+            key = "hot" if i % 2 == 0 else (None if i % 5 == 0 else f"k{i % 30}")
+            outbox.add(conn, "step", {"i": i}, key=key)
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 2400, timeout=90)
+    assert sum(len(v) for v in seen.values()) == 2400
+    for key, indexes in seen.items():
+        if key is not None:
+            assert indexes == sorted(indexes), key
+    assert len(seen["hot"]) == 1200
+
+
+def test_failure_inside_a_run_releases_the_rest_without_an_attempt(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
+    """The failed message is retried first; the messages after it were given back, never attempted."""
+    firsts: list[int] = []
+    failed = threading.Event()
+
+    @registry.handler("step", **FAST)
+    def step(message: Message) -> None:
+        index = message.payload["i"]
+        if index == 10 and not failed.is_set():
+            failed.set()
+            raise RuntimeError("once")
+        if message.attempt == 1 or index == 10:
+            firsts.append(index)
+
+    with engine.begin() as conn:
+        for i in range(40):
+            outbox.add(conn, "step", {"i": i}, key="k")
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 40, timeout=30)
+    assert firsts == list(range(40))
+    attempts = attempts_by_index(engine)
+    assert attempts[10] == 2
+    assert all(attempts[i] == 1 for i in range(40) if i != 10)
+
+
+def test_unkeyed_messages_flow_while_a_hot_key_drains(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
+    """A hot key holds one worker at a time: messages of other keys and without a key go past it."""
+    hot_done = 0
+
+    @registry.handler("hot")
+    def hot(message: Message) -> None:
+        nonlocal hot_done
+        time.sleep(0.002)
+        hot_done += 1
+
+    @registry.handler("cold")
+    def cold(message: Message) -> None:
+        pass
+
+    with engine.begin() as conn:
+        for i in range(1500):
+            outbox.add(conn, "hot", {"i": i}, key="hot")
+    relay.start()
+    wait_until(lambda: hot_done > 0, timeout=30)
+    with engine.begin() as conn:
+        for i in range(100):
+            outbox.add(conn, "cold", {"i": i}, key=None if i % 2 else f"c{i}")
+    t = outbox.tables_for().messages
+
+    def cold_delivered() -> bool:
+        with engine.connect() as conn:
+            n = conn.execute(
+                sa.select(sa.func.count()).where(t.c.topic == "cold", t.c.status == Status.DELIVERED.value)
+            ).scalar()
+        return n == 100
+
+    wait_until(cold_delivered, timeout=30)
+    assert hot_done < 1500  # the cold messages did not wait for the hot key's backlog
+
+
+def test_purging_a_parked_message_lets_its_queued_key_go_on(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
+    handled: list[int] = []
+
+    @registry.handler("ledger", max_attempts=1, strict_order=True)
+    def ledger(message: Message) -> None:
+        if message.payload["i"] == 0:
+            raise ValueError("unbalanced")
+        handled.append(message.payload["i"])
+
+    with engine.begin() as conn:
+        for i in range(6):
+            outbox.add(conn, "ledger", {"i": i}, key="acct")
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("parked") == 1, timeout=20)
+    t = outbox.tables_for().messages
+
+    def queued() -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(t.c.status == "pending", t.c.due_at.is_(None))
+                ).scalar()
+                or 0
+            )
+
+    wait_until(lambda: queued() == 5, timeout=20)  # out of the claim's scan while the key is parked
+    assert handled == []
+    Operations(engine).purge(older_than=dt.timedelta(0), status=Status.PARKED)
+    wait_until(lambda: handled == [1, 2, 3, 4, 5], timeout=20)
+
+
+def test_maintenance_sweep_promotes_a_key_whose_promotion_was_lost(engine: sa.Engine) -> None:
+    """The safety net: queued rows whose key nothing holds (a crash came between the mark and the
+    promotion) come back within one maintenance interval."""
+    with engine.begin() as conn:
+        for i in range(3):
+            outbox.add(conn, "t", {"i": i}, key="k")
+    t = outbox.tables_for().messages
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).values(due_at=None))  # queued, as if the promotion never ran
+    maintenance = Maintenance(engine, outbox.tables_for(), holder="test")
+    assert maintenance.sweep_queued_keys() == 3
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(t.c.due_at.is_(None))).scalar() == 0
+
+
+# --- groups: a run handed to a publisher that keeps a key's order in flight (Kafka), without a database ---
+
+
+class GroupPublisher:
+    """Records each group it is handed; the test answers for the broker."""
+
+    decodes_payload = False
+    keeps_order_in_flight = True
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[list[Delivery], Callable[[Delivery, Outcome], None]]] = []
+
+    def accepts(self, topic: str) -> bool:
+        return True
+
+    def deliver(self, deliveries: list[Delivery], done: Callable[[Delivery, Outcome], None]) -> None:
+        self.groups.append((list(deliveries), done))
+
+    def seqs(self) -> list[list[int]]:
+        return [[d.seq for d in group] for group, _ in self.groups]
+
+    def answer(self, outcomes: dict[int, Outcome]) -> None:
+        """Answer the latest group, in the order of ``outcomes`` (a broker's answers may come in any)."""
+        group, done = self.groups[-1]
+        by_seq = {d.seq: d for d in group}
+        for seq, outcome in outcomes.items():
+            done(by_seq[seq], outcome)
+
+
+class OneAtATimePublisher(GroupPublisher):
+    keeps_order_in_flight = False  # as the in-process handlers: no attribute at all
+
+
+def run_rows(topics: str, *, big: tuple[int, ...] = ()) -> list[ClaimedRow]:
+    """One key's run, seq 1, 2, ...: one row per letter of ``topics`` (its topic); ``big`` seqs are
+    larger than the dispatcher below allows."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    return [
+        ClaimedRow(
+            seq=seq,
+            id=seq,
+            topic=topic,
+            key="k",
+            payload=b"x" * 200 if seq in big else b"{}",
+            content_type="application/json",
+            headers=None,
+            attempts=1,
+            created_at=now,
+            token="t",
+        )
+        for seq, topic in enumerate(topics, start=1)
+    ]
+
+
+def dispatcher_with(publisher: GroupPublisher) -> tuple[Dispatcher, list[tuple[int, Outcome, bool]]]:
+    reports: list[tuple[int, Outcome, bool]] = []
+    dispatcher = Dispatcher(
+        Registry(),
+        [publisher],
+        default_policy=TopicPolicy(),
+        report=lambda d, o: reports.append((d.seq, o, d.run_end)),
+        max_payload_bytes=100,
+    )
+    return dispatcher, reports
+
+
+def test_a_run_goes_to_a_publisher_that_keeps_order_in_flight_a_topic_at_a_time() -> None:
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    dispatcher.dispatch(run_rows("AAABBA"))
+    assert publisher.seqs() == [[1, 2, 3]]
+    publisher.answer({3: Delivered(), 1: Delivered()})
+    assert reports == [], "a group's outcomes are reported together"
+    publisher.answer({2: Delivered()})
+    assert [seq for seq, _, _ in reports] == [1, 2, 3], "in seq order"
+    assert publisher.seqs() == [[1, 2, 3], [4, 5]], "the next group only once the one before was delivered"
+    publisher.answer({5: Delivered(), 4: Delivered()})
+    publisher.answer({6: Delivered()})
+    assert [(seq, run_end) for seq, _, run_end in reports] == [(s, s == 6) for s in range(1, 7)]
+    assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
+
+
+def test_a_failure_inside_a_group_keeps_the_delivered_prefix_and_releases_the_rest() -> None:
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    dispatcher.dispatch(run_rows("AAAAABB"))
+    failed = Failed("broker said no")
+    publisher.answer({4: Delivered(), 3: failed, 1: Delivered(), 5: Failed("too", True), 2: Delivered()})
+    assert [(seq, outcome) for seq, outcome, _ in reports] == [
+        (1, Delivered()),
+        (2, Delivered()),
+        (3, failed),
+        # delivered or not, what follows a message that did not go through is given back, in order
+        (4, Released("an earlier message of its key did not finish")),
+        (5, Released("an earlier message of its key did not finish")),
+        (6, Released("an earlier message of its key did not finish")),
+        (7, Released("an earlier message of its key did not finish")),
+    ]
+    assert publisher.seqs() == [[1, 2, 3, 4, 5]], "nothing after the failure was handed out"
+
+
+def test_a_message_refused_inside_a_group_waits_for_the_messages_before_it() -> None:
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    dispatcher.dispatch(run_rows("AAAAA", big=(3,)))
+    assert publisher.seqs() == [[1, 2]], "the group ends before the message that cannot be handed out"
+    assert reports == []
+    publisher.answer({1: Delivered(), 2: Delivered()})
+    assert [seq for seq, _, _ in reports] == [1, 2, 3, 4, 5]
+    assert isinstance(reports[2][1], Failed) and reports[2][1].permanent, (
+        "refused once 1 and 2 were delivered"
+    )
+    assert all(isinstance(outcome, Released) for _, outcome, _ in reports[3:])
+
+
+def test_a_publisher_without_order_in_flight_gets_a_run_one_message_at_a_time() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    dispatcher.dispatch(run_rows("AAA"))
+    for seq in (1, 2, 3):
+        assert publisher.seqs()[-1] == [seq]
+        publisher.answer({seq: Delivered()})
+    assert publisher.seqs() == [[1], [2], [3]]
+    assert [seq for seq, _, _ in reports] == [1, 2, 3]
+    assert HandlerPublisher.__dict__.get("keeps_order_in_flight") is None, "handlers take one at a time"
+
+
+# --- chained runs (relay/claim.py, invariant 12): a key's next run handed out behind the one before ---
+
+
+def chain_rows(first: int, count: int, *, after: int = 0, token: str = "t") -> list[ClaimedRow]:
+    rows = run_rows("A" * (first + count - 1))[first - 1 :]
+    for row in rows:
+        row.token = token
+    rows[0].after = after
+    return rows
+
+
+def test_a_chained_run_goes_out_after_the_run_it_follows_and_brings_back_the_next() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, _ = dispatcher_with(publisher)
+    reported: list[Delivery] = []
+    dispatcher.report = lambda d, o: reported.append(d)
+    head = chain_rows(1, 3)
+    dispatcher.register(head)
+    dispatcher.dispatch(head)
+    assert dispatcher.chainable("k", 3) and not dispatcher.chainable("k", 2)
+    chained = chain_rows(4, 3, after=3, token="u")
+    dispatcher.register(chained)
+    assert dispatcher.chainable("k", 6) and not dispatcher.chainable("k", 3)
+    dispatcher.dispatch(chained)
+    assert publisher.seqs() == [[1]], "the chained run waits for the run before it"
+    for seq in range(1, 7):
+        assert publisher.seqs()[-1] == [seq]
+        publisher.answer({seq: Delivered()})
+    assert [d.seq for d in reported] == [1, 2, 3, 4, 5, 6]
+    assert [d.token for d in reported] == ["t"] * 3 + ["u"] * 3
+    # the last message before the chained run names its end: the key's next run comes back then
+    assert [(d.promote_after, d.run_end) for d in reported] == [
+        (0, False),
+        (0, False),
+        (6, False),
+        (0, False),
+        (0, False),
+        (0, True),
+    ]
+
+
+def test_a_chained_run_behind_a_failure_is_released_without_being_handed_out() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    head, chained = chain_rows(1, 3), chain_rows(4, 2, after=3, token="u")
+    for rows in (head, chained):
+        dispatcher.register(rows)
+        dispatcher.dispatch(rows)
+    publisher.answer({1: Delivered()})
+    publisher.answer({2: Failed("no")})
+    assert publisher.seqs() == [[1], [2]]
+    assert [seq for seq, _, _ in reports] == [1, 2, 3, 4, 5]
+    assert all(isinstance(outcome, Released) for _, outcome, _ in reports[2:])
+    assert not dispatcher.chainable("k", 5), "a broken run is never chained behind"
+    late = chain_rows(6, 2, after=5, token="v")  # claimed before the relay knew: given back unhanded
+    dispatcher.register(late)
+    dispatcher.dispatch(late)
+    assert publisher.seqs() == [[1], [2]]
+    assert [seq for seq, _, _ in reports[5:]] == [6, 7]
+    assert all(isinstance(outcome, Released) for _, outcome, _ in reports[5:])
+
+
+def test_a_chained_run_behind_a_run_already_delivered_goes_out_on_its_own() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    head = chain_rows(1, 2)
+    dispatcher.register(head)
+    dispatcher.dispatch(head)
+    publisher.answer({1: Delivered()})
+    publisher.answer({2: Delivered()})
+    assert dispatcher.chainable("k", 2), "delivered, its mark not yet written: still chainable"
+    chained = chain_rows(3, 2, after=2, token="u")
+    dispatcher.register(chained)
+    dispatcher.dispatch(chained)
+    publisher.answer({3: Delivered()})
+    publisher.answer({4: Delivered()})
+    assert [seq for seq, _, _ in reports] == [1, 2, 3, 4]
+    assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
+
+
+def test_chained_runs_keep_order_through_failures_in_a_relay(
+    engine: sa.Engine, registry: Registry, relay: Relay
+) -> None:
+    """A hot key in short runs, so that runs chain all the time, with failures inside them: each
+    message's first attempt comes in seq order, and only the failed messages count a second attempt."""
+    relay.claims.run_length = relay.claims.key_queue.run_length = 7
+    firsts: list[int] = []
+    failed: set[int] = set()
+
+    @registry.handler("step", **FAST)
+    def step(message: Message) -> None:
+        index = message.payload["i"]
+        if index not in firsts:
+            firsts.append(index)
+        time.sleep(0.002)  # a run takes longer than a claim: the next one is claimed meanwhile
+        if index % 37 == 5 and index not in failed:
+            failed.add(index)
+            raise RuntimeError("once")
+
+    chained: list[int] = []
+    register = relay.dispatcher.register
+
+    def counting(rows: list[ClaimedRow]) -> None:
+        chained.extend(row.seq for row in rows if row.after)
+        register(rows)
+
+    relay.dispatcher.register = counting  # type: ignore[method-assign]
+    with engine.begin() as conn:
+        for i in range(600):
+            outbox.add(conn, "step", {"i": i}, key="hot")
+    relay.start()
+    wait_until(lambda: status_counts(engine).get("delivered") == 600, timeout=120)
+    assert firsts == list(range(600))
+    assert len(chained) > 10, "runs were chained"
+    attempts = attempts_by_index(engine)
+    assert all(attempts[i] == (2 if i in failed else 1) for i in range(600)), {
+        i: n for i, n in attempts.items() if n != (2 if i in failed else 1)
+    }
