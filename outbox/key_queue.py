@@ -70,17 +70,6 @@ class KeyQueue:
         self._queued_in_range = sa.select(t.c.seq).where(
             *from_first, t.c.seq < sa.bindparam("past", type_=sa.BigInteger)
         )
-        # a key's first queued rows after a given row (chained runs: promote_after)
-        self._queued_after = (
-            sa.select(t.c.seq)
-            .where(
-                t.c.msg_key == sa.bindparam("key", type_=t.c.msg_key.type),
-                t.c.seq > sa.bindparam("after", type_=sa.BigInteger),
-                *queued,
-            )
-            .order_by(t.c.seq)
-            .limit(sa.bindparam("count", type_=sa.Integer))
-        )
         # by primary key: an UPDATE over the key's index range would lock index entries a claim is
         # moving (InnoDB), and the two would deadlock
         self._promote = (
@@ -171,20 +160,6 @@ class KeyQueue:
                 found = conn.execute(self._queued_in_range, {"key": key, "first": first, "past": past})
             seqs.extend(found.scalars())
         return seqs
-
-    def promote_after(
-        self, conn: sa.Connection, runs: Iterable[tuple[str, int, int]], *, now: dt.datetime
-    ) -> int:
-        """For each ``(key, after, count)``: bring back the key's first ``count`` queued rows past row
-        ``after``, whatever holds the key: a relay chaining runs (``relay.claim``, invariant 12) has
-        them come back while it still delivers the run before them. Safe at any time: the claim, not
-        promotion, keeps a key's order (a promoted row blocked by another's run is queued again)."""
-        seqs: list[int] = []
-        for key, after, count in runs:
-            if count > 0:
-                params = {"key": key, "after": after, "count": count}
-                seqs.extend(conn.execute(self._queued_after, params).scalars())
-        return self._update(conn, seqs, now)
 
     def sweep(self, conn: sa.Connection, *, now: dt.datetime, limit: int = 1000) -> int:
         """Promote every key (up to ``limit`` of them) whose queued rows nothing holds back any more."""

@@ -14,8 +14,8 @@ lease (``relay.dispatch``). A key's queued rows come back to the scan by **promo
 last row is delivered (or a row of the key is dead), the completer sets ``due_at`` on the key's next
 ``run_length`` pending rows, if nothing earlier holds the key. A deep key thus costs each claim what it
 returns: its rows are read by the scan about twice (found blocked once, taken once), never once per
-claim. A relay that drains a hot key **chains** its runs (invariant 12): a claim takes the key's next run
-behind the relay's own run still in flight, so the key goes on with no pause between runs.
+claim. A relay that drains a hot key **chains** its runs (invariant 12): a claim takes (pulls) the key's
+next run behind the relay's own run still in flight, so the key goes on with no pause between runs.
 
 Invariants (each names the test that would catch its violation):
 
@@ -109,15 +109,18 @@ Invariants (each names the test that would catch its violation):
     appends a chained run to the run it follows and hands it out after that run's last row was
     delivered, on the same lane, in order; if that run broke (a row failed, the relay stops), the
     chained rows are released unattempted (invariant 6), and a chained run whose run is unknown is
-    released too. A key thus has at most two runs in a relay, one going on and one chained. To keep a
-    hot key going, a claim that takes a full run (``run_length`` rows) leaves the key's next
-    ``run_length`` scanned rows due instead of queueing them, or, when the scan did not reach them,
-    promotes them in the claim's transaction (``KeyQueue.promote_after``); and the delivery of a run's
-    last row that a chained run follows promotes the rows after the chained run
-    (``Delivery.promote_after``). Promotion is safe whenever it happens, since the claim enforces
-    order (invariants 3 and 9); it only decides which rows the scan sees.
-    -- ``tests/test_claim.py::test_a_claim_chains_a_keys_next_run_behind_its_own_in_flight_run``,
-    ``tests/test_claim.py::test_a_full_head_run_brings_its_keys_next_run_back_when_nothing_was_left_due``,
+    released too. The dispatcher lets a key have at most two runs in a relay, one going on and one
+    chained. A chained run is taken two ways: from the scan, when the key's next rows are due (written
+    after the run was claimed), or **pulled**: given ``pulls`` (the relay's runs whose key has rows
+    waiting behind them, queued by this relay or by others), the claim reads the key's pending rows
+    right after the run's last row (one index range of ``(msg_key, status, seq)``), locks them skipping
+    any locked right now, and takes the leading ones that are due or queued, locked, and before any
+    row holding the key otherwise (in flight, failed, parked): a run with no hole, at most
+    ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness). So a hot
+    key goes on behind its holder with no promotion and no pause between runs, whoever queued its rows.
+    -- ``tests/test_claim.py::test_a_claim_pulls_a_keys_next_run_behind_its_own_in_flight_run``,
+    ``tests/test_claim.py::test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share``,
+    ``tests/test_claim.py::test_a_pulled_run_stops_at_a_row_another_claim_has_locked``,
     ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
 """
 
@@ -170,12 +173,20 @@ class ClaimedRow:
 
 
 class ClaimResult(list[ClaimedRow]):
-    """The rows a claim took (a list), and how many blocked rows it set aside (``queued``).
+    """The rows a claim took (a list), how many blocked rows it set aside (``queued``), and the keys
+    whose next rows wait behind the run it took for them (``deep``: the relay pulls their next run,
+    invariant 12).
 
     A claim that queued rows found work even when it took none: the fetcher looks again at once.
     """
 
     queued: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deep: set[str] = set()
+        #: keys pulled that had nothing more to take (their rows come back by promotion)
+        self.shallow: set[str] = set()
 
 
 @dataclass(slots=True)
@@ -283,6 +294,32 @@ class ClaimQueries:
         #: promotion of queued rows (outbox.key_queue): the completer's, after a run or a dead row
         self.key_queue = KeyQueue(tables, run_length=run_length)
 
+        # -- pulled runs (invariant 12): a key's pending rows right after the caller's own run -------------
+        # The key's pending rows after a row, in seq order (an index range of (msg_key, status, seq)), each
+        # with whether it is due (queued rows are: their due_at is NULL), and the first row after it that
+        # holds the key otherwise (in flight, failed, parked: normally none), which the run must stop at.
+        key = sa.bindparam("key", type_=t.c.msg_key.type)
+        after = sa.bindparam("after", type_=sa.BigInteger)
+        f = t.alias("f")
+        fence = (
+            sa.select(sa.func.min(f.c.seq))
+            .where(
+                f.c.msg_key == key,
+                status_in(f.c.status, [Status.INFLIGHT, Status.FAILED, Status.PARKED]),
+                f.c.seq > after,
+            )
+            .scalar_subquery()
+        )
+        ready = sa.case((sa.or_(t.c.due_at.is_(None), t.c.due_at <= sa.bindparam("now")), 1), else_=0)
+        self._pending_after = (
+            sa.select(t.c.seq, ready, sa.func.length(t.c.payload), fence)
+            .where(t.c.msg_key == key, status_in(t.c.status, [Status.PENDING]), t.c.seq > after)
+            .order_by(t.c.seq)
+            .limit(sa.bindparam("count", type_=sa.Integer))
+        )
+        pending = sa.select(t.c.seq).where(in_seqs, status_in(t.c.status, [Status.PENDING]))
+        self._lock_pending = pending.with_for_update(skip_locked=True) if dialect.skip_locked else pending
+
         # -- marks (fenced by the lease token) -----------------------------------------------------------
         fenced = sa.and_(t.c.lease_token == sa.bindparam("token"), in_seqs)
         self._delivered = (
@@ -340,6 +377,7 @@ class ClaimQueries:
         look_first: bool = True,
         max_bytes: int | None = None,
         own: Callable[[str, int], str | None] | None = None,
+        pulls: Sequence[tuple[str, int, str]] = (),
     ) -> ClaimResult:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
@@ -348,42 +386,68 @@ class ClaimQueries:
         key, to be delivered in that order). ``look_first=False`` skips MariaDB's plain read before the
         locking one (one round trip) when rows are expected: the last claim was full. ``max_bytes``
         bounds the payload bytes taken (the first row is taken whatever its size, so work goes on): the
-        rows past it stay as they are, for a later claim (invariant 11). ``own`` chains runs (invariant
-        12): given a key and a row, it gives the live lease token under which the calling relay holds that
-        row in flight at the end of a run it can chain behind (None: it cannot).
+        rows past it stay as they are, for a later claim (invariant 11).
+
+        Chained runs (invariant 12): ``own``, given a key and a row, gives the live lease token under
+        which the calling relay holds that row in flight at the end of a run it can chain behind (None:
+        it cannot); ``pulls`` lists such runs whose key has more rows waiting, as ``(key, last row,
+        token)``: the claim takes each key's next pending rows right after that row (a **pulled** run,
+        queued or due), up to ``run_length`` a key and three quarters of ``limit`` in all, before it
+        scans. ``ClaimResult.deep`` then names the keys with rows left behind what the claim took.
         """
         result = ClaimResult()
-        params: dict[str, Any] = {"now": now, "limit": limit}
         if self.dialect.write_lock_first:  # SQLite: what the scan reads holds until the commit (inv. 9)
             conn.execute(self._write_lock)
         mariadb = not self.dialect.claim_returning
-        if mariadb and look_first and conn.execute(self._probe, params).first() is None:
-            return result
-        scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
-        if not scanned:
-            return result
-        chain = own is not None
-        take, queue_own, blocked, full = self._plan(scanned, chain=chain)
-        if max_bytes is not None:
-            take, queue_own = _within(scanned, take, queue_own, max_bytes)
-        room = None
-        if max_bytes is not None:
-            sizes = {r.seq: r.size for r in scanned}
-            room = max_bytes - sum(sizes[seq] for seq in take)
-        queue_blocked, chained, after = self._queue_blocked(conn, blocked, scanned, own, room)
-        take += chained
-        queued = queue_blocked + queue_own
+        pulled: list[int] = []
+        after: dict[int, int] = {}  # a chained run's first row -> the row of ours it follows
+        pulled_last: dict[str, int] = {}  # a pulled key -> its last row pulled
+        if pulls:
+            budget = min(len(pulls) * self.run_length, max(1, limit * 3 // 4))
+            pulled, pulled_bytes = self._pull(conn, pulls, budget, max_bytes, now, after, pulled_last, result)
+            limit -= len(pulled)
+            if max_bytes is not None and pulled:
+                max_bytes -= pulled_bytes
+                if max_bytes <= 0:
+                    limit = 0
+        scanned: list[_Scanned] = []
+        if limit > 0 and not (mariadb and look_first and not pulled and self._nothing_due(conn, now)):
+            params: dict[str, Any] = {"now": now, "limit": limit}
+            scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
+        queue_behind_pulled: list[int] = []
+        if pulled_last and scanned:
+            # rows of a pulled key: the pulled rows (also due), and rows behind them, which wait behind
+            # rows this claim takes (as queue_own); a pulled key's rows play no other part in the scan
+            taking = set(pulled)
+            rest = []
+            for row in scanned:
+                last = pulled_last.get(row.key) if row.key is not None else None
+                if last is None:
+                    rest.append(row)
+                elif row.seq > last and row.seq not in taking:
+                    queue_behind_pulled.append(row.seq)
+            scanned = rest
+        take: list[int] = []
+        queued: list[int] = list(queue_behind_pulled)
+        if scanned:
+            take, queue_own, blocked, deep = self._plan(scanned)
+            result.deep.update(deep)
+            if max_bytes is not None:
+                take, queue_own = _within(scanned, take, queue_own, max_bytes)
+            room = None
+            if max_bytes is not None:
+                sizes = {r.seq: r.size for r in scanned}
+                room = max_bytes - sum(sizes[seq] for seq in take)
+            queue_blocked, chained, chained_after = self._queue_blocked(
+                conn, blocked, scanned, own, room, result
+            )
+            take += chained
+            after.update(chained_after)
+            queued += queue_blocked + queue_own
         if queued:
             conn.execute(self._queue, {"seqs": self._seqs(queued)})
             result.queued = len(queued)
-        if chain and full:
-            # a full head run taken: its key's next run comes back now, to be chained (invariant 12)
-            taking = set(take)
-            ahead = [
-                (key, last, count) for key, (last, count, run_last) in full.items() if run_last in taking
-            ]
-            if ahead:
-                self.key_queue.promote_after(conn, ahead, now=now)
+        take += pulled
         if not take:
             return result
         token = new_token()
@@ -404,27 +468,92 @@ class ClaimQueries:
             ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, seq in reclaimed)
             for seq, id_, topic, key, payload, ctype, headers, tries, created in rows
         ]
-        for row in claimed:
-            if row.seq in after:
-                row.after = after[row.seq]
+        for claimed_row in claimed:
+            if claimed_row.seq in after:
+                claimed_row.after = after[claimed_row.seq]
         claimed.sort(key=_by_seq)
         result.extend(claimed)
         return result
 
+    def _nothing_due(self, conn: sa.Connection, now: dt.datetime) -> bool:
+        """MariaDB's plain look before a locking scan (see ``look_first``): no row is due."""
+        return conn.execute(self._probe, {"now": now, "limit": 1}).first() is None
+
+    def _pull(
+        self,
+        conn: sa.Connection,
+        pulls: Sequence[tuple[str, int, str]],
+        budget: int,
+        max_bytes: int | None,
+        now: dt.datetime,
+        after: dict[int, int],
+        pulled_last: dict[str, int],
+        result: ClaimResult,
+    ) -> tuple[list[int], int]:
+        """Pulled runs (invariant 12): for each ``(key, last, token)``, the key's pending rows right after
+        row ``last``, if that row is still ours (locked for share, under ``token``). Reads each key's
+        next rows (one index range), locks them (skipping any locked right now), and takes the leading
+        ones that are due or queued, locked and before any other row holding the key: a run with no
+        hole. Returns the rows taken and their payload bytes; fills ``after``, ``pulled_last`` and the
+        result's ``deep`` (keys with rows left behind what was taken)."""
+        blockers = sorted({last for _, last, _ in pulls})
+        held = dict(conn.execute(self._lock_blockers, {"seqs": self._seqs(blockers)}).all())
+        room = max_bytes
+        candidates: list[tuple[str, int, list[tuple[int, int]], bool]] = []
+        for key, last, token in pulls:
+            if budget <= 0:
+                break
+            if held.get(last) != token:
+                continue  # not ours any more (fenced), or being written right now: chained next time
+            want = min(self.run_length, budget)
+            params = {"key": key, "after": last, "now": now, "count": want}
+            rows: list[tuple[int, int]] = []
+            read = 0
+            for seq, ready, size, fence in conn.execute(self._pending_after, params):
+                read += 1
+                if not ready or (fence is not None and seq > fence):
+                    break
+                rows.append((seq, int(size or 0)))
+            if rows:
+                candidates.append((key, last, rows, read == want and len(rows) == read))
+                budget -= len(rows)
+            else:  # nothing (or nothing due) right behind our run: the key waits for its promotion
+                result.shallow.add(key)
+        if not candidates:
+            return [], 0
+        wanted = [seq for _, _, rows, _ in candidates for seq, _ in rows]
+        locked = set(conn.execute(self._lock_pending, {"seqs": self._seqs(wanted)}).scalars())
+        taken: list[int] = []
+        total = 0
+        for key, last, rows, more in candidates:
+            run: list[int] = []
+            for seq, size in rows:
+                if seq not in locked or (room is not None and (taken or run) and size > room):
+                    more = True
+                    break
+                if room is not None:
+                    room -= size
+                total += size
+                run.append(seq)
+            if run:
+                taken += run
+                after[run[0]] = last
+                pulled_last[key] = run[-1]
+                if more or len(run) == self.run_length:
+                    result.deep.add(key)
+        return taken, total
+
     def _plan(
-        self, scanned: list[_Scanned], *, chain: bool = False
-    ) -> tuple[list[int], list[int], dict[str, list[_Scanned]], dict[str, tuple[int, int, int]]]:
+        self, scanned: list[_Scanned]
+    ) -> tuple[list[int], list[int], dict[str, list[_Scanned]], set[str]]:
         """Split scanned rows into: taken, set aside behind our own run (over ``run_length``), and blocked
         by a row this claim does not hold (by key). Invariant 3: a row is taken only when its nearest
-        earlier holding row is taken too (or it has none).
-
-        With ``chain`` (invariant 12), a key whose run is full keeps its next ``run_length`` scanned rows
-        due (the next claim chains them) and queues only the rest; ``full`` then says, per such key,
-        after which row its next queued rows may come back, how many, and the run's last row."""
+        earlier holding row is taken too (or it has none). The last part names the keys whose run is
+        full (``run_length``): their next rows may wait behind it, queued."""
         take: list[int] = []
         queue_own: list[int] = []
         blocked: dict[str, list[_Scanned]] = {}
-        full: dict[str, tuple[int, int, int]] = {}
+        deep: set[str] = set()
         by_key: dict[str, list[_Scanned]] = {}
         for row in scanned:
             if row.key is None:
@@ -434,29 +563,21 @@ class ClaimQueries:
         for key, rows in by_key.items():
             rows.sort(key=_by_seq)
             taken: set[int] = set()
-            last = 0
             for i, row in enumerate(rows):
                 if row.prev == 0 or row.prev in taken:
                     if len(taken) < self.run_length:
                         taken.add(row.seq)
                         take.append(row.seq)
-                        last = row.seq
                         continue
                     # past the run's bound: behind our own last taken row, which this claim locks
-                    rest = rows[i:]
-                    if chain:
-                        left = _consecutive(rest[: self.run_length], last)
-                        queue_own.extend(r.seq for r in rest[len(left) :])
-                        full[key] = (left[-1].seq if left else last, self.run_length - len(left), last)
-                    else:
-                        queue_own.extend(r.seq for r in rest)
+                    queue_own.extend(r.seq for r in rows[i:])
+                    deep.add(key)
                     break
                 blocked[key] = rows[i:]
                 break
-            else:
-                if chain and len(taken) == self.run_length:
-                    full[key] = (last, self.run_length, last)
-        return take, queue_own, blocked, full
+            if len(taken) == self.run_length:  # a full run: more of the key may wait (queued)
+                deep.add(key)
+        return take, queue_own, blocked, deep
 
     def _queue_blocked(
         self,
@@ -465,6 +586,7 @@ class ClaimQueries:
         scanned: list[_Scanned],
         own: Callable[[str, int], str | None] | None,
         room: int | None,
+        result: ClaimResult,
     ) -> tuple[list[int], list[int], dict[int, int]]:
         """The blocked rows that may leave the scan: those whose blockers (the earlier rows of their key
         this claim does not hold) are still holding the key and could be locked for share. And the
@@ -502,8 +624,9 @@ class ClaimQueries:
                 if run:
                     chained.extend(r.seq for r in run)
                     after[run[0].seq] = rows[0].prev
-                    if len(run) == self.run_length:  # the rest waits behind our own run (locked by us)
+                    if len(run) < len(rows):  # the rest waits behind our own run (locked by us)
                         queue.extend(r.seq for r in rows[len(run) :])
+                        result.deep.add(key)
                 continue
             if needed[key] <= held.keys():
                 queue.extend(r.seq for r in rows)

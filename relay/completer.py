@@ -298,7 +298,6 @@ class Completer:
         key_ends: dict[tuple[str, bool], list[int]] = defaultdict(list)
         key_deaths: dict[str, list[Failure]] = defaultdict(list)
         finished_keys: list[int] = []
-        chained: list[tuple[str, int, int]] = []  # (key, after, count): the run after a chained one
         key_went_on = False  # a key's run ended or a keyed row failed: its next rows may be claimable now
         counts: dict[str, int] = defaultdict(int)
         recorded: list[RecordedOutcome] = []
@@ -311,15 +310,9 @@ class Completer:
                 result = "delivered"
                 ends_a_run = delivery.run_end and delivery.message.key is not None
                 key_went_on = key_went_on or ends_a_run
-                chains = delivery.promote_after != 0 and delivery.message.key is not None
-                if chains:
-                    key_went_on = True
-                    chained.append(
-                        (str(delivery.message.key), delivery.promote_after, self.claims.run_length)
-                    )
                 if not outcome.marked:  # else: marked, and promoted, in the handler's transaction
                     lease = (delivery.token, delivery.counted)
-                    (key_ends if ends_a_run or chains else delivered)[lease].append(delivery.seq)
+                    (key_ends if ends_a_run else delivered)[lease].append(delivery.seq)
                     if ends_a_run:
                         finished_keys.append(delivery.seq)
             elif isinstance(outcome, Released):
@@ -357,7 +350,7 @@ class Completer:
                 for (token, pause), seqs in list(released.items()):
                     self.claims.release(conn, token, seqs, due_at=now + dt.timedelta(seconds=pause))
                     del released[(token, pause)]
-            if finished_keys or chained or key_ends:
+            if finished_keys or key_ends:
                 # one transaction: these marks, then the promotion that reads them (a relay frozen
                 # inside it holds only finished rows and queued ones, which no claim takes)
                 with self.lease_writes.transaction() as tx:
@@ -367,11 +360,9 @@ class Completer:
                     for token, items in key_deaths.items():
                         self.claims.mark_failed(tx, token, items)
                     self.claims.promote(tx, finished_keys, now=now)
-                    self.claims.key_queue.promote_after(tx, chained, now=now)
                 key_ends.clear()
                 key_deaths.clear()
                 finished_keys.clear()
-                chained.clear()
 
         try:
             self.db.run(write, give_up=past_deadline)

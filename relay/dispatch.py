@@ -35,9 +35,11 @@ chained run (its first row's ``after`` is the lane's last row) to the lane it fo
 hands it out after its own last row was delivered, on the same worker, with no pause. The lane's
 answer to :meth:`Dispatcher.chainable` lets the next claim chain again. A chained run whose lane ended
 delivered goes out as a run of its own; one whose lane broke, or that nobody here knows, is released
-unattempted. The delivery that ends the lane's rows before a chained run carries ``promote_after``
-(the chained run's last seq), so the completer brings the key's next run back to the scan while the
-chained one goes on.
+unattempted. A lane whose key has more rows waiting (the claim said so: ``ClaimResult.deep``) is a
+**pull** candidate (:meth:`Dispatcher.pulls`): the next claim takes the key's next run straight from
+the key's rows behind the lane's last row, queued or not. A key has at most two runs in a relay, the
+one going on and one chained: a lane is a candidate again once its chained run has started, and then
+the dispatcher wakes the fetcher (``wake``), which claims the run after it while that one goes on.
 -- ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
 """
 
@@ -51,6 +53,7 @@ from dataclasses import replace
 from typing import Any
 
 from consumers.registry import Registry
+from outbox.key_queue import RUN_LENGTH
 from outbox.message import Message
 from outbox.policy import TopicPolicy
 from outbox.serialization import decode_headers, decode_payload
@@ -80,8 +83,11 @@ class Dispatcher:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         mark_started: Callable[[Delivery], bool] | None = None,
         report_and_wait: Callable[[Delivery, Outcome], None] | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self.registry = registry
+        #: wakes the fetcher: a deep lane's chained run has started, so the run after it can be pulled
+        self.wake = wake
         self.max_payload_bytes = max_payload_bytes
         #: set when the relay stops: a run's next message is then released instead of handed out
         self.stopping = stopping or threading.Event()
@@ -103,6 +109,8 @@ class Dispatcher:
         # for a claimed key's rows (by the seq of its first row), for dispatch to carry out.
         self._lanes: dict[str, _Run] = {}
         self._plans: dict[int, _Run | None] = {}  # a run to start; None: attached to an earlier run
+        #: the lanes whose key has rows waiting behind them (pull candidates), by key
+        self._deep: dict[str, _Run] = {}
 
     def chainable(self, key: str, seq: int) -> bool:
         """Whether this relay's run of ``key`` ends with row ``seq`` and has not broken: a claim may take
@@ -110,14 +118,35 @@ class Dispatcher:
         lane = self._lanes.get(key)
         return lane is not None and lane.last == seq and lane.state is not False
 
+    def not_deep(self, keys: Iterable[str]) -> None:
+        """The claim found nothing to pull behind the runs of ``keys``: no longer pull candidates."""
+        for key in keys:
+            lane = self._deep.pop(key, None)
+            if lane is not None:
+                lane.deep = False
+
+    def pulls(self) -> list[tuple[str, int]]:
+        """The runs a claim may pull the key's next run behind, as ``(key, last row)``: this relay's runs
+        going on whose key has rows waiting, and whose chained run (if any) has started (from the
+        fetcher's thread)."""
+        found: list[tuple[str, int]] = []
+        for key, lane in list(self._deep.items()):
+            if lane.state is not None or self._lanes.get(key) is not lane:
+                del self._deep[key]  # ended, broke, or replaced: rows behind it come back by promotion
+            elif lane.boundary is None or lane.reported >= lane.boundary[0]:
+                found.append((key, lane.last))
+        return found
+
     def chaining(self) -> bool:
         """Whether a run of several messages is going on, that a claim could chain a run behind."""
         return any(run.state is None for run in self._lanes.values())
 
-    def register(self, rows: list[ClaimedRow]) -> None:
+    def register(self, rows: list[ClaimedRow], deep: Iterable[str] = ()) -> None:
         """Right after a claim, on the fetcher's thread (before the next claim asks :meth:`chainable`):
         make the claim's runs of several messages known, and attach each chained run to the run it
-        follows (or, that run having ended, start it as a run of its own; broken, release it)."""
+        follows (or, that run having ended, start it as a run of its own; broken, release it). ``deep``:
+        the keys whose next rows wait behind what the claim took (their lanes become pull candidates)."""
+        deep = set(deep)
         by_key: dict[str, list[ClaimedRow]] = {}
         for row in rows:
             if row.key is not None:
@@ -128,19 +157,29 @@ class Dispatcher:
                 continue  # the suspects' lane hands these out, one at a time: never chained
             if first.after:
                 lane = self._lanes.get(key)
-                if lane is not None and lane.extend(keyed, first.after):
+                if lane is not None and lane.extend(keyed, first.after, deep=key in deep):
                     self._plans[first.seq] = None
+                    if lane.deep:
+                        self._deep[key] = lane
+                    else:
+                        self._deep.pop(key, None)
                     continue
                 if lane is None or lane.state is not True or lane.last != first.after:
                     continue  # its run broke (or is unknown): dispatch releases the chained rows
-            elif len(keyed) < 2:
+            elif len(keyed) < 2 and key not in deep:
                 continue
-            self._plans[first.seq] = self._lanes[key] = _Run(self, keyed)
+            lane = self._plans[first.seq] = self._lanes[key] = _Run(self, keyed)
+            lane.deep = key in deep
+            if lane.deep:
+                self._deep[key] = lane
+            else:
+                self._deep.pop(key, None)
         if len(self._lanes) > MAX_LANES:  # forget ended runs, oldest first
             for key in [k for k, run in self._lanes.items() if run.state is not None][
                 : len(self._lanes) // 2
             ]:
                 del self._lanes[key]
+                self._deep.pop(key, None)
 
     def dispatch(self, rows: list[ClaimedRow], *, stopping: bool = False) -> None:
         """Hand each row to the publisher of its topic, or report it: released when ``stopping``, failed
@@ -320,7 +359,19 @@ class _Run:
     later: a duplicate, never a message delivered before an earlier one of its key was).
     """
 
-    __slots__ = ("boundary", "dispatcher", "group", "last", "lock", "outcomes", "reported", "rows", "state")
+    __slots__ = (
+        "boundary",
+        "deep",
+        "dispatcher",
+        "group",
+        "last",
+        "length",
+        "lock",
+        "outcomes",
+        "reported",
+        "rows",
+        "state",
+    )
 
     def __init__(self, dispatcher: Dispatcher, rows: list[ClaimedRow]) -> None:
         self.dispatcher = dispatcher
@@ -335,18 +386,24 @@ class _Run:
         self.state: bool | None = None
         #: the greatest seq whose outcome is reported (or being reported)
         self.reported = 0
-        #: (the seq after which a chained run follows, that chained run's last seq): reported with the
-        #: former, so that the completer brings the key's next run back (Delivery.promote_after)
+        #: (the seq after which a chained run follows, that chained run's last seq): once the former is
+        #: reported the chained run has started, and a deep lane may have the run after it pulled
         self.boundary: tuple[int, int] | None = None
+        #: the key has rows waiting behind the lane's last row (``ClaimResult.deep``), or may have: the
+        #: lane has grown to ``RUN_LENGTH`` rows (other relays may have queued the key's next rows)
+        self.deep = False
+        self.length = len(rows)
 
-    def extend(self, rows: list[ClaimedRow], after: int) -> bool:
+    def extend(self, rows: list[ClaimedRow], after: int, *, deep: bool = False) -> bool:
         """Chain ``rows`` (a run of the key, following row ``after``) behind this run, if it still goes
-        on and ends with ``after``; False otherwise."""
+        on and ends with ``after``; False otherwise. ``deep``: more rows of the key wait behind them."""
         with self.lock:
             if self.state is not None or self.last != after:
                 return False
             self.rows.extend(rows)
             self.last = rows[-1].seq
+            self.length += len(rows)
+            self.deep = deep or self.length >= RUN_LENGTH
             if after > self.reported:
                 self.boundary = (after, self.last)
             return True
@@ -397,6 +454,7 @@ class _Run:
                 return  # a group's outcomes are reported together, in seq order
             group, outcomes = self.group, self.outcomes
             self.group, self.outcomes = {}, {}
+            before = self.reported
             self.reported = max(self.reported, max(group))
             boundary = self.boundary
         report = self.dispatcher.report
@@ -407,13 +465,16 @@ class _Run:
                 continue
             delivery, outcome = group[seq], outcomes[seq]
             if boundary is not None and seq == boundary[0] and isinstance(outcome, Delivered):
-                delivery = replace(delivery, run_end=False, promote_after=boundary[1])
+                delivery = replace(delivery, run_end=False)  # the chained run goes on: no promotion
             report(delivery, outcome)
             broken = not isinstance(outcome, Delivered)
         if broken:
             self._release_rest(_EARLIER_UNFINISHED)
-        else:
-            self.next()
+            return
+        chained_started = boundary is not None and before < boundary[0] <= self.reported
+        if chained_started and self.deep and self.dispatcher.wake is not None:
+            self.dispatcher.wake()  # the run after the chained one may be pulled now
+        self.next()
 
     def _release_rest(self, reason: str) -> None:
         with self.lock:

@@ -290,6 +290,7 @@ class Relay:
             stopping=self._stopping,
             max_payload_bytes=max_payload_bytes,
             mark_started=self._mark_started,
+            wake=self._wake.set,
         )
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -547,6 +548,19 @@ class Relay:
         behind it: invariant 12); None otherwise."""
         if not self.dispatcher.chainable(key, seq):
             return None
+        return self._live_token(seq)
+
+    def _pulls(self) -> list[tuple[str, int, str]]:
+        """The runs whose key's next run the claim may pull behind them (invariant 12), with their lease."""
+        found = []
+        for key, last in self.dispatcher.pulls():
+            token = self._live_token(last)
+            if token is not None:
+                found.append((key, last, token))
+        return found
+
+    def _live_token(self, seq: int) -> str | None:
+        """The lease under which this relay holds row ``seq``, if it is live with time to spare."""
         token = self._window.token_of(seq)
         if token is None or self._window.deadline(token) < time.monotonic() + self.lease_seconds / 6:
             return None
@@ -567,6 +581,7 @@ class Relay:
                     look_first=not self._last_claim_full,
                     max_bytes=max_bytes,
                     own=self._own_lease,
+                    pulls=self._pulls(),
                 )
 
         try:
@@ -584,8 +599,10 @@ class Relay:
         self.observers.on_claimed(rows, self.last_progress - started)
         if rows:
             log.debug("claimed %d message(s) in %.3fs", len(rows), self.last_progress - started)
+        if rows.shallow:
+            self.dispatcher.not_deep(rows.shallow)
         if rows:
-            self.dispatcher.register(rows)  # before the next claim asks what it may chain
+            self.dispatcher.register(rows, rows.deep)  # before the next claim asks what it may chain
             # the lease runs from the claim's start, by this relay's clock (handlers check it)
             deadline = started + self.lease_seconds - lease_margin(self.lease_seconds)
             nbytes = sum(len(r.payload) for r in rows)

@@ -327,60 +327,76 @@ def own_runs(token_of: dict[int, str]) -> Callable[[str, int], str | None]:
     return lambda key, seq: token_of.get(seq)
 
 
-def test_a_claim_chains_a_keys_next_run_behind_its_own_in_flight_run(engine: sa.Engine) -> None:
-    """Invariant 12: the claim that takes a full run keeps the key's next run due and queues the rest;
-    the relay's next claim takes that run chained behind its own (``after``); any other claim, or one
-    whose lease on the run is gone, queues it."""
-    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=3)
-    add_many(engine, [("hot", "k")] * 10)
-    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+def pull(engine: sa.Engine, claims: ClaimQueries, *pulls: tuple[str, int, str], limit: int = 100):  # type: ignore[no-untyped-def]
     with engine.begin() as conn:
-        head = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
-    assert [r.seq for r in head] == seqs[:3] and all(r.after == 0 for r in head)
-    assert head.queued == 4, "the next run stays due, the rest is queued"
-    state = {seq: due for seq, due, _ in keyed_seqs(engine, "k")}
-    assert all(state[s] is not None for s in seqs[3:6]) and all(state[s] is None for s in seqs[6:])
-    with engine.begin() as conn:  # another relay: the run behind ours is queued, not taken
-        other = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
-        assert other == [] and other.queued == 3
-        conn.rollback()
-    with engine.begin() as conn:  # a token that is not the row's any more: not chained
-        stale = claims.claim_batch(
-            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[2]: "x"})
-        )
-        assert stale == [] and stale.queued == 3
-        conn.rollback()
-    with engine.begin() as conn:
-        chained = claims.claim_batch(
-            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[2]: head[0].token})
-        )
-    assert [r.seq for r in chained] == seqs[3:6]
-    assert [r.after for r in chained] == [seqs[2], 0, 0]
-    assert chained[0].token != head[0].token, "a lease of its own"
-    # the run after the chained one comes back once the head run's last row is delivered
-    with engine.begin() as conn:
-        claims.mark_delivered(conn, head[0].token, [r.seq for r in head], now=utcnow())
-        assert claims.key_queue.promote_after(conn, [("k", seqs[5], 3)], now=utcnow()) == 3
-    with engine.begin() as conn:
-        last = claims.claim_batch(
-            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[5]: chained[0].token})
-        )
-    assert [r.seq for r in last] == seqs[6:9] and last[0].after == seqs[5]
+        return claims.claim_batch(conn, limit=limit, lease_seconds=30, now=utcnow(), pulls=pulls)
 
 
-def test_a_full_head_run_brings_its_keys_next_run_back_when_nothing_was_left_due(engine: sa.Engine) -> None:
-    """Invariant 12: a full run taken from promoted rows (nothing of the key behind it in the scan)
-    promotes the key's next run in the claim's own transaction, for the next claim to chain."""
+def test_a_claim_pulls_a_keys_next_run_behind_its_own_in_flight_run(engine: sa.Engine) -> None:
+    """Invariant 12: a claim given the relay's own in-flight run of a key takes the key's next rows
+    (queued or due), consecutive, at most ``run_length``, chained behind it (``after``) under a lease
+    of its own; a stale token takes nothing, and any other claim leaves the key's rows where they are.
+    ``deep`` names the keys with rows left behind what was taken."""
     claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=3)
-    add_many(engine, [("hot", "k")] * 9)
+    add_many(engine, [("hot", "k")] * 8)
     seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
-    first = claim(engine, claims, limit=100)  # no chaining: takes 3, queues 6
-    assert first.queued == 6
+    head = claim(engine, claims)
+    assert [r.seq for r in head] == seqs[:3] and head.queued == 5 and head.deep == {"k"}
+    assert claim(engine, claims) == [], "another relay: nothing of the key is claimable"
+    stale = pull(engine, claims, ("k", seqs[2], "not-the-token"))
+    assert stale == [] and stale.queued == 0
+    chained = pull(engine, claims, ("k", seqs[2], head[0].token))
+    assert [r.seq for r in chained] == seqs[3:6] and [r.after for r in chained] == [seqs[2], 0, 0]
+    assert chained[0].token != head[0].token and chained.deep == {"k"}
+    last = pull(engine, claims, ("k", seqs[5], chained[0].token))
+    assert [r.seq for r in last] == seqs[6:8] and last[0].after == seqs[5] and last.deep == set()
+    # rows written later are due: the scan finds them behind our run, and chains them the same way
+    add_many(engine, [("hot", "k")] * 2)
     with engine.begin() as conn:
-        claims.mark_delivered(conn, first[0].token, [r.seq for r in first], now=utcnow())
-        assert claims.promote(conn, [seqs[2]], now=utcnow()) == 3
+        scanned = claims.claim_batch(
+            conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({seqs[7]: last[0].token})
+        )
+    assert [r.after for r in scanned] == [seqs[7], 0]
+
+
+def test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share(engine: sa.Engine) -> None:
+    """Invariants 3 and 12: a pulled run stops before a row of its key that holds the key otherwise
+    (here: failed, in retry) and before a row not yet due (a delay); and it takes at most three quarters
+    of the claim, so that other messages keep flowing beside a hot key."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=100)
+    add_many(engine, [("hot", "k")] * 4)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    assert [r.seq for r in head] == seqs[:1]
+    t = tables_for().messages
+    later = utcnow() + dt.timedelta(hours=1)
+    with engine.begin() as conn:  # the third row failed once (as if a relay had handled it): it holds
+        conn.execute(sa.update(t).where(t.c.seq == seqs[2]).values(status="failed", due_at=later))
+    run = pull(engine, claims, ("k", seqs[0], head[0].token))
+    assert [r.seq for r in run] == seqs[1:2], "stops before the failed row"
     with engine.begin() as conn:
-        run = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow(), own=own_runs({}))
-    assert [r.seq for r in run] == seqs[3:6]
-    state = {seq: due for seq, due, _ in keyed_seqs(engine, "k")}
-    assert [state[s] is not None for s in seqs[6:]] == [True, True, True]
+        conn.execute(sa.update(t).where(t.c.seq == seqs[2]).values(status="pending", due_at=None))
+        outbox.add(conn, "hot", {}, key="k", delay=3600)
+        for _ in range(6):
+            outbox.add(conn, "other", {})
+    run2 = pull(engine, claims, ("k", seqs[1], run[0].token), limit=4)
+    keyed = [r.seq for r in run2 if r.key == "k"]
+    assert keyed == seqs[2:4], "three quarters of the claim at most, and not the delayed row"
+    assert len(run2) == 4 and sum(r.key is None for r in run2) == 2, "the scan takes the rest"
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_a_pulled_run_stops_at_a_row_another_claim_has_locked(engine: sa.Engine) -> None:
+    """Invariant 12 with invariant 1: a row of the key locked by another claim right now (it scanned
+    it) is skipped, and the pulled run ends before it: never a hole in a key's run."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    add_many(engine, [("hot", "k")] * 5)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    t = tables_for().messages
+    with engine.connect() as other:
+        other.begin()
+        other.execute(sa.select(t.c.seq).where(t.c.seq == seqs[3]).with_for_update())
+        run = pull(engine, claims, ("k", seqs[0], head[0].token))
+        other.rollback()
+    assert [r.seq for r in run] == seqs[1:3] and run.deep == {"k"}

@@ -7,7 +7,7 @@ import datetime as dt
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
 
@@ -312,34 +312,36 @@ def chain_rows(first: int, count: int, *, after: int = 0, token: str = "t") -> l
     return rows
 
 
-def test_a_chained_run_goes_out_after_the_run_it_follows_and_brings_back_the_next() -> None:
+def test_a_chained_run_goes_out_after_the_run_it_follows_and_the_next_is_pulled_once_it_starts() -> None:
+    """A key has at most two runs in a relay: a deep lane is a pull candidate (Dispatcher.pulls) until
+    a run is chained behind it, and again once that chained run has started, when the fetcher is woken."""
     publisher = OneAtATimePublisher()
     dispatcher, _ = dispatcher_with(publisher)
     reported: list[Delivery] = []
     dispatcher.report = lambda d, o: reported.append(d)
+    wakes: list[int] = []
+    dispatcher.wake = lambda: wakes.append(len(reported))
     head = chain_rows(1, 3)
-    dispatcher.register(head)
+    dispatcher.register(head, {"k"})
     dispatcher.dispatch(head)
     assert dispatcher.chainable("k", 3) and not dispatcher.chainable("k", 2)
+    assert dispatcher.pulls() == [("k", 3)]
     chained = chain_rows(4, 3, after=3, token="u")
-    dispatcher.register(chained)
+    dispatcher.register(chained, {"k"})
     assert dispatcher.chainable("k", 6) and not dispatcher.chainable("k", 3)
+    assert dispatcher.pulls() == [], "two runs of the key in the relay: the next waits"
     dispatcher.dispatch(chained)
     assert publisher.seqs() == [[1]], "the chained run waits for the run before it"
     for seq in range(1, 7):
         assert publisher.seqs()[-1] == [seq]
         publisher.answer({seq: Delivered()})
+        if seq == 3:
+            assert wakes == [3] and dispatcher.pulls() == [("k", 6)], "the chained run has started"
     assert [d.seq for d in reported] == [1, 2, 3, 4, 5, 6]
     assert [d.token for d in reported] == ["t"] * 3 + ["u"] * 3
-    # the last message before the chained run names its end: the key's next run comes back then
-    assert [(d.promote_after, d.run_end) for d in reported] == [
-        (0, False),
-        (0, False),
-        (6, False),
-        (0, False),
-        (0, False),
-        (0, True),
-    ]
+    # only the lane's last message ends the key's run (its delivery promotes the key's queued rows)
+    assert [d.run_end for d in reported] == [False] * 5 + [True]
+    assert dispatcher.pulls() == [], "the lane ended"
 
 
 def test_a_chained_run_behind_a_failure_is_released_without_being_handed_out() -> None:
@@ -403,9 +405,9 @@ def test_chained_runs_keep_order_through_failures_in_a_relay(
     chained: list[int] = []
     register = relay.dispatcher.register
 
-    def counting(rows: list[ClaimedRow]) -> None:
+    def counting(rows: list[ClaimedRow], deep: Iterable[str] = ()) -> None:
         chained.extend(row.seq for row in rows if row.after)
-        register(rows)
+        register(rows, deep)
 
     relay.dispatcher.register = counting  # type: ignore[method-assign]
     with engine.begin() as conn:

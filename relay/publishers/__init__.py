@@ -36,10 +36,6 @@ class Delivery:
     #: its attempt was counted before it started (a message taken back from an expired lease:
     #: ``relay.claim``, invariant 10), so its outcome's mark does not count it again
     counted: bool = False
-    #: not 0: the run that follows this message in the relay (a chained run, ``relay.claim`` invariant
-    #: 12) ends at this seq; once this message is delivered, its key's queued rows after that run are
-    #: brought back, so that the key's next run is claimed while that one is delivered
-    promote_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
