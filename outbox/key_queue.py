@@ -3,9 +3,9 @@
 A keyed message that a relay's claim finds blocked (an earlier message of its key still holds the key:
 pending, in flight, failed or parked) is *queued*: it stays ``pending`` with ``due_at`` NULL, out of the
 index the claim scans (``relay.claim``, invariant 8). It comes back by **promotion**: once nothing earlier
-holds its key, the key's first ``run`` pending messages get ``due_at = now``, and the next claim takes
-them as one run. Promotion is idempotent and safe to run at any time; it changes nothing while an
-earlier message holds the key.
+holds its key and its first pending message is queued, the key's first ``run`` pending messages get
+``due_at = now``, and the next claim takes them as one run. Promotion is idempotent and safe to run at
+any time; it changes nothing while an earlier message holds the key.
 
 Who promotes (``relay.claim``'s invariant 9): the relay's completer after a run's last message is
 delivered or a message is dead, :meth:`outbox.operations.Operations.purge` after deleting parked
@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
@@ -27,54 +29,98 @@ from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 RUN_LENGTH = 256
 
 
-#: a ``seq`` past every row's (the upper bound of a key's last run, which has no row past it)
-_NO_END = 2**62
+class _KeyIs(sa.sql.expression.ColumnElement[bool]):
+    inherit_cache = True
+    type = sa.Boolean()
+    _is_implicitly_boolean = True  # a comparison: no "= 1" where booleans are integers
+    # what the statement cache keys on: both parts (a clause each)
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("key", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: sa.ColumnElement[str], key: Any) -> None:
+        self.column = column
+        self.key = key
+
+
+@compiles(_KeyIs)
+def _key_is(element: _KeyIs, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column == element.key, **kw))
+
+
+@compiles(_KeyIs, "postgresql")
+def _key_is_postgresql(element: _KeyIs, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column.between(element.key, element.key), **kw))
+
+
+def key_is(column: sa.ColumnElement[str], key: Any) -> sa.ColumnElement[bool]:
+    """``column = key``, for a statement that reads a key's rows in ``seq`` order with a LIMIT, ordered
+    by ``(msg_key, seq)``; on PostgreSQL written as a range (``column BETWEEN key AND key``).
+
+    With ``msg_key = :key``, PostgreSQL drops ``msg_key`` from the wanted order (a constant), and then
+    the primary key gives ``seq`` order too: for a key it believes common (a hot key, after ANALYZE) it
+    may read the table by ``seq`` from the row on, filtering, a full scan when the key's rows are far
+    apart. A range keeps ``(msg_key, seq)`` wanted, which only the key's indexes give (partial there:
+    they hold no finished row to step over). Elsewhere an equality, which the planners read as the key's
+    index range (SQLite would not use ``seq`` within a range of ``msg_key``).
+    """
+    return _KeyIs(column, key)
 
 
 class KeyQueue:
     """The promotion statements of one outbox table (the same on PostgreSQL, MariaDB and SQLite).
 
-    Every statement has one shape whatever the number of keys (the keys or rows go as expanding
-    parameters), so SQLAlchemy compiles each once: a statement with a clause per key would be compiled
-    and planned anew for every promotion, which cost half a second for a thousand keys.
+    A promotion reads where each key stands in one statement: per key, its first pending row (and
+    whether it is queued) and its first row of each other holding status, each one probe of the key's
+    index ordered by ``(msg_key, seq)`` (:func:`key_is`: no plan can read the table by ``seq``, as the
+    earlier joined statement did, 0.4 s a promotion under three relays: ``BENCHMARKS.md``, "Key
+    depth"). Only a key whose first pending row is queued and comes before every other holding row
+    has its run read (one index range) and promoted; a key whose first pending row is due needs none
+    (a claim takes that row, and its run's end promotes the key), so a relay that drains keys nobody
+    queued pays one statement per promotion. Every statement has one shape whatever the number of
+    keys or rows (rows go as an expanding parameter), so SQLAlchemy compiles each once.
     """
 
     def __init__(self, tables: OutboxTables, *, run_length: int = RUN_LENGTH) -> None:
         self.run_length = run_length
         t = self.t = tables.messages
-        queued = (status_in(t.c.status, [Status.PENDING]), t.c.due_at.is_(None))
-        # The keys of some rows (by seq), or one given key; per key: its first pending row, the pending
-        # row one run past it, and whether anything earlier still holds the key. Each is an index probe.
-        # Every probe starts after the finished row (``after``): each earlier row of its key is finished
-        # too (a row is handled only once those are), so a key's delivered history is never read.
-        by_seq = (
+        key = sa.bindparam("key", type_=t.c.msg_key.type)
+        after = sa.bindparam("after", type_=sa.BigInteger)
+        # The keys of some rows, each with the first of them (by seq): every earlier row of the key is
+        # finished (a row is handled only once those are), so a key's delivered history is never read.
+        # Per key (the keys of some rows, each from the first of them; or one given key, from 0): its
+        # first pending row and whether that row is queued, and its first row of each other holding
+        # status; each a probe of the key's index, ordered by (msg_key, seq) (see key_is). Every probe
+        # starts at ``after``: each earlier row of the key is finished (a row is handled only once those
+        # are), so a key's delivered history is never read. "The first holding row" in one probe would
+        # read, on PostgreSQL, every pending row of a deep key before an in-flight one.
+        by_seqs = (
             sa.select(t.c.msg_key, sa.func.min(t.c.seq).label("after"))
             .where(t.c.seq.in_(sa.bindparam("seqs", expanding=True)), t.c.msg_key.is_not(None))
             .group_by(t.c.msg_key)
+            .subquery("k")
         )
-        self._by_seqs = self._heads(by_seq.subquery("k"))
-        self._by_key = self._heads(
-            sa.select(
-                sa.bindparam("key", type_=t.c.msg_key.type).label("msg_key"),
-                sa.literal(0, sa.BigInteger).label("after"),
-            ).subquery("k")
+        self._heads_of_rows = self._heads(by_seqs)
+        self._heads_of_key = self._heads(
+            sa.select(key.label("msg_key"), sa.literal(0, sa.BigInteger).label("after")).subquery("k")
         )
-        # then each such key's queued rows of that run: a range of the key's index (a statement a key,
-        # so that no plan can read the table once per key, or per row)
-        from_first = (
-            t.c.msg_key == sa.bindparam("key", type_=t.c.msg_key.type),
-            t.c.seq >= sa.bindparam("first", type_=sa.BigInteger),
-            *queued,
-        )
-        self._queued_from = sa.select(t.c.seq).where(*from_first)  # the key's last run: no bound
-        self._queued_in_range = sa.select(t.c.seq).where(
-            *from_first, t.c.seq < sa.bindparam("past", type_=sa.BigInteger)
+        # A key's pending rows from a row on, in seq order, each with whether it is queued.
+        self._pending_from = (
+            sa.select(t.c.seq, t.c.due_at.is_(None))
+            .where(key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq >= after)
+            .order_by(t.c.msg_key, t.c.seq)
+            .limit(sa.bindparam("count", type_=sa.Integer))
         )
         # by primary key: an UPDATE over the key's index range would lock index entries a claim is
         # moving (InnoDB), and the two would deadlock
         self._promote = (
             sa.update(t)
-            .where(t.c.seq.in_(sa.bindparam("seqs", expanding=True)), *queued)
+            .where(
+                t.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+                status_in(t.c.status, [Status.PENDING]),
+                t.c.due_at.is_(None),
+            )
             .values(due_at=sa.bindparam("now"))
         )
         self._queued_keys = (
@@ -86,80 +132,61 @@ class KeyQueue:
 
     def _heads(self, k: Any) -> Any:
         t = self.t
-        p = t.alias("p")
-        first = (
-            sa.select(sa.func.min(p.c.seq))
-            .where(p.c.msg_key == k.c.msg_key, status_in(p.c.status, [Status.PENDING]), p.c.seq >= k.c.after)
-            .scalar_subquery()
-        )
-        p2 = t.alias("p2")
-        past = (
-            sa.select(p2.c.seq)
-            .where(
-                p2.c.msg_key == k.c.msg_key, status_in(p2.c.status, [Status.PENDING]), p2.c.seq >= k.c.after
+
+        def first(status: Status, column: Any) -> Any:
+            f = t.alias(f"f_{status.value}")
+            return (
+                sa.select(column(f))
+                .where(
+                    key_is(f.c.msg_key, k.c.msg_key), status_in(f.c.status, [status]), f.c.seq >= k.c.after
+                )
+                .order_by(f.c.msg_key, f.c.seq)
+                .limit(1)
+                .scalar_subquery()
             )
-            .order_by(p2.c.seq)
-            .limit(1)
-            .offset(sa.bindparam("run", type_=sa.Integer))
-            .scalar_subquery()
-        )
-        heads = sa.select(k.c.msg_key, k.c.after, first.label("first"), past.label("past")).subquery("h")
-        e = t.alias("e")
-        held_earlier = (
-            sa.select(sa.literal(1))
-            .where(
-                e.c.msg_key == heads.c.msg_key,
-                # every holding status, though only the others can be earlier than the first pending
-                # row: so that PostgreSQL probes its index of holding rows (relay.claim), not the rows
-                # of a status it believes rare (in flight, after a backlog's ANALYZE), all of them
-                status_in(e.c.status, KEY_HOLDING),
-                e.c.seq >= heads.c.after,
-                e.c.seq < heads.c.first,
-            )
-            .exists()
-        )
-        q = t.alias("q")
-        has_queued = (
-            sa.select(sa.literal(1))
-            .where(
-                q.c.msg_key == heads.c.msg_key,
-                status_in(q.c.status, [Status.PENDING]),
-                q.c.seq >= heads.c.first,
-                q.c.seq < sa.func.coalesce(heads.c.past, _NO_END),
-                q.c.due_at.is_(None),
-            )
-            .exists()
-        )
-        return sa.select(heads.c.msg_key, heads.c.first, heads.c.past).where(
-            heads.c.first.is_not(None), ~held_earlier, has_queued
+
+        return sa.select(
+            k.c.msg_key,
+            first(Status.PENDING, lambda f: f.c.seq),
+            first(Status.PENDING, lambda f: sa.case((f.c.due_at.is_(None), 1), else_=0)),
+            *(first(status, lambda f: f.c.seq) for status in KEY_HOLDING if status is not Status.PENDING),
         )
 
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
         """Promote the keys of rows ``seqs`` (rows that just stopped holding their key); returns how many
         rows came back to the claim."""
+        return sum(self.promote_by_key(conn, seqs, now=now).values())
+
+    def promote_by_key(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> dict[str, int]:
+        """:meth:`promote`, returning how many rows came back for each key that had queued rows."""
         if not seqs:
-            return 0
-        heads = conn.execute(self._by_seqs, {"seqs": list(seqs), "run": self.run_length}).all()
-        return self._update(conn, self._queued(conn, heads), now)
+            return {}
+        heads = conn.execute(self._heads_of_rows, {"seqs": list(seqs)}).all()
+        runs = {head[0]: run for head in heads if (run := self._run(conn, *head))}
+        if not self._update(conn, [seq for run in runs.values() for seq in run], now):
+            return {}
+        return {key: len(run) for key, run in runs.items()}
 
     def promote_keys(self, conn: sa.Connection, keys: Iterable[str], *, now: dt.datetime) -> int:
-        """Promote the given keys (a statement or two each: for the few keys an operator's change
-        touches, and the maintenance sweep)."""
-        heads: list[Any] = []
-        for key in keys:
-            heads.extend(conn.execute(self._by_key, {"key": key, "run": self.run_length}).all())
-        return self._update(conn, self._queued(conn, heads), now)
-
-    def _queued(self, conn: sa.Connection, heads: Sequence[Any]) -> list[int]:
-        """The queued rows of each head's run: ``(key, first, past)``, past None for a key's last run."""
+        """Promote the given keys (for the few keys an operator's change touches, and the maintenance
+        sweep)."""
         seqs: list[int] = []
-        for key, first, past in heads:
-            if past is None:
-                found = conn.execute(self._queued_from, {"key": key, "first": first})
-            else:
-                found = conn.execute(self._queued_in_range, {"key": key, "first": first, "past": past})
-            seqs.extend(found.scalars())
-        return seqs
+        for key in keys:
+            for head in conn.execute(self._heads_of_key, {"key": key}):
+                seqs += self._run(conn, *head)
+        return self._update(conn, seqs, now)
+
+    def _run(
+        self, conn: sa.Connection, key: str, first: int | None, queued: int | None, *holding: int | None
+    ) -> list[int]:
+        """The queued rows of ``key``'s next run, from its first pending row ``first``, if that row is
+        queued and no other holding row (``holding``: the first of each other holding status) is
+        before it. A first pending row that is due needs no promotion: a claim takes it, and the end
+        of its run promotes the key."""
+        if first is None or not queued or any(seq is not None and seq < first for seq in holding):
+            return []
+        rows = conn.execute(self._pending_from, {"key": key, "after": first, "count": self.run_length})
+        return [seq for seq, is_queued in rows if is_queued]
 
     def sweep(self, conn: sa.Connection, *, now: dt.datetime, limit: int = 1000) -> int:
         """Promote every key (up to ``limit`` of them) whose queued rows nothing holds back any more."""

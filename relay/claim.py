@@ -118,6 +118,10 @@ Invariants (each names the test that would catch its violation):
     row holding the key otherwise (in flight, failed, parked): a run with no hole, at most
     ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness). So a hot
     key goes on behind its holder with no promotion and no pause between runs, whoever queued its rows.
+    A relay learns that a key has rows waiting from its own claim (a full run, or rows it queued), or
+    guesses it (the key is *contended*: a promotion lately brought back rows of it that another relay
+    queued, out of this relay's sight); a guessed pull (``queued_only``) takes queued rows only, as
+    due ones come to the scan and chain there.
     -- ``tests/test_claim.py::test_a_claim_pulls_a_keys_next_run_behind_its_own_in_flight_run``,
     ``tests/test_claim.py::test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share``,
     ``tests/test_claim.py::test_a_pulled_run_stops_at_a_row_another_claim_has_locked``,
@@ -128,7 +132,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +140,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
-from outbox.key_queue import RUN_LENGTH, KeyQueue
+from outbox.key_queue import RUN_LENGTH, KeyQueue, key_is
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
 #: longest stored error text (type and message); the rest is cut with a marker
@@ -310,11 +314,12 @@ class ClaimQueries:
             )
             .scalar_subquery()
         )
-        ready = sa.case((sa.or_(t.c.due_at.is_(None), t.c.due_at <= sa.bindparam("now")), 1), else_=0)
+        # 2: queued, 1: due, 0: neither (a retry's backoff)
+        ready = sa.case((t.c.due_at.is_(None), 2), (t.c.due_at <= sa.bindparam("now"), 1), else_=0)
         self._pending_after = (
             sa.select(t.c.seq, ready, sa.func.length(t.c.payload), fence)
-            .where(t.c.msg_key == key, status_in(t.c.status, [Status.PENDING]), t.c.seq > after)
-            .order_by(t.c.seq)
+            .where(key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq > after)
+            .order_by(t.c.msg_key, t.c.seq)
             .limit(sa.bindparam("count", type_=sa.Integer))
         )
         pending = sa.select(t.c.seq).where(in_seqs, status_in(t.c.status, [Status.PENDING]))
@@ -378,6 +383,7 @@ class ClaimQueries:
         max_bytes: int | None = None,
         own: Callable[[str, int], str | None] | None = None,
         pulls: Sequence[tuple[str, int, str]] = (),
+        queued_only: Collection[str] = (),
     ) -> ClaimResult:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
@@ -394,6 +400,8 @@ class ClaimQueries:
         token)``: the claim takes each key's next pending rows right after that row (a **pulled** run,
         queued or due), up to ``run_length`` a key and three quarters of ``limit`` in all, before it
         scans. ``ClaimResult.deep`` then names the keys with rows left behind what the claim took.
+        For the keys in ``queued_only`` (runs that may have rows waiting, the caller guesses), a pull
+        takes queued rows only: due ones the scan finds, and chains (``own``).
         """
         result = ClaimResult()
         if self.dialect.write_lock_first:  # SQLite: what the scan reads holds until the commit (inv. 9)
@@ -404,7 +412,9 @@ class ClaimQueries:
         pulled_last: dict[str, int] = {}  # a pulled key -> its last row pulled
         if pulls:
             budget = min(len(pulls) * self.run_length, max(1, limit * 3 // 4))
-            pulled, pulled_bytes = self._pull(conn, pulls, budget, max_bytes, now, after, pulled_last, result)
+            pulled, pulled_bytes = self._pull(
+                conn, pulls, frozenset(queued_only), budget, max_bytes, now, after, pulled_last, result
+            )
             limit -= len(pulled)
             if max_bytes is not None and pulled:
                 max_bytes -= pulled_bytes
@@ -483,6 +493,7 @@ class ClaimQueries:
         self,
         conn: sa.Connection,
         pulls: Sequence[tuple[str, int, str]],
+        queued_only: frozenset[str],
         budget: int,
         max_bytes: int | None,
         now: dt.datetime,
@@ -509,9 +520,10 @@ class ClaimQueries:
             params = {"key": key, "after": last, "now": now, "count": want}
             rows: list[tuple[int, int]] = []
             read = 0
+            least = 2 if key in queued_only else 1
             for seq, ready, size, fence in conn.execute(self._pending_after, params):
                 read += 1
-                if not ready or (fence is not None and seq > fence):
+                if ready < least or (fence is not None and seq > fence):
                     break
                 rows.append((seq, int(size or 0)))
             if rows:
@@ -630,12 +642,20 @@ class ClaimQueries:
                 continue
             if needed[key] <= held.keys():
                 queue.extend(r.seq for r in rows)
+                # the key's rows now wait for promotion: if the caller's own run holds the key, its
+                # next claim pulls them instead (those queued by another relay's claim, it learns of
+                # when its run grows long: relay.dispatch)
+                result.deep.add(key)
         return queue, chained, after
 
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
         """Bring back to the scan the queued rows of the keys of ``seqs`` (rows that just stopped holding
         their key): see :mod:`outbox.key_queue`. Returns how many rows were promoted."""
         return self.key_queue.promote(conn, seqs, now=now)
+
+    def promote_by_key(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> dict[str, int]:
+        """:meth:`promote`, returning how many rows came back for each key that had queued rows."""
+        return self.key_queue.promote_by_key(conn, seqs, now=now)
 
     # -- marks (all fenced by the lease token) -----------------------------------------------------------
 

@@ -205,6 +205,7 @@ class Completer:
         publishers: Sequence[Any],
         wake: threading.Event,
         progressed: Callable[[], None],
+        promoted: Callable[[Iterable[str]], None] = lambda keys: None,
     ) -> None:
         self.claims = claims
         self.lease_writes = lease_writes
@@ -217,6 +218,8 @@ class Completer:
         self.publishers = publishers
         self.wake = wake
         self.progressed = progressed
+        #: told the keys whose queued rows a promotion brought back (relay.dispatch: contended keys)
+        self.promoted = promoted
         # outcomes to write, each with the event to set once its write is over (None: nobody waits)
         self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome, threading.Event | None]] = (
             queue.SimpleQueue()
@@ -359,7 +362,9 @@ class Completer:
                         fenced += len(seqs) - marked
                     for token, items in key_deaths.items():
                         self.claims.mark_failed(tx, token, items)
-                    self.claims.promote(tx, finished_keys, now=now)
+                    promoted = self.claims.promote_by_key(tx, finished_keys, now=now)
+                if promoted:
+                    self.promoted(promoted)
                 key_ends.clear()
                 key_deaths.clear()
                 finished_keys.clear()

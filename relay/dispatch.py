@@ -37,9 +37,12 @@ answer to :meth:`Dispatcher.chainable` lets the next claim chain again. A chaine
 delivered goes out as a run of its own; one whose lane broke, or that nobody here knows, is released
 unattempted. A lane whose key has more rows waiting (the claim said so: ``ClaimResult.deep``) is a
 **pull** candidate (:meth:`Dispatcher.pulls`): the next claim takes the key's next run straight from
-the key's rows behind the lane's last row, queued or not. A key has at most two runs in a relay, the
-one going on and one chained: a lane is a candidate again once its chained run has started, and then
-the dispatcher wakes the fetcher (``wake``), which claims the run after it while that one goes on.
+the key's rows behind the lane's last row, queued or not. A key whose queued rows a promotion
+brought back (:meth:`Dispatcher.contended`: another relay's claim queued them, out of this relay's
+sight) makes the next runs of that key candidates too, for queued rows only, until a pull finds none. A
+key has at most two runs in a relay, the one going on and one chained: a lane is a candidate again once
+its chained run has started, and then the dispatcher wakes the fetcher (``wake``), which claims the run
+after it while that one goes on.
 -- ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
 """
 
@@ -111,6 +114,10 @@ class Dispatcher:
         self._plans: dict[int, _Run | None] = {}  # a run to start; None: attached to an earlier run
         #: the lanes whose key has rows waiting behind them (pull candidates), by key
         self._deep: dict[str, _Run] = {}
+        #: keys whose rows were lately queued where this relay's scan could not see them (by another
+        #: relay's claim): a promotion brought some back. Their runs pull queued rows (a guess).
+        self._contended: set[str] = set()
+        self._newly_contended: collections.deque[str] = collections.deque()  # from other threads
 
     def chainable(self, key: str, seq: int) -> bool:
         """Whether this relay's run of ``key`` ends with row ``seq`` and has not broken: a claim may take
@@ -118,23 +125,31 @@ class Dispatcher:
         lane = self._lanes.get(key)
         return lane is not None and lane.last == seq and lane.state is not False
 
+    def contended(self, keys: Iterable[str]) -> None:
+        """A promotion brought back queued rows of ``keys`` (any thread): rows of theirs were queued,
+        by this relay's claims or another's. This relay's next runs of those keys are pull candidates
+        for queued rows, so that the key goes on behind them without waiting for the next promotion."""
+        self._newly_contended.extend(keys)
+
     def not_deep(self, keys: Iterable[str]) -> None:
         """The claim found nothing to pull behind the runs of ``keys``: no longer pull candidates."""
+        self._contended.difference_update(keys)
         for key in keys:
             lane = self._deep.pop(key, None)
             if lane is not None:
                 lane.deep = False
 
-    def pulls(self) -> list[tuple[str, int]]:
-        """The runs a claim may pull the key's next run behind, as ``(key, last row)``: this relay's runs
-        going on whose key has rows waiting, and whose chained run (if any) has started (from the
-        fetcher's thread)."""
-        found: list[tuple[str, int]] = []
+    def pulls(self) -> list[tuple[str, int, bool]]:
+        """The runs a claim may pull the key's next run behind, as ``(key, last row, guessed)``: this
+        relay's runs going on whose key has rows waiting (or may have: ``guessed``, a long run from the
+        scan, whose key's rows another relay may have queued), and whose chained run (if any) has
+        started (from the fetcher's thread)."""
+        found: list[tuple[str, int, bool]] = []
         for key, lane in list(self._deep.items()):
             if lane.state is not None or self._lanes.get(key) is not lane:
                 del self._deep[key]  # ended, broke, or replaced: rows behind it come back by promotion
             elif lane.boundary is None or lane.reported >= lane.boundary[0]:
-                found.append((key, lane.last))
+                found.append((key, lane.last, lane.guessed))
         return found
 
     def chaining(self) -> bool:
@@ -147,6 +162,8 @@ class Dispatcher:
         follows (or, that run having ended, start it as a run of its own; broken, release it). ``deep``:
         the keys whose next rows wait behind what the claim took (their lanes become pull candidates)."""
         deep = set(deep)
+        while self._newly_contended:
+            self._contended.add(self._newly_contended.popleft())
         by_key: dict[str, list[ClaimedRow]] = {}
         for row in rows:
             if row.key is not None:
@@ -169,11 +186,19 @@ class Dispatcher:
             elif len(keyed) < 2 and key not in deep:
                 continue
             lane = self._plans[first.seq] = self._lanes[key] = _Run(self, keyed)
-            lane.deep = key in deep
+            lane.deep = key in deep or key in self._contended
+            lane.guessed = key not in deep
             if lane.deep:
                 self._deep[key] = lane
             else:
                 self._deep.pop(key, None)
+        for key in deep.difference(by_key):
+            # rows of a key this claim did not take were queued: behind this relay's run of the key,
+            # if it has one going on, which becomes a pull candidate
+            lane = self._lanes.get(key)
+            if lane is not None and lane.state is None and (not lane.deep or lane.guessed):
+                lane.deep, lane.guessed = True, False
+                self._deep[key] = lane
         if len(self._lanes) > MAX_LANES:  # forget ended runs, oldest first
             for key in [k for k, run in self._lanes.items() if run.state is not None][
                 : len(self._lanes) // 2
@@ -364,6 +389,7 @@ class _Run:
         "deep",
         "dispatcher",
         "group",
+        "guessed",
         "last",
         "length",
         "lock",
@@ -392,6 +418,8 @@ class _Run:
         #: the key has rows waiting behind the lane's last row (``ClaimResult.deep``), or may have: the
         #: lane has grown to ``RUN_LENGTH`` rows (other relays may have queued the key's next rows)
         self.deep = False
+        #: ``deep`` is a guess (the run is long), not what a claim found: a pull takes queued rows only
+        self.guessed = False
         self.length = len(rows)
 
     def extend(self, rows: list[ClaimedRow], after: int, *, deep: bool = False) -> bool:
@@ -404,6 +432,7 @@ class _Run:
             self.last = rows[-1].seq
             self.length += len(rows)
             self.deep = deep or self.length >= RUN_LENGTH
+            self.guessed = not deep
             if after > self.reported:
                 self.boundary = (after, self.last)
             return True

@@ -279,6 +279,7 @@ class Relay:
             publishers=self.publishers,
             wake=self._wake,
             progressed=self._progressed,
+            promoted=lambda keys: self.dispatcher.contended(keys),
         )
         self.dispatcher = Dispatcher(
             self.registry,
@@ -550,14 +551,18 @@ class Relay:
             return None
         return self._live_token(seq)
 
-    def _pulls(self) -> list[tuple[str, int, str]]:
-        """The runs whose key's next run the claim may pull behind them (invariant 12), with their lease."""
+    def _pulls(self) -> tuple[list[tuple[str, int, str]], set[str]]:
+        """The runs whose key's next run the claim may pull behind them (invariant 12), with their lease;
+        and the keys of those whose pull takes queued rows only (a guess: relay.dispatch)."""
         found = []
-        for key, last in self.dispatcher.pulls():
+        guessed = set()
+        for key, last, guess in self.dispatcher.pulls():
             token = self._live_token(last)
             if token is not None:
                 found.append((key, last, token))
-        return found
+                if guess:
+                    guessed.add(key)
+        return found, guessed
 
     def _live_token(self, seq: int) -> str | None:
         """The lease under which this relay holds row ``seq``, if it is live with time to spare."""
@@ -572,6 +577,7 @@ class Relay:
         def claim() -> ClaimResult:
             nonlocal started
             started = time.monotonic()  # the try that succeeds: outage retries are not claim time
+            pulls, queued_only = self._pulls()
             with self.engine.begin() as conn:
                 return self.claims.claim_batch(
                     conn,
@@ -581,7 +587,8 @@ class Relay:
                     look_first=not self._last_claim_full,
                     max_bytes=max_bytes,
                     own=self._own_lease,
-                    pulls=self._pulls(),
+                    pulls=pulls,
+                    queued_only=queued_only,
                 )
 
         try:
@@ -618,7 +625,9 @@ class Relay:
         )
         if marked and delivery.run_end and delivery.message.key is not None:
             # in the handler's transaction too: committed with the mark, or not at all (relay.completer)
-            self.claims.promote(connection, [delivery.seq], now=now)
+            promoted = self.claims.promote_by_key(connection, [delivery.seq], now=now)
+            if promoted:
+                self.dispatcher.contended(promoted)
         return marked == 1
 
     def _mark_started(self, delivery: Delivery) -> bool:

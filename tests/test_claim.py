@@ -400,3 +400,50 @@ def test_a_pulled_run_stops_at_a_row_another_claim_has_locked(engine: sa.Engine)
         run = pull(engine, claims, ("k", seqs[0], head[0].token))
         other.rollback()
     assert [r.seq for r in run] == seqs[1:3] and run.deep == {"k"}
+
+
+def test_promotion_brings_back_a_queued_head_and_leaves_a_due_head_to_the_claim(
+    engine: sa.Engine, claims: ClaimQueries
+) -> None:
+    """Invariant 9 (outbox.key_queue): a key whose first pending row is queued is promoted, and the
+    promotion says which keys came back; a key whose first pending row is due needs no promotion (a
+    claim takes that row, and its run's end promotes the rows behind it)."""
+    add_many(engine, [("a", "k")])
+    (head,) = claim(engine, claims)
+    add_many(engine, [("b", "k"), ("c", "k")])
+    assert claim(engine, claims).queued == 2
+    t = tables_for().messages
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, head.token, [head.seq], now=utcnow())
+        b = conn.execute(sa.select(sa.func.min(t.c.seq)).where(t.c.status == "pending")).scalar_one()
+        conn.execute(sa.update(t).where(t.c.seq == b).values(due_at=utcnow()))  # b due, c queued
+        assert claims.promote_by_key(conn, [head.seq], now=utcnow()) == {}
+    (taken,) = claim(engine, claims)
+    assert taken.topic == "b"
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, taken.token, [taken.seq], now=utcnow())
+        assert claims.promote_by_key(conn, [taken.seq], now=utcnow()) == {"k": 1}
+    assert [r.topic for r in claim(engine, claims)] == ["c"]
+
+
+def test_a_guessed_pull_takes_queued_rows_only(engine: sa.Engine) -> None:
+    """Invariant 12: a pull for a contended key (``queued_only``) takes the queued rows right behind the
+    relay's run, and stops at a due one (the scan's, chained there)."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=2)
+    add_many(engine, [("hot", "k")] * 4)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=2)
+    assert [r.seq for r in head] == seqs[:2]
+
+    def guessed_pull():  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            pulls = [("k", seqs[1], head[0].token)]
+            return claims.claim_batch(
+                conn, limit=100, lease_seconds=30, now=utcnow(), pulls=pulls, queued_only={"k"}
+            )
+
+    due = guessed_pull()
+    assert due == [] and due.shallow == {"k"}, "the rows behind are due, not queued: left to the scan"
+    assert due.queued == 2, "which (not given the run as its own, as another relay's) queues them"
+    queued = guessed_pull()
+    assert [r.seq for r in queued] == seqs[2:4] and queued[0].after == seqs[1]

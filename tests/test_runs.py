@@ -325,7 +325,7 @@ def test_a_chained_run_goes_out_after_the_run_it_follows_and_the_next_is_pulled_
     dispatcher.register(head, {"k"})
     dispatcher.dispatch(head)
     assert dispatcher.chainable("k", 3) and not dispatcher.chainable("k", 2)
-    assert dispatcher.pulls() == [("k", 3)]
+    assert dispatcher.pulls() == [("k", 3, False)]
     chained = chain_rows(4, 3, after=3, token="u")
     dispatcher.register(chained, {"k"})
     assert dispatcher.chainable("k", 6) and not dispatcher.chainable("k", 3)
@@ -336,12 +336,30 @@ def test_a_chained_run_goes_out_after_the_run_it_follows_and_the_next_is_pulled_
         assert publisher.seqs()[-1] == [seq]
         publisher.answer({seq: Delivered()})
         if seq == 3:
-            assert wakes == [3] and dispatcher.pulls() == [("k", 6)], "the chained run has started"
+            assert wakes == [3] and dispatcher.pulls() == [("k", 6, False)], "the chained run has started"
     assert [d.seq for d in reported] == [1, 2, 3, 4, 5, 6]
     assert [d.token for d in reported] == ["t"] * 3 + ["u"] * 3
     # only the lane's last message ends the key's run (its delivery promotes the key's queued rows)
     assert [d.run_end for d in reported] == [False] * 5 + [True]
     assert dispatcher.pulls() == [], "the lane ended"
+
+
+def test_a_contended_keys_next_runs_pull_queued_rows_until_a_pull_finds_none() -> None:
+    """A key whose queued rows a promotion brought back (another relay queued them, out of this relay's
+    sight) makes this relay's next runs of it pull candidates, for queued rows only (``guessed``); a
+    pull that finds nothing ends that, and other keys are not candidates."""
+    dispatcher, _ = dispatcher_with(OneAtATimePublisher())
+    first = chain_rows(1, 3)
+    dispatcher.register(first)
+    assert dispatcher.pulls() == [], "a short run from the scan: nothing says the key has more"
+    dispatcher.contended(["k"])  # (the completer's thread)
+    later = chain_rows(4, 3)
+    dispatcher.register(later)
+    assert dispatcher.pulls() == [("k", 6, True)]
+    dispatcher.not_deep(["k"])
+    assert dispatcher.pulls() == []
+    dispatcher.register(chain_rows(7, 3))
+    assert dispatcher.pulls() == [], "no longer contended"
 
 
 def test_a_chained_run_behind_a_failure_is_released_without_being_handed_out() -> None:
