@@ -87,8 +87,6 @@ class KeyQueue:
         t = self.t = tables.messages
         key = sa.bindparam("key", type_=t.c.msg_key.type)
         after = sa.bindparam("after", type_=sa.BigInteger)
-        # The keys of some rows, each with the first of them (by seq): every earlier row of the key is
-        # finished (a row is handled only once those are), so a key's delivered history is never read.
         # Per key (the keys of some rows, each from the first of them; or one given key, from 0): its
         # first pending row and whether that row is queued, and its first row of each other holding
         # status; each a probe of the key's index, ordered by (msg_key, seq) (see key_is). Every probe

@@ -644,7 +644,7 @@ class ClaimQueries:
                 queue.extend(r.seq for r in rows)
                 # the key's rows now wait for promotion: if the caller's own run holds the key, its
                 # next claim pulls them instead (those queued by another relay's claim, it learns of
-                # when its run grows long: relay.dispatch)
+                # from the promotion that brings them back: relay.dispatch, contended keys)
                 result.deep.add(key)
         return queue, chained, after
 

@@ -141,9 +141,9 @@ class Dispatcher:
 
     def pulls(self) -> list[tuple[str, int, bool]]:
         """The runs a claim may pull the key's next run behind, as ``(key, last row, guessed)``: this
-        relay's runs going on whose key has rows waiting (or may have: ``guessed``, a long run from the
-        scan, whose key's rows another relay may have queued), and whose chained run (if any) has
-        started (from the fetcher's thread)."""
+        relay's runs going on whose key has rows waiting (or may have: ``guessed``, a contended key or a
+        run grown to ``RUN_LENGTH``, whose rows another relay may have queued), and whose chained run
+        (if any) has started (from the fetcher's thread)."""
         found: list[tuple[str, int, bool]] = []
         for key, lane in list(self._deep.items()):
             if lane.state is not None or self._lanes.get(key) is not lane:
@@ -418,7 +418,8 @@ class _Run:
         #: the key has rows waiting behind the lane's last row (``ClaimResult.deep``), or may have: the
         #: lane has grown to ``RUN_LENGTH`` rows (other relays may have queued the key's next rows)
         self.deep = False
-        #: ``deep`` is a guess (the run is long), not what a claim found: a pull takes queued rows only
+        #: ``deep`` is a guess (a contended key, a long run), not what a claim found: a pull takes
+        #: queued rows only
         self.guessed = False
         self.length = len(rows)
 
