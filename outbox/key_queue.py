@@ -69,17 +69,18 @@ def key_is(column: sa.ColumnElement[str], key: Any) -> sa.ColumnElement[bool]:
 
 
 class KeyQueue:
-    """The promotion statements of one outbox table (the same on PostgreSQL, MariaDB and SQLite).
+    """The promotion statements of one outbox table (PostgreSQL's, and those of MariaDB and SQLite).
 
-    A promotion reads where each key stands in one statement: per key, its first pending row (and
-    whether it is queued) and its first row of each other holding status, each one probe of the key's
-    index ordered by ``(msg_key, seq)`` (:func:`key_is`: no plan can read the table by ``seq``, as the
-    earlier joined statement did, 0.4 s a promotion under three relays: ``BENCHMARKS.md``, "Key
-    depth"). Only a key whose first pending row is queued and comes before every other holding row
-    has its run read (one index range) and promoted; a key whose first pending row is due needs none
-    (a claim takes that row, and its run's end promotes the key), so a relay that drains keys nobody
-    queued pays one statement per promotion. Every statement has one shape whatever the number of
-    keys or rows (rows go as an expanding parameter), so SQLAlchemy compiles each once.
+    A promotion reads where each key stands in one statement, in index probes ordered by
+    ``(msg_key, seq)`` (:func:`key_is`: no plan can read the table by ``seq``, as an earlier joined
+    statement did under three relays: ``BENCHMARKS.md``, "Key depth"): on PostgreSQL, the key's first
+    holding row, one probe of the partial index of holding rows; elsewhere its first pending row (and
+    whether it is queued) and its first row of each other holding status. Only a key whose first
+    holding row is pending and queued has its run read (one index range) and promoted; a key whose
+    first pending row is due needs none (a claim takes that row, and its run's end promotes the key),
+    so a relay that drains keys nobody queued pays one statement per promotion. Every statement has
+    one shape whatever the number of keys or rows (rows go as an expanding parameter), so SQLAlchemy
+    compiles each once.
     """
 
     def __init__(self, tables: OutboxTables, *, run_length: int = RUN_LENGTH) -> None:
@@ -87,22 +88,19 @@ class KeyQueue:
         t = self.t = tables.messages
         key = sa.bindparam("key", type_=t.c.msg_key.type)
         after = sa.bindparam("after", type_=sa.BigInteger)
-        # Per key (the keys of some rows, each from the first of them; or one given key, from 0): its
-        # first pending row and whether that row is queued, and its first row of each other holding
-        # status; each a probe of the key's index, ordered by (msg_key, seq) (see key_is). Every probe
-        # starts at ``after``: each earlier row of the key is finished (a row is handled only once those
-        # are), so a key's delivered history is never read. "The first holding row" in one probe would
-        # read, on PostgreSQL, every pending row of a deep key before an in-flight one.
+        # The keys to look at: those of some rows, each from the first of them; or one given key, from 0.
+        # Every probe starts there: each earlier row of the key is finished (a row is handled only once
+        # those are), so a key's delivered history is never read.
         by_seqs = (
             sa.select(t.c.msg_key, sa.func.min(t.c.seq).label("after"))
             .where(t.c.seq.in_(sa.bindparam("seqs", expanding=True)), t.c.msg_key.is_not(None))
             .group_by(t.c.msg_key)
             .subquery("k")
         )
-        self._heads_of_rows = self._heads(by_seqs)
-        self._heads_of_key = self._heads(
-            sa.select(key.label("msg_key"), sa.literal(0, sa.BigInteger).label("after")).subquery("k")
-        )
+        one_key = sa.select(key.label("msg_key"), sa.literal(0, sa.BigInteger).label("after")).subquery("k")
+        #: per database family (the first name of the connection's dialect): the heads statements
+        self._heads_of_rows = {"postgresql": self._first_holding(by_seqs), "": self._heads(by_seqs)}
+        self._heads_of_key = {"postgresql": self._first_holding(one_key), "": self._heads(one_key)}
         # A key's pending rows from a row on, in seq order, each with whether it is queued.
         self._pending_from = (
             sa.select(t.c.seq, t.c.due_at.is_(None))
@@ -128,7 +126,30 @@ class KeyQueue:
             .limit(sa.bindparam("limit", type_=sa.Integer))
         )
 
+    def _first_holding(self, k: Any) -> Any:
+        """PostgreSQL: per key, its first row holding it (any holding status) and whether that row is
+        pending and queued: one probe of the partial index of holding rows (``ix_<name>_holding``,
+        ``(msg_key, seq)``), joined laterally. Probes by status would each need an index that gives
+        ``seq`` order for one status; the planner may instead read every row of a status it believes
+        rare (the in-flight ones, after a backlog's ANALYZE) once per key."""
+        f = self.t.alias("f")
+        first = (
+            sa.select(f.c.seq, f.c.status, f.c.due_at)
+            .where(key_is(f.c.msg_key, k.c.msg_key), status_in(f.c.status, KEY_HOLDING), f.c.seq >= k.c.after)
+            .order_by(f.c.msg_key, f.c.seq)
+            .limit(1)
+            .lateral("h")
+        )
+        queued = sa.and_(first.c.status == Status.PENDING.value, first.c.due_at.is_(None))
+        return sa.select(k.c.msg_key, first.c.seq, sa.case((queued, 1), else_=0)).select_from(
+            k.outerjoin(first, sa.true())
+        )
+
     def _heads(self, k: Any) -> Any:
+        """Elsewhere: per key, its first pending row and whether it is queued, and its first row of each
+        other holding status; each a probe of the key's index ``(msg_key, status, seq)``, ordered by
+        ``(msg_key, seq)`` (see key_is). "The first holding row" in one probe would read every pending
+        row of a deep key before an in-flight one (the index is over every status)."""
         t = self.t
 
         def first(status: Status, column: Any) -> Any:
@@ -150,6 +171,9 @@ class KeyQueue:
             *(first(status, lambda f: f.c.seq) for status in KEY_HOLDING if status is not Status.PENDING),
         )
 
+    def _family(self, conn: sa.Connection, statements: dict[str, Any]) -> Any:
+        return statements.get(conn.dialect.name, statements[""])
+
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
         """Promote the keys of rows ``seqs`` (rows that just stopped holding their key); returns how many
         rows came back to the claim."""
@@ -159,7 +183,7 @@ class KeyQueue:
         """:meth:`promote`, returning how many rows came back for each key that had queued rows."""
         if not seqs:
             return {}
-        heads = conn.execute(self._heads_of_rows, {"seqs": list(seqs)}).all()
+        heads = conn.execute(self._family(conn, self._heads_of_rows), {"seqs": list(seqs)}).all()
         runs = {head[0]: run for head in heads if (run := self._run(conn, *head))}
         if not self._update(conn, [seq for run in runs.values() for seq in run], now):
             return {}
@@ -169,8 +193,9 @@ class KeyQueue:
         """Promote the given keys (for the few keys an operator's change touches, and the maintenance
         sweep)."""
         seqs: list[int] = []
+        statement = self._family(conn, self._heads_of_key)
         for key in keys:
-            for head in conn.execute(self._heads_of_key, {"key": key}):
+            for head in conn.execute(statement, {"key": key}):
                 seqs += self._run(conn, *head)
         return self._update(conn, seqs, now)
 
@@ -178,9 +203,9 @@ class KeyQueue:
         self, conn: sa.Connection, key: str, first: int | None, queued: int | None, *holding: int | None
     ) -> list[int]:
         """The queued rows of ``key``'s next run, from its first pending row ``first``, if that row is
-        queued and no other holding row (``holding``: the first of each other holding status) is
-        before it. A first pending row that is due needs no promotion: a claim takes it, and the end
-        of its run promotes the key."""
+        queued and no other holding row (``holding``: the first of each other holding status, none
+        where ``first`` is the key's first holding row) is before it. A first pending row that is due
+        needs no promotion: a claim takes it, and the end of its run promotes the key."""
         if first is None or not queued or any(seq is not None and seq < first for seq in holding):
             return []
         rows = conn.execute(self._pending_from, {"key": key, "after": first, "count": self.run_length})

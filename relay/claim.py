@@ -113,7 +113,8 @@ Invariants (each names the test that would catch its violation):
     chained. A chained run is taken two ways: from the scan, when the key's next rows are due (written
     after the run was claimed), or **pulled**: given ``pulls`` (the relay's runs whose key has rows
     waiting behind them, queued by this relay or by others), the claim reads the key's pending rows
-    right after the run's last row (one index range of ``(msg_key, status, seq)``), locks them skipping
+    right after the run's last row (one index range: on PostgreSQL of the partial index of holding
+    rows, elsewhere of ``(msg_key, status, seq)``), locks them skipping
     any locked right now, and takes the leading ones that are due or queued, locked, and before any
     row holding the key otherwise (in flight, failed, parked): a run with no hole, at most
     ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness). So a hot
@@ -299,28 +300,38 @@ class ClaimQueries:
         self.key_queue = KeyQueue(tables, run_length=run_length)
 
         # -- pulled runs (invariant 12): a key's pending rows right after the caller's own run -------------
-        # The key's pending rows after a row, in seq order (an index range of (msg_key, status, seq)), each
-        # with whether it is due (queued rows are: their due_at is NULL), and the first row after it that
-        # holds the key otherwise (in flight, failed, parked: normally none), which the run must stop at.
+        # The key's rows after a row, in seq order, each with whether it is ready (2: queued, whose due_at
+        # is NULL; 1: due; 0: neither, a retry's backoff; -1: not pending, holding the key otherwise: in
+        # flight, failed, parked), which the run must stop at.
         key = sa.bindparam("key", type_=t.c.msg_key.type)
         after = sa.bindparam("after", type_=sa.BigInteger)
-        f = t.alias("f")
-        fence = (
-            sa.select(sa.func.min(f.c.seq))
-            .where(
-                f.c.msg_key == key,
-                status_in(f.c.status, [Status.INFLIGHT, Status.FAILED, Status.PARKED]),
-                f.c.seq > after,
-            )
-            .scalar_subquery()
-        )
-        # 2: queued, 1: due, 0: neither (a retry's backoff)
         ready = sa.case((t.c.due_at.is_(None), 2), (t.c.due_at <= sa.bindparam("now"), 1), else_=0)
-        self._pending_after = (
-            sa.select(t.c.seq, ready, sa.func.length(t.c.payload), fence)
-            .where(key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq > after)
-            .order_by(t.c.msg_key, t.c.seq)
-            .limit(sa.bindparam("count", type_=sa.Integer))
+        if dialect.holding_index:
+            # PostgreSQL: the key's holding rows (one range of the partial index of holding rows): the
+            # pending ones come first, up to the first row holding the key otherwise
+            ready = sa.case((t.c.status != Status.PENDING.value, -1), else_=ready)
+            rows_after = sa.select(t.c.seq, ready, sa.func.length(t.c.payload)).where(
+                key_is(t.c.msg_key, key), status_in(t.c.status, KEY_HOLDING), t.c.seq > after
+            )
+        else:
+            # elsewhere: the key's pending rows (a range of (msg_key, status, seq)), each with the first
+            # row after the run's that holds the key otherwise (normally none): -1 past it
+            f = t.alias("f")
+            fence = (
+                sa.select(sa.func.min(f.c.seq))
+                .where(
+                    f.c.msg_key == key,
+                    status_in(f.c.status, [Status.INFLIGHT, Status.FAILED, Status.PARKED]),
+                    f.c.seq > after,
+                )
+                .scalar_subquery()
+            )
+            ready = sa.case((t.c.seq > sa.func.coalesce(fence, t.c.seq), -1), else_=ready)
+            rows_after = sa.select(t.c.seq, ready, sa.func.length(t.c.payload)).where(
+                key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq > after
+            )
+        self._pending_after = rows_after.order_by(t.c.msg_key, t.c.seq).limit(
+            sa.bindparam("count", type_=sa.Integer)
         )
         pending = sa.select(t.c.seq).where(in_seqs, status_in(t.c.status, [Status.PENDING]))
         self._lock_pending = pending.with_for_update(skip_locked=True) if dialect.skip_locked else pending
@@ -521,9 +532,9 @@ class ClaimQueries:
             rows: list[tuple[int, int]] = []
             read = 0
             least = 2 if key in queued_only else 1
-            for seq, ready, size, fence in conn.execute(self._pending_after, params):
+            for seq, ready, size in conn.execute(self._pending_after, params):
                 read += 1
-                if ready < least or (fence is not None and seq > fence):
+                if ready < least:
                     break
                 rows.append((seq, int(size or 0)))
             if rows:

@@ -281,12 +281,10 @@ class Dispatcher:
             error = f"payload of {size} bytes exceeds max_payload_bytes {self.max_payload_bytes}"
             return self.delivery(row, policy, fallback=True), Failed(error, permanent=True)
         try:
-            delivery = self.delivery(row, policy, decode=decode)
+            delivery = self.delivery(row, policy, decode=decode, run_end=run_end)
         except Exception as exc:  # undecodable row: nothing a retry would change
             delivery = self.delivery(row, policy, fallback=True)
             return delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True)
-        if not run_end:
-            delivery = replace(delivery, run_end=False)
         if row.attempts >= policy.retry.max_attempts + CRASH_ALLOWANCE:
             # Attempts are counted with their outcome, or before they start for a message taken back
             # from an expired lease: past the policy's attempts, the rest started and ended with no
@@ -320,6 +318,7 @@ class Dispatcher:
         *,
         fallback: bool = False,
         decode: bool = True,
+        run_end: bool = True,
     ) -> Delivery:
         """``row`` as a delivery: its payload decoded when ``decode`` (a broker gets the stored bytes),
         or as stored with no headers when ``fallback`` (a row that cannot be decoded)."""
@@ -342,7 +341,7 @@ class Dispatcher:
         )
         if policy is None:
             policy = self.policy(row.topic)
-        return Delivery(seq=row.seq, token=row.token, message=message, policy=policy)
+        return Delivery(seq=row.seq, token=row.token, message=message, policy=policy, run_end=run_end)
 
     def policy(self, topic: str) -> TopicPolicy:
         """The topic's policy: its handler's settings over the relay's defaults (cached per topic)."""

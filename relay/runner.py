@@ -443,7 +443,7 @@ class Relay:
             return self.batch_size  # no backlog (left)
         if older >= size:
             return max(self.batch_size, size // 2)  # the handlers are behind
-        if want == size and last_full and older <= size // 2:
+        if want >= size and last_full and older <= size // 2:
             return min(self.max_batch_size, size * 2)  # a backlog, and the claims are what we wait on
         return size
 
