@@ -117,7 +117,9 @@ Invariants (each names the test that would catch its violation):
     rows, elsewhere of ``(msg_key, status, seq)``), locks them skipping
     any locked right now, and takes the leading ones that are due or queued, locked, and before any
     row holding the key otherwise (in flight, failed, parked): a run with no hole, at most
-    ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness). So a hot
+    ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness); rows of the
+    key that the same claim's scan finds right behind the pulled run (no hole) extend it, the others
+    are queued behind it. So a hot
     key goes on behind its holder with no promotion and no pause between runs, whoever queued its rows.
     A relay learns that a key has rows waiting from its own claim (a full run, or rows it queued), or
     guesses it (the key is *contended*: a promotion lately brought back rows of it that another relay
@@ -127,6 +129,20 @@ Invariants (each names the test that would catch its violation):
     ``tests/test_claim.py::test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share``,
     ``tests/test_claim.py::test_a_pulled_run_stops_at_a_row_another_claim_has_locked``,
     ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
+13. **A run's end keeps its key's queued rows for its relay, under a lease of their own.** In the one
+    transaction that marks a run's last row delivered, the completer (``relay.completer``) first takes
+    the key's next queued rows for the same relay (:meth:`ClaimQueries.take_next`): as a pull
+    (invariant 12), behind the run's last row still held under the run's lease (locked for share, the
+    token checked), leading queued rows only, locked skipping any locked right now, at most
+    ``run_length`` a key and the room left in the relay's window. When it commits, every earlier row
+    of the key is delivered, so the kept rows go out as runs of their own (``after`` 0), in order; a
+    key with nothing kept is promoted as before (invariant 9). So a key whose rows another relay
+    queued goes on behind its holder with neither a promotion nor a wait for the next claim, and each
+    queued row costs one write fewer (no promotion). A relay that stops takes
+    nothing; rows kept as it stops are released (attempt not counted); a relay killed after the
+    commit leaves them to their lease (invariant 4).
+    -- ``tests/test_claim.py::test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay``,
+    ``tests/test_claim.py::test_a_kept_run_needs_the_runs_lease_and_a_queued_row_right_behind``
 """
 
 from __future__ import annotations
@@ -437,17 +453,32 @@ class ClaimQueries:
             scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
         queue_behind_pulled: list[int] = []
         if pulled_last and scanned:
-            # rows of a pulled key: the pulled rows (also due), and rows behind them, which wait behind
-            # rows this claim takes (as queue_own); a pulled key's rows play no other part in the scan
+            # rows of a pulled key: the pulled rows (also due), and rows behind them, which extend the
+            # pulled run while they follow it with no hole (within the byte room), and else wait behind
+            # it (queued, as queue_own); a pulled key's rows play no other part in the scan
             taking = set(pulled)
             rest = []
+            behind: dict[str, list[_Scanned]] = {}
             for row in scanned:
                 last = pulled_last.get(row.key) if row.key is not None else None
                 if last is None:
                     rest.append(row)
                 elif row.seq > last and row.seq not in taking:
-                    queue_behind_pulled.append(row.seq)
+                    behind.setdefault(row.key or "", []).append(row)
             scanned = rest
+            for key, rows in behind.items():
+                rows.sort(key=_by_seq)
+                tail = pulled_last[key]
+                for i, row in enumerate(rows):
+                    if row.prev != tail or (max_bytes is not None and row.size > max_bytes):
+                        queue_behind_pulled.extend(r.seq for r in rows[i:])
+                        break
+                    if max_bytes is not None:
+                        max_bytes -= row.size
+                    pulled.append(row.seq)
+                    tail = row.seq
+                pulled_last[key] = tail
+                result.deep.add(key)  # more of the key may wait behind the scan's last row
         take: list[int] = []
         queued: list[int] = list(queue_behind_pulled)
         if scanned:
@@ -469,8 +500,51 @@ class ClaimQueries:
             conn.execute(self._queue, {"seqs": self._seqs(queued)})
             result.queued = len(queued)
         take += pulled
-        if not take:
+        if take:
+            reclaimed = {s.seq for s in scanned if s.status == Status.INFLIGHT.value}
+            self._take(conn, take, now, lease_seconds, reclaimed, after, result)
+        return result
+
+    def take_next(
+        self,
+        conn: sa.Connection,
+        ends: Sequence[tuple[str, int, str]],
+        *,
+        limit: int,
+        lease_seconds: float,
+        now: dt.datetime,
+        max_bytes: int | None = None,
+    ) -> ClaimResult:
+        """Kept runs (invariant 13): for each ``(key, last, token)``, a run of the calling relay whose last
+        row ``last`` is delivered in this same transaction, after this call, take the key's next rows,
+        queued or due (up to ``run_length`` a key, ``limit`` and ``max_bytes`` in all) under one new
+        lease, as :meth:`claim_batch` pulls them (invariant 12). Once the transaction commits, every row
+        before them is finished: they go out as runs of their own (``after`` is 0). Keys with nothing
+        ready right behind (a retry's backoff, a row locked by a claim, another holding row) are left
+        to :meth:`promote`."""
+        result = ClaimResult()
+        if not ends or limit <= 0:
             return result
+        if self.dialect.write_lock_first:
+            conn.execute(self._write_lock)
+        queued_only = frozenset(key for key, _, _ in ends)  # due rows are the scan's: it chains them
+        taken, _ = self._pull(conn, ends, queued_only, limit, max_bytes, now, {}, {}, result)
+        if taken:
+            self._take(conn, taken, now, lease_seconds, set(), {}, result)
+        return result
+
+    def _take(
+        self,
+        conn: sa.Connection,
+        take: list[int],
+        now: dt.datetime,
+        lease_seconds: float,
+        reclaimed: set[int],
+        after: dict[int, int],
+        result: ClaimResult,
+    ) -> None:
+        """Put rows ``take`` in flight under a new lease; ``result`` gets them as claimed rows, in seq
+        order (``reclaimed``: those taken back from an expired lease; ``after``: chained runs' firsts)."""
         token = new_token()
         claim_params = {
             "seqs": self._seqs(take),
@@ -483,7 +557,6 @@ class ClaimQueries:
         else:
             conn.execute(self._claim, claim_params)
             rows = conn.execute(self._select_claimed, {"seqs": self._seqs(take)}).all()
-        reclaimed = {s.seq for s in scanned if s.status == Status.INFLIGHT.value}
         # rows unpacked by position: Row attribute access by name costs more than the rest together
         claimed = [
             ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, seq in reclaimed)
@@ -494,7 +567,6 @@ class ClaimQueries:
                 claimed_row.after = after[claimed_row.seq]
         claimed.sort(key=_by_seq)
         result.extend(claimed)
-        return result
 
     def _nothing_due(self, conn: sa.Connection, now: dt.datetime) -> bool:
         """MariaDB's plain look before a locking scan (see ``look_first``): no row is due."""

@@ -44,7 +44,7 @@ import sqlalchemy as sa
 
 from outbox.schema import Status
 from outbox.writer import utcnow
-from relay.claim import ClaimQueries, Failure
+from relay.claim import ClaimQueries, ClaimResult, Failure
 from relay.observers import Observers, RecordedOutcome, Result, failure_result
 from relay.outages import OutageRetry
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
@@ -206,6 +206,8 @@ class Completer:
         wake: threading.Event,
         progressed: Callable[[], None],
         promoted: Callable[[Iterable[str]], None] = lambda keys: None,
+        room: Callable[[], tuple[int, int]] | None = None,
+        kept: Callable[[ClaimResult, float], bool] | None = None,
     ) -> None:
         self.claims = claims
         self.lease_writes = lease_writes
@@ -220,6 +222,12 @@ class Completer:
         self.progressed = progressed
         #: told the keys whose queued rows a promotion brought back (relay.dispatch: contended keys)
         self.promoted = promoted
+        #: kept runs (relay.claim, invariant 13): the room left in the relay's window (messages, bytes);
+        #: None: a run's end promotes its key, it keeps nothing
+        self.room = room
+        #: hands kept rows to the fetcher as a claim of their own, with the monotonic time of their
+        #: lease's start; False once the relay stops claiming (the rows are then released at once)
+        self.kept = kept
         # outcomes to write, each with the event to set once its write is over (None: nobody waits)
         self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome, threading.Event | None]] = (
             queue.SimpleQueue()
@@ -301,6 +309,7 @@ class Completer:
         key_ends: dict[tuple[str, bool], list[int]] = defaultdict(list)
         key_deaths: dict[str, list[Failure]] = defaultdict(list)
         finished_keys: list[int] = []
+        run_ends: list[tuple[str, int, str]] = []  # (key, last row, lease) of runs delivered to their end
         key_went_on = False  # a key's run ended or a keyed row failed: its next rows may be claimable now
         counts: dict[str, int] = defaultdict(int)
         recorded: list[RecordedOutcome] = []
@@ -311,13 +320,15 @@ class Completer:
             if isinstance(outcome, Delivered):
                 counts["delivered"] += 1
                 result = "delivered"
-                ends_a_run = delivery.run_end and delivery.message.key is not None
+                key = delivery.message.key
+                ends_a_run = delivery.run_end and key is not None
                 key_went_on = key_went_on or ends_a_run
                 if not outcome.marked:  # else: marked, and promoted, in the handler's transaction
                     lease = (delivery.token, delivery.counted)
                     (key_ends if ends_a_run else delivered)[lease].append(delivery.seq)
                     if ends_a_run:
                         finished_keys.append(delivery.seq)
+                        run_ends.append((key or "", delivery.seq, delivery.token))
             elif isinstance(outcome, Released):
                 counts["released"] += 1
                 result = "released"
@@ -357,6 +368,7 @@ class Completer:
                 # one transaction: these marks, then the promotion that reads them (a relay frozen
                 # inside it holds only finished rows and queued ones, which no claim takes)
                 with self.lease_writes.transaction() as tx:
+                    kept, began = self._keep(tx, run_ends)  # before the marks: it checks our lease
                     for (token, counted), seqs in key_ends.items():
                         marked = self.claims.mark_delivered(tx, token, seqs, now=now, counted=counted)
                         fenced += len(seqs) - marked
@@ -368,6 +380,10 @@ class Completer:
                 key_ends.clear()
                 key_deaths.clear()
                 finished_keys.clear()
+                run_ends.clear()
+                if kept and not (self.kept is not None and self.kept(kept, began)):
+                    with self.lease_writes.connection() as conn:  # the relay stops: give them back
+                        self.claims.release(conn, kept[0].token, [r.seq for r in kept], due_at=now)
 
         try:
             self.db.run(write, give_up=past_deadline)
@@ -396,6 +412,21 @@ class Completer:
             # the next rows of those keys (promoted, or due behind the finished row) or the released
             # rows can be claimed now; a delivery inside a run frees nothing (its run hands out the next)
             self.wake.set()
+
+    def _keep(self, tx: sa.Connection, run_ends: list[tuple[str, int, str]]) -> tuple[ClaimResult, float]:
+        """Kept runs (relay.claim, invariant 13): the next queued rows of the keys whose runs ``run_ends``
+        end here, taken for this relay in the transaction that marks those runs' last rows delivered,
+        within the room left in its window; and the monotonic time their lease started."""
+        began = time.monotonic()
+        if self.room is None or not run_ends:
+            return ClaimResult(), began
+        count, nbytes = self.room()
+        if count <= 0 or nbytes <= 0:
+            return ClaimResult(), began
+        rows = self.claims.take_next(
+            tx, run_ends, limit=count, lease_seconds=self.lease_seconds, now=utcnow(), max_bytes=nbytes
+        )
+        return rows, began
 
     def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
         policy = delivery.policy

@@ -66,7 +66,7 @@ import queue
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -263,6 +263,11 @@ class Relay:
         self.last_progress = time.monotonic()
 
         self._wake = threading.Event()
+        # kept runs (relay.claim, invariant 13): rows the completer took at a run's end, each batch with
+        # its lease's start, for the fetcher to register and hand out like a claim; closed at its exit
+        self._kept: deque[tuple[ClaimResult, float]] = deque()
+        self._kept_lock = threading.Lock()
+        self._kept_closed = False
         self._stopping = threading.Event()
         self._db = OutageRetry(self._stopping)  # every database operation, retried through outages
         self._fetcher_done = threading.Event()
@@ -280,6 +285,8 @@ class Relay:
             wake=self._wake,
             progressed=self._progressed,
             promoted=lambda keys: self.dispatcher.contended(keys),
+            room=self._room,
+            kept=self._keep,
         )
         self.dispatcher = Dispatcher(
             self.registry,
@@ -462,6 +469,7 @@ class Relay:
         stuck = False
         try:
             while not self._stopping.is_set():
+                self._take_kept(batches)
                 problem = self.handlers.stuck_problem()
                 if (problem is not None) != stuck:
                     if problem is not None:
@@ -507,6 +515,9 @@ class Relay:
         except BaseException as exc:  # MemoryError in a claim, a bug: the relay cannot claim any more
             self._thread_died("fetcher", exc)
         finally:
+            with self._kept_lock:  # rows kept from now on are released by the completer
+                self._kept_closed = True
+            self._take_kept(batches)  # handed out while stopping: released
             batches.put(None)
             dispatcher.join()  # every claimed batch is with a publisher (or released) before they stop
             self._fetcher_done.set()
@@ -608,14 +619,43 @@ class Relay:
             log.debug("claimed %d message(s) in %.3fs", len(rows), self.last_progress - started)
         if rows.shallow:
             self.dispatcher.not_deep(rows.shallow)
-        if rows:
-            self.dispatcher.register(rows, rows.deep)  # before the next claim asks what it may chain
-            # the lease runs from the claim's start, by this relay's clock (handlers check it)
-            deadline = started + self.lease_seconds - lease_margin(self.lease_seconds)
-            nbytes = sum(len(r.payload) for r in rows)
-            self._window.add(rows[0].token, (r.seq for r in rows), deadline=deadline, nbytes=nbytes)
-            self.counters["claimed"] += len(rows)
+        self._hold(rows, started)
         return rows
+
+    def _hold(self, rows: ClaimResult, started: float) -> None:
+        """Rows this relay now holds (claimed, or kept at a run's end), on the fetcher's thread: their runs
+        known to the dispatcher before the next claim asks what it may chain, and their lease in the
+        window, running from ``started`` by this relay's clock (handlers check it)."""
+        if not rows:
+            return
+        self.dispatcher.register(rows, rows.deep)
+        deadline = started + self.lease_seconds - lease_margin(self.lease_seconds)
+        nbytes = sum(len(r.payload) for r in rows)
+        self._window.add(rows[0].token, (r.seq for r in rows), deadline=deadline, nbytes=nbytes)
+        self.counters["claimed"] += len(rows)
+
+    def _room(self) -> tuple[int, int]:
+        """The room left in the window (messages, payload bytes) for kept runs; none once stopping."""
+        if self._stopping.is_set():
+            return 0, 0
+        return self.max_in_flight - self.in_flight(), self.max_in_flight_bytes - self._window.bytes()
+
+    def _keep(self, rows: ClaimResult, started: float) -> bool:
+        """The completer kept ``rows`` (a run's next rows, taken as its last row was marked): queue them
+        for the fetcher, which holds and hands them out; False once it has stopped claiming."""
+        with self._kept_lock:
+            if self._kept_closed:
+                return False
+            self._kept.append((rows, started))
+        self._wake.set()
+        return True
+
+    def _take_kept(self, batches: queue.SimpleQueue[list[ClaimedRow] | None]) -> None:
+        """Hold and hand out the rows the completer kept (on the fetcher's thread)."""
+        while self._kept:
+            rows, started = self._kept.popleft()
+            self._hold(rows, started)
+            batches.put(rows)
 
     def _mark_in_session(self, session: orm.Session, delivery: Delivery) -> bool:
         now = utcnow()

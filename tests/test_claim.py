@@ -447,3 +447,50 @@ def test_a_guessed_pull_takes_queued_rows_only(engine: sa.Engine) -> None:
     assert due.queued == 2, "which (not given the run as its own, as another relay's) queues them"
     queued = guessed_pull()
     assert [r.seq for r in queued] == seqs[2:4] and queued[0].after == seqs[1]
+
+
+def keep(engine: sa.Engine, claims: ClaimQueries, key: str, last: int, token: str, ends: list[int]):  # type: ignore[no-untyped-def]
+    """A run's end as the completer writes it: the kept rows taken, then the run's rows marked delivered,
+    in one transaction."""
+    with engine.begin() as conn:
+        kept = claims.take_next(conn, [(key, last, token)], limit=100, lease_seconds=30, now=utcnow())
+        assert claims.mark_delivered(conn, token, ends, now=utcnow()) == len(ends)
+    return kept
+
+
+def test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay(engine: sa.Engine) -> None:
+    """Invariant 13: in the transaction that marks a run's last row delivered, the relay takes the key's
+    next queued rows (at most ``run_length``) under a lease of its own, as a run of its own; the rest
+    stay queued, and the key's rows come back by promotion only if nothing was kept."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=2)
+    add_many(engine, [("hot", "k")] * 5)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=2)
+    assert [r.seq for r in head] == seqs[:2]
+    queued = claim(engine, claims)  # another relay's claim: the rows behind head's run leave the scan
+    assert queued == [] and queued.queued == 3
+    kept = keep(engine, claims, "k", seqs[1], head[0].token, seqs[:2])
+    assert [r.seq for r in kept] == seqs[2:4] and kept.deep == {"k"}
+    assert {r.after for r in kept} == {0} and kept[0].token != head[0].token
+    states = keyed_seqs(engine, "k")
+    assert [status for _, _, status in states] == ["delivered"] * 2 + ["inflight"] * 2 + ["pending"]
+    assert states[4][1] is None, "the rest stays queued, behind the kept run"
+    with engine.begin() as conn:
+        assert claims.promote(conn, seqs[:2], now=utcnow()) == 0, "a kept key needs no promotion"
+    again = keep(engine, claims, "k", seqs[3], kept[0].token, seqs[2:4])
+    assert [r.seq for r in again] == seqs[4:] and again.deep == set()
+
+
+def test_a_kept_run_needs_the_runs_lease_and_a_queued_row_right_behind(engine: sa.Engine) -> None:
+    """Invariant 13: nothing is kept under a lease that no longer holds the run's last row (fenced), nor
+    when the row right behind it is due (the scan's: a claim chains or takes it) rather than queued."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=2)
+    add_many(engine, [("hot", "k")] * 4)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=2)
+    with engine.begin() as conn:
+        stale = claims.take_next(conn, [("k", seqs[1], "0" * 32)], limit=100, lease_seconds=30, now=utcnow())
+    assert stale == [], "not the run's lease: fenced"
+    kept = keep(engine, claims, "k", seqs[1], head[0].token, seqs[:2])
+    assert kept == [], "the rows behind are due, not queued: left to the scan"
+    assert [r.seq for r in claim(engine, claims)] == seqs[2:]
