@@ -328,7 +328,8 @@ class Completer:
                     (key_ends if ends_a_run else delivered)[lease].append(delivery.seq)
                     if ends_a_run:
                         finished_keys.append(delivery.seq)
-                        run_ends.append((key or "", delivery.seq, delivery.token))
+                        if delivery.keep:
+                            run_ends.append((key or "", delivery.seq, delivery.token))
             elif isinstance(outcome, Released):
                 counts["released"] += 1
                 result = "released"
