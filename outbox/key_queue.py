@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.visitors import InternalTraversal
 
@@ -91,15 +92,26 @@ class KeyQueue:
         # The keys to look at: those of some rows, each from the first of them; or one given key, from 0.
         # Every probe starts there: each earlier row of the key is finished (a row is handled only once
         # those are), so a key's delivered history is never read.
-        by_seqs = (
-            sa.select(t.c.msg_key, sa.func.min(t.c.seq).label("after"))
-            .where(t.c.seq.in_(sa.bindparam("seqs", expanding=True)), t.c.msg_key.is_not(None))
+        # PostgreSQL binds the seqs as one array literal (one statement text, planned once, as in
+        # relay.claim); elsewhere as an expanding IN
+        seq_array = sa.cast(sa.bindparam("seqs", type_=sa.Text()), postgresql.ARRAY(sa.BigInteger()))
+        in_seqs = {
+            "postgresql": t.c.seq == sa.any_(seq_array),
+            "": t.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+        }
+        by_seqs = {
+            family: sa.select(t.c.msg_key, sa.func.min(t.c.seq).label("after"))
+            .where(in_seq, t.c.msg_key.is_not(None))
             .group_by(t.c.msg_key)
             .subquery("k")
-        )
+            for family, in_seq in in_seqs.items()
+        }
         one_key = sa.select(key.label("msg_key"), sa.literal(0, sa.BigInteger).label("after")).subquery("k")
         #: per database family (the first name of the connection's dialect): the heads statements
-        self._heads_of_rows = {"postgresql": self._first_holding(by_seqs), "": self._heads(by_seqs)}
+        self._heads_of_rows = {
+            "postgresql": self._first_holding(by_seqs["postgresql"]),
+            "": self._heads(by_seqs[""]),
+        }
         self._heads_of_key = {"postgresql": self._first_holding(one_key), "": self._heads(one_key)}
         # A key's pending rows from a row on, in seq order, each with whether it is queued.
         self._pending_from = (
@@ -110,15 +122,12 @@ class KeyQueue:
         )
         # by primary key: an UPDATE over the key's index range would lock index entries a claim is
         # moving (InnoDB), and the two would deadlock
-        self._promote = (
-            sa.update(t)
-            .where(
-                t.c.seq.in_(sa.bindparam("seqs", expanding=True)),
-                status_in(t.c.status, [Status.PENDING]),
-                t.c.due_at.is_(None),
-            )
+        self._promote = {
+            family: sa.update(t)
+            .where(in_seq, status_in(t.c.status, [Status.PENDING]), t.c.due_at.is_(None))
             .values(due_at=sa.bindparam("now"))
-        )
+            for family, in_seq in in_seqs.items()
+        }
         self._queued_keys = (
             sa.select(t.c.msg_key)
             .where(status_in(t.c.status, [Status.PENDING]), t.c.due_at.is_(None), t.c.msg_key.is_not(None))
@@ -127,8 +136,8 @@ class KeyQueue:
         )
 
     def _first_holding(self, k: Any) -> Any:
-        """PostgreSQL: per key, its first row holding it (any holding status) and whether that row is
-        pending and queued: one probe of the partial index of holding rows (``ix_<name>_holding``,
+        """PostgreSQL: the keys whose first row holding them (any holding status) is pending and queued,
+        with that row: one probe of the partial index of holding rows (``ix_<name>_holding``,
         ``(msg_key, seq)``), joined laterally. Probes by status would each need an index that gives
         ``seq`` order for one status; the planner may instead read every row of a status it believes
         rare (the in-flight ones, after a backlog's ANALYZE) once per key."""
@@ -141,8 +150,11 @@ class KeyQueue:
             .lateral("h")
         )
         queued = sa.and_(first.c.status == Status.PENDING.value, first.c.due_at.is_(None))
-        return sa.select(k.c.msg_key, first.c.seq, sa.case((queued, 1), else_=0)).select_from(
-            k.outerjoin(first, sa.true())
+        # only keys whose first holding row is queued: the others need nothing (see _run)
+        return (
+            sa.select(k.c.msg_key, first.c.seq, sa.literal(1))
+            .select_from(k.join(first, sa.true()))
+            .where(queued)
         )
 
     def _heads(self, k: Any) -> Any:
@@ -174,6 +186,12 @@ class KeyQueue:
     def _family(self, conn: sa.Connection, statements: dict[str, Any]) -> Any:
         return statements.get(conn.dialect.name, statements[""])
 
+    def _seqs(self, conn: sa.Connection, seqs: Sequence[int]) -> str | list[int]:
+        """The ``seqs`` parameter: a PostgreSQL array literal, or a list for an expanding IN."""
+        if conn.dialect.name == "postgresql":
+            return "{" + ",".join(map(str, seqs)) + "}"
+        return list(seqs)
+
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
         """Promote the keys of rows ``seqs`` (rows that just stopped holding their key); returns how many
         rows came back to the claim."""
@@ -183,7 +201,7 @@ class KeyQueue:
         """:meth:`promote`, returning how many rows came back for each key that had queued rows."""
         if not seqs:
             return {}
-        heads = conn.execute(self._family(conn, self._heads_of_rows), {"seqs": list(seqs)}).all()
+        heads = conn.execute(self._family(conn, self._heads_of_rows), {"seqs": self._seqs(conn, seqs)}).all()
         runs = {head[0]: run for head in heads if (run := self._run(conn, *head))}
         if not self._update(conn, [seq for run in runs.values() for seq in run], now):
             return {}
@@ -219,4 +237,5 @@ class KeyQueue:
     def _update(self, conn: sa.Connection, seqs: list[int], now: dt.datetime) -> int:
         if not seqs:
             return 0
-        return int(conn.execute(self._promote, {"seqs": seqs, "now": now}).rowcount)
+        statement = self._family(conn, self._promote)
+        return int(conn.execute(statement, {"seqs": self._seqs(conn, seqs), "now": now}).rowcount)
