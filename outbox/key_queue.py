@@ -113,9 +113,9 @@ class KeyQueue:
             "": self._heads(by_seqs[""]),
         }
         self._heads_of_key = {"postgresql": self._first_holding(one_key), "": self._heads(one_key)}
-        # A key's pending rows from a row on, in seq order, each with whether it is queued.
+        # A key's pending rows from a row on, in seq order, each with whether it is queued and its size.
         self._pending_from = (
-            sa.select(t.c.seq, t.c.due_at.is_(None))
+            sa.select(t.c.seq, t.c.due_at.is_(None), sa.func.length(t.c.payload))
             .where(key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq >= after)
             .order_by(t.c.msg_key, t.c.seq)
             .limit(sa.bindparam("count", type_=sa.Integer))
@@ -199,13 +199,26 @@ class KeyQueue:
 
     def promote_by_key(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> dict[str, int]:
         """:meth:`promote`, returning how many rows came back for each key that had queued rows."""
+        runs = self.queued_runs(conn, seqs)
+        if not self.promote_runs(conn, runs.values(), now=now):
+            return {}
+        return {key: sum(size >= 0 for _, size in run) for key, run in runs.items()}
+
+    def queued_runs(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+        """The keys of rows ``seqs`` whose next run is queued with nothing earlier holding the key: per
+        key, that run's pending rows as ``(seq, payload bytes)`` in seq order, bytes -1 for a row that
+        is due already (a promotion makes the others due; the relay that ended the key's run may take
+        the leading queued ones itself instead, ``relay.claim``'s invariant 13)."""
         if not seqs:
             return {}
         heads = conn.execute(self._family(conn, self._heads_of_rows), {"seqs": self._seqs(conn, seqs)}).all()
-        runs = {head[0]: run for head in heads if (run := self._run(conn, *head))}
-        if not self._update(conn, [seq for run in runs.values() for seq in run], now):
-            return {}
-        return {key: len(run) for key, run in runs.items()}
+        return {head[0]: run for head in heads if (run := self._run(conn, *head))}
+
+    def promote_runs(
+        self, conn: sa.Connection, runs: Iterable[list[tuple[int, int]]], *, now: dt.datetime
+    ) -> int:
+        """Make runs found by :meth:`queued_runs` (in this transaction) due now; returns the rows promoted."""
+        return self._update(conn, [seq for run in runs for seq, size in run if size >= 0], now)
 
     def promote_keys(self, conn: sa.Connection, keys: Iterable[str], *, now: dt.datetime) -> int:
         """Promote the given keys (for the few keys an operator's change touches, and the maintenance
@@ -214,20 +227,21 @@ class KeyQueue:
         statement = self._family(conn, self._heads_of_key)
         for key in keys:
             for head in conn.execute(statement, {"key": key}):
-                seqs += self._run(conn, *head)
+                seqs += [seq for seq, size in self._run(conn, *head) if size >= 0]
         return self._update(conn, seqs, now)
 
     def _run(
         self, conn: sa.Connection, key: str, first: int | None, queued: int | None, *holding: int | None
-    ) -> list[int]:
-        """The queued rows of ``key``'s next run, from its first pending row ``first``, if that row is
-        queued and no other holding row (``holding``: the first of each other holding status, none
-        where ``first`` is the key's first holding row) is before it. A first pending row that is due
-        needs no promotion: a claim takes it, and the end of its run promotes the key."""
+    ) -> list[tuple[int, int]]:
+        """``key``'s next run: its pending rows from its first pending row ``first`` (seq, payload bytes;
+        -1 for a row that is due, not queued, which a promotion leaves as it is), if that row is queued and no other holding row (``holding``: the first of each other
+        holding status, none where ``first`` is the key's first holding row) is before it. A first
+        pending row that is due needs no promotion: a claim takes it, and the end of its run promotes
+        the key."""
         if first is None or not queued or any(seq is not None and seq < first for seq in holding):
             return []
         rows = conn.execute(self._pending_from, {"key": key, "after": first, "count": self.run_length})
-        return [seq for seq, is_queued in rows if is_queued]
+        return [(seq, int(size or 0) if is_queued else -1) for seq, is_queued, size in rows]
 
     def sweep(self, conn: sa.Connection, *, now: dt.datetime, limit: int = 1000) -> int:
         """Promote every key (up to ``limit`` of them) whose queued rows nothing holds back any more."""

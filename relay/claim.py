@@ -129,20 +129,24 @@ Invariants (each names the test that would catch its violation):
     ``tests/test_claim.py::test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share``,
     ``tests/test_claim.py::test_a_pulled_run_stops_at_a_row_another_claim_has_locked``,
     ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
-13. **A run's end keeps its key's queued rows for its relay, under a lease of their own.** In the one
-    transaction that marks a run's last row delivered, the completer (``relay.completer``) first takes
-    the key's next queued rows for the same relay (:meth:`ClaimQueries.take_next`): as a pull
-    (invariant 12), behind the run's last row still held under the run's lease (locked for share, the
-    token checked), leading queued rows only, locked skipping any locked right now, at most
-    ``run_length`` a key and the room left in the relay's window. When it commits, every earlier row
-    of the key is delivered, so the kept rows go out as runs of their own (``after`` 0), in order; a
-    key with nothing kept is promoted as before (invariant 9). So a key whose rows another relay
-    queued goes on behind its holder with neither a promotion nor a wait for the next claim, and each
-    queued row costs one write fewer (no promotion). A relay that stops takes
-    nothing; rows kept as it stops are released (attempt not counted); a relay killed after the
-    commit leaves them to their lease (invariant 4).
+13. **A run's end takes its key's queued run for its relay instead of promoting it (a kept run).** In
+    the one transaction that marks a run's last row delivered (or a keyed row dead), after those marks,
+    the completer (``relay.completer``) reads the key's queued run as a promotion does
+    (:meth:`KeyQueue.queued_runs`: the key's first holding row is queued, nothing earlier holds it) and,
+    within the room left in the relay's window (messages and bytes), takes that run's leading queued
+    rows itself (:meth:`ClaimQueries.take_queued`) under a new lease, instead of making them due. The
+    take re-checks each row (pending, still queued) and keeps a key's rows only up to the first one it
+    did not get (the rows after it are given back, due: no hole); the rest of a run taken in part stays
+    queued behind it, and a key with no room is promoted (invariant 9). A row is taken exactly when a
+    promotion would have made it claimable with nothing earlier holding its key, so order holds as for
+    any claim (invariant 3); the kept rows go out as runs of their own (``after`` 0). So a key whose
+    rows another relay queued goes on behind the relay that held it, with neither a promotion write nor
+    a wait for the next claim. A stopping relay has no room (it takes nothing); rows taken as it stops
+    are released (attempt not counted); a relay killed after the commit leaves them to their lease
+    (invariant 4).
     -- ``tests/test_claim.py::test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay``,
-    ``tests/test_claim.py::test_a_kept_run_needs_the_runs_lease_and_a_queued_row_right_behind``
+    ``tests/test_claim.py::test_a_kept_run_needs_the_key_free_and_queued_rows_right_behind``,
+    ``tests/test_claim.py::test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile``
 """
 
 from __future__ import annotations
@@ -306,11 +310,18 @@ class ClaimQueries:
                 last_attempt_at=sa.bindparam("now"),
             )
         )
+        # kept runs (invariant 13): queued rows only, whatever changed since they were read
+        claim_queued = claim.where(status_in(t.c.status, [Status.PENDING]), t.c.due_at.is_(None))
         if dialect.claim_returning:
             self._claim: Any = claim.returning(*self._columns)
+            self._claim_queued: Any = claim_queued.returning(*self._columns)
         else:  # MariaDB: update, then read the claimed rows back (same transaction, rows locked)
             self._claim = claim
+            self._claim_queued = claim_queued
             self._select_claimed = sa.select(*self._columns).where(in_seqs)
+        self._select_taken = sa.select(*self._columns).where(
+            in_seqs, t.c.lease_token == sa.bindparam("token")
+        )
 
         #: promotion of queued rows (outbox.key_queue): the completer's, after a run or a dead row
         self.key_queue = KeyQueue(tables, run_length=run_length)
@@ -505,33 +516,68 @@ class ClaimQueries:
             self._take(conn, take, now, lease_seconds, reclaimed, after, result)
         return result
 
-    def take_next(
+    def take_queued(
         self,
         conn: sa.Connection,
-        ends: Sequence[tuple[str, int, str]],
+        runs: dict[str, list[tuple[int, int]]],
         *,
         limit: int,
+        max_bytes: int,
         lease_seconds: float,
         now: dt.datetime,
-        max_bytes: int | None = None,
-    ) -> ClaimResult:
-        """Kept runs (invariant 13): for each ``(key, last, token)``, a run of the calling relay whose last
-        row ``last`` is delivered in this same transaction, after this call, take the key's next rows,
-        queued or due (up to ``run_length`` a key, ``limit`` and ``max_bytes`` in all) under one new
-        lease, as :meth:`claim_batch` pulls them (invariant 12). Once the transaction commits, every row
-        before them is finished: they go out as runs of their own (``after`` is 0). Keys with nothing
-        ready right behind (a retry's backoff, a row locked by a claim, another holding row) are left
-        to :meth:`promote`."""
+    ) -> tuple[ClaimResult, dict[str, list[tuple[int, int]]]]:
+        """Kept runs (invariant 13): of the queued runs ``runs`` (:meth:`KeyQueue.queued_runs`, read in
+        this transaction after the marks that ended their keys' runs), take each key's leading queued
+        rows for the caller under one new lease, within ``limit`` rows and ``max_bytes`` in all. Returns
+        the rows taken (runs of their own: ``after`` 0) and the runs left to promote (keys that did not
+        fit at all). A key taken in part keeps the rest queued behind what was taken: its run's end
+        comes back here."""
         result = ClaimResult()
-        if not ends or limit <= 0:
-            return result
-        if self.dialect.write_lock_first:
-            conn.execute(self._write_lock)
-        queued_only = frozenset(key for key, _, _ in ends)  # due rows are the scan's: it chains them
-        taken, _ = self._pull(conn, ends, queued_only, limit, max_bytes, now, {}, {}, result)
-        if taken:
-            self._take(conn, taken, now, lease_seconds, set(), {}, result)
-        return result
+        rest: dict[str, list[tuple[int, int]]] = {}
+        wanted: dict[str, list[int]] = {}
+        for key, run in runs.items():
+            lead: list[int] = []
+            for seq, size in run:
+                if size < 0 or limit <= 0 or size > max_bytes:
+                    break
+                lead.append(seq)
+                limit -= 1
+                max_bytes -= size
+            if lead:
+                wanted[key] = lead
+            else:
+                rest[key] = run
+        if not wanted:
+            return result, rest
+        take = sorted(seq for lead in wanted.values() for seq in lead)
+        token = new_token()
+        params = {
+            "seqs": self._seqs(take),
+            "token": token,
+            "lease_until": now + dt.timedelta(seconds=lease_seconds),
+            "now": now,
+        }
+        if self.dialect.claim_returning:
+            rows = conn.execute(self._claim_queued, params).all()
+        else:
+            conn.execute(self._claim_queued, params)
+            rows = conn.execute(self._select_taken, {"seqs": self._seqs(take), "token": token}).all()
+        got = {row[0]: row for row in rows}
+        give_back: list[int] = []
+        for lead in wanted.values():
+            # a key's rows are taken up to the first one that was not (promoted meanwhile): no hole
+            cut = next((i for i, seq in enumerate(lead) if seq not in got), len(lead))
+            give_back += [seq for seq in lead[cut:] if seq in got]
+            result.extend(
+                ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, False)
+                for seq, id_, topic, key, payload, ctype, headers, tries, created in (
+                    got[s] for s in lead[:cut]
+                )
+            )
+        if give_back:  # due now, behind what was taken: the scan queues them again (invariant 3)
+            self.release(conn, token, give_back, due_at=now)
+        result.sort(key=_by_seq)
+        return result, rest
 
     def _take(
         self,

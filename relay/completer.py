@@ -309,7 +309,6 @@ class Completer:
         key_ends: dict[tuple[str, bool], list[int]] = defaultdict(list)
         key_deaths: dict[str, list[Failure]] = defaultdict(list)
         finished_keys: list[int] = []
-        run_ends: list[tuple[str, int, str]] = []  # (key, last row, lease) of runs delivered to their end
         key_went_on = False  # a key's run ended or a keyed row failed: its next rows may be claimable now
         counts: dict[str, int] = defaultdict(int)
         recorded: list[RecordedOutcome] = []
@@ -328,8 +327,6 @@ class Completer:
                     (key_ends if ends_a_run else delivered)[lease].append(delivery.seq)
                     if ends_a_run:
                         finished_keys.append(delivery.seq)
-                        if delivery.keep:
-                            run_ends.append((key or "", delivery.seq, delivery.token))
             elif isinstance(outcome, Released):
                 counts["released"] += 1
                 result = "released"
@@ -369,19 +366,20 @@ class Completer:
                 # one transaction: these marks, then the promotion that reads them (a relay frozen
                 # inside it holds only finished rows and queued ones, which no claim takes)
                 with self.lease_writes.transaction() as tx:
-                    kept, began = self._keep(tx, run_ends)  # before the marks: it checks our lease
                     for (token, counted), seqs in key_ends.items():
                         marked = self.claims.mark_delivered(tx, token, seqs, now=now, counted=counted)
                         fenced += len(seqs) - marked
                     for token, items in key_deaths.items():
                         self.claims.mark_failed(tx, token, items)
-                    promoted = self.claims.promote_by_key(tx, finished_keys, now=now)
-                if promoted:
-                    self.promoted(promoted)
+                    runs = self.claims.key_queue.queued_runs(tx, finished_keys)
+                    began = time.monotonic()
+                    kept, rest = self._keep(tx, runs)
+                    self.claims.key_queue.promote_runs(tx, rest.values(), now=now)
+                if runs:  # keys whose rows were queued: another relay's claim may queue them again
+                    self.promoted(runs)
                 key_ends.clear()
                 key_deaths.clear()
                 finished_keys.clear()
-                run_ends.clear()
                 if kept and not (self.kept is not None and self.kept(kept, began)):
                     with self.lease_writes.connection() as conn:  # the relay stops: give them back
                         self.claims.release(conn, kept[0].token, [r.seq for r in kept], due_at=now)
@@ -414,20 +412,19 @@ class Completer:
             # rows can be claimed now; a delivery inside a run frees nothing (its run hands out the next)
             self.wake.set()
 
-    def _keep(self, tx: sa.Connection, run_ends: list[tuple[str, int, str]]) -> tuple[ClaimResult, float]:
-        """Kept runs (relay.claim, invariant 13): the next queued rows of the keys whose runs ``run_ends``
-        end here, taken for this relay in the transaction that marks those runs' last rows delivered,
-        within the room left in its window; and the monotonic time their lease started."""
-        began = time.monotonic()
-        if self.room is None or not run_ends:
-            return ClaimResult(), began
+    def _keep(
+        self, tx: sa.Connection, runs: dict[str, list[tuple[int, int]]]
+    ) -> tuple[ClaimResult, dict[str, list[tuple[int, int]]]]:
+        """Kept runs (relay.claim, invariant 13): of the keys' queued runs ``runs``, those this relay
+        takes itself, within the room left in its window; and the runs left to promote."""
+        if not runs or self.room is None:
+            return ClaimResult(), runs
         count, nbytes = self.room()
         if count <= 0 or nbytes <= 0:
-            return ClaimResult(), began
-        rows = self.claims.take_next(
-            tx, run_ends, limit=count, lease_seconds=self.lease_seconds, now=utcnow(), max_bytes=nbytes
+            return ClaimResult(), runs
+        return self.claims.take_queued(
+            tx, runs, limit=count, max_bytes=nbytes, lease_seconds=self.lease_seconds, now=utcnow()
         )
-        return rows, began
 
     def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:
         policy = delivery.policy

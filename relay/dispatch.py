@@ -272,14 +272,7 @@ class Dispatcher:
         return delivery
 
     def prepare(
-        self,
-        row: ClaimedRow,
-        publisher: Any,
-        policy: TopicPolicy,
-        decode: bool,
-        *,
-        run_end: bool = True,
-        keep: bool = False,
+        self, row: ClaimedRow, publisher: Any, policy: TopicPolicy, decode: bool, *, run_end: bool = True
     ) -> tuple[Delivery, Failed | None]:
         """``row`` as a delivery for ``publisher``, with the failure to report instead of handing it
         out (None: it may be handed out). Reports nothing: a run reports a refusal only once every
@@ -288,7 +281,7 @@ class Dispatcher:
             error = f"payload of {size} bytes exceeds max_payload_bytes {self.max_payload_bytes}"
             return self.delivery(row, policy, fallback=True), Failed(error, permanent=True)
         try:
-            delivery = self.delivery(row, policy, decode=decode, run_end=run_end, keep=keep)
+            delivery = self.delivery(row, policy, decode=decode, run_end=run_end)
         except Exception as exc:  # undecodable row: nothing a retry would change
             delivery = self.delivery(row, policy, fallback=True)
             return delivery, Failed(f"cannot decode stored message: {describe_error(exc)}", True)
@@ -326,7 +319,6 @@ class Dispatcher:
         fallback: bool = False,
         decode: bool = True,
         run_end: bool = True,
-        keep: bool = False,
     ) -> Delivery:
         """``row`` as a delivery: its payload decoded when ``decode`` (a broker gets the stored bytes),
         or as stored with no headers when ``fallback`` (a row that cannot be decoded)."""
@@ -349,9 +341,7 @@ class Dispatcher:
         )
         if policy is None:
             policy = self.policy(row.topic)
-        return Delivery(
-            seq=row.seq, token=row.token, message=message, policy=policy, run_end=run_end, keep=keep
-        )
+        return Delivery(seq=row.seq, token=row.token, message=message, policy=policy, run_end=run_end)
 
     def policy(self, topic: str) -> TopicPolicy:
         """The topic's policy: its handler's settings over the relay's defaults (cached per topic)."""
@@ -467,9 +457,7 @@ class _Run:
             group: list[Delivery] = []
             for index, row in enumerate(self.rows[:size]):
                 last = index + 1 == len(self.rows)
-                delivery, refusal = dispatcher.prepare(
-                    row, publisher, policy, decode, run_end=last, keep=last and self.deep
-                )
+                delivery, refusal = dispatcher.prepare(row, publisher, policy, decode, run_end=last)
                 if refusal is not None:
                     if not group:  # the head: refused now, the run ends with it
                         refused = (delivery, refusal)

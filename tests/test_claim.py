@@ -449,19 +449,31 @@ def test_a_guessed_pull_takes_queued_rows_only(engine: sa.Engine) -> None:
     assert [r.seq for r in queued] == seqs[2:4] and queued[0].after == seqs[1]
 
 
-def keep(engine: sa.Engine, claims: ClaimQueries, key: str, last: int, token: str, ends: list[int]):  # type: ignore[no-untyped-def]
-    """A run's end as the completer writes it: the kept rows taken, then the run's rows marked delivered,
-    in one transaction."""
+def keep(  # type: ignore[no-untyped-def]
+    engine: sa.Engine,
+    claims: ClaimQueries,
+    token: str,
+    ends: list[int],
+    *,
+    limit: int = 100,
+    max_bytes: int = 10**9,
+):
+    """A run's end as the completer writes it, in one transaction: the run's rows marked delivered, then
+    the key's queued run read, taken in part or whole (kept), and what was not taken promoted."""
     with engine.begin() as conn:
-        kept = claims.take_next(conn, [(key, last, token)], limit=100, lease_seconds=30, now=utcnow())
         assert claims.mark_delivered(conn, token, ends, now=utcnow()) == len(ends)
+        runs = claims.key_queue.queued_runs(conn, [ends[-1]])
+        kept, rest = claims.take_queued(
+            conn, runs, limit=limit, max_bytes=max_bytes, lease_seconds=30, now=utcnow()
+        )
+        claims.key_queue.promote_runs(conn, rest.values(), now=utcnow())
     return kept
 
 
 def test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay(engine: sa.Engine) -> None:
     """Invariant 13: in the transaction that marks a run's last row delivered, the relay takes the key's
-    next queued rows (at most ``run_length``) under a lease of its own, as a run of its own; the rest
-    stay queued, and the key's rows come back by promotion only if nothing was kept."""
+    queued run (at most ``run_length``) under a lease of its own, as a run of its own, instead of
+    promoting it; the rest stays queued, and comes back at the kept run's end."""
     claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=2)
     add_many(engine, [("hot", "k")] * 5)
     seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
@@ -469,28 +481,71 @@ def test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay(engine: sa.Eng
     assert [r.seq for r in head] == seqs[:2]
     queued = claim(engine, claims)  # another relay's claim: the rows behind head's run leave the scan
     assert queued == [] and queued.queued == 3
-    kept = keep(engine, claims, "k", seqs[1], head[0].token, seqs[:2])
-    assert [r.seq for r in kept] == seqs[2:4] and kept.deep == {"k"}
+    kept = keep(engine, claims, head[0].token, seqs[:2])
+    assert [r.seq for r in kept] == seqs[2:4]
     assert {r.after for r in kept} == {0} and kept[0].token != head[0].token
     states = keyed_seqs(engine, "k")
     assert [status for _, _, status in states] == ["delivered"] * 2 + ["inflight"] * 2 + ["pending"]
     assert states[4][1] is None, "the rest stays queued, behind the kept run"
     with engine.begin() as conn:
         assert claims.promote(conn, seqs[:2], now=utcnow()) == 0, "a kept key needs no promotion"
-    again = keep(engine, claims, "k", seqs[3], kept[0].token, seqs[2:4])
-    assert [r.seq for r in again] == seqs[4:] and again.deep == set()
+    assert claim(engine, claims) == [], "nothing of the key is claimable while the kept run holds it"
+    again = keep(engine, claims, kept[0].token, seqs[2:4])
+    assert [r.seq for r in again] == seqs[4:]
 
 
-def test_a_kept_run_needs_the_runs_lease_and_a_queued_row_right_behind(engine: sa.Engine) -> None:
-    """Invariant 13: nothing is kept under a lease that no longer holds the run's last row (fenced), nor
-    when the row right behind it is due (the scan's: a claim chains or takes it) rather than queued."""
+def test_a_kept_run_needs_the_key_free_and_queued_rows_right_behind(engine: sa.Engine) -> None:
+    """Invariant 13: nothing is kept while an earlier row still holds the key (the run's own last row,
+    a mark that was fenced), nor when the rows behind are due (the scan's: a claim takes them) rather
+    than queued."""
     claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=2)
     add_many(engine, [("hot", "k")] * 4)
     seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
     head = claim(engine, claims, limit=2)
-    with engine.begin() as conn:
-        stale = claims.take_next(conn, [("k", seqs[1], "0" * 32)], limit=100, lease_seconds=30, now=utcnow())
-    assert stale == [], "not the run's lease: fenced"
-    kept = keep(engine, claims, "k", seqs[1], head[0].token, seqs[:2])
+    assert keep(engine, claims, head[0].token, seqs[:1]) == [], "the run's last row still holds the key"
+    kept = keep(engine, claims, head[0].token, seqs[1:2])
     assert kept == [], "the rows behind are due, not queued: left to the scan"
     assert [r.seq for r in claim(engine, claims)] == seqs[2:]
+
+
+def test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile(engine: sa.Engine) -> None:
+    """Invariant 13: a relay keeps no more than the room left in its window (messages and bytes; a key
+    that does not fit at all is promoted), and a key's rows are taken up to the first one that is not
+    queued any more (promoted meanwhile by another writer): the rows after it are given back, due, so
+    nothing is taken with a hole before it."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=4)
+    add_many(engine, [("hot", "k")] * 5)
+    k = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    assert [r.seq for r in head] == k[:1]
+    assert claim(engine, claims, limit=4).queued == 4  # k's rows behind the head
+    kept = keep(engine, claims, head[0].token, k[:1], limit=2)
+    assert [r.seq for r in kept] == k[1:3], "two rows of room: two rows kept"
+    assert [due for _, due, _ in keyed_seqs(engine, "k")][3:] == [None, None], "the rest stays queued"
+    nothing = keep(engine, claims, kept[0].token, k[1:3], max_bytes=1)
+    assert nothing == [], "no byte room: the key is promoted instead"
+    assert all(due is not None for _, due, _ in keyed_seqs(engine, "k")[3:])
+
+    # another key: its queued run read, then its middle row promoted by someone else before the take
+    t = tables_for().messages
+    add_many(engine, [("hot", "j")] * 4)
+    j = [seq for seq, _, _ in keyed_seqs(engine, "j")]
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.msg_key == "k").values(status="delivered", due_at=None))
+    j_head = claim(engine, claims, limit=1)
+    assert [r.seq for r in j_head] == j[:1]
+    assert claim(engine, claims, limit=4).queued == 3
+    with engine.begin() as conn:
+        assert claims.mark_delivered(conn, j_head[0].token, j[:1], now=utcnow()) == 1
+        runs = claims.key_queue.queued_runs(conn, j[:1])
+        assert [seq for seq, _ in runs["j"]] == j[1:]
+        conn.execute(sa.update(t).where(t.c.seq == j[2]).values(due_at=utcnow()))  # promoted meanwhile
+        taken, rest = claims.take_queued(
+            conn, runs, limit=10, max_bytes=10**9, lease_seconds=30, now=utcnow()
+        )
+    assert [r.seq for r in taken] == j[1:2] and rest == {}, "taken up to the row that was not queued"
+    states = keyed_seqs(engine, "j")
+    assert [status for _, _, status in states] == ["delivered", "inflight", "pending", "pending"]
+    assert states[3][1] is not None, "the row after it was given back, due (never taken across a hole)"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(t.c.lease_token).where(t.c.seq == j[3])).scalar() is None

@@ -33,9 +33,6 @@ class Delivery:
     #: the last message of its key's run in this claim (or a message without a key): once it is
     #: delivered, the key's next messages are brought back to the claim (relay.claim, promotion)
     run_end: bool = True
-    #: a run's end whose key has (or may have) more rows set aside behind it: the completer keeps them for
-    #: this relay (relay.claim, invariant 13) instead of promoting them; a hint, never needed for order
-    keep: bool = False
     #: its attempt was counted before it started (a message taken back from an expired lease:
     #: ``relay.claim``, invariant 10), so its outcome's mark does not count it again
     counted: bool = False
