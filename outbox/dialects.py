@@ -51,6 +51,10 @@ class Dialect:
     #: the table has ``ix_<name>_holding`` (a partial index of the rows holding each key), so the claim
     #: finds a keyed row's nearest earlier holding row with one probe (else: one per holding status)
     holding_index: bool = False
+    #: a correlated range probe (``max(seq) ... WHERE msg_key = c.msg_key AND seq < c.seq``) is run as a
+    #: range of the key's index; MariaDB runs it as a ``ref`` on ``(msg_key, status)`` that reads every
+    #: row of the key, so there the claim probes with constants, per key, after the scan
+    correlated_range: bool = True
 
     def engine_options(self) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this database."""
@@ -76,7 +80,14 @@ POSTGRESQL = Dialect(
     array_params=True,
     holding_index=True,
 )
-MARIADB = Dialect("mysql", claim_returning=False, skip_locked=True, single_relay=False, listen_notify=False)
+MARIADB = Dialect(
+    "mysql",
+    claim_returning=False,
+    skip_locked=True,
+    single_relay=False,
+    listen_notify=False,
+    correlated_range=False,
+)
 SQLITE = Dialect(
     "sqlite",
     claim_returning=True,

@@ -151,6 +151,7 @@ Invariants (each names the test that would catch its violation):
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import secrets
 from collections.abc import Callable, Collection, Sequence
@@ -163,6 +164,11 @@ from sqlalchemy.dialects import postgresql
 from outbox.dialects import Dialect
 from outbox.key_queue import RUN_LENGTH, KeyQueue, key_is
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
+
+#: MariaDB: keys with at least this many rows in one scan have their probes made with constants
+#: (ClaimQueries._probe_keys); the correlated probe reads every pending row of its key, so a deep key's
+#: scan of N rows read N x depth rows
+PROBE_BY_KEY = 4
 
 #: longest stored error text (type and message); the rest is cut with a marker
 MAX_ERROR_LENGTH = 2000
@@ -278,6 +284,13 @@ class ClaimQueries:
             earlier: Any = sa.func.coalesce(nearest, 0)
         else:
             earlier = getattr(sa.func, dialect.greatest_function)(*(nearest_holding(s) for s in KEY_HOLDING))
+        if not dialect.correlated_range:
+            # MariaDB: the probes run after the scan (_probe_keys): correlated for keys with few rows
+            # scanned (this statement), with constants for the others
+            self._probe_rows = sa.select(c.c.seq, earlier).where(
+                c.c.seq.in_(sa.bindparam("seqs", expanding=True))
+            )
+            earlier = sa.literal(0)
         prev = sa.case((c.c.msg_key.is_(None), sa.literal(0)), else_=earlier)
         scan = (
             sa.select(c.c.seq, c.c.msg_key, c.c.status, prev.label("prev"), sa.func.length(c.c.payload))
@@ -462,6 +475,8 @@ class ClaimQueries:
         if limit > 0 and not (mariadb and look_first and not pulled and self._nothing_due(conn, now)):
             params: dict[str, Any] = {"now": now, "limit": limit}
             scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
+            if not self.dialect.correlated_range:
+                self._probe_keys(conn, scanned)
         queue_behind_pulled: list[int] = []
         if pulled_last and scanned:
             # rows of a pulled key: the pulled rows (also due), and rows behind them, which extend the
@@ -613,6 +628,64 @@ class ClaimQueries:
                 claimed_row.after = after[claimed_row.seq]
         claimed.sort(key=_by_seq)
         result.extend(claimed)
+
+    def _probe_keys(self, conn: sa.Connection, scanned: list[_Scanned]) -> None:
+        """MariaDB: fill in each scanned keyed row's nearest earlier holding row (``prev``), which the
+        scan left 0: for keys with few rows scanned, with the correlated probes (as elsewhere, in the
+        scan: cheap while a key has few pending rows); for the others, in one statement of constant
+        probes: per key, the greatest holding row of each
+        status before its first scanned row (one index entry each), and its holding rows between its
+        first and last scanned rows (one range of ``(msg_key, status, seq)``, the rows the scan read and
+        the few among them that hold the key otherwise). Same answer as the correlated probes, which
+        MariaDB runs by reading every row of the key for each scanned row (invariant 8)."""
+        by_key: dict[str, list[_Scanned]] = {}
+        for row in scanned:
+            if row.key is not None:
+                by_key.setdefault(row.key, []).append(row)
+        few = [row for rows in by_key.values() if len(rows) < PROBE_BY_KEY for row in rows]
+        if few:
+            prevs: dict[int, int | None] = dict(
+                conn.execute(self._probe_rows, {"seqs": [row.seq for row in few]}).all()
+            )
+            for row in few:
+                row.prev = int(prevs.get(row.seq) or 0)
+        by_key = {key: rows for key, rows in by_key.items() if len(rows) >= PROBE_BY_KEY}
+        if not by_key:
+            return
+        # SQL text: a statement of this shape differs with every claim, and building it as SQLAlchemy
+        # expressions cost more than running it (about 1 ms a key)
+        table = conn.dialect.identifier_preparer.format_table(self.t)
+        holding_statuses = ", ".join(f"'{status.value}'" for status in KEY_HOLDING)
+        pending = f"'{Status.PENDING.value}'"
+        others = ", ".join(f"'{status.value}'" for status in KEY_HOLDING if status is not Status.PENDING)
+        parts: list[str] = []
+        params: dict[str, Any] = {}
+        for index, (key, rows) in enumerate(by_key.items()):
+            rows.sort(key=_by_seq)
+            params[f"k{index}"], params[f"f{index}"], params[f"l{index}"] = key, rows[0].seq, rows[-1].seq
+            # pending rows may be many (one probe of the index's end); the rows holding the key
+            # otherwise are few (a run in flight, a failure), read together
+            before = ", ".join(
+                f"coalesce((SELECT max(seq) FROM {table} WHERE msg_key = :k{index} "
+                f"AND status IN ({statuses}) AND seq < :f{index}), 0)"
+                for statuses in (pending, others)
+            )
+            parts.append(f"SELECT {index}, {self.dialect.greatest_function}({before})")
+            if len(rows) > 1:
+                parts.append(
+                    f"SELECT {index}, seq FROM {table} WHERE msg_key = :k{index} "
+                    f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
+                )
+        keys = list(by_key)
+        holding: dict[str, list[int]] = {key: [rows[0].seq] for key, rows in by_key.items()}
+        for index, seq in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
+            if seq:
+                holding[keys[index]].append(int(seq))
+        for key, rows in by_key.items():
+            seqs = sorted(set(holding[key]))
+            for row in rows:
+                at = bisect.bisect_left(seqs, row.seq)
+                row.prev = seqs[at - 1] if at else 0
 
     def _nothing_due(self, conn: sa.Connection, now: dt.datetime) -> bool:
         """MariaDB's plain look before a locking scan (see ``look_first``): no row is due."""
