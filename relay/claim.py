@@ -68,8 +68,12 @@ Invariants (each names the test that would catch its violation):
    partial index of holding rows, ``(msg_key, seq)``), one per holding status elsewhere (a probe reads
    one index entry, whatever the planner's statistics say of each status); a blocked row is queued
    by the claim that finds it, so the rows behind a held or busy key are read once, not by every
-   claim.
+   claim. MariaDB runs a correlated probe as a read of every row of the key (a ``ref`` on
+   ``(msg_key, status)``), so there the probes follow the scan: with constants for a key with several
+   rows scanned (one index entry a status, and one range between its first and last scanned rows),
+   correlated for the others.
    -- ``tests/test_claim.py::test_rows_behind_a_run_leave_the_scan_and_come_back_a_run_at_a_time``,
+   ``tests/test_claim.py::test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before``,
    ``bench/keys.py`` (claim time with 1,000,000 rows behind one key)
 9. **A queued row is promoted once nothing earlier holds its key.** The claim that queues rows locks
    their blockers (the earlier rows holding the key that it does not hold) for share, skipping any

@@ -549,3 +549,32 @@ def test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile(engine: sa
     assert states[3][1] is not None, "the row after it was given back, due (never taken across a hole)"
     with engine.connect() as conn:
         assert conn.execute(sa.select(t.c.lease_token).where(t.c.seq == j[3])).scalar() is None
+
+
+def test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before(engine: sa.Engine) -> None:
+    """Invariants 3 and 8 with many rows of one key in a scan (on MariaDB these are probed with
+    constants, per key, after the scan: ``PROBE_BY_KEY``): a row in flight under another lease between
+    the scanned rows blocks those after it, and a failed row before them blocks them all."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine))
+    t = tables_for().messages
+    add_many(engine, [("hot", "k")] * 8)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    later = utcnow() + dt.timedelta(hours=1)
+    with engine.begin() as conn:  # the 4th row in flight under another relay's lease
+        conn.execute(
+            sa.update(t)
+            .where(t.c.seq == seqs[3])
+            .values(status="inflight", lease_token="x" * 32, due_at=later)
+        )
+    taken = claim(engine, claims)
+    assert [r.seq for r in taken] == seqs[:3], "the rows after the one in flight wait behind it"
+    assert taken.queued == 4
+    assert [due for _, due, _ in keyed_seqs(engine, "k")][4:] == [None] * 4
+
+    add_many(engine, [("hot", "j")] * 6)
+    j = [seq for seq, _, _ in keyed_seqs(engine, "j")]
+    with engine.begin() as conn:  # the key's first row failed, its retry an hour away
+        conn.execute(sa.update(t).where(t.c.seq == j[0]).values(status="failed", due_at=later))
+    blocked = claim(engine, claims)
+    assert [r.seq for r in blocked if r.key == "j"] == [], "nothing passes the failed row before them"
+    assert [due for _, due, _ in keyed_seqs(engine, "j")][1:] == [None] * 5
