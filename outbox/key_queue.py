@@ -26,6 +26,15 @@ from sqlalchemy.sql.visitors import InternalTraversal
 
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
+
+def seqs_param(as_array: bool, seqs: Sequence[int]) -> str | list[int]:
+    """A ``seqs`` parameter: a PostgreSQL array literal (``"{1,2,3}"``, bound as one text value and cast
+    to ``bigint[]``: one statement text whatever the count), or a list for an expanding IN."""
+    if as_array:
+        return "{" + ",".join(map(str, seqs)) + "}"
+    return list(seqs)
+
+
 #: rows of one key promoted at once: a relay takes them as one run
 RUN_LENGTH = 256
 
@@ -187,10 +196,7 @@ class KeyQueue:
         return statements.get(conn.dialect.name, statements[""])
 
     def _seqs(self, conn: sa.Connection, seqs: Sequence[int]) -> str | list[int]:
-        """The ``seqs`` parameter: a PostgreSQL array literal, or a list for an expanding IN."""
-        if conn.dialect.name == "postgresql":
-            return "{" + ",".join(map(str, seqs)) + "}"
-        return list(seqs)
+        return seqs_param(conn.dialect.name == "postgresql", seqs)
 
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:
         """Promote the keys of rows ``seqs`` (rows that just stopped holding their key); returns how many
@@ -234,8 +240,9 @@ class KeyQueue:
         self, conn: sa.Connection, key: str, first: int | None, queued: int | None, *holding: int | None
     ) -> list[tuple[int, int]]:
         """``key``'s next run: its pending rows from its first pending row ``first`` (seq, payload bytes;
-        -1 for a row that is due, not queued, which a promotion leaves as it is), if that row is queued and no other holding row (``holding``: the first of each other
-        holding status, none where ``first`` is the key's first holding row) is before it. A first
+        -1 for a row that is due, not queued, which a promotion leaves as it is), if that row is queued
+        and no other holding row (``holding``: the first of each other holding status, none where
+        ``first`` is the key's first holding row) is before it. A first
         pending row that is due needs no promotion: a claim takes it, and the end of its run promotes
         the key."""
         if first is None or not queued or any(seq is not None and seq < first for seq in holding):

@@ -166,7 +166,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
-from outbox.key_queue import RUN_LENGTH, KeyQueue, key_is
+from outbox.key_queue import RUN_LENGTH, KeyQueue, key_is, seqs_param
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
 #: MariaDB: keys with at least this many rows in one scan have their probes made with constants
@@ -637,8 +637,8 @@ class ClaimQueries:
         """MariaDB: fill in each scanned keyed row's nearest earlier holding row (``prev``), which the
         scan left 0: for keys with few rows scanned, with the correlated probes (as elsewhere, in the
         scan: cheap while a key has few pending rows); for the others, in one statement of constant
-        probes: per key, the greatest holding row of each
-        status before its first scanned row (one index entry each), and its holding rows between its
+        probes: per key, its greatest pending row and its greatest row holding it otherwise before its
+        first scanned row (one index probe each), and its holding rows between its
         first and last scanned rows (one range of ``(msg_key, status, seq)``, the rows the scan read and
         the few among them that hold the key otherwise). Same answer as the correlated probes, which
         MariaDB runs by reading every row of the key for each scanned row (invariant 8)."""
@@ -866,10 +866,8 @@ class ClaimQueries:
     # -- marks (all fenced by the lease token) -----------------------------------------------------------
 
     def _seqs(self, seqs: Sequence[int]) -> str | list[int]:
-        """The ``seqs`` parameter: a PostgreSQL array literal, or a list for an expanding IN."""
-        if self.dialect.array_params:
-            return "{" + ",".join(map(str, seqs)) + "}"
-        return list(seqs)
+        """The ``seqs`` parameter (:func:`outbox.key_queue.seqs_param`)."""
+        return seqs_param(self.dialect.array_params, seqs)
 
     def mark_delivered(
         self, conn: sa.Connection, token: str, seqs: Sequence[int], *, now: dt.datetime, counted: bool = False

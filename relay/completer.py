@@ -319,8 +319,7 @@ class Completer:
             if isinstance(outcome, Delivered):
                 counts["delivered"] += 1
                 result = "delivered"
-                key = delivery.message.key
-                ends_a_run = delivery.run_end and key is not None
+                ends_a_run = delivery.run_end and delivery.message.key is not None
                 key_went_on = key_went_on or ends_a_run
                 if not outcome.marked:  # else: marked, and promoted, in the handler's transaction
                     lease = (delivery.token, delivery.counted)
