@@ -38,6 +38,54 @@ def seqs_param(as_array: bool, seqs: Sequence[int]) -> str | list[int]:
 #: rows of one key promoted at once: a relay takes them as one run
 RUN_LENGTH = 256
 
+#: :func:`key_rows_after`'s ``ready``: a pending row that is queued (``due_at`` NULL), due (by ``now``), or
+#: neither (a retry's backoff); and a row holding the key otherwise (in flight, failed, parked)
+QUEUED, DUE, WAITING, OTHERWISE_HOLDING = 2, 1, 0, -1
+
+
+def key_rows_after(t: sa.Table, *, holding_index: bool, inclusive: bool, now: Any = None) -> sa.Select[Any]:
+    """A key's rows after row ``:after`` (from it, when ``inclusive``), in seq order, up to ``:count``, as
+    ``(seq, ready, payload bytes)``: the key's pending rows, and its first row holding the key otherwise
+    (``ready`` :data:`OTHERWISE_HOLDING`), which a run must stop at. ``ready`` of a pending row is
+    :data:`QUEUED` or :data:`DUE`; with ``now`` given, a pending row not due by then is :data:`WAITING`.
+
+    On PostgreSQL (``holding_index``) one range of the partial index of holding rows; elsewhere a range of
+    ``(msg_key, status, seq)`` over the pending rows, each compared with the key's first row after
+    ``:after`` that holds it otherwise (one probe per status: normally none).
+    """
+    key = sa.bindparam("key", type_=t.c.msg_key.type)
+    after = sa.bindparam("after", type_=sa.BigInteger)
+    from_after = t.c.seq >= after if inclusive else t.c.seq > after
+    due: Any = DUE if now is None else sa.case((t.c.due_at <= now, DUE), else_=WAITING)
+    if holding_index:
+        ready = sa.case(
+            (t.c.status != Status.PENDING.value, OTHERWISE_HOLDING), (t.c.due_at.is_(None), QUEUED), else_=due
+        )
+        statuses: Iterable[Status] = KEY_HOLDING
+    else:
+        f = t.alias("f")
+        fence = (
+            sa.select(sa.func.min(f.c.seq))
+            .where(
+                f.c.msg_key == key,
+                status_in(f.c.status, [Status.INFLIGHT, Status.FAILED, Status.PARKED]),
+                f.c.seq >= after if inclusive else f.c.seq > after,
+            )
+            .scalar_subquery()
+        )
+        ready = sa.case(
+            (t.c.seq > sa.func.coalesce(fence, t.c.seq), OTHERWISE_HOLDING),
+            (t.c.due_at.is_(None), QUEUED),
+            else_=due,
+        )
+        statuses = [Status.PENDING]
+    return (
+        sa.select(t.c.seq, ready, sa.func.length(t.c.payload))
+        .where(key_is(t.c.msg_key, key), status_in(t.c.status, statuses), from_after)
+        .order_by(t.c.msg_key, t.c.seq)
+        .limit(sa.bindparam("count", type_=sa.Integer))
+    )
+
 
 class _KeyIs(sa.sql.expression.ColumnElement[bool]):
     inherit_cache = True
@@ -97,7 +145,6 @@ class KeyQueue:
         self.run_length = run_length
         t = self.t = tables.messages
         key = sa.bindparam("key", type_=t.c.msg_key.type)
-        after = sa.bindparam("after", type_=sa.BigInteger)
         # The keys to look at: those of some rows, each from the first of them; or one given key, from 0.
         # Every probe starts there: each earlier row of the key is finished (a row is handled only once
         # those are), so a key's delivered history is never read.
@@ -122,13 +169,11 @@ class KeyQueue:
             "": self._heads(by_seqs[""]),
         }
         self._heads_of_key = {"postgresql": self._first_holding(one_key), "": self._heads(one_key)}
-        # A key's pending rows from a row on, in seq order, each with whether it is queued and its size.
-        self._pending_from = (
-            sa.select(t.c.seq, t.c.due_at.is_(None), sa.func.length(t.c.payload))
-            .where(key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq >= after)
-            .order_by(t.c.msg_key, t.c.seq)
-            .limit(sa.bindparam("count", type_=sa.Integer))
-        )
+        # A key's pending rows from a row on, in seq order, up to its first row holding it otherwise
+        self._rows_from = {
+            "postgresql": key_rows_after(t, holding_index=True, inclusive=True),
+            "": key_rows_after(t, holding_index=False, inclusive=True),
+        }
         # by primary key: an UPDATE over the key's index range would lock index entries a claim is
         # moving (InnoDB), and the two would deadlock
         self._promote = {
@@ -247,8 +292,14 @@ class KeyQueue:
         the key."""
         if first is None or not queued or any(seq is not None and seq < first for seq in holding):
             return []
-        rows = conn.execute(self._pending_from, {"key": key, "after": first, "count": self.run_length})
-        return [(seq, int(size or 0) if is_queued else -1) for seq, is_queued, size in rows]
+        statement = self._family(conn, self._rows_from)
+        run: list[tuple[int, int]] = []
+        params = {"key": key, "after": first, "count": self.run_length}
+        for seq, ready, size in conn.execute(statement, params):
+            if ready == OTHERWISE_HOLDING:  # the run ends there: what follows waits for that row
+                break
+            run.append((seq, int(size or 0) if ready == QUEUED else -1))
+        return run
 
     def sweep(self, conn: sa.Connection, *, now: dt.datetime, limit: int = 1000) -> int:
         """Promote every key (up to ``limit`` of them) whose queued rows nothing holds back any more."""

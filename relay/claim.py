@@ -166,7 +166,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
-from outbox.key_queue import RUN_LENGTH, KeyQueue, key_is, seqs_param
+from outbox.key_queue import DUE, QUEUED, RUN_LENGTH, KeyQueue, key_rows_after, seqs_param
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
 
 #: MariaDB: keys with at least this many rows in one scan have their probes made with constants
@@ -344,38 +344,10 @@ class ClaimQueries:
         self.key_queue = KeyQueue(tables, run_length=run_length)
 
         # -- pulled runs (invariant 12): a key's pending rows right after the caller's own run -------------
-        # The key's rows after a row, in seq order, each with whether it is ready (2: queued, whose due_at
-        # is NULL; 1: due; 0: neither, a retry's backoff; -1: not pending, holding the key otherwise: in
-        # flight, failed, parked), which the run must stop at.
-        key = sa.bindparam("key", type_=t.c.msg_key.type)
-        after = sa.bindparam("after", type_=sa.BigInteger)
-        ready = sa.case((t.c.due_at.is_(None), 2), (t.c.due_at <= sa.bindparam("now"), 1), else_=0)
-        if dialect.holding_index:
-            # PostgreSQL: the key's holding rows (one range of the partial index of holding rows): the
-            # pending ones come first, up to the first row holding the key otherwise
-            ready = sa.case((t.c.status != Status.PENDING.value, -1), else_=ready)
-            rows_after = sa.select(t.c.seq, ready, sa.func.length(t.c.payload)).where(
-                key_is(t.c.msg_key, key), status_in(t.c.status, KEY_HOLDING), t.c.seq > after
-            )
-        else:
-            # elsewhere: the key's pending rows (a range of (msg_key, status, seq)), each with the first
-            # row after the run's that holds the key otherwise (normally none): -1 past it
-            f = t.alias("f")
-            fence = (
-                sa.select(sa.func.min(f.c.seq))
-                .where(
-                    f.c.msg_key == key,
-                    status_in(f.c.status, [Status.INFLIGHT, Status.FAILED, Status.PARKED]),
-                    f.c.seq > after,
-                )
-                .scalar_subquery()
-            )
-            ready = sa.case((t.c.seq > sa.func.coalesce(fence, t.c.seq), -1), else_=ready)
-            rows_after = sa.select(t.c.seq, ready, sa.func.length(t.c.payload)).where(
-                key_is(t.c.msg_key, key), status_in(t.c.status, [Status.PENDING]), t.c.seq > after
-            )
-        self._pending_after = rows_after.order_by(t.c.msg_key, t.c.seq).limit(
-            sa.bindparam("count", type_=sa.Integer)
+        # The key's rows after a row, in seq order, each ready (queued, due) or not (a retry's backoff, or
+        # a row holding the key otherwise, which the run must stop at): see key_rows_after.
+        self._pending_after = key_rows_after(
+            t, holding_index=dialect.holding_index, inclusive=False, now=sa.bindparam("now")
         )
         pending = sa.select(t.c.seq).where(in_seqs, status_in(t.c.status, [Status.PENDING]))
         self._lock_pending = pending.with_for_update(skip_locked=True) if dialect.skip_locked else pending
@@ -726,7 +698,7 @@ class ClaimQueries:
             params = {"key": key, "after": last, "now": now, "count": want}
             rows: list[tuple[int, int]] = []
             read = 0
-            least = 2 if key in queued_only else 1
+            least = QUEUED if key in queued_only else DUE
             for seq, ready, size in conn.execute(self._pending_after, params):
                 read += 1
                 if ready < least:

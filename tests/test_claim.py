@@ -551,6 +551,32 @@ def test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile(engine: sa
         assert conn.execute(sa.select(t.c.lease_token).where(t.c.seq == j[3])).scalar() is None
 
 
+def test_a_kept_run_stops_at_a_row_of_its_key_held_under_another_lease(engine: sa.Engine) -> None:
+    """Invariants 3 and 13: a key's queued run ends at its first row holding the key otherwise. After a
+    crash, a claim may queue a dead relay's expired rows behind the key's head while later rows of that
+    relay are still in flight (their lease expires later): the run's end keeps only the queued rows
+    before the one in flight, and neither keeps nor promotes the rows after it (they wait for it)."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    t = tables_for().messages
+    add_many(engine, [("hot", "k")] * 5)
+    k = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    assert claim(engine, claims, limit=10).queued == 4
+    later = utcnow() + dt.timedelta(seconds=30)
+    with engine.begin() as conn:  # the dead relay's row, in flight under its lease
+        conn.execute(
+            sa.update(t).where(t.c.seq == k[2]).values(status="inflight", lease_token="other", due_at=later)
+        )
+    with engine.connect() as conn, conn.begin() as tx:  # a promotion instead, rolled back
+        assert claims.mark_delivered(conn, head[0].token, k[:1], now=utcnow()) == 1
+        assert claims.promote(conn, k[:1], now=utcnow()) == 1, "promoted up to the row in flight"
+        tx.rollback()
+    kept = keep(engine, claims, head[0].token, k[:1])
+    assert [r.seq for r in kept] == k[1:2], "kept up to the row in flight, never across it"
+    states = keyed_seqs(engine, "k")
+    assert [(due, status) for _, due, status in states[3:]] == [(None, "pending")] * 2, "they wait for it"
+
+
 def test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before(engine: sa.Engine) -> None:
     """Invariants 3 and 8 with many rows of one key in a scan (on MariaDB these are probed with
     constants, per key, after the scan: ``PROBE_BY_KEY``): a row in flight under another lease between
