@@ -335,7 +335,6 @@ class ClaimQueries:
         else:  # MariaDB: update, then read the claimed rows back (same transaction, rows locked)
             self._claim = claim
             self._claim_queued = claim_queued
-            self._select_claimed = sa.select(*self._columns).where(in_seqs)
         self._select_taken = sa.select(*self._columns).where(
             in_seqs, t.c.lease_token == sa.bindparam("token")
         )
@@ -541,30 +540,14 @@ class ClaimQueries:
         if not wanted:
             return result, rest
         take = sorted(seq for lead in wanted.values() for seq in lead)
-        token = new_token()
-        params = {
-            "seqs": self._seqs(take),
-            "token": token,
-            "lease_until": now + dt.timedelta(seconds=lease_seconds),
-            "now": now,
-        }
-        if self.dialect.claim_returning:
-            rows = conn.execute(self._claim_queued, params).all()
-        else:
-            conn.execute(self._claim_queued, params)
-            rows = conn.execute(self._select_taken, {"seqs": self._seqs(take), "token": token}).all()
-        got = {row[0]: row for row in rows}
+        token, rows = self._put_in_flight(conn, self._claim_queued, take, now, lease_seconds)
+        got = {row.seq: row for row in self._claimed(rows, token)}
         give_back: list[int] = []
         for lead in wanted.values():
             # a key's rows are taken up to the first one that was not (promoted meanwhile): no hole
             cut = next((i for i, seq in enumerate(lead) if seq not in got), len(lead))
             give_back += [seq for seq in lead[cut:] if seq in got]
-            result.extend(
-                ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, False)
-                for seq, id_, topic, key, payload, ctype, headers, tries, created in (
-                    got[s] for s in lead[:cut]
-                )
-            )
+            result.extend(got[seq] for seq in lead[:cut])
         if give_back:  # due now, behind what was taken: the scan queues them again (invariant 3)
             self.release(conn, token, give_back, due_at=now)
         result.sort(key=_by_seq)
@@ -582,28 +565,40 @@ class ClaimQueries:
     ) -> None:
         """Put rows ``take`` in flight under a new lease; ``result`` gets them as claimed rows, in seq
         order (``reclaimed``: those taken back from an expired lease; ``after``: chained runs' firsts)."""
-        token = new_token()
-        claim_params = {
-            "seqs": self._seqs(take),
-            "now": now,
-            "token": token,
-            "lease_until": now + dt.timedelta(seconds=lease_seconds),
-        }
-        if self.dialect.claim_returning:
-            rows = conn.execute(self._claim, claim_params).all()
-        else:
-            conn.execute(self._claim, claim_params)
-            rows = conn.execute(self._select_claimed, {"seqs": self._seqs(take)}).all()
-        # rows unpacked by position: Row attribute access by name costs more than the rest together
-        claimed = [
-            ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, seq in reclaimed)
-            for seq, id_, topic, key, payload, ctype, headers, tries, created in rows
-        ]
+        token, rows = self._put_in_flight(conn, self._claim, take, now, lease_seconds)
+        claimed = self._claimed(rows, token, reclaimed)
         for claimed_row in claimed:
             if claimed_row.seq in after:
                 claimed_row.after = after[claimed_row.seq]
         claimed.sort(key=_by_seq)
         result.extend(claimed)
+
+    def _put_in_flight(
+        self, conn: sa.Connection, statement: Any, seqs: list[int], now: dt.datetime, lease_seconds: float
+    ) -> tuple[str, Sequence[Any]]:
+        """Run ``statement`` (a claim's UPDATE of rows ``seqs``) under a new lease: its token, and the rows
+        it took (the claim's columns)."""
+        token = new_token()
+        params = {
+            "seqs": self._seqs(seqs),
+            "now": now,
+            "token": token,
+            "lease_until": now + dt.timedelta(seconds=lease_seconds),
+        }
+        if self.dialect.claim_returning:
+            return token, conn.execute(statement, params).all()
+        conn.execute(statement, params)  # MariaDB: then read them back (same transaction, rows locked)
+        return token, conn.execute(self._select_taken, {"seqs": params["seqs"], "token": token}).all()
+
+    @staticmethod
+    def _claimed(rows: Sequence[Any], token: str, reclaimed: Collection[int] = ()) -> list[ClaimedRow]:
+        """Rows of the claim's columns as claimed rows under ``token`` (``reclaimed``: those taken back
+        from an expired lease)."""
+        # unpacked by position: Row attribute access by name costs more than the rest together
+        return [
+            ClaimedRow(seq, id_, topic, key, payload, ctype, headers, tries, created, token, seq in reclaimed)
+            for seq, id_, topic, key, payload, ctype, headers, tries, created in rows
+        ]
 
     def _probe_keys(self, conn: sa.Connection, scanned: list[_Scanned]) -> None:
         """MariaDB: fill in each scanned keyed row's nearest earlier holding row (``prev``), which the
