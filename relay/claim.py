@@ -136,9 +136,10 @@ Invariants (each names the test that would catch its violation):
 13. **A run's end takes its key's queued run for its relay instead of promoting it (a kept run).** In
     the one transaction that marks a run's last row delivered (or a keyed row dead), after those marks,
     the completer (``relay.completer``) reads the key's queued run as a promotion does
-    (:meth:`KeyQueue.queued_runs`: the key's first holding row is queued, nothing earlier holds it) and,
-    within the room left in the relay's window (messages and bytes), takes that run's leading queued
-    rows itself (:meth:`ClaimQueries.take_queued`) under a new lease, instead of making them due. The
+    (:meth:`KeyQueue.queued_runs`: the key's first holding row is queued, nothing earlier holds it; the
+    run ends at the key's next row holding it otherwise, as after a crash, where a claim queued a dead
+    relay's expired rows while later ones were still in flight under a longer lease) and, within the
+    room left in the relay's window (messages and bytes), takes that run's leading queued rows itself (:meth:`ClaimQueries.take_queued`) under a new lease, instead of making them due. The
     take re-checks each row (pending, still queued) and keeps a key's rows only up to the first one it
     did not get (the rows after it are given back, due: no hole); the rest of a run taken in part stays
     queued behind it, and a key with no room is promoted (invariant 9). A row is taken exactly when a
@@ -150,6 +151,8 @@ Invariants (each names the test that would catch its violation):
     (invariant 4).
     -- ``tests/test_claim.py::test_a_runs_end_keeps_the_keys_next_queued_rows_for_its_relay``,
     ``tests/test_claim.py::test_a_kept_run_needs_the_key_free_and_queued_rows_right_behind``,
+    ``tests/test_claim.py::test_a_kept_run_stops_at_a_row_of_its_key_held_under_another_lease``,
+    ``tests/test_crash.py::test_killed_relay_loses_nothing``,
     ``tests/test_claim.py::test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile``
 """
 
