@@ -9,7 +9,7 @@ becomes NULL: they leave the scan's index). Everything the relay later writes ab
 (delivered, failed, dead, released, renewed) carries the token.
 
 **Runs.** For a key whose head is due, the claim takes the head and the key's rows that follow it in the
-scan, consecutive in ``seq`` order, up to ``run_length`` (256): a run, delivered in order under one
+scan, consecutive in ``seq`` order, up to ``run_length`` (1,024): a run, delivered in order under one
 lease (``relay.dispatch``). A key's queued rows come back to the scan by **promotion**: once a run's
 last row is delivered (or a row of the key is dead), the completer sets ``due_at`` on the key's next
 ``run_length`` pending rows, if nothing earlier holds the key. A deep key thus costs each claim what it
