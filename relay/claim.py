@@ -139,9 +139,10 @@ Invariants (each names the test that would catch its violation):
     (:meth:`KeyQueue.queued_runs`: the key's first holding row is queued, nothing earlier holds it; the
     run ends at the key's next row holding it otherwise, as after a crash, where a claim queued a dead
     relay's expired rows while later ones were still in flight under a longer lease) and, within the
-    room left in the relay's window (messages and bytes), takes that run's leading queued rows itself (:meth:`ClaimQueries.take_queued`) under a new lease, instead of making them due. The
-    take re-checks each row (pending, still queued) and keeps a key's rows only up to the first one it
-    did not get (the rows after it are given back, due: no hole); the rest of a run taken in part stays
+    room left in the relay's window (messages and bytes), takes that run's leading queued rows itself
+    (:meth:`ClaimQueries.take_queued`) under a new lease, instead of making them due. The take
+    re-checks each row (pending, still queued) and keeps a key's rows only up to the first one it did
+    not get (the rows after it are given back, due: no hole); the rest of a run taken in part stays
     queued behind it, and a key with no room is promoted (invariant 9). A row is taken exactly when a
     promotion would have made it claimable with nothing earlier holding its key, so order holds as for
     any claim (invariant 3); the kept rows go out as runs of their own (``after`` 0). So a key whose
@@ -216,9 +217,13 @@ class ClaimResult(list[ClaimedRow]):
     invariant 12).
 
     A claim that queued rows found work even when it took none: the fetcher looks again at once.
+    ``busy`` counts the blocked rows it left as they were, their blockers being written right now (a
+    run's end being marked, most often this relay's own): work found too, claimable once that write
+    commits, so the fetcher keeps its claim size for them.
     """
 
     queued: int = 0
+    busy: int = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -822,6 +827,8 @@ class ClaimQueries:
                 # next claim pulls them instead (those queued by another relay's claim, it learns of
                 # from the promotion that brings them back: relay.dispatch, contended keys)
                 result.deep.add(key)
+            else:  # a blocker being written right now (or finished meanwhile): left for the next claim
+                result.busy += len(rows)
         return queue, chained, after
 
     def promote(self, conn: sa.Connection, seqs: Sequence[int], *, now: dt.datetime) -> int:

@@ -402,6 +402,24 @@ def test_a_pulled_run_stops_at_a_row_another_claim_has_locked(engine: sa.Engine)
     assert [r.seq for r in run] == seqs[1:3] and run.deep == {"k"}
 
 
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_rows_behind_a_blocker_being_written_are_left_due_and_counted_busy(engine: sa.Engine) -> None:
+    """Invariant 9: a blocked row whose blocker is being written right now (a run's end being marked
+    delivered) is neither queued nor taken: it stays due, for the next claim, which takes it once
+    the write committed. The claim counts it ``busy`` (work found: the relay keeps its claim size)."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    add_many(engine, [("hot", "k")] * 3)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    with engine.connect() as completer:
+        completer.begin()
+        assert claims.mark_delivered(completer, head[0].token, seqs[:1], now=utcnow()) == 1
+        found = claim(engine, claims)
+        assert (list(found), found.queued, found.busy) == ([], 0, 2)
+        completer.commit()
+    assert [r.seq for r in claim(engine, claims)] == seqs[1:], "taken as a run once the mark committed"
+
+
 def test_promotion_brings_back_a_queued_head_and_leaves_a_due_head_to_the_claim(
     engine: sa.Engine, claims: ClaimQueries
 ) -> None:
