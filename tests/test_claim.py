@@ -420,6 +420,36 @@ def test_rows_behind_a_blocker_being_written_are_left_due_and_counted_busy(engin
     assert [r.seq for r in claim(engine, claims)] == seqs[1:], "taken as a run once the mark committed"
 
 
+def test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant 8: a key with many rows blocked in one scan by a failed or parked row has its next due
+    rows queued with them (``QUEUE_AHEAD``), so they stop taking a share of every claim; behind a row
+    in flight (a run that its relay chains or pulls) only the scanned rows are queued. Nothing is taken
+    either way (invariant 3), and the rows come back by promotion in order."""
+    import relay.claim
+
+    monkeypatch.setattr(relay.claim, "DEEP_BLOCKED", 2)
+    monkeypatch.setattr(relay.claim, "QUEUE_AHEAD", 3)
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=100)
+    t = tables_for().messages
+    add_many(engine, [("hot", "f")] * 5 + [("hot", "p")] * 9)
+    f = [seq for seq, _, _ in keyed_seqs(engine, "f")]
+    p = [seq for seq, _, _ in keyed_seqs(engine, "p")]
+    assert [r.seq for r in claim(engine, claims, limit=1)] == f[:1]
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.seq == p[0]).values(status="parked", due_at=None))
+    behind_run = claim(engine, claims, limit=4)  # f's rows, behind f's head in flight: no queue ahead
+    assert list(behind_run) == [] and behind_run.queued == 4
+    found = claim(engine, claims, limit=2)  # p's next two rows: blocked, deep, held back by a parked row
+    assert list(found) == [] and found.queued == 2 + 3
+    assert [due is None for _, due, _ in keyed_seqs(engine, "p")[1:]] == [True] * 5 + [False] * 3
+    with engine.begin() as conn:  # the parked row purged: p's rows come back, in order, as one run
+        conn.execute(sa.delete(t).where(t.c.seq == p[0]))
+        claims.key_queue.promote_keys(conn, ["p"], now=utcnow())  # as outbox purge does
+    assert [r.seq for r in claim(engine, claims, limit=100)] == p[1:]
+
+
 def test_promotion_brings_back_a_queued_head_and_leaves_a_due_head_to_the_claim(
     engine: sa.Engine, claims: ClaimQueries
 ) -> None:
