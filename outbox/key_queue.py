@@ -5,8 +5,8 @@ pending, in flight, failed or parked) is *queued*: it stays ``pending`` with ``d
 index the claim scans (``relay.claim``, invariant 8). It comes back by **promotion**: once nothing earlier
 holds its key and its first pending message is queued, the key's first ``run`` pending messages, up to
 the first one holding the key otherwise (in flight, failed, parked), get ``due_at = now``, and the next
-claim takes them as one run. Promotion is idempotent and safe to run at
-any time; it changes nothing while an earlier message holds the key.
+claim takes them as one run. Promotion is idempotent and safe to run at any time; it changes nothing
+while an earlier message holds the key.
 
 Who promotes (``relay.claim``'s invariant 9): the relay's completer after a run's last message is
 delivered or a message is dead, :meth:`outbox.operations.Operations.purge` after deleting parked
