@@ -57,25 +57,25 @@ record that exhausts its attempts is logged and skipped.
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from consumers.attempt import describe_error
+from consumers.batches import BatchProcessor, check_batching
 from consumers.dead_letters import BrokerError
-from consumers.processing import RecordProcessor, Stopping
+from consumers.partitions import DEFAULT_WORKERS, PartitionPool, check_workers
+from consumers.processing import Counters, RecordProcessor, Stopping
 from consumers.registry import Registry
+from consumers.settings import ConsumerSettings, subscription
 from outbox.broker_health import BrokerHealth
-from outbox.dialects import is_outage
+from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
-from outbox.kafka_settings import KafkaConnection
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
@@ -85,7 +85,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("outbox.consumer")
 
-_OFFSET_RESETS = ("earliest", "latest")
 _COUNTERS = (
     "received",
     "handled",
@@ -96,58 +95,6 @@ _COUNTERS = (
     "commits",
     "commit_failures",
 )
-
-
-@dataclass(frozen=True)
-class ConsumerSettings(KafkaConnection):
-    """Consumer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus the group.
-
-    ``group`` is required (keyword). Offsets are always committed by the runner (auto-commit off).
-    ``repr`` never shows the SASL password.
-    """
-
-    group: str = field(kw_only=True)
-    client_id: str = "outbox-consumer"
-    session_timeout_ms: int = 10_000
-    max_poll_records: int = 100
-    max_poll_interval_ms: int = 300_000
-    auto_offset_reset: str = "earliest"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.group, str) or not self.group.strip() or len(self.group) > 255:
-            raise ConfigError("a consumer group name is required (1 to 255 characters)")
-        for name in ("session_timeout_ms", "max_poll_records", "max_poll_interval_ms"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"Kafka consumer {name} must be a positive whole number, got {value!r}")
-        if self.auto_offset_reset not in _OFFSET_RESETS:
-            raise ConfigError(f"auto_offset_reset must be one of {', '.join(_OFFSET_RESETS)}")
-
-    def consumer_config(self) -> dict[str, Any]:
-        """kafka-python ``KafkaConsumer`` keyword arguments."""
-        return {
-            **self.client_config(),
-            "group_id": self.group,
-            "enable_auto_commit": False,
-            "auto_offset_reset": self.auto_offset_reset,
-            "session_timeout_ms": self.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, min(3_000, self.session_timeout_ms // 3)),
-            "max_poll_records": self.max_poll_records,
-            "max_poll_interval_ms": self.max_poll_interval_ms,
-            "bootstrap_timeout_ms": min(self.request_timeout_ms, 10_000),
-        }
-
-
-def subscription(registry: Registry) -> tuple[list[str], str | None]:
-    """``(topics, None)`` for a registry of exact names, ``([], regex)`` when it has patterns."""
-    topics = registry.topics()
-    patterns = [t for t in topics if any(ch in t for ch in "*?[")]
-    if not patterns:
-        return topics, None
-    alternatives = [re.escape(t) + r"\Z" for t in topics if t not in patterns]
-    alternatives += [fnmatch.translate(p) for p in patterns]
-    return [], "|".join(f"(?:{a})" for a in alternatives)
 
 
 class KafkaConsumerRunner:
@@ -171,9 +118,16 @@ class KafkaConsumerRunner:
         stop_timeout: float = 30.0,
         consumer_factory: Callable[..., Any] | None = None,
         metrics: ConsumerMetrics | None = None,
+        workers: int | None = None,
+        batch_records: int = 500,
+        batch_ms: int = 100,
+        batch_isolation: str = "redo",
     ) -> None:
         if stop_timeout < 0:
             raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
+        check_batching(batch_records=batch_records, batch_ms=batch_ms, isolation=batch_isolation)
+        if workers is not None:
+            check_workers(workers)
         self.engine = engine
         self.registry = registry
         self.settings = settings
@@ -192,7 +146,13 @@ class KafkaConsumerRunner:
         self._stopped = threading.Event()
         #: per partition: the offset to commit (one past the last finished record), not committed yet
         self._done: dict[Any, int] = {}
-        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        #: guards _done and the offset commits (partition workers commit before a retry's backoff)
+        self._offsets_lock = threading.RLock()
+        #: partitions revoked by a rebalance since the last poll (the rebalance listener adds to it)
+        self._revoked: set[Any] = set()
+        self.batch_ms = batch_ms
+        self.batch_records = batch_records
+        self.counters = Counters(_COUNTERS)
         self.processor = RecordProcessor(
             engine,
             registry,
@@ -204,6 +164,17 @@ class KafkaConsumerRunner:
             before_wait=self._commit,
             metrics=metrics,
         )
+        self.batches = (
+            BatchProcessor(self.processor, batch_records=batch_records, isolation=batch_isolation)
+            if engine is not None
+            else None
+        )
+        single_writer = engine is not None and dialect_for(engine).single_writer
+        if workers is not None and workers > 1 and single_writer:
+            log.warning("this database takes one writer at a time: one partition worker, not %d", workers)
+        #: partitions finished at once (one on a single-writer database such as SQLite)
+        self.workers = 1 if single_writer else DEFAULT_WORKERS if workers is None else workers
+        self._pool = PartitionPool(self.workers, self._finish_partition)
         #: what ended the consumer loop, if it was not a stop (a Kafka error, or a bug)
         self.error: BaseException | None = None
 
@@ -230,10 +201,11 @@ class KafkaConsumerRunner:
                 f"cannot reach Kafka at {self.settings.bootstrap_servers}: {describe_error(exc)}"
             ) from None
         topics, pattern = subscription(self.registry)
+        listener = _rebalance_listener(self)
         if pattern is None:
-            self._consumer.subscribe(topics=topics)
+            self._consumer.subscribe(topics=topics, listener=listener)
         else:
-            self._consumer.subscribe(pattern=pattern)
+            self._consumer.subscribe(pattern=pattern, listener=listener)
         log.info("consuming %s as group %r", ", ".join(self.registry.topics()), self.group)
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="outbox-consumer", daemon=True)
@@ -297,20 +269,10 @@ class KafkaConsumerRunner:
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                batch = self._poll()
+                round_ = self._gather()
                 self.last_progress = time.monotonic()
-                try:
-                    for partition, records in batch.items():
-                        for record in records:
-                            if self._stopping.is_set():
-                                raise Stopping()
-                            if partition not in self._consumer.assignment():
-                                break  # revoked meanwhile: its next owner reads it from the committed offset
-                            self.processor.process(record)
-                            self._done[partition] = record.offset + 1
-                            self.last_progress = time.monotonic()
-                except Stopping:
-                    pass
+                with contextlib.suppress(Stopping):  # a stop leaves the rest unfinished: not committed
+                    self._pool.run_round(round_)
                 self._commit()
         except BaseException as exc:
             self.error = exc
@@ -318,11 +280,86 @@ class KafkaConsumerRunner:
         finally:
             self._close()
 
-    def _poll(self) -> dict[Any, list[Any]]:
+    def _gather(self) -> dict[Any, list[Any]]:
+        """The records of the next round, per partition, in offset order.
+
+        One poll when traffic is light (what came is finished at once); while polls come back full, more
+        are taken, for at most ``batch_ms`` and until a partition has ``batch_records``.
+        """
+        gathered: dict[Any, list[Any]] = {}
+        first: float | None = None
+        while not self._stopping.is_set():
+            wait_ms = 500 if first is None else self.batch_ms - int((time.monotonic() - first) * 1000)
+            polled = self._poll(max(0, wait_ms))
+            for partition, records in polled.items():
+                gathered.setdefault(partition, []).extend(records)
+            self._forget_revoked(gathered)
+            if not gathered:
+                return gathered
+            first = time.monotonic() if first is None else first
+            full = sum(map(len, polled.values())) >= self.settings.max_poll_records
+            elapsed_ms = (time.monotonic() - first) * 1000
+            if (
+                not full
+                or elapsed_ms >= self.batch_ms
+                or max(map(len, gathered.values())) >= self.batch_records
+            ):
+                return gathered
+        return gathered
+
+    def _forget_revoked(self, gathered: dict[Any, list[Any]]) -> None:
+        """Drop the unfinished records of partitions a rebalance revoked; a partition that came back to
+        this consumer is sought back to its first dropped record, which would be skipped otherwise
+        (kafka-python keeps the position of a partition it keeps across a rebalance)."""
+        with self._offsets_lock:
+            revoked, self._revoked = self._revoked, set()
+            for partition in revoked:
+                self._done.pop(partition, None)
+        if not revoked:
+            return
+        assigned = self._consumer.assignment()
+        for partition in revoked & set(gathered):
+            first = gathered.pop(partition)[0].offset
+            if partition in assigned:
+                self._consumer.seek(partition, first)
+
+    def partitions_revoked(self, revoked: set[Any]) -> None:
+        """The rebalance listener's: finish the round in flight, send the revoked partitions' offsets."""
+        if not self._pool.drain(self.stop_timeout):
+            log.warning("a rebalance came while handlers still run: their records will be read again")
+        with self._offsets_lock:
+            self._revoked |= set(revoked)
+            done = {tp: offset for tp, offset in self._done.items() if tp in revoked}
+        if done:
+            from kafka.structs import OffsetAndMetadata
+
+            try:  # the listener runs on kafka-python's IO thread: only the non-blocking commit is allowed
+                self._consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in done.items()})
+            except Exception as exc:
+                log.warning("could not commit the revoked partitions' offsets: %s", describe_error(exc))
+
+    def _finish_partition(self, partition: Any, records: Sequence[Any]) -> None:
+        """A partition worker's part of a round: ``records`` (one partition's) finished in order."""
+
+        def finished(record: Any) -> None:
+            with self._offsets_lock:
+                self._done[partition] = record.offset + 1
+            self.last_progress = time.monotonic()
+
+        if self.batches is not None:
+            self.batches.process(records, finished)
+            return
+        for record in records:
+            if self._stopping.is_set():
+                raise Stopping()
+            self.processor.process(record)
+            finished(record)
+
+    def _poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
         from kafka.errors import KafkaError
 
         try:
-            batch = dict(self._consumer.poll(timeout_ms=500))
+            batch = dict(self._consumer.poll(timeout_ms=timeout_ms))
         except KafkaError as exc:
             if not getattr(exc, "retriable", False) and type(exc).__name__ not in ("NoBrokersAvailable",):
                 raise BrokerError(f"Kafka refused the consumer: {describe_error(exc)}") from exc
@@ -336,6 +373,10 @@ class KafkaConsumerRunner:
 
     def _commit(self) -> None:
         """Commit the offsets of finished records (synchronously); keep them for later on a failure."""
+        with self._offsets_lock:
+            self._commit_done()
+
+    def _commit_done(self) -> None:
         if not self._done:
             return
         from kafka.errors import CommitFailedError, KafkaError
@@ -345,7 +386,7 @@ class KafkaConsumerRunner:
         try:
             self._consumer.commit(offsets, timeout_ms=self.settings.request_timeout_ms)
         except CommitFailedError as exc:
-            self.counters["commit_failures"] += 1
+            self.counters.add("commit_failures")
             self._done.clear()
             log.warning(
                 "offsets not committed, the group rebalanced (%s): those records will be read again "
@@ -354,12 +395,12 @@ class KafkaConsumerRunner:
             )
             return
         except KafkaError as exc:
-            self.counters["commit_failures"] += 1
+            self.counters.add("commit_failures")
             self._broker.failed(f"could not commit offsets: {describe_error(exc)}")
             log.warning("could not commit offsets (%s); will try again", describe_error(exc))
             return
         self._broker.answered()
-        self.counters["commits"] += 1
+        self.counters.add("commits")
         for tp, meta in offsets.items():
             if self._done.get(tp) == meta.offset:
                 del self._done[tp]
@@ -367,6 +408,7 @@ class KafkaConsumerRunner:
     def _close(self) -> None:
         try:
             self._commit()  # only finished records are in it, whatever ended the loop
+            self._pool.close()
             if self._consumer is not None:
                 self._consumer.close(autocommit=False, timeout_ms=self.settings.request_timeout_ms)
         except Exception as exc:
@@ -394,3 +436,20 @@ def _kafka_python_consumer(**config: Any) -> Any:
     # bootstrap_timeout_ms is recent (kafka-python 3); older releases refuse keys they do not know
     known = getattr(KafkaConsumer, "DEFAULT_CONFIG", config)
     return KafkaConsumer(**{k: v for k, v in config.items() if k in known})
+
+
+def _rebalance_listener(runner: KafkaConsumerRunner) -> Any:
+    """A kafka-python rebalance listener telling ``runner`` of revoked partitions."""
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            runner.partitions_revoked(set(revoked))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            pass
+
+    return Listener()
+
+
+__all__ = ["ConsumerSettings", "KafkaConsumerRunner", "subscription"]
