@@ -21,7 +21,7 @@ from consumers import Registry
 from consumers.inbox import Inbox
 from outbox import cli
 from outbox.message import Message
-from tests.apps.consumer_app import create_effects_table, effect_handler, effect_rows
+from tests.apps.consumer_app import EFFECTS, create_effects_table, effect_handler, effect_rows
 from tests.conftest import wait_until
 from tests.test_consumer import (  # noqa: F401  (consumers: the subprocess fixture)
     APP,
@@ -85,6 +85,42 @@ def test_a_failing_record_mid_batch_leaves_the_others_once(
     stats = consumer.stats()
     assert (stats["handled"], stats["failed_attempts"], stats["received"]) == (9, 3, 10), stats
     assert consumer.error is None
+
+
+class _Effect:
+    """An ORM object for the effects table: added with ``session.add``, inserted at the batch's flush."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+sa.orm.registry().map_imperatively(_Effect, EFFECTS)
+
+
+def test_a_record_failing_at_the_batch_flush_is_found_and_only_it_dead_lettered(
+    engine: sa.Engine, kafka_bootstrap: str
+) -> None:
+    """The batch flushes the handlers' work once, at its end: a flush that fails is run again, each
+    handler's work flushed after it, which finds the failing record."""
+    topic, group = unique("flush"), unique("g")
+    create_effects_table(engine)
+
+    def handler(message: Message, session: sa.orm.Session) -> None:
+        who = None if message.payload["poison"] else "f"  # NOT NULL: only the flush finds out
+        session.add(_Effect(who=who, message_id=str(message.id), idx=message.payload["i"], pid=0))
+
+    registry = Registry()
+    registry.add(topic, handler)
+    ids = publish(engine, kafka_bootstrap, [(topic, {"i": i, "poison": i == 6}, "one") for i in range(10)])
+    with runner(engine, registry, kafka_bootstrap, group) as consumer:
+        wait_until(
+            lambda: consumer.stats()["dead_lettered"] == 1, timeout=60, what="the poison dead-lettered"
+        )
+        wait_until(lambda: len(effect_rows(engine)) == 9, timeout=30, what="the others handled")
+    assert_each_effect_once(engine, ids[:6] + ids[7:])
+    (letter,) = dead_letters(engine)
+    assert str(letter.message_id) == ids[6] and letter.attempts == 3
+    assert consumer.stats()["handled"] == 9 and consumer.error is None
 
 
 # --- kill -9 mid-batch ------------------------------------------------------------------------------------
