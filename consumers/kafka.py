@@ -3,27 +3,30 @@
 :class:`KafkaConsumerRunner` reads the topics of a :class:`~consumers.registry.Registry` in a consumer
 group (kafka-python, auto-commit off), turns each record into the :class:`outbox.Message` the relay
 would have given the handler (:mod:`consumers.records`), runs the handler under its topic's policy,
-and commits the Kafka offsets of the records it finished. This module is the Kafka side (polling,
-offsets, the group, stopping); :mod:`consumers.processing` finishes each record (attempts, inbox, dead
-letters). What it promises, and the test that would catch a violation:
+and commits the Kafka offsets of the records it finished. This module is the Kafka side (polling in
+rounds, the group, stopping); :mod:`consumers.partitions` finishes a round's partitions in parallel
+(``workers``), :mod:`consumers.batches` a partition's records many to a transaction, and
+:mod:`consumers.processing` a record alone (attempts, inbox, dead letters); :mod:`consumers.offsets`
+commits what is finished. What it promises, and the test that would catch a violation:
 
 - **A session handler's effect happens once per consumer group.** A handler ``def h(message,
-  session)`` runs in one transaction that first inserts the inbox row ``(group, message id)``
-  (:mod:`consumers.inbox`): its database work and that row commit together, and the offset is
+  session)`` runs in a transaction (its batch's, or its own) that holds the inbox row ``(group, message
+  id)`` (:mod:`consumers.inbox`): its database work and that row commit together, and the offset is
   committed only after that commit. A consumer killed between the two reads the record again, finds
   the row and skips the handler (counted as a duplicate); two consumers racing on one message are
   serialised by the row's primary key. The function may still *run* more than once (a failed or
   timed-out attempt), but its database work commits once; what it does elsewhere (HTTP, e-mail) is at
   least once. ``tests/test_consumer.py::
   test_killed_consumer_between_commit_and_offset_commit_has_no_double_effect``
-- **A handler without a session is at least once.** It runs, then its inbox row is written in a
-  transaction of its own, then the offset is committed; a message already in the inbox is skipped.
-  A crash after the handler returned and before that row committed runs it again.
+- **A handler without a session is at least once.** It runs, then its inbox row is written (in its
+  batch's transaction, or one of its own), then the offset is committed; a message already in the
+  inbox is skipped. A crash after the handler returned and before that row committed runs it again, as
+  does a batch run again without a failing record (``consumers.batches``).
 - **Nothing is skipped.** An offset is committed only past records that are done: handled, skipped as
   duplicates, or dead-lettered. A record abandoned by a stop is read again by the next consumer.
   ``tests/test_consumer.py::test_sigterm_commits_offsets_and_exits_0``
 - **Order per partition, and a poison record holds back only its partition, for a while.** Records of
-  a partition are handled one at a time in offset order. A failing handler is retried in place with
+  a partition start in offset order, on one worker at a time. A failing handler is retried in place with
   its topic's backoff, up to ``max_attempts``; then the record goes to the dead letters
   (:mod:`consumers.dead_letters`, with its error) and the partition moves on. A record that cannot be
   read (invalid JSON) or has no handler is dead-lettered at once.
@@ -32,8 +35,8 @@ letters). What it promises, and the test that would catch a violation:
   handler's transaction (or the inbox or dead-letter writes), the consumer waits with backoff (up to 5
   s) and tries the same record again; an outage never dead-letters a record.
 - **Graceful stop.** :meth:`KafkaConsumerRunner.stop` (SIGTERM/SIGINT to ``outbox consume``): no new
-  record is started; the current one finishes (a retry or outage wait is cut short, leaving that
-  record for the next consumer), the offsets of finished records are committed, and the consumer
+  batch or record is started; the current ones finish (a retry or outage wait is cut short, leaving
+  that record for the next consumer), the offsets of finished records are committed, and the consumer
   leaves its group. If the current handler runs past ``stop_timeout``, the runner gives up waiting
   without committing it (at least once; a session handler's effect stays once).
 
@@ -69,6 +72,7 @@ import sqlalchemy as sa
 from consumers.attempt import describe_error
 from consumers.batches import BatchProcessor, check_batching
 from consumers.dead_letters import BrokerError
+from consumers.offsets import Offsets, rebalance_listener
 from consumers.partitions import DEFAULT_WORKERS, PartitionPool, check_workers
 from consumers.processing import Counters, RecordProcessor, Stopping
 from consumers.registry import Registry
@@ -144,15 +148,10 @@ class KafkaConsumerRunner:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        #: per partition: the offset to commit (one past the last finished record), not committed yet
-        self._done: dict[Any, int] = {}
-        #: guards _done and the offset commits (partition workers commit before a retry's backoff)
-        self._offsets_lock = threading.RLock()
-        #: partitions revoked by a rebalance since the last poll (the rebalance listener adds to it)
-        self._revoked: set[Any] = set()
         self.batch_ms = batch_ms
         self.batch_records = batch_records
         self.counters = Counters(_COUNTERS)
+        self.offsets = Offsets(self.counters, self._broker, timeout_ms=settings.request_timeout_ms)
         self.processor = RecordProcessor(
             engine,
             registry,
@@ -201,7 +200,8 @@ class KafkaConsumerRunner:
                 f"cannot reach Kafka at {self.settings.bootstrap_servers}: {describe_error(exc)}"
             ) from None
         topics, pattern = subscription(self.registry)
-        listener = _rebalance_listener(self)
+        self.offsets.consumer = self._consumer
+        listener = rebalance_listener(self._partitions_revoked)
         if pattern is None:
             self._consumer.subscribe(topics=topics, listener=listener)
         else:
@@ -281,69 +281,48 @@ class KafkaConsumerRunner:
             self._close()
 
     def _gather(self) -> dict[Any, list[Any]]:
-        """The records of the next round, per partition, in offset order.
+        """The records of the next round, per partition, in offset order: at most ``batch_records`` for
+        each worker, so that a round (and the time between two polls, when a rebalance can start)
+        lasts about one batch.
 
         One poll when traffic is light (what came is finished at once); while polls come back full, more
-        are taken, for at most ``batch_ms`` and until a partition has ``batch_records``.
+        are taken, for at most ``batch_ms`` (a full poll often holds one partition's records only:
+        gathering more gives the workers each a partition).
         """
         gathered: dict[Any, list[Any]] = {}
+        room = self.batch_records * self.workers
         first: float | None = None
         while not self._stopping.is_set():
             wait_ms = 500 if first is None else self.batch_ms - int((time.monotonic() - first) * 1000)
-            polled = self._poll(max(0, wait_ms))
+            asked = min(room, self.settings.max_poll_records)
+            polled = self._poll(max(0, wait_ms), asked)
             for partition, records in polled.items():
                 gathered.setdefault(partition, []).extend(records)
-            self._forget_revoked(gathered)
+            self.offsets.forget_revoked(gathered)
             if not gathered:
                 return gathered
             first = time.monotonic() if first is None else first
-            full = sum(map(len, polled.values())) >= self.settings.max_poll_records
-            elapsed_ms = (time.monotonic() - first) * 1000
-            if (
-                not full
-                or elapsed_ms >= self.batch_ms
-                or max(map(len, gathered.values())) >= self.batch_records
-            ):
+            got = sum(map(len, polled.values()))
+            room -= got
+            if got < asked or room <= 0 or (time.monotonic() - first) * 1000 >= self.batch_ms:
                 return gathered
         return gathered
 
-    def _forget_revoked(self, gathered: dict[Any, list[Any]]) -> None:
-        """Drop the unfinished records of partitions a rebalance revoked; a partition that came back to
-        this consumer is sought back to its first dropped record, which would be skipped otherwise
-        (kafka-python keeps the position of a partition it keeps across a rebalance)."""
-        with self._offsets_lock:
-            revoked, self._revoked = self._revoked, set()
-            for partition in revoked:
-                self._done.pop(partition, None)
-        if not revoked:
-            return
-        assigned = self._consumer.assignment()
-        for partition in revoked & set(gathered):
-            first = gathered.pop(partition)[0].offset
-            if partition in assigned:
-                self._consumer.seek(partition, first)
+    def _partitions_revoked(self, revoked: set[Any]) -> None:
+        """The rebalance listener's: let the round in flight finish, then hand the offsets over.
 
-    def partitions_revoked(self, revoked: set[Any]) -> None:
-        """The rebalance listener's: finish the round in flight, send the revoked partitions' offsets."""
-        if not self._pool.drain(self.stop_timeout):
+        Bounded by half the session timeout: the listener may run on kafka-python's IO thread, which
+        also sends the heartbeats.
+        """
+        if not self._pool.drain(min(self.stop_timeout, self.settings.session_timeout_ms / 2000)):
             log.warning("a rebalance came while handlers still run: their records will be read again")
-        with self._offsets_lock:
-            self._revoked |= set(revoked)
-            done = {tp: offset for tp, offset in self._done.items() if tp in revoked}
-        if done:
-            from kafka.structs import OffsetAndMetadata
-
-            try:  # the listener runs on kafka-python's IO thread: only the non-blocking commit is allowed
-                self._consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in done.items()})
-            except Exception as exc:
-                log.warning("could not commit the revoked partitions' offsets: %s", describe_error(exc))
+        self.offsets.revoked(revoked)
 
     def _finish_partition(self, partition: Any, records: Sequence[Any]) -> None:
         """A partition worker's part of a round: ``records`` (one partition's) finished in order."""
 
         def finished(record: Any) -> None:
-            with self._offsets_lock:
-                self._done[partition] = record.offset + 1
+            self.offsets.finished(partition, record)
             self.last_progress = time.monotonic()
 
         if self.batches is not None:
@@ -355,11 +334,11 @@ class KafkaConsumerRunner:
             self.processor.process(record)
             finished(record)
 
-    def _poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+    def _poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
         from kafka.errors import KafkaError
 
         try:
-            batch = dict(self._consumer.poll(timeout_ms=timeout_ms))
+            batch = dict(self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
         except KafkaError as exc:
             if not getattr(exc, "retriable", False) and type(exc).__name__ not in ("NoBrokersAvailable",):
                 raise BrokerError(f"Kafka refused the consumer: {describe_error(exc)}") from exc
@@ -372,38 +351,7 @@ class KafkaConsumerRunner:
         return batch
 
     def _commit(self) -> None:
-        """Commit the offsets of finished records (synchronously); keep them for later on a failure."""
-        with self._offsets_lock:
-            self._commit_done()
-
-    def _commit_done(self) -> None:
-        if not self._done:
-            return
-        from kafka.errors import CommitFailedError, KafkaError
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
-        try:
-            self._consumer.commit(offsets, timeout_ms=self.settings.request_timeout_ms)
-        except CommitFailedError as exc:
-            self.counters.add("commit_failures")
-            self._done.clear()
-            log.warning(
-                "offsets not committed, the group rebalanced (%s): those records will be read again "
-                "and skipped through the inbox",
-                describe_error(exc),
-            )
-            return
-        except KafkaError as exc:
-            self.counters.add("commit_failures")
-            self._broker.failed(f"could not commit offsets: {describe_error(exc)}")
-            log.warning("could not commit offsets (%s); will try again", describe_error(exc))
-            return
-        self._broker.answered()
-        self.counters.add("commits")
-        for tp, meta in offsets.items():
-            if self._done.get(tp) == meta.offset:
-                del self._done[tp]
+        self.offsets.commit()
 
     def _close(self) -> None:
         try:
@@ -436,20 +384,6 @@ def _kafka_python_consumer(**config: Any) -> Any:
     # bootstrap_timeout_ms is recent (kafka-python 3); older releases refuse keys they do not know
     known = getattr(KafkaConsumer, "DEFAULT_CONFIG", config)
     return KafkaConsumer(**{k: v for k, v in config.items() if k in known})
-
-
-def _rebalance_listener(runner: KafkaConsumerRunner) -> Any:
-    """A kafka-python rebalance listener telling ``runner`` of revoked partitions."""
-    from kafka import ConsumerRebalanceListener
-
-    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-        def on_partitions_revoked(self, revoked: Any) -> None:
-            runner.partitions_revoked(set(revoked))
-
-        def on_partitions_assigned(self, assigned: Any) -> None:
-            pass
-
-    return Listener()
 
 
 __all__ = ["ConsumerSettings", "KafkaConsumerRunner", "subscription"]

@@ -172,9 +172,11 @@ def test_partitions_in_parallel_keep_their_order(engine: sa.Engine, kafka_bootst
     registry = Registry()
     registry.add(topic, handler)
     items: list[tuple[str, Any, str | None]] = [(topic, {"i": i}, f"k{i % 8}") for i in range(400)]
-    ids = publish(engine, kafka_bootstrap, items)
 
     with runner(engine, registry, kafka_bootstrap, group, workers=4, batch_records=25) as consumer:
+        ids = publish(engine, kafka_bootstrap, items[:8])
+        wait_until(lambda: len(effect_rows(engine)) == 8, timeout=60, what="the group joined")
+        ids += publish(engine, kafka_bootstrap, items[8:])  # live traffic: polls bring every partition
         wait_until(lambda: len(effect_rows(engine)) == 400, timeout=90, what="all handled")
     assert consumer.workers == 4 and consumer.error is None
     assert_each_effect_once(engine, ids)
