@@ -123,7 +123,8 @@ def rate_once(
             sa.text("SELECT count(*) FROM outbox_inbox WHERE consumer_group = :g AND processed_at = :t"),
             {"g": group, "t": first},
         ).scalar_one()
-    return float((count - at_first) / (last - first).total_seconds())
+    # smoke sizes may finish in a batch or two: a millisecond at least, so that the figure stays finite
+    return float((count - at_first) / max((last - first).total_seconds(), 0.001))
 
 
 def ceiling_once(bootstrap: str, topic: str, count: int) -> float:
