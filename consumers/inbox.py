@@ -111,9 +111,15 @@ class Inbox:
         return conn.dialect.identifier_preparer.format_table(self.table)
 
     def _select_any(self, conn: sa.Connection) -> sa.TextClause:
+        # One primary-key probe per id, whatever the table's statistics: the plain form
+        # (message_id = ANY(:ids)) is planned, on a fresh inbox not analyzed yet, as a scan of the
+        # group's whole key range filtering the ids, which grew from 7 to 120 ms per batch of 500
+        # over the first 50,000 rows (BENCHMARKS.md, Consume); a LATERAL with LIMIT cannot be turned
+        # into such a scan.
         return sa.text(
-            f"SELECT message_id FROM {self._name(conn)} "
-            "WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[]))"
+            "SELECT x.id FROM unnest(CAST(:ids AS uuid[])) AS x(id) CROSS JOIN LATERAL "
+            f"(SELECT 1 FROM {self._name(conn)} AS i "
+            "WHERE i.consumer_group = :group AND i.message_id = x.id LIMIT 1) AS hit"
         )
 
     def _insert_unnest(self, conn: sa.Connection) -> sa.TextClause:
