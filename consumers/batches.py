@@ -11,7 +11,7 @@ the Kafka offsets after that commit. A record that cannot run in a batch is fini
 
 A handler that fails in a batch is isolated, by ``isolation``:
 
-- ``redo`` (the default; measured on PostgreSQL: 8,571 records/s against 1,085 for savepoints, see
+- ``redo`` (the default; measured on PostgreSQL: 9,591 records/s against 1,224 for savepoints, see
   BENCHMARKS.md): the transaction is rolled back and the records before the failing one are run again
   in a new transaction, which commits;
 - ``savepoint``: each session handler runs inside a savepoint; the failing one's is rolled back and the
