@@ -17,10 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import drain, keys, latency, peers, publish, report, scale, write_overhead
+from bench import consume, drain, keys, latency, peers, publish, report, scale, write_overhead
 from bench.harness import ROOT, Recorder, Settings, log
 
-SCENARIOS = {module.NAME: module for module in (write_overhead, drain, keys, publish, latency, scale, peers)}
+SCENARIOS = {
+    module.NAME: module for module in (write_overhead, drain, keys, publish, latency, scale, peers, consume)
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -218,6 +218,30 @@ def run_attempt(
         return _failed(handler, message, exc, interruption)
 
 
+def run_in_batch(
+    handler: Handler, message: Message, session: orm.Session | None, *, flush: bool = True
+) -> HandlerFailed | None:
+    """Run ``handler`` once inside a transaction its caller owns (a batch of ``outbox consume``).
+
+    ``None``: the handler returned (and, with ``flush``, its work is flushed to ``session``, given to
+    session handlers only). A :class:`HandlerFailed` otherwise, the caller rolling back whatever the
+    handler did. An outage of the session's database is raised (the batch waits it out, no attempt is
+    used up). No timeout here: handlers with one run alone, through :func:`run_attempt`.
+    """
+    with process_span(message, system="kafka") as span:
+        try:
+            handler(message, session)
+            if session is not None and flush:
+                session.flush()
+        except BaseException as exc:
+            if isinstance(exc, sa.exc.SQLAlchemyError) and is_outage(exc):
+                raise
+            failed = _failed(handler, message, exc, None)
+            span.fail(failed.error)
+            return failed
+    return None
+
+
 def _plain(handler: Handler, message: Message, interruption: Interruption | None) -> AttemptResult:
     try:
         _call(handler, message, None, interruption)

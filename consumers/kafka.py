@@ -3,27 +3,30 @@
 :class:`KafkaConsumerRunner` reads the topics of a :class:`~consumers.registry.Registry` in a consumer
 group (kafka-python, auto-commit off), turns each record into the :class:`outbox.Message` the relay
 would have given the handler (:mod:`consumers.records`), runs the handler under its topic's policy,
-and commits the Kafka offsets of the records it finished. This module is the Kafka side (polling,
-offsets, the group, stopping); :mod:`consumers.processing` finishes each record (attempts, inbox, dead
-letters). What it promises, and the test that would catch a violation:
+and commits the Kafka offsets of the records it finished. This module is the Kafka side (polling in
+rounds, the group, stopping); :mod:`consumers.partitions` finishes a round's partitions in parallel
+(``workers``), :mod:`consumers.batches` a partition's records many to a transaction, and
+:mod:`consumers.processing` a record alone (attempts, inbox, dead letters); :mod:`consumers.offsets`
+commits what is finished. What it promises, and the test that would catch a violation:
 
 - **A session handler's effect happens once per consumer group.** A handler ``def h(message,
-  session)`` runs in one transaction that first inserts the inbox row ``(group, message id)``
-  (:mod:`consumers.inbox`): its database work and that row commit together, and the offset is
+  session)`` runs in a transaction (its batch's, or its own) that holds the inbox row ``(group, message
+  id)`` (:mod:`consumers.inbox`): its database work and that row commit together, and the offset is
   committed only after that commit. A consumer killed between the two reads the record again, finds
   the row and skips the handler (counted as a duplicate); two consumers racing on one message are
   serialised by the row's primary key. The function may still *run* more than once (a failed or
   timed-out attempt), but its database work commits once; what it does elsewhere (HTTP, e-mail) is at
   least once. ``tests/test_consumer.py::
   test_killed_consumer_between_commit_and_offset_commit_has_no_double_effect``
-- **A handler without a session is at least once.** It runs, then its inbox row is written in a
-  transaction of its own, then the offset is committed; a message already in the inbox is skipped.
-  A crash after the handler returned and before that row committed runs it again.
+- **A handler without a session is at least once.** It runs, then its inbox row is written (in its
+  batch's transaction, or one of its own), then the offset is committed; a message already in the
+  inbox is skipped. A crash after the handler returned and before that row committed runs it again, as
+  does a batch run again without a failing record (``consumers.batches``).
 - **Nothing is skipped.** An offset is committed only past records that are done: handled, skipped as
   duplicates, or dead-lettered. A record abandoned by a stop is read again by the next consumer.
   ``tests/test_consumer.py::test_sigterm_commits_offsets_and_exits_0``
 - **Order per partition, and a poison record holds back only its partition, for a while.** Records of
-  a partition are handled one at a time in offset order. A failing handler is retried in place with
+  a partition start in offset order, on one worker at a time. A failing handler is retried in place with
   its topic's backoff, up to ``max_attempts``; then the record goes to the dead letters
   (:mod:`consumers.dead_letters`, with its error) and the partition moves on. A record that cannot be
   read (invalid JSON) or has no handler is dead-lettered at once.
@@ -32,8 +35,8 @@ letters). What it promises, and the test that would catch a violation:
   handler's transaction (or the inbox or dead-letter writes), the consumer waits with backoff (up to 5
   s) and tries the same record again; an outage never dead-letters a record.
 - **Graceful stop.** :meth:`KafkaConsumerRunner.stop` (SIGTERM/SIGINT to ``outbox consume``): no new
-  record is started; the current one finishes (a retry or outage wait is cut short, leaving that
-  record for the next consumer), the offsets of finished records are committed, and the consumer
+  batch or record is started; the current ones finish (a retry or outage wait is cut short, leaving
+  that record for the next consumer), the offsets of finished records are committed, and the consumer
   leaves its group. If the current handler runs past ``stop_timeout``, the runner gives up waiting
   without committing it (at least once; a session handler's effect stays once).
 
@@ -57,25 +60,26 @@ record that exhausts its attempts is logged and skipped.
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from consumers.attempt import describe_error
+from consumers.batches import BatchProcessor, check_batching
 from consumers.dead_letters import BrokerError
-from consumers.processing import RecordProcessor, Stopping
+from consumers.offsets import Offsets, rebalance_listener
+from consumers.partitions import DEFAULT_WORKERS, PartitionPool, check_workers
+from consumers.processing import Counters, RecordProcessor, Stopping
 from consumers.registry import Registry
+from consumers.settings import ConsumerSettings, subscription
 from outbox.broker_health import BrokerHealth
-from outbox.dialects import is_outage
+from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
-from outbox.kafka_settings import KafkaConnection
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
@@ -85,7 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("outbox.consumer")
 
-_OFFSET_RESETS = ("earliest", "latest")
 _COUNTERS = (
     "received",
     "handled",
@@ -96,58 +99,6 @@ _COUNTERS = (
     "commits",
     "commit_failures",
 )
-
-
-@dataclass(frozen=True)
-class ConsumerSettings(KafkaConnection):
-    """Consumer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus the group.
-
-    ``group`` is required (keyword). Offsets are always committed by the runner (auto-commit off).
-    ``repr`` never shows the SASL password.
-    """
-
-    group: str = field(kw_only=True)
-    client_id: str = "outbox-consumer"
-    session_timeout_ms: int = 10_000
-    max_poll_records: int = 100
-    max_poll_interval_ms: int = 300_000
-    auto_offset_reset: str = "earliest"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.group, str) or not self.group.strip() or len(self.group) > 255:
-            raise ConfigError("a consumer group name is required (1 to 255 characters)")
-        for name in ("session_timeout_ms", "max_poll_records", "max_poll_interval_ms"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"Kafka consumer {name} must be a positive whole number, got {value!r}")
-        if self.auto_offset_reset not in _OFFSET_RESETS:
-            raise ConfigError(f"auto_offset_reset must be one of {', '.join(_OFFSET_RESETS)}")
-
-    def consumer_config(self) -> dict[str, Any]:
-        """kafka-python ``KafkaConsumer`` keyword arguments."""
-        return {
-            **self.client_config(),
-            "group_id": self.group,
-            "enable_auto_commit": False,
-            "auto_offset_reset": self.auto_offset_reset,
-            "session_timeout_ms": self.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, min(3_000, self.session_timeout_ms // 3)),
-            "max_poll_records": self.max_poll_records,
-            "max_poll_interval_ms": self.max_poll_interval_ms,
-            "bootstrap_timeout_ms": min(self.request_timeout_ms, 10_000),
-        }
-
-
-def subscription(registry: Registry) -> tuple[list[str], str | None]:
-    """``(topics, None)`` for a registry of exact names, ``([], regex)`` when it has patterns."""
-    topics = registry.topics()
-    patterns = [t for t in topics if any(ch in t for ch in "*?[")]
-    if not patterns:
-        return topics, None
-    alternatives = [re.escape(t) + r"\Z" for t in topics if t not in patterns]
-    alternatives += [fnmatch.translate(p) for p in patterns]
-    return [], "|".join(f"(?:{a})" for a in alternatives)
 
 
 class KafkaConsumerRunner:
@@ -171,9 +122,16 @@ class KafkaConsumerRunner:
         stop_timeout: float = 30.0,
         consumer_factory: Callable[..., Any] | None = None,
         metrics: ConsumerMetrics | None = None,
+        workers: int | None = None,
+        batch_records: int = 500,
+        batch_ms: int = 100,
+        batch_isolation: str = "redo",
     ) -> None:
         if stop_timeout < 0:
             raise ConfigError(f"stop_timeout must be zero or more seconds, got {stop_timeout!r}")
+        check_batching(batch_records=batch_records, batch_ms=batch_ms, isolation=batch_isolation)
+        if workers is not None:
+            check_workers(workers)
         self.engine = engine
         self.registry = registry
         self.settings = settings
@@ -190,9 +148,10 @@ class KafkaConsumerRunner:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        #: per partition: the offset to commit (one past the last finished record), not committed yet
-        self._done: dict[Any, int] = {}
-        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.batch_ms = batch_ms
+        self.batch_records = batch_records
+        self.counters = Counters(_COUNTERS)
+        self.offsets = Offsets(self.counters, self._broker, timeout_ms=settings.request_timeout_ms)
         self.processor = RecordProcessor(
             engine,
             registry,
@@ -204,6 +163,17 @@ class KafkaConsumerRunner:
             before_wait=self._commit,
             metrics=metrics,
         )
+        self.batches = (
+            BatchProcessor(self.processor, batch_records=batch_records, isolation=batch_isolation)
+            if engine is not None
+            else None
+        )
+        single_writer = engine is not None and dialect_for(engine).single_writer
+        if workers is not None and workers > 1 and single_writer:
+            log.warning("this database takes one writer at a time: one partition worker, not %d", workers)
+        #: partitions finished at once (one on a single-writer database such as SQLite)
+        self.workers = 1 if single_writer else DEFAULT_WORKERS if workers is None else workers
+        self._pool = PartitionPool(self.workers, self._finish_partition)
         #: what ended the consumer loop, if it was not a stop (a Kafka error, or a bug)
         self.error: BaseException | None = None
 
@@ -230,10 +200,12 @@ class KafkaConsumerRunner:
                 f"cannot reach Kafka at {self.settings.bootstrap_servers}: {describe_error(exc)}"
             ) from None
         topics, pattern = subscription(self.registry)
+        self.offsets.consumer = self._consumer
+        listener = rebalance_listener(self._partitions_revoked)
         if pattern is None:
-            self._consumer.subscribe(topics=topics)
+            self._consumer.subscribe(topics=topics, listener=listener)
         else:
-            self._consumer.subscribe(pattern=pattern)
+            self._consumer.subscribe(pattern=pattern, listener=listener)
         log.info("consuming %s as group %r", ", ".join(self.registry.topics()), self.group)
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="outbox-consumer", daemon=True)
@@ -297,20 +269,10 @@ class KafkaConsumerRunner:
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                batch = self._poll()
+                round_ = self._gather()
                 self.last_progress = time.monotonic()
-                try:
-                    for partition, records in batch.items():
-                        for record in records:
-                            if self._stopping.is_set():
-                                raise Stopping()
-                            if partition not in self._consumer.assignment():
-                                break  # revoked meanwhile: its next owner reads it from the committed offset
-                            self.processor.process(record)
-                            self._done[partition] = record.offset + 1
-                            self.last_progress = time.monotonic()
-                except Stopping:
-                    pass
+                with contextlib.suppress(Stopping):  # a stop leaves the rest unfinished: not committed
+                    self._pool.run_round(round_)
                 self._commit()
         except BaseException as exc:
             self.error = exc
@@ -318,11 +280,65 @@ class KafkaConsumerRunner:
         finally:
             self._close()
 
-    def _poll(self) -> dict[Any, list[Any]]:
+    def _gather(self) -> dict[Any, list[Any]]:
+        """The records of the next round, per partition, in offset order: at most ``batch_records`` for
+        each worker, so that a round (and the time between two polls, when a rebalance can start)
+        lasts about one batch.
+
+        One poll when traffic is light (what came is finished at once); while polls come back full, more
+        are taken, for at most ``batch_ms`` (a full poll often holds one partition's records only:
+        gathering more gives the workers each a partition).
+        """
+        gathered: dict[Any, list[Any]] = {}
+        room = self.batch_records * self.workers
+        first: float | None = None
+        while not self._stopping.is_set():
+            wait_ms = 500 if first is None else self.batch_ms - int((time.monotonic() - first) * 1000)
+            asked = min(room, self.settings.max_poll_records)
+            polled = self._poll(max(0, wait_ms), asked)
+            for partition, records in polled.items():
+                gathered.setdefault(partition, []).extend(records)
+            self.offsets.forget_revoked(gathered)
+            if not gathered:
+                return gathered
+            first = time.monotonic() if first is None else first
+            got = sum(map(len, polled.values()))
+            room -= got
+            if got < asked or room <= 0 or (time.monotonic() - first) * 1000 >= self.batch_ms:
+                return gathered
+        return gathered
+
+    def _partitions_revoked(self, revoked: set[Any]) -> None:
+        """The rebalance listener's: let the round in flight finish, then hand the offsets over.
+
+        Bounded by half the session timeout: the listener may run on kafka-python's IO thread, which
+        also sends the heartbeats.
+        """
+        if not self._pool.drain(min(self.stop_timeout, self.settings.session_timeout_ms / 2000)):
+            log.warning("a rebalance came while handlers still run: their records will be read again")
+        self.offsets.revoked(revoked)
+
+    def _finish_partition(self, partition: Any, records: Sequence[Any]) -> None:
+        """A partition worker's part of a round: ``records`` (one partition's) finished in order."""
+
+        def finished(record: Any) -> None:
+            self.offsets.finished(partition, record)
+            self.last_progress = time.monotonic()
+
+        if self.batches is not None:
+            self.batches.process(records, finished)
+            return
+        for record in records:
+            if self._stopping.is_set():
+                raise Stopping()
+            self.processor.process(record)
+            finished(record)
+
+    def _poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
         from kafka.errors import KafkaError
 
         try:
-            batch = dict(self._consumer.poll(timeout_ms=500))
+            batch = dict(self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
         except KafkaError as exc:
             if not getattr(exc, "retriable", False) and type(exc).__name__ not in ("NoBrokersAvailable",):
                 raise BrokerError(f"Kafka refused the consumer: {describe_error(exc)}") from exc
@@ -335,38 +351,12 @@ class KafkaConsumerRunner:
         return batch
 
     def _commit(self) -> None:
-        """Commit the offsets of finished records (synchronously); keep them for later on a failure."""
-        if not self._done:
-            return
-        from kafka.errors import CommitFailedError, KafkaError
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
-        try:
-            self._consumer.commit(offsets, timeout_ms=self.settings.request_timeout_ms)
-        except CommitFailedError as exc:
-            self.counters["commit_failures"] += 1
-            self._done.clear()
-            log.warning(
-                "offsets not committed, the group rebalanced (%s): those records will be read again "
-                "and skipped through the inbox",
-                describe_error(exc),
-            )
-            return
-        except KafkaError as exc:
-            self.counters["commit_failures"] += 1
-            self._broker.failed(f"could not commit offsets: {describe_error(exc)}")
-            log.warning("could not commit offsets (%s); will try again", describe_error(exc))
-            return
-        self._broker.answered()
-        self.counters["commits"] += 1
-        for tp, meta in offsets.items():
-            if self._done.get(tp) == meta.offset:
-                del self._done[tp]
+        self.offsets.commit()
 
     def _close(self) -> None:
         try:
             self._commit()  # only finished records are in it, whatever ended the loop
+            self._pool.close()
             if self._consumer is not None:
                 self._consumer.close(autocommit=False, timeout_ms=self.settings.request_timeout_ms)
         except Exception as exc:
@@ -394,3 +384,6 @@ def _kafka_python_consumer(**config: Any) -> Any:
     # bootstrap_timeout_ms is recent (kafka-python 3); older releases refuse keys they do not know
     known = getattr(KafkaConsumer, "DEFAULT_CONFIG", config)
     return KafkaConsumer(**{k: v for k, v in config.items() if k in known})
+
+
+__all__ = ["ConsumerSettings", "KafkaConsumerRunner", "subscription"]

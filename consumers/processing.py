@@ -108,6 +108,18 @@ def _outcome(result: AttemptResult) -> _Outcome:
     return _Failed(result.error)
 
 
+class Counters(dict[str, int]):
+    """The runner's counters, added to by several partition workers at once (:meth:`add` is atomic)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(dict.fromkeys(names, 0))
+        self._lock = threading.Lock()
+
+    def add(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            self[name] += count
+
+
 class Stopping(Exception):
     """The runner is stopping: the current record is left unfinished (its offset is not committed)."""
 
@@ -131,7 +143,7 @@ class RecordProcessor:
         tables: OutboxTables,
         default_policy: TopicPolicy,
         stopping: threading.Event,
-        counters: dict[str, int],
+        counters: Counters,
         before_wait: Callable[[], None] = lambda: None,
         metrics: ConsumerMetrics | None = None,
     ) -> None:
@@ -141,18 +153,23 @@ class RecordProcessor:
         self.default_policy = default_policy
         self.counters = counters
         self.metrics = metrics
-        self._stopping = stopping
+        self.stopping = stopping
         self._before_wait = before_wait
         self._sessions = orm.sessionmaker(engine) if engine is not None else None
-        self._inbox = Inbox(tables, group) if engine is not None else None
+        self.inbox = Inbox(tables, group) if engine is not None else None
         self._dead_letters = DeadLetters(tables)
         self._outage_logged = False
         #: handler threads abandoned after a timeout, still running (see stuck_count)
         self._abandoned: list[threading.Thread] = []
 
-    def process(self, record: KafkaRecord) -> None:
-        """Finish ``record`` (handled, duplicate, dead-lettered); :class:`Stopping` if stopped first."""
-        self.counters["received"] += 1
+    def process(self, record: KafkaRecord, *, failed_in_batch: str | None = None) -> None:
+        """Finish ``record`` (handled, duplicate, dead-lettered); :class:`Stopping` if stopped first.
+
+        ``failed_in_batch``: the error of the record's first attempt, made in a batch
+        (:mod:`consumers.batches`, which counted it as received): the next attempt is the second.
+        """
+        if failed_in_batch is None:
+            self.counters.add("received")
         try:
             message = message_from_record(record)
         except UndecodableRecord as exc:
@@ -166,18 +183,18 @@ class RecordProcessor:
         if handler.takes_session:
             if self._sessions is None:
                 raise ConfigError(f"handler {handler.name} takes a session: the consumer needs a database")
-            outcome, attempts = self._retry(record, message, handler, self._in_transaction)
+            outcome, attempts = self._retry(record, message, handler, self._in_transaction, failed_in_batch)
         else:
             if self._already_processed(message):
                 outcome, attempts = _DUPLICATE, 0
             else:
-                outcome, attempts = self._retry(record, message, handler, self._plain)
+                outcome, attempts = self._retry(record, message, handler, self._plain, failed_in_batch)
                 if outcome == _HANDLED:
                     self._record_processed(message)
         if isinstance(outcome, _Failed):
             self._dead_letter(record, message.id, outcome.error, attempts=attempts, message=message)
         elif outcome.duplicate:
-            self.counters["duplicates"] += 1
+            self.counters.add("duplicates")
             log.info(
                 "message %s (%s[%d]@%d) already processed by group %r: skipped",
                 message.id,
@@ -186,10 +203,10 @@ class RecordProcessor:
                 record.offset,
                 self.group,
             )
-            self._finished(record, "duplicate", message)
+            self.finished(record, "duplicate", message)
         else:
-            self.counters["handled"] += 1
-            self._finished(record, "handled", message)
+            self.counters.add("handled")
+            self.finished(record, "handled", message)
 
     def _retry(
         self,
@@ -197,11 +214,19 @@ class RecordProcessor:
         message: Message,
         handler: Handler,
         attempt_with: Callable[[Message, Handler, threading.Event, Interruption | None], _Outcome],
+        failed_first: str | None = None,
     ) -> tuple[_Done | _Failed, int]:
-        """Attempts under the topic's policy: ``(outcome, attempts made)``; outages are not attempts."""
+        """Attempts under the topic's policy: ``(outcome, attempts made)``; outages are not attempts.
+
+        ``failed_first``: the first attempt was made (in a batch) and failed with that error.
+        """
         policy = handler.policy(self.default_policy)
         attempt = 1
         outage_wait = 0.2
+        if failed_first is not None:
+            if (give_up := self._after_failure(message, policy, attempt, failed_first)) is not None:
+                return _Failed(failed_first), give_up
+            attempt += 1
         while True:
             started = time.monotonic()
             outcome = self._run(
@@ -213,29 +238,35 @@ class RecordProcessor:
                 failed = isinstance(outcome, _Failed)
                 self.metrics.attempt(record.topic, time.monotonic() - started, failed=failed)
             if isinstance(outcome, _Done):
-                self._outage_over()
+                self.outage_over()
                 return outcome, attempt
             if isinstance(outcome, _Outage):
-                self._outage(outcome.error)
+                self.outage(outcome.error)
                 self._pause(outage_wait)
                 outage_wait = min(outage_wait * 2, OUTAGE_BACKOFF_MAX)
                 continue
-            self._outage_over()
-            self.counters["failed_attempts"] += 1
-            if policy.retry.exhausted(attempt):
-                return outcome, attempt
-            delay = policy.retry.delay_after(attempt).total_seconds()
-            log.warning(
-                "message %s: attempt %d of %d failed (%s); retrying in %.1fs",
-                message.id,
-                attempt,
-                policy.retry.max_attempts,
-                outcome.error,
-                delay,
-            )
-            self._before_wait()  # the runner commits what is finished so far
-            self._pause(delay)
+            self.outage_over()
+            if (give_up := self._after_failure(message, policy, attempt, outcome.error)) is not None:
+                return outcome, give_up
             attempt += 1
+
+    def _after_failure(self, message: Message, policy: TopicPolicy, attempt: int, error: str) -> int | None:
+        """Count failed ``attempt``: the attempts made when they are exhausted, else wait its backoff."""
+        self.counters.add("failed_attempts")
+        if policy.retry.exhausted(attempt):
+            return attempt
+        delay = policy.retry.delay_after(attempt).total_seconds()
+        log.warning(
+            "message %s: attempt %d of %d failed (%s); retrying in %.1fs",
+            message.id,
+            attempt,
+            policy.retry.max_attempts,
+            error,
+            delay,
+        )
+        self._before_wait()  # the runner commits what is finished so far
+        self._pause(delay)
+        return None
 
     def _run(
         self, work: Callable[[threading.Event, Interruption | None], _Outcome], timeout: float | None
@@ -289,8 +320,8 @@ class RecordProcessor:
         cancelled: threading.Event,
         interruption: Interruption | None,
     ) -> _Outcome:
-        assert self._sessions is not None and self._inbox is not None
-        inbox, sessions = self._inbox, self._sessions
+        assert self._sessions is not None and self.inbox is not None
+        inbox, sessions = self.inbox, self._sessions
 
         def claim_inbox(session: orm.Session) -> str | None:
             return None if inbox.claim(session.connection(), message) else "already processed"
@@ -314,7 +345,7 @@ class RecordProcessor:
         return _outcome(run_attempt(handler, message, interruption=interruption, system="kafka"))
 
     def _already_processed(self, message: Message) -> bool:
-        inbox, engine = self._inbox, self.engine
+        inbox, engine = self.inbox, self.engine
         if inbox is None or engine is None:
             return False
 
@@ -322,10 +353,10 @@ class RecordProcessor:
             with engine.connect() as conn:
                 return inbox.contains(conn, message.id)
 
-        return self._with_db(check)
+        return self.with_db(check)
 
     def _record_processed(self, message: Message) -> None:
-        inbox, engine = self._inbox, self.engine
+        inbox, engine = self.inbox, self.engine
         if inbox is None or engine is None:
             return
 
@@ -333,7 +364,7 @@ class RecordProcessor:
             with engine.begin() as conn:
                 inbox.claim(conn, message)  # False: another consumer recorded it meanwhile; same thing
 
-        self._with_db(record)
+        self.with_db(record)
 
     def _dead_letter(
         self,
@@ -354,11 +385,11 @@ class RecordProcessor:
             attempts,
             error,
         )
-        self.counters["dead_lettered"] += 1
+        self.counters.add("dead_lettered")
         engine = self.engine
         if engine is None:
             log.error("no database to keep dead letters: the record is skipped")
-            self._finished(record, "dead_lettered", message)
+            self.finished(record, "dead_lettered", message)
             return
 
         def write() -> bool:
@@ -372,12 +403,12 @@ class RecordProcessor:
                     attempts=attempts,
                 )
 
-        self._with_db(write)
-        self._finished(record, "dead_lettered", message)
+        self.with_db(write)
+        self.finished(record, "dead_lettered", message)
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
-    def _with_db(self, fn: Callable[[], T]) -> T:
+    def with_db(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, waiting out database outages with backoff; raises Stopping if stopped meanwhile."""
         wait = 0.2
         while True:
@@ -386,30 +417,30 @@ class RecordProcessor:
             except sa.exc.SQLAlchemyError as exc:
                 if not is_outage(exc):
                     raise
-                self._outage(describe_error(exc))
+                self.outage(describe_error(exc))
                 self._pause(wait)
                 wait = min(wait * 2, OUTAGE_BACKOFF_MAX)
                 continue
-            self._outage_over()
+            self.outage_over()
             return result
 
-    def _finished(self, record: KafkaRecord, result: RecordResult, message: Message | None) -> None:
+    def finished(self, record: KafkaRecord, result: RecordResult, message: Message | None) -> None:
         if self.metrics is not None:
             self.metrics.finished(record.topic, result, message)
 
-    def _outage(self, error: str) -> None:
-        self.counters["outages"] += 1
+    def outage(self, error: str) -> None:
+        self.counters.add("outages")
         if self.metrics is not None:
             self.metrics.outage()
         if not self._outage_logged:
             self._outage_logged = True
             log.warning("database unreachable (%s); waiting, the record is not failed", error)
 
-    def _outage_over(self) -> None:
+    def outage_over(self) -> None:
         if self._outage_logged:
             self._outage_logged = False
             log.warning("database reachable again")
 
     def _pause(self, seconds: float) -> None:
-        if self._stopping.wait(seconds):
+        if self.stopping.wait(seconds):
             raise Stopping()

@@ -3,7 +3,7 @@
 Command::
 
     outbox consume --app MODULE[:ATTR] --group GROUP --kafka-bootstrap-servers HOST:PORT
-                   [--metrics-port PORT]
+                   [--workers N] [--batch-records N] [--batch-ms MS] [--metrics-port PORT]
 
 Every flag has an ``OUTBOX_*`` environment twin named after it (``--group``: ``OUTBOX_GROUP``,
 ``--kafka-sasl-password``: ``OUTBOX_KAFKA_SASL_PASSWORD``). The settings ``outbox relay`` also has
@@ -39,6 +39,9 @@ from outbox.cli_options import (
 )
 from outbox.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.errors import ConfigError
+
+#: ``--batch-isolation`` (as ``consumers.batches.ISOLATIONS``; ``outbox`` does not import ``consumers``)
+ISOLATIONS = ("redo", "savepoint")
 
 log = logging.getLogger("outbox.cli")
 
@@ -91,7 +94,27 @@ _CONSUME_SETTINGS = (
     int,
     "Milliseconds without a heartbeat before the group drops this consumer (default 10000).",
 )
-@env_option("max_poll_records", int, "Records fetched per poll, at most (default 100).")
+@env_option("max_poll_records", int, "Records fetched per poll, at most (default 500).")
+@env_option(
+    "fetch_max_wait_ms",
+    int,
+    "Milliseconds the broker may hold a fetch waiting for records (default 50).",
+)
+@env_option(
+    "workers",
+    int,
+    "Partitions finished at once, each in order on one worker (default 4; 1 on SQLite).",
+    env="OUTBOX_CONSUME_WORKERS",
+)
+@env_option(
+    "batch_records", int, "Records of one partition finished in one transaction, at most (default 500)."
+)
+@env_option(
+    "batch_ms",
+    int,
+    "Milliseconds a busy consumer gathers records before finishing them (default 100).",
+)
+@env_option("batch_isolation", click.Choice(ISOLATIONS), "How a failing handler is isolated.", hidden=True)
 @env_option(
     "max_poll_interval_ms", int, "Milliseconds one poll batch (retries included) may take (default 300000)."
 )
@@ -111,9 +134,11 @@ def consume(settings: Settings, **options: Any) -> None:
     """Run the handlers of --app on the records of their Kafka topics, as consumer group --group.
 
     A handler that takes a session runs in one transaction with the group's inbox row: its database
-    effect happens once, even when Kafka delivers the record again. Handlers without a session are at
-    least once. A record still failing after its last attempt goes to the dead letters (outbox dlq).
-    The first SIGTERM/SIGINT finishes the current record, commits offsets and leaves the group (exit
+    effect happens once, even when Kafka delivers the record again. Records of one partition are
+    finished in batches (one transaction for up to --batch-records), partitions in parallel
+    (--workers). Handlers without a session are at least once. A record still failing after its last
+    attempt goes to the dead letters (outbox dlq). The first SIGTERM/SIGINT finishes the current batch,
+    commits offsets and leaves the group (exit
     0); a second one exits at once (status 1). With --metrics-port, /metrics, /healthz and /readyz
     are served on that port while it runs.
     """
@@ -125,9 +150,17 @@ def consume(settings: Settings, **options: Any) -> None:
     from consumers.kafka import ConsumerSettings, KafkaConsumerRunner  # lazily: see the module docstring
     from consumers.registry import load_registry
 
-    consumer_values = {
+    kafka_names = (
+        "session_timeout_ms",
+        "max_poll_records",
+        "fetch_max_wait_ms",
+        "max_poll_interval_ms",
+        "auto_offset_reset",
+    )
+    consumer_values = {name: options[name] for name in kafka_names if options[name] is not None}
+    batching = {
         name: options[name]
-        for name in ("session_timeout_ms", "max_poll_records", "max_poll_interval_ms", "auto_offset_reset")
+        for name in ("workers", "batch_records", "batch_ms", "batch_isolation")
         if options[name] is not None
     }
     consumer_settings = ConsumerSettings(
@@ -154,6 +187,7 @@ def consume(settings: Settings, **options: Any) -> None:
             retry=settings.retry_policy(),
             stop_timeout=settings.stop_timeout,
             metrics=metrics,
+            **batching,
         )
         if metrics is not None:  # before start: /healthz answers (and /readyz says why not) meanwhile
             server = OpsServer(

@@ -88,10 +88,13 @@ _SHARED: list[Callable[[F], F]] = [
 SHARED_NAMES = ("database_url", "database_url_file", "table", "config", "log_level", "log_format")
 
 
-def env_option(name: str, kind: Any, help_text: str, **extra: Any) -> Callable[[F], F]:
+def env_option(
+    name: str, kind: Any, help_text: str, *, env: str | None = None, **extra: Any
+) -> Callable[[F], F]:
     """A command's own setting as a flag with its ``OUTBOX_*`` environment twin (``batch_size``:
-    ``--batch-size`` / ``OUTBOX_BATCH_SIZE``), the twin shown in the help."""
-    env = "OUTBOX_" + name.upper()
+    ``--batch-size`` / ``OUTBOX_BATCH_SIZE``; ``env`` names another twin, for a flag two commands
+    spell alike with different meanings), the twin shown in the help."""
+    env = env or "OUTBOX_" + name.upper()
     flag = "--" + name.replace("_", "-")
     return click.option(flag, name, type=kind, envvar=env, help=f"{help_text}  [env: {env}]", **extra)
 

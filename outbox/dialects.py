@@ -13,6 +13,7 @@ claim: scan, then take      SELECT ... FOR      SELECT ... FOR UPDATE  SELECT, t
 relays side by side           any number          any number             one (lock row)
 cross-process wake-up         LISTEN/NOTIFY       polling                polling
 relay isolation level         READ COMMITTED      READ COMMITTED         (serialised)
+consumer partition workers    several             several                one (one writer)
 ============================  ==================  =====================  ==================
 """
 
@@ -41,6 +42,8 @@ class Dialect:
     single_relay: bool
     #: LISTEN/NOTIFY wakes relays in other processes
     listen_notify: bool
+    #: one writing transaction at a time (``outbox consume`` then finishes one partition at a time)
+    single_writer: bool = False
     #: lists bind as one array parameter (``= ANY(:ids)``): one statement text, prepared once
     array_params: bool = False
     #: the SQL function that returns the greatest of its arguments (SQLite's multi-argument ``max``)
@@ -94,6 +97,7 @@ SQLITE = Dialect(
     skip_locked=False,
     single_relay=True,
     listen_notify=False,
+    single_writer=True,
     greatest_function="max",
     write_lock_first=True,
 )

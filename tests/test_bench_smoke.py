@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"write_overhead", "drain", "keys", "publish", "latency", "scale", "peers"}
+SCENARIOS = {"write_overhead", "drain", "keys", "publish", "latency", "scale", "peers", "consume"}
 FIELDS = {"scenario", "variant", "backend", "metric", "median", "spread", "runs", "unit"}
 
 

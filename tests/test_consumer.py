@@ -228,7 +228,9 @@ def test_killed_consumer_between_commit_and_offset_commit_has_no_double_effect(
     topic, group = unique("paid"), unique("g")
     create_effects_table(engine)
     ids = publish(engine, kafka_bootstrap, [(topic, {"i": i}, f"k{i % 4}") for i in range(20)])
-    env = {"OUTBOX_TEST_TOPIC": topic}
+    # one record a transaction, so that the kill lands after the fifth record's commit (batches of many
+    # records: tests/test_consumer_batches.py::test_killed_mid_batch_twice_every_effect_exactly_once)
+    env = {"OUTBOX_TEST_TOPIC": topic, "OUTBOX_BATCH_RECORDS": "1"}
 
     killed = consumers.start(group, {**env, "OUTBOX_TEST_KILL_AFTER": "5"})
     assert killed.wait_exit(60) == -signal.SIGKILL, killed.log_tail()
