@@ -251,17 +251,8 @@ class BatchProcessor:
         processor = self.processor
         processor.outage_over()
         processor.counters.add("handled", len(handled))
-        processor.counters.add("duplicates", len(duplicates))
         for entry in duplicates:
-            log.info(
-                "message %s (%s[%d]@%d) already processed by group %r: skipped",
-                entry.message.id,
-                entry.record.topic,
-                entry.record.partition,
-                entry.record.offset,
-                processor.group,
-            )
-            processor.finished(entry.record, "duplicate", entry.message)
+            processor.skipped(entry.record, entry.message)
         for entry, took in handled:
             if processor.metrics is not None:
                 processor.metrics.attempt(entry.record.topic, took, failed=False)

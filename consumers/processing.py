@@ -194,16 +194,7 @@ class RecordProcessor:
         if isinstance(outcome, _Failed):
             self._dead_letter(record, message.id, outcome.error, attempts=attempts, message=message)
         elif outcome.duplicate:
-            self.counters.add("duplicates")
-            log.info(
-                "message %s (%s[%d]@%d) already processed by group %r: skipped",
-                message.id,
-                record.topic,
-                record.partition,
-                record.offset,
-                self.group,
-            )
-            self.finished(record, "duplicate", message)
+            self.skipped(record, message)
         else:
             self.counters.add("handled")
             self.finished(record, "handled", message)
@@ -423,6 +414,19 @@ class RecordProcessor:
                 continue
             self.outage_over()
             return result
+
+    def skipped(self, record: KafkaRecord, message: Message) -> None:
+        """``record`` is a duplicate (its message is in the group's inbox already): counted, logged, done."""
+        self.counters.add("duplicates")
+        log.info(
+            "message %s (%s[%d]@%d) already processed by group %r: skipped",
+            message.id,
+            record.topic,
+            record.partition,
+            record.offset,
+            self.group,
+        )
+        self.finished(record, "duplicate", message)
 
     def finished(self, record: KafkaRecord, result: RecordResult, message: Message | None) -> None:
         if self.metrics is not None:
