@@ -575,6 +575,11 @@ class Relay:
                     guessed.add(key)
         return found, guessed
 
+    def _ours(self, token: str) -> bool:
+        """Whether lease ``token`` is one this relay holds (the claim leaves rows behind other relays'
+        live leases to them: relay.claim's invariant 14)."""
+        return self._window.deadline(token) != float("-inf")
+
     def _live_token(self, seq: int) -> str | None:
         """The lease under which this relay holds row ``seq``, if it is live with time to spare."""
         token = self._window.token_of(seq)
@@ -598,6 +603,7 @@ class Relay:
                     look_first=not self._last_claim_full,
                     max_bytes=max_bytes,
                     own=self._own_lease,
+                    ours=self._ours,
                     pulls=pulls,
                     queued_only=queued_only,
                 )

@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -418,6 +419,34 @@ def test_rows_behind_a_blocker_being_written_are_left_due_and_counted_busy(engin
         assert (list(found), found.queued, found.busy) == ([], 0, 2)
         completer.commit()
     assert [r.seq for r in claim(engine, claims)] == seqs[1:], "taken as a run once the mark committed"
+
+
+def test_rows_behind_another_relays_live_run_are_left_to_it(engine: sa.Engine) -> None:
+    """Invariant 14: rows blocked behind a row another relay holds in flight under a live lease are
+    neither queued nor taken nor counted busy by a claim that knows its own leases (``ours``): that
+    relay chains, pulls or queues them itself. Behind the caller's own run, behind an expired lease, or
+    for a caller that cannot tell (``ours`` None), they are queued as before."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    add_many(engine, [("hot", "k")] * 4)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)  # another relay's run: the key's head, in flight
+
+    def claim_knowing(mine: set[str], now: dt.datetime | None = None) -> Any:
+        with engine.begin() as conn:
+            return claims.claim_batch(
+                conn, limit=100, lease_seconds=30, now=now or utcnow(), ours=mine.__contains__
+            )
+
+    found = claim_knowing(set())
+    assert (list(found), found.queued, found.busy, found.elsewhere) == ([], 0, 0, 3)
+    assert [due is not None for _, due, _ in keyed_seqs(engine, "k")[1:]] == [True] * 3, "left due"
+    found = claim_knowing({head[0].token})  # the caller's own run: its followers wait behind it, queued
+    assert (list(found), found.queued, found.elsewhere) == ([], 3, 0)
+    with engine.begin() as conn:  # back to due, and the head's lease expired: the head is reclaimed
+        t = tables_for().messages
+        conn.execute(sa.update(t).where(t.c.seq.in_(seqs[1:])).values(due_at=utcnow()))
+    later = utcnow() + dt.timedelta(seconds=60)
+    assert [r.seq for r in claim_knowing(set(), now=later)] == seqs, "an expired lease is no one's: taken"
 
 
 def test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it(
