@@ -311,13 +311,25 @@ class ClaimQueries:
             return sa.func.coalesce(found, 0)
 
         if dialect.holding_index:
-            # PostgreSQL: one probe of the partial index of holding rows, (msg_key, seq). Four probes of
-            # (msg_key, status, seq) let the planner pick (status, topic) for a status it believes rare
-            # (in flight, after a backlog's ANALYZE), scanning every in-flight row once per keyed row.
+            # PostgreSQL: one probe of the partial index of holding rows, (msg_key, seq), backwards from
+            # (key, seq). Four probes of (msg_key, status, seq) let the planner pick (status, topic) for a
+            # status it believes rare (in flight, after a backlog's ANALYZE), scanning every in-flight row
+            # once per keyed row. And written "max(seq) where msg_key = key and seq < row", the planner
+            # may read the primary key backwards from the row, filtering by key (it believes a hot key
+            # common): a key's head, whose earlier rows are all delivered, then read every delivered row
+            # of the table before it (a scan of 2,000 rows took 340 ms instead of 30 with 50,000
+            # delivered before them). So the probe is a row comparison, (msg_key, seq) < (key, row),
+            # bounded by msg_key >= key, ordered by (msg_key, seq): only that index gives the order.
             e = t.alias("e")
             nearest = (
-                sa.select(sa.func.max(e.c.seq))
-                .where(e.c.msg_key == c.c.msg_key, status_in(e.c.status, KEY_HOLDING), e.c.seq < c.c.seq)
+                sa.select(e.c.seq)
+                .where(
+                    e.c.msg_key >= c.c.msg_key,
+                    sa.tuple_(e.c.msg_key, e.c.seq) < sa.tuple_(c.c.msg_key, c.c.seq),
+                    status_in(e.c.status, KEY_HOLDING),
+                )
+                .order_by(e.c.msg_key.desc(), e.c.seq.desc())
+                .limit(1)
                 .scalar_subquery()
             )
             earlier: Any = sa.func.coalesce(nearest, 0)
