@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.message import Message
 from outbox.schema import OutboxTables
-from outbox.writer import utcnow
 
 
 class Inbox:

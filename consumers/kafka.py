@@ -71,7 +71,6 @@ import sqlalchemy as sa
 
 from consumers.attempt import describe_error
 from consumers.batches import BatchProcessor, check_batching
-from consumers.dead_letters import BrokerError
 from consumers.offsets import Offsets, rebalance_listener
 from consumers.partitions import DEFAULT_WORKERS, PartitionPool, check_workers
 from consumers.processing import Counters, RecordProcessor, Stopping
@@ -79,7 +78,7 @@ from consumers.registry import Registry
 from consumers.settings import ConsumerSettings, subscription
 from outbox.broker_health import BrokerHealth
 from outbox.dialects import dialect_for, is_outage
-from outbox.errors import ConfigError, DatabaseUnavailable, first_line
+from outbox.errors import BrokerError, ConfigError, DatabaseUnavailable, first_line
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from outbox.clock import utcnow
 from outbox.message import Message
 from outbox.ops_server import Check, DatabaseCheck, metrics_registry
-from outbox.writer import utcnow
 
 #: how a record was finished
 RecordResult = Literal["handled", "duplicate", "dead_lettered"]

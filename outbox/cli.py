@@ -36,6 +36,7 @@ from outbox.cli_options import open_engine, settings_command, shared_options
 from outbox.config import Settings
 from outbox.dialects import is_outage
 from outbox.errors import (
+    BrokerError,
     ConfigError,
     DatabaseUnavailable,
     MessageNotFound,
@@ -67,6 +68,8 @@ RET_NOT_FOUND = 7
 #: a thread ``outbox relay`` cannot work without died (a claim's MemoryError, a bug): it stopped rather
 #: than live on claiming nothing; restart it (its unfinished messages come back after their lease)
 RET_CRASHED = 8
+#: the Kafka cluster cannot be reached or refused the request (``outbox consume``, ``outbox dlq replay``)
+RET_BROKER = 9
 
 _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (ConfigError, RET_CONFIG),
@@ -75,6 +78,7 @@ _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (RelayConflict, RET_CONFLICT),
     (MessageNotFound, RET_NOT_FOUND),
     (RelayFailed, RET_CRASHED),
+    (BrokerError, RET_BROKER),
 )
 
 log = logging.getLogger("outbox.cli")
@@ -170,7 +174,8 @@ def outbox(**_options: Any) -> None:
     Every option also reads an OUTBOX_* environment variable (--batch-size: OUTBOX_BATCH_SIZE) and a
     key of the --config TOML file (batch_size = 500); flags win over the environment, which wins over
     the file. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 configuration, 4 database unreachable,
-    5 schema missing or outdated, 6 relay conflict, 7 message not found, 8 the relay crashed.
+    5 schema missing or outdated, 6 relay conflict, 7 message not found, 8 the relay crashed,
+    9 Kafka unreachable or refusing.
     """
 
 

@@ -23,7 +23,7 @@ import click
 from outbox.cli_consume import connection_values, quiet_kafka_logs
 from outbox.cli_options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
 from outbox.config import Settings
-from outbox.errors import MessageNotFound
+from outbox.errors import BrokerError, MessageNotFound
 from outbox.kafka_settings import KafkaConnection
 
 if TYPE_CHECKING:
@@ -155,8 +155,8 @@ def dlq_replay(
     connection = None
     if not dry_run:
         connection = KafkaConnection(**{"client_id": "outbox-dlq-replay", **connection_values(settings)})
-    from consumers.dead_letters import BrokerError, republish
-    from outbox.writer import utcnow
+    from consumers.dead_letters import republish
+    from outbox.clock import utcnow
 
     def select(dl: Any, conn: Any) -> list[DeadLetter]:
         if seqs:

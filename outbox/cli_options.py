@@ -26,6 +26,7 @@ import click
 import sqlalchemy as sa
 from click.core import ParameterSource
 
+from outbox.clock import utcnow
 from outbox.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -39,7 +40,6 @@ from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.redaction import mask_url, remember, scrub
 from outbox.schema import check_version
-from outbox.writer import utcnow
 
 F = Callable[..., Any]
 

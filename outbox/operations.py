@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.errors import MessageNotFound
 from outbox.key_queue import KeyQueue
@@ -42,7 +43,6 @@ from outbox.reports import (
 from outbox.schema import DEFAULT_TABLE, REPLAYABLE, OutboxTables, Status, tables_for
 from outbox.serialization import decode_headers
 from outbox.wakeup import notify_channel
-from outbox.writer import utcnow
 
 #: statuses of messages that still wait for delivery (their age is the backlog's age)
 WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)

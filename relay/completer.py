@@ -42,8 +42,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.schema import Status
-from outbox.writer import utcnow
 from relay.claim import ClaimQueries, ClaimResult, Failure
 from relay.observers import Observers, RecordedOutcome, Result, failure_result
 from relay.outages import OutageRetry

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError
 from outbox.key_queue import KeyQueue
 from outbox.schema import OutboxTables
-from outbox.writer import MAX_DELAY, utcnow
+from outbox.writer import MAX_DELAY
 from relay.publishers import describe_error
 from relay.retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
 from relay.stuck import StuckFindings, StuckMonitor, report

@@ -39,9 +39,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from outbox.clock import utcnow
 from outbox.ops_server import metrics_registry
 from outbox.schema import OutboxTables, Status, status_in
-from outbox.writer import utcnow
 from relay.claim import ClaimedRow
 from relay.observers import RecordedOutcome, RelayObserver
 from relay.publishers import describe_error

@@ -75,6 +75,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from consumers.registry import Registry, default_registry
+from outbox.clock import utcnow
 from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.key_queue import RUN_LENGTH
@@ -82,7 +83,7 @@ from outbox.policy import MAX_SECONDS, RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 from outbox.wakeup import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter
-from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, utcnow
+from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay.claim import ClaimedRow, ClaimQueries, ClaimResult
 from relay.completer import Completer, InFlight, LeaseWrites, lease_margin
 from relay.dispatch import Dispatcher

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 import outbox
 from consumers import Registry
 from outbox.cli import outbox as outbox_cli
+from outbox.clock import utcnow
 from outbox.message import Message
 from outbox.operations import MessageFilter, Operations
 from outbox.schema import Status, tables_for
-from outbox.writer import utcnow
 from tests.conftest import status_counts, wait_until
 
 T = tables_for().messages
