@@ -414,7 +414,8 @@ def test_log_lines_of_any_library_are_scrubbed(
 ) -> None:
     """The second guard: whatever a library logs (a URL with its password, a SASL config, an exception
     message) goes through the same scrubbing as the CLI's one-line errors."""
-    from outbox import cli_options, redaction
+    from outbox import redaction
+    from outbox.cli import options as cli_options
 
     monkeypatch.setattr(redaction, "_known", set())
     settings = Settings.load(

@@ -10,7 +10,7 @@ import json
 
 import click
 
-from outbox.cli_options import settings_command
+from outbox.cli.options import settings_command
 from outbox.config import Settings
 from outbox.dialects import create_engine
 from outbox.doctor import Thresholds, diagnose, format_report

@@ -8,7 +8,7 @@ Commands::
                                                 send dead letters back to their Kafka topic
 
 ``replay`` takes the Kafka connection flags of ``outbox consume``
-(:func:`outbox.cli_options.kafka_connection_flags`).
+(:func:`outbox.cli.options.kafka_connection_flags`).
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox.cli_consume import connection_values, quiet_kafka_logs
-from outbox.cli_options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
+from outbox.cli.consume import connection_values, quiet_kafka_logs
+from outbox.cli.options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
 from outbox.config import Settings
 from outbox.errors import BrokerError, MessageNotFound
 from outbox.kafka_settings import KafkaConnection

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from outbox.cli_options import duration_option, message_id_option, open_engine, settings_command, time_option
+from outbox.cli.options import duration_option, message_id_option, open_engine, settings_command, time_option
 from outbox.config import Settings
 from outbox.operations import MessageFilter, MessageRecord, Operations, StatusReport
 from outbox.schema import Status

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from outbox.cli_options import (
+from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
     app_flag,
@@ -28,6 +28,7 @@ from outbox.cli_options import (
     metrics_flags,
     settings_command,
 )
+from outbox.cli.root import RET_CRASHED
 from outbox.config import Settings
 from outbox.errors import ConfigError, RelayFailed
 
@@ -259,8 +260,6 @@ def _stop_after_failure(runner: Relay, deadline_seconds: float) -> None:
     process in that state (a MemoryError, a bug) may not manage a graceful stop: it must exit anyway,
     and what it still holds comes back after the lease.
     """
-    from outbox.cli import RET_CRASHED  # here: outbox.cli imports this module
-
     stopper = threading.Thread(target=runner.stop, name="outbox-cli-stop", daemon=True)
     stopper.start()
     stopper.join(deadline_seconds)

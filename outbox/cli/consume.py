@@ -13,8 +13,8 @@ read from the config file too; the consumer's own flags (``--group``, ``--sessio
 come from flags and environment only. The SASL password is never printed: it is scrubbed from every
 output (:mod:`outbox.redaction`) and kept out of ``repr``; give it in the environment or a file
 (``--kafka-sasl-password-file``), as flags are visible to every user in ``ps``. ``outbox dlq``
-(:mod:`outbox.cli_dlq`) uses :func:`connection_values` from here; the connection flags themselves are
-:func:`outbox.cli_options.kafka_connection_flags`.
+(:mod:`outbox.cli.dlq`) uses :func:`connection_values` from here; the connection flags themselves are
+:func:`outbox.cli.options.kafka_connection_flags`.
 
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from outbox.cli_options import (
+from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
     app_flag,
