@@ -43,7 +43,8 @@ from outbox.clock import utcnow
 from outbox.ops_server import metrics_registry
 from outbox.schema import OutboxTables, Status, status_in
 from relay.claim import ClaimedRow
-from relay.observers import RecordedOutcome, RelayObserver
+from relay.observers import RelayObserver
+from relay.outcomes import RecordedOutcome
 from relay.publishers import describe_error
 
 if TYPE_CHECKING:

@@ -41,7 +41,8 @@ from relay import Relay
 from relay.claim import ClaimedRow, ClaimQueries
 from relay.health import serve
 from relay.metrics import RelayMetrics
-from relay.observers import RecordedOutcome, RelayObserver
+from relay.observers import RelayObserver
+from relay.outcomes import RecordedOutcome
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
 from tests.kafka_broker import Broker
