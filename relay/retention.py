@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from consumers.inbox import delete_old_inbox_rows
 from outbox.clock import utcnow
-from outbox.operations import delete_old_inbox_rows
 from outbox.schema import OutboxTables, Status
 
 #: one batch, in the caller's transaction: delete at most ``limit`` rows older than ``cutoff``;
