@@ -135,7 +135,7 @@ def delete_old_inbox_rows(
 ) -> tuple[int, int]:
     """One batch: delete at most ``limit`` inbox rows (any group) processed before ``cutoff``, oldest
     first (the ``processed_at`` index); ``(rows found, rows deleted)``. Used by the relays' retention
-    (:mod:`relay.retention`) and by ``outbox purge --inbox`` (:mod:`outbox.operations`)."""
+    (:mod:`relay.retention`) and by ``outbox purge --inbox`` (:mod:`outbox.admin.operations`)."""
     t = tables.inbox
     old = t.c.processed_at < cutoff
     pick = sa.select(t.c.consumer_group, t.c.message_id).where(old).order_by(t.c.processed_at).limit(limit)

@@ -30,8 +30,8 @@ import outbox
 from consumers import Registry
 from consumers.kafka import ConsumerSettings, KafkaConsumerRunner
 from consumers.metrics import ConsumerMetrics, consumer_checks
+from outbox.admin.operations import Operations
 from outbox.message import Message
-from outbox.operations import Operations
 from outbox.ops_server import OpsServer
 from relay import Relay
 from relay.publishers.kafka import KafkaSettings

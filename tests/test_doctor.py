@@ -16,8 +16,8 @@ from click.testing import CliRunner, Result
 
 import outbox
 from outbox import cli
+from outbox.admin.doctor import DoctorReport, Finding, Level, Thresholds, diagnose
 from outbox.clock import utcnow
-from outbox.doctor import DoctorReport, Finding, Level, Thresholds, diagnose
 from outbox.schema import tables_for
 from tests.conftest import SERVER_BACKENDS, wait_until
 

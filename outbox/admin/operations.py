@@ -29,11 +29,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from consumers.inbox import delete_old_inbox_rows
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for
-from outbox.errors import MessageNotFound
-from outbox.key_queue import KeyQueue
-from outbox.reports import (
+from outbox.admin.reports import (
     MessageFilter,
     MessageRecord,
     PurgeResult,
@@ -41,6 +37,10 @@ from outbox.reports import (
     StatusReport,
     expand_statuses,
 )
+from outbox.clock import utcnow
+from outbox.dialects import dialect_for
+from outbox.errors import MessageNotFound
+from outbox.key_queue import KeyQueue
 from outbox.schema import DEFAULT_TABLE, REPLAYABLE, Status, tables_for
 from outbox.serialization import decode_headers
 from outbox.wakeup import notify_channel
