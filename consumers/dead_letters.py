@@ -44,7 +44,7 @@ from consumers.records import (
 )
 from outbox.clock import utcnow
 from outbox.errors import BrokerError
-from outbox.kafka_settings import HEADER_CONTENT_TYPE, HEADER_ID, KafkaConnection
+from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_ID, KafkaConnection
 from outbox.schema import OutboxTables
 from outbox.serialization import JSON
 

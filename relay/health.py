@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from outbox.ops_server import Check, DatabaseCheck, OpsServer
+from outbox.runtime.ops_server import Check, DatabaseCheck, OpsServer
 
 if TYPE_CHECKING:
     from relay.metrics import RelayMetrics

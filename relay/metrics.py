@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from outbox.clock import utcnow
-from outbox.ops_server import metrics_registry
+from outbox.runtime.ops_server import metrics_registry
 from outbox.schema import OutboxTables, Status, status_in
 from relay.claim import ClaimedRow
 from relay.observers import RelayObserver

@@ -24,9 +24,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 import outbox
-from outbox import cli, config
+from outbox import cli
+from outbox.cli import config
+from outbox.cli.config import Settings, parse_duration, parse_time_ref
 from outbox.clock import utcnow
-from outbox.config import Settings, parse_duration, parse_time_ref
 from outbox.schema import SCHEMA_VERSION, Status, tables_for
 from tests.conftest import ROOT, status_counts, wait_until
 

@@ -33,10 +33,10 @@ import outbox
 from consumers import Registry
 from consumers.metrics import ConsumerMetrics, consumer_checks
 from outbox import Message
+from outbox.cli.config import Settings
 from outbox.clock import utcnow
-from outbox.config import Settings
 from outbox.dialects import dialect_for
-from outbox.ops_server import OpsServer
+from outbox.runtime.ops_server import OpsServer
 from relay import Relay
 from relay.claim import ClaimedRow, ClaimQueries
 from relay.health import serve

@@ -11,7 +11,7 @@ One module per command group; this package only assembles them under the root gr
 
 What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli.options`; the root
 group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli.root`. Every flag
-has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.config`).
+has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.cli.config`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from outbox.cli.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
@@ -37,7 +38,6 @@ from outbox.cli.options import (
     open_engine,
     settings_command,
 )
-from outbox.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.errors import ConfigError
 
 #: ``--batch-isolation`` (as ``consumers.batches.ISOLATIONS``; ``outbox`` does not import ``consumers``)
@@ -172,7 +172,7 @@ def consume(settings: Settings, **options: Any) -> None:
         from prometheus_client import disable_created_metrics
 
         from consumers.metrics import ConsumerMetrics, consumer_checks
-        from outbox.ops_server import OpsServer
+        from outbox.runtime.ops_server import OpsServer
 
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no "<counter>_created" series
         metrics = ConsumerMetrics(consumer_settings.group)

@@ -6,8 +6,8 @@ import json
 
 import click
 
+from outbox.cli.config import Settings
 from outbox.cli.options import open_engine, settings_command
-from outbox.config import Settings
 from outbox.errors import SchemaError
 from outbox.schema import SCHEMA_VERSION, check_version, current_version, upgrade
 

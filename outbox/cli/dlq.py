@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from outbox.cli.config import Settings
 from outbox.cli.consume import connection_values, quiet_kafka_logs
 from outbox.cli.options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
-from outbox.config import Settings
 from outbox.errors import BrokerError, MessageNotFound
-from outbox.kafka_settings import KafkaConnection
+from outbox.runtime.kafka_settings import KafkaConnection
 
 if TYPE_CHECKING:
     from consumers.dead_letters import DeadLetter

@@ -11,8 +11,8 @@ import json
 import click
 
 from outbox.admin.doctor import Thresholds, diagnose, format_report
+from outbox.cli.config import Settings
 from outbox.cli.options import settings_command
-from outbox.config import Settings
 from outbox.dialects import create_engine
 from outbox.redaction import scrub
 

@@ -18,8 +18,8 @@ from typing import Any
 import click
 
 from outbox.admin.operations import MessageFilter, MessageRecord, Operations, StatusReport
+from outbox.cli.config import Settings
 from outbox.cli.options import duration_option, message_id_option, open_engine, settings_command, time_option
-from outbox.config import Settings
 from outbox.schema import Status
 
 _STATUS_NAMES = [s.value for s in Status]

@@ -1,4 +1,4 @@
-"""What every ``outbox`` command shares: its options, how they become :class:`~outbox.config.Settings`,
+"""What every ``outbox`` command shares: its options, how they become :class:`~outbox.cli.config.Settings`,
 logging, the database connection, and the parameter types for durations, times and message ids.
 
 The shared options (``--database-url``, ``--table``, ``--config``, ``--log-level``, ``--log-format``) are
@@ -26,8 +26,7 @@ import click
 import sqlalchemy as sa
 from click.core import ParameterSource
 
-from outbox.clock import utcnow
-from outbox.config import (
+from outbox.cli.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SECRET_FILES,
@@ -35,10 +34,11 @@ from outbox.config import (
     parse_duration,
     parse_time_ref,
 )
+from outbox.clock import utcnow
 from outbox.dialects import create_engine
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
-from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.redaction import mask_url, remember, scrub
+from outbox.runtime.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.schema import check_version
 
 F = Callable[..., Any]
@@ -260,7 +260,7 @@ def _convert_each(value: Any, convert: Callable[[str], Any]) -> Any:
 
 
 def duration_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """``30s``, ``10m``, ``2h``, ``7d`` -> ``timedelta`` (see :func:`outbox.config.parse_duration`)."""
+    """``30s``, ``10m``, ``2h``, ``7d`` -> ``timedelta`` (see :func:`outbox.cli.config.parse_duration`)."""
     try:
         return _convert_each(value, parse_duration)
     except ConfigError as exc:

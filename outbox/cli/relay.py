@@ -4,7 +4,7 @@ Command::
 
     outbox relay --app MODULE[:ATTR] [--kafka-bootstrap-servers HOST:PORT] [--metrics-port PORT]
 
-Every flag has an ``OUTBOX_*`` environment twin and a config-file key (:mod:`outbox.config`). The relay
+Every flag has an ``OUTBOX_*`` environment twin and a config-file key (:mod:`outbox.cli.config`). The relay
 and consumer code are imported inside the command: ``outbox`` never imports ``relay`` or ``consumers``
 at module level.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from outbox.cli.config import Settings
 from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
@@ -29,7 +30,6 @@ from outbox.cli.options import (
     settings_command,
 )
 from outbox.cli.root import RET_CRASHED
-from outbox.config import Settings
 from outbox.errors import ConfigError, RelayFailed
 
 if TYPE_CHECKING:

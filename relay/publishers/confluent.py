@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from outbox.broker_health import BrokerHealth
+from outbox.runtime.broker_health import BrokerHealth
 from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
 from relay.publishers.kafka_records import (

@@ -39,8 +39,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from outbox.broker_health import BrokerHealth
-from outbox.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
+from outbox.runtime.broker_health import BrokerHealth
+from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
 from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import (
     Delivered,
@@ -147,7 +147,8 @@ class KafkaPublisher:
 
         Unreachable when the latest answer, within the last 30 s, was a broker problem (no
         acknowledgement since); with nothing that recent, when no bootstrap server completes a handshake
-        (TLS, SASL, a metadata request) with these settings (:class:`outbox.broker_health.BrokerHealth`,
+        (TLS, SASL, a metadata request) with these settings
+        (:class:`outbox.runtime.broker_health.BrokerHealth`,
         which waits at most ``timeout`` seconds and reuses a result for a few seconds).
         """
         return self._health.problem(timeout)

@@ -12,9 +12,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from outbox.broker_health import BrokerHealth
 from outbox.errors import ConfigError
-from outbox.kafka_settings import (
+from outbox.runtime.broker_health import BrokerHealth
+from outbox.runtime.kafka_settings import (
     HEADER_CONTENT_TYPE,
     HEADER_CREATED_AT,
     HEADER_ID,
@@ -37,7 +37,7 @@ KAFKA_CLIENTS = ("kafka-python", "confluent")
 
 @dataclass(frozen=True)
 class KafkaSettings(KafkaConnection):
-    """Producer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus batching,
+    """Producer settings: the connection (``outbox.runtime.kafka_settings.KafkaConnection``) plus batching,
     compression and timeouts. The producer is always idempotent with ``acks=all``."""
 
     client_id: str = "outbox-relay"

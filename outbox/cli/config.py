@@ -97,7 +97,8 @@ SECRET_FILES: dict[str, str] = {
     "database_url_file": "database_url",
     "kafka_sasl_password_file": "kafka_sasl_password",
 }
-#: the settings of a Kafka connection (``outbox.kafka_settings.KafkaConnection``), named as in the file
+#: the settings of a Kafka connection (``outbox.runtime.kafka_settings.KafkaConnection``), named as in
+#: the file
 KAFKA_CONNECTION_SETTINGS = (
     "kafka_bootstrap_servers",
     "kafka_client_id",
@@ -167,7 +168,7 @@ class Settings:
     retention: dt.timedelta = dt.timedelta(days=7)
     stuck_after: dt.timedelta = dt.timedelta(minutes=5)
     maintenance_interval: float = 60.0
-    #: ``/metrics``, ``/healthz`` and ``/readyz`` (``outbox.ops_server``) on this port; ``None``: off
+    #: ``/metrics``, ``/healthz`` and ``/readyz`` (``outbox.runtime.ops_server``) on this port; ``None``: off
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     #: seconds between two reads of the metrics' gauges computed from the table
