@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from consumers.inbox import delete_old_inbox_rows
 from outbox.admin.reports import (
     MessageFilter,
     MessageRecord,
@@ -346,6 +345,9 @@ class Operations:
             with self.engine.connect() as conn:
                 count = conn.execute(sa.select(sa.func.count()).where(old)).scalar_one()
             return PurgeResult(count=int(count), statuses=(), cutoff=cutoff, dry_run=True, inbox=True)
+        # here, not at module level: the commands other than relay, consume and dlq never load `consumers`
+        from consumers.inbox import delete_old_inbox_rows
+
         deleted = batches = 0
         while True:
             with self.engine.begin() as conn:
