@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from outbox import defaults
 from outbox.runtime.ops_server import Check, DatabaseCheck, OpsServer
 
 if TYPE_CHECKING:
@@ -64,7 +65,9 @@ class RelayReadiness:
         return None
 
 
-def serve(relay: Relay, metrics: RelayMetrics, *, host: str = "0.0.0.0", port: int = 0) -> OpsServer:
+def serve(
+    relay: Relay, metrics: RelayMetrics, *, host: str = defaults.METRICS_HOST, port: int = 0
+) -> OpsServer:
     """Start serving ``/metrics`` (of ``metrics``), ``/healthz`` and ``/readyz`` (of ``relay``)."""
     return OpsServer(
         metrics.registry, RelayReadiness(relay), host=host, port=port, liveness=lambda: relay.failure

@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from outbox import defaults
 from outbox.cli.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
@@ -124,7 +125,9 @@ _CONSUME_SETTINGS = (
     "Where a group without committed offsets starts (default earliest).",
 )
 @env_option(
-    "max_attempts", int, "Attempts before a record is dead-lettered, unless its handler says (default 10)."
+    "max_attempts",
+    int,
+    f"Attempts before a record is dead-lettered, unless its handler says (default {defaults.MAX_ATTEMPTS}).",
 )
 @backoff_flags
 @env_option("stop_timeout", float, "Seconds the current handler gets to finish on stop (default 30).")

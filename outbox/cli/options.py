@@ -26,11 +26,13 @@ import click
 import sqlalchemy as sa
 from click.core import ParameterSource
 
+from outbox import defaults
 from outbox.cli.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SECRET_FILES,
     Settings,
+    format_number,
     parse_duration,
     parse_time_ref,
 )
@@ -350,15 +352,26 @@ app_flag = env_option(
 )
 #: the retry backoff flags of ``outbox relay`` and ``outbox consume``
 backoff_flags = option_group(
-    env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1)."),
-    env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300)."),
+    env_option(
+        "backoff_initial",
+        float,
+        "Seconds before the first retry, doubling after "
+        f"(default {format_number(defaults.BACKOFF_INITIAL)}).",
+    ),
+    env_option(
+        "backoff_max",
+        float,
+        f"Longest wait between retries, in seconds (default {format_number(defaults.BACKOFF_MAX)}).",
+    ),
 )
 #: the metrics and health port flags of ``outbox relay`` and ``outbox consume``
 metrics_flags = option_group(
     env_option(
         "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
     ),
-    env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0)."),
+    env_option(
+        "metrics_host", str, f"Address the metrics port listens on (default {defaults.METRICS_HOST})."
+    ),
 )
 
 

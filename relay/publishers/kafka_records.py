@@ -12,6 +12,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from outbox import defaults
 from outbox.errors import ConfigError
 from outbox.runtime.broker_health import BrokerHealth
 from outbox.runtime.kafka_settings import (
@@ -40,14 +41,14 @@ class KafkaSettings(KafkaConnection):
     """Producer settings: the connection (``outbox.runtime.kafka_settings.KafkaConnection``) plus batching,
     compression and timeouts. The producer is always idempotent with ``acks=all``."""
 
-    client_id: str = "outbox-relay"
+    client_id: str = defaults.KAFKA_CLIENT_ID
     #: "kafka-python" (default) or "confluent" (librdkafka, the ``confluent`` extra: far less CPU)
     client: str = "kafka-python"
     compression_type: str | None = None
-    linger_ms: int = 5
-    batch_size: int = 256 * 1024
+    linger_ms: int = defaults.KAFKA_LINGER_MS
+    batch_size: int = defaults.KAFKA_BATCH_SIZE
     max_request_size: int = 1024 * 1024
-    delivery_timeout_ms: int = 120_000
+    delivery_timeout_ms: int = defaults.KAFKA_DELIVERY_TIMEOUT_MS
     #: (outbox topic pattern, Kafka topic) pairs, first match wins; unmatched topics keep their name
     routes: tuple[tuple[str, str], ...] = ()
 
