@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from outbox import defaults
 from outbox.runtime.ops_server import Check, DatabaseCheck, OpsServer
+from relay.publishers import BrokerPublisher
 
 if TYPE_CHECKING:
     from relay.metrics import RelayMetrics
@@ -46,9 +47,8 @@ class RelayReadiness:
     def __call__(self) -> Mapping[str, Check]:
         checks: dict[str, Check] = {"relay": self.running, "database": self.database}
         for publisher in self.relay.publishers:
-            problem = getattr(publisher, "broker_problem", None)
-            if problem is not None:
-                checks["broker"] = problem
+            if isinstance(publisher, BrokerPublisher):
+                checks["broker"] = publisher.broker_problem
         checks["handlers"] = self.relay.handlers.stuck_problem
         checks["progress"] = self.progress
         return checks

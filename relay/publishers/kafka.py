@@ -43,6 +43,7 @@ from outbox.runtime.broker_health import BrokerHealth
 from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
 from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import (
+    BrokerPublisher,
     Delivered,
     Delivery,
     DoneCallback,
@@ -341,7 +342,7 @@ def _kafka_python_producer(settings: KafkaSettings) -> Any:
     return KafkaProducer(**settings.producer_config())
 
 
-def publisher_for(settings: KafkaSettings) -> Any:
+def publisher_for(settings: KafkaSettings) -> BrokerPublisher:
     """The publisher of the client ``settings.client`` names.
 
     The one place that knows both clients: it imports the librdkafka publisher only when asked for it
