@@ -12,6 +12,9 @@ One module per command group; this package only assembles them under the root gr
 What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli.options`; the root
 group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli.root`. Every flag
 has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.cli.config`).
+
+Public: :func:`main` (the console script) and the exit codes (``RET_*``, :func:`exit_code_for`). The
+click group itself (:data:`outbox`, importable for tests driving it with ``CliRunner``) is internal.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from outbox.cli.root import (
     RET_OK,
     RET_SCHEMA,
     RET_USAGE,
-    OutboxGroup,
     exit_code_for,
     main,
     outbox,
@@ -53,8 +55,6 @@ __all__ = [
     "RET_OK",
     "RET_SCHEMA",
     "RET_USAGE",
-    "OutboxGroup",
     "exit_code_for",
     "main",
-    "outbox",
 ]
