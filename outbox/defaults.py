@@ -27,8 +27,8 @@ BATCH_SIZE = 200
 MAX_BATCH_SIZE = 2000
 #: handler threads
 WORKERS = 8
-#: ``max_in_flight=None`` with a Kafka publisher: messages claimed and not yet recorded, at most (at
-#: 20,000 records/s and 50 ms to an acks=all answer, 1,000 are in flight; twice that leaves room)
+#: ``max_in_flight=None`` with a Kafka publisher: messages claimed and not yet recorded, at most (about
+#: twice what is in flight at full speed; BENCHMARKS.md, "Figures behind the code")
 BROKER_IN_FLIGHT = 2000
 #: payload bytes a relay holds claimed and not yet recorded, at most: its memory follows this
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
