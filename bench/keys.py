@@ -25,9 +25,9 @@ from bench.drain import drain_once
 from bench.harness import Result, Settings, fresh_database, log, outbox_engine, ratio_values, vacuum_analyze
 from bench.processes import Worker, drain_with, stop_all
 from bench.workload import KeyOf, insert_backlog, reset_table, status_counts
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.schema import tables_for
-from outbox.writer import utcnow
 from relay.claim import ClaimQueries
 
 NAME = "keys"

@@ -11,9 +11,9 @@ the Kafka offsets after that commit. A record that cannot run in a batch is fini
 
 A handler that fails in a batch is isolated, by ``isolation``:
 
-- ``redo`` (the default; measured on PostgreSQL: 9,591 records/s against 1,224 for savepoints, see
-  BENCHMARKS.md): the transaction is rolled back and the records before the failing one are run again
-  in a new transaction, which commits;
+- ``redo`` (the default: several times faster than savepoints on PostgreSQL, see BENCHMARKS.md,
+  "Figures behind the code"): the transaction is rolled back and the records before the failing one
+  are run again in a new transaction, which commits;
 - ``savepoint``: each session handler runs inside a savepoint; the failing one's is rolled back and the
   records before it commit.
 

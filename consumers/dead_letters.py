@@ -42,17 +42,13 @@ from consumers.records import (
     encode_record_headers,
     record_headers,
 )
-from outbox.errors import OutboxError
-from outbox.kafka_settings import HEADER_CONTENT_TYPE, HEADER_ID, KafkaConnection
+from outbox.clock import utcnow
+from outbox.errors import BrokerError
+from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_ID, KafkaConnection
 from outbox.schema import OutboxTables
 from outbox.serialization import JSON
-from outbox.writer import utcnow
 
 MAX_ERROR_LENGTH = 2000
-
-
-class BrokerError(OutboxError):
-    """The Kafka cluster cannot be reached, or refused what the consumer or the replay asked of it."""
 
 
 def bounded_error(text: str) -> str:

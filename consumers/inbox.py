@@ -21,15 +21,16 @@ elsewhere an expanding ``IN`` and a multi-row insert.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.message import Message
 from outbox.schema import OutboxTables
-from outbox.writer import utcnow
 
 
 class Inbox:
@@ -127,3 +128,19 @@ class Inbox:
             f"INSERT INTO {self._name(conn)} (consumer_group, message_id, topic, processed_at) "
             "SELECT :group, unnest(CAST(:ids AS uuid[])), unnest(CAST(:topics AS varchar[])), :at"
         ).bindparams(sa.bindparam("at", type_=sa.DateTime()))
+
+
+def delete_old_inbox_rows(
+    conn: sa.Connection, tables: OutboxTables, cutoff: dt.datetime, limit: int
+) -> tuple[int, int]:
+    """One batch: delete at most ``limit`` inbox rows (any group) processed before ``cutoff``, oldest
+    first (the ``processed_at`` index); ``(rows found, rows deleted)``. Used by the relays' retention
+    (:mod:`relay.retention`) and by ``outbox purge --inbox`` (:mod:`outbox.admin.operations`)."""
+    t = tables.inbox
+    old = t.c.processed_at < cutoff
+    pick = sa.select(t.c.consumer_group, t.c.message_id).where(old).order_by(t.c.processed_at).limit(limit)
+    keys = [tuple(row) for row in conn.execute(pick)]
+    if not keys:
+        return 0, 0
+    named = sa.tuple_(t.c.consumer_group, t.c.message_id).in_(keys)
+    return len(keys), conn.execute(sa.delete(t).where(named, old)).rowcount

@@ -71,17 +71,16 @@ import sqlalchemy as sa
 
 from consumers.attempt import describe_error
 from consumers.batches import BatchProcessor, check_batching
-from consumers.dead_letters import BrokerError
 from consumers.offsets import Offsets, rebalance_listener
 from consumers.partitions import DEFAULT_WORKERS, PartitionPool, check_workers
 from consumers.processing import Counters, RecordProcessor, Stopping
 from consumers.registry import Registry
 from consumers.settings import ConsumerSettings, subscription
-from outbox.broker_health import BrokerHealth
 from outbox.dialects import dialect_for, is_outage
-from outbox.errors import ConfigError, DatabaseUnavailable, first_line
+from outbox.errors import BrokerError, ConfigError, DatabaseUnavailable, first_line
 from outbox.policy import RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
+from outbox.runtime.broker_health import BrokerHealth
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 
 if TYPE_CHECKING:
@@ -245,7 +244,7 @@ class KafkaConsumerRunner:
         Unreachable when, within the last 30 s, a poll or an offset commit failed with the broker away
         or busy and nothing was fetched or committed since; with nothing that recent (an idle group),
         when no bootstrap server completes a handshake (TLS, SASL, a metadata request) with these
-        settings (:class:`outbox.broker_health.BrokerHealth`).
+        settings (:class:`outbox.runtime.broker_health.BrokerHealth`).
         """
         return self._broker.problem(timeout)
 

@@ -2,7 +2,8 @@
 
 The consumer runner (:mod:`consumers.kafka`) calls :class:`ConsumerMetrics` where a record is finished,
 an attempt fails or the database is away; ``outbox consume --metrics-port`` serves them with the
-checks of :func:`consumer_checks` through :class:`outbox.ops_server.OpsServer`, exactly like the relay.
+checks of :func:`consumer_checks` through :class:`outbox.runtime.ops_server.OpsServer`, exactly like
+the relay.
 
 - ``outbox_consumer_records_total{group, topic, result}``: records finished, ``result`` one of
   ``handled``, ``duplicate`` (already in the inbox) and ``dead_lettered``;
@@ -22,9 +23,9 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from outbox.clock import utcnow
 from outbox.message import Message
-from outbox.ops_server import Check, DatabaseCheck, metrics_registry
-from outbox.writer import utcnow
+from outbox.runtime.ops_server import Check, DatabaseCheck, metrics_registry
 
 #: how a record was finished
 RecordResult = Literal["handled", "duplicate", "dead_lettered"]
@@ -89,7 +90,7 @@ class ConsumerMetrics:
 def consumer_checks(
     runner: Any, *, database_timeout: float = 2.0, progress_within: float = 60.0
 ) -> Callable[[], Mapping[str, Check]]:
-    """The readiness checks of a consumer runner, for :class:`~outbox.ops_server.OpsServer`.
+    """The readiness checks of a consumer runner, for :class:`~outbox.runtime.ops_server.OpsServer`.
 
     ``consumer``: the runner's loop runs (``runner.running``); ``database``: its engine answers, when it
     has one; ``broker``: ``runner.broker_problem()``, when the runner has that method; ``progress``: the

@@ -26,7 +26,7 @@ from typing import Any
 
 from consumers.attempt import describe_error
 from consumers.processing import Counters
-from outbox.broker_health import BrokerHealth
+from outbox.runtime.broker_health import BrokerHealth
 
 log = logging.getLogger("outbox.consumer")
 

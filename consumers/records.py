@@ -32,8 +32,8 @@ import json
 import uuid
 from typing import Any, Protocol
 
-from outbox.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
 from outbox.message import Message
+from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
 from outbox.serialization import BINARY, JSON
 
 #: namespace of the ids given to records that carry no ``outbox-message-id`` header (never change it:

@@ -1,6 +1,6 @@
 """The settings of ``outbox consume``'s Kafka consumer, and what it subscribes to.
 
-:class:`ConsumerSettings` is the connection (:class:`outbox.kafka_settings.KafkaConnection`) plus the
+:class:`ConsumerSettings` is the connection (:class:`outbox.runtime.kafka_settings.KafkaConnection`) plus the
 group and the consumer's own knobs, validated at construction; :func:`subscription` turns a registry's
 topics (names and patterns) into what ``KafkaConsumer.subscribe`` takes. Both are re-exported by
 :mod:`consumers.kafka`.
@@ -15,14 +15,14 @@ from typing import Any
 
 from consumers.registry import Registry
 from outbox.errors import ConfigError
-from outbox.kafka_settings import KafkaConnection
+from outbox.runtime.kafka_settings import KafkaConnection
 
 _OFFSET_RESETS = ("earliest", "latest")
 
 
 @dataclass(frozen=True)
 class ConsumerSettings(KafkaConnection):
-    """Consumer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus the group.
+    """Consumer settings: the connection (``outbox.runtime.kafka_settings.KafkaConnection``) plus the group.
 
     ``group`` is required (keyword). Offsets are always committed by the runner (auto-commit off).
     ``repr`` never shows the SASL password.

@@ -15,6 +15,7 @@ Public surface (everything else is internal): :func:`add`, :class:`Outbox`, :fun
 
 from outbox.dialects import create_engine
 from outbox.errors import (
+    BrokerError,
     ConfigError,
     DatabaseUnavailable,
     DelayError,
@@ -37,6 +38,7 @@ from outbox.writer import Outbox, add, configure
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerError",
     "ConfigError",
     "DatabaseUnavailable",
     "DelayError",

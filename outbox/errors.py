@@ -15,6 +15,8 @@ Catch by meaning::
     ├── ConfigError           bad configuration: database URL, table name, --app, policy values
     ├── SchemaError           the outbox table is missing or at another schema version
     ├── DatabaseUnavailable   the database cannot be reached (at start-up; later outages are retried)
+    ├── BrokerError           the Kafka cluster cannot be reached, or refused what a consumer or
+    │                         ``outbox dlq replay`` asked of it
     ├── MessageNotFound       ``outbox show`` / ``replay`` of an id that does not exist
     ├── RelayConflict         a second relay on a SQLite database (SQLite allows one at a time)
     └── RelayFailed           a thread the relay cannot work without died: the relay stopped
@@ -65,6 +67,10 @@ class DatabaseUnavailable(OutboxError):
     """The database cannot be reached or refused the connection."""
 
 
+class BrokerError(OutboxError):
+    """The Kafka cluster cannot be reached, or refused what the consumer or the replay asked of it."""
+
+
 class MessageNotFound(OutboxError, LookupError):
     """No message has the given id."""
 
@@ -79,6 +85,7 @@ class RelayFailed(OutboxError):
 
 
 __all__ = [
+    "BrokerError",
     "ConfigError",
     "DatabaseUnavailable",
     "DelayError",

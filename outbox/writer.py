@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, orm
 
+from outbox.clock import utcnow
 from outbox.errors import ConfigError, DelayError, HeaderError, MessageKeyError, PayloadError, TopicError
 from outbox.schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
 from outbox.serialization import encode_headers, encode_payload
@@ -70,11 +71,6 @@ try:  # SQLAlchemy's asyncio extension needs greenlet; without it, AsyncSession 
     from sqlalchemy.ext.asyncio import AsyncSession
 except ImportError:  # pragma: no cover
     AsyncSession = None  # type: ignore[assignment,misc]
-
-
-def utcnow() -> dt.datetime:
-    """Naive UTC now: the form every time column of the outbox uses."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 _uuid_lock = threading.Lock()

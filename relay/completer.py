@@ -42,11 +42,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.schema import Status
-from outbox.writer import utcnow
 from relay.claim import ClaimQueries, ClaimResult, Failure
-from relay.observers import Observers, RecordedOutcome, Result, failure_result
+from relay.observers import Observers
 from relay.outages import OutageRetry
+from relay.outcomes import RecordedOutcome, Result, failure_result
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
 from relay.single_relay import SingleRelayLock
 

@@ -25,7 +25,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from outbox.ops_server import Check, DatabaseCheck, OpsServer
+from outbox import defaults
+from outbox.runtime.ops_server import Check, DatabaseCheck, OpsServer
+from relay.publishers import BrokerPublisher
 
 if TYPE_CHECKING:
     from relay.metrics import RelayMetrics
@@ -45,9 +47,8 @@ class RelayReadiness:
     def __call__(self) -> Mapping[str, Check]:
         checks: dict[str, Check] = {"relay": self.running, "database": self.database}
         for publisher in self.relay.publishers:
-            problem = getattr(publisher, "broker_problem", None)
-            if problem is not None:
-                checks["broker"] = problem
+            if isinstance(publisher, BrokerPublisher):
+                checks["broker"] = publisher.broker_problem
         checks["handlers"] = self.relay.handlers.stuck_problem
         checks["progress"] = self.progress
         return checks
@@ -64,7 +65,9 @@ class RelayReadiness:
         return None
 
 
-def serve(relay: Relay, metrics: RelayMetrics, *, host: str = "0.0.0.0", port: int = 0) -> OpsServer:
+def serve(
+    relay: Relay, metrics: RelayMetrics, *, host: str = defaults.METRICS_HOST, port: int = 0
+) -> OpsServer:
     """Start serving ``/metrics`` (of ``metrics``), ``/healthz`` and ``/readyz`` (of ``relay``)."""
     return OpsServer(
         metrics.registry, RelayReadiness(relay), host=host, port=port, liveness=lambda: relay.failure

@@ -40,11 +40,13 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from outbox import defaults
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for, is_outage
 from outbox.errors import ConfigError
 from outbox.key_queue import KeyQueue
 from outbox.schema import OutboxTables
-from outbox.writer import MAX_DELAY, utcnow
+from outbox.writer import MAX_DELAY
 from relay.publishers import describe_error
 from relay.retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
 from relay.stuck import StuckFindings, StuckMonitor, report
@@ -64,9 +66,10 @@ log = logging.getLogger("outbox.maintenance")
 
 #: the row of ``<table>_locks`` that names the relay doing retention
 MAINTENANCE_LOCK = "maintenance"
-DEFAULT_RETENTION = dt.timedelta(days=7)
-DEFAULT_STUCK_AFTER = dt.timedelta(minutes=5)
-DEFAULT_INTERVAL = 60.0
+#: the relay's defaults (:mod:`outbox.defaults`), under the names this module always gave them
+DEFAULT_RETENTION = defaults.RETENTION
+DEFAULT_STUCK_AFTER = defaults.STUCK_AFTER
+DEFAULT_INTERVAL = defaults.MAINTENANCE_INTERVAL
 
 Observer = Callable[[StuckFindings], None]
 
@@ -96,7 +99,7 @@ class Maintenance:
         retention: dt.timedelta | float | None = DEFAULT_RETENTION,
         stuck_after: dt.timedelta | float = DEFAULT_STUCK_AFTER,
         interval: float = DEFAULT_INTERVAL,
-        lease_seconds: float = 30.0,
+        lease_seconds: float = defaults.LEASE_SECONDS,
         lease_grace: float = 1.0,
         batch_size: int = 2000,
         batch_pause: float = 0.05,

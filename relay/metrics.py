@@ -39,11 +39,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from outbox.ops_server import metrics_registry
+from outbox import defaults
+from outbox.clock import utcnow
+from outbox.runtime.ops_server import metrics_registry
 from outbox.schema import OutboxTables, Status, status_in
-from outbox.writer import utcnow
 from relay.claim import ClaimedRow
-from relay.observers import RecordedOutcome, RelayObserver
+from relay.observers import RelayObserver
+from relay.outcomes import RecordedOutcome
 from relay.publishers import describe_error
 
 if TYPE_CHECKING:
@@ -137,7 +139,11 @@ class RelayMetrics(RelayObserver):
     """
 
     def __init__(
-        self, *, interval: float = 15.0, registry: CollectorRegistry | None = None, process: bool = True
+        self,
+        *,
+        interval: float = defaults.METRICS_INTERVAL,
+        registry: CollectorRegistry | None = None,
+        process: bool = True,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")

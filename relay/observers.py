@@ -17,48 +17,24 @@ hook                   thread              when
 ``on_stop(relay)``     caller of stop()    every outcome was written and the threads have ended
 =====================  ==================  =================================================================
 
-:mod:`relay.metrics` is the observer behind ``outbox relay --metrics-port``.
+:mod:`relay.metrics` is the observer behind ``outbox relay --metrics-port``. What an outcome became
+(:class:`RecordedOutcome`, :data:`~relay.outcomes.Result`) is :mod:`relay.outcomes`, shared with the
+completer that writes them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from outbox.schema import Status
 from relay.claim import ClaimedRow
-from relay.publishers import Delivery, Outcome
+from relay.outcomes import RecordedOutcome
 
 if TYPE_CHECKING:
     from relay.runner import Relay
 
 log = logging.getLogger("outbox.relay")
-
-#: what an outcome did to its message: ``released`` = back to the queue, attempt not counted
-Result = Literal["delivered", "failed", "dead", "parked", "released"]
-
-
-_FAILURE_RESULTS: dict[Status, Result] = {
-    Status.FAILED: "failed",
-    Status.DEAD: "dead",
-    Status.PARKED: "parked",
-}
-
-
-def failure_result(status: Status) -> Result:
-    """The result of a failed attempt that made its message ``status`` (failed, dead or parked)."""
-    return _FAILURE_RESULTS[status]
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedOutcome:
-    """One delivery's outcome as the completer wrote it."""
-
-    delivery: Delivery
-    outcome: Outcome
-    result: Result
 
 
 class RelayObserver:
@@ -109,3 +85,6 @@ class Observers(RelayObserver):
 
     def on_stop(self, relay: Relay) -> None:
         self._each("on_stop", relay)
+
+
+__all__ = ["Observers", "RecordedOutcome", "RelayObserver"]

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from outbox.operations import delete_old_inbox_rows
+from consumers.inbox import delete_old_inbox_rows
+from outbox.clock import utcnow
 from outbox.schema import OutboxTables, Status
-from outbox.writer import utcnow
 
 #: one batch, in the caller's transaction: delete at most ``limit`` rows older than ``cutoff``;
 #: returns ``(rows found, rows deleted)``

@@ -75,6 +75,8 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from consumers.registry import Registry, default_registry
+from outbox import defaults
+from outbox.clock import utcnow
 from outbox.dialects import Dialect, create_engine, dialect_for, is_outage
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
 from outbox.key_queue import RUN_LENGTH
@@ -82,12 +84,11 @@ from outbox.policy import MAX_SECONDS, RetryPolicy, TopicPolicy
 from outbox.redaction import mask_url
 from outbox.schema import DEFAULT_TABLE, check_version, tables_for
 from outbox.wakeup import RELAY_AWAKE_SECONDS, notify_channel, register_waiter, unregister_waiter
-from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, utcnow
 from relay.claim import ClaimedRow, ClaimQueries, ClaimResult
 from relay.completer import Completer, InFlight, LeaseWrites, lease_margin
 from relay.dispatch import Dispatcher
 from relay.listener import listen
-from relay.maintenance import DEFAULT_INTERVAL, DEFAULT_RETENTION, DEFAULT_STUCK_AFTER, Maintenance
+from relay.maintenance import Maintenance
 from relay.observers import Observers, RelayObserver
 from relay.outages import GaveUp, OutageRetry
 from relay.publishers import Delivery
@@ -154,13 +155,13 @@ class Relay:
         registry: Registry | None = None,
         *,
         table: str = DEFAULT_TABLE,
-        batch_size: int = 200,
+        batch_size: int = defaults.BATCH_SIZE,
         max_batch_size: int | None = None,
-        workers: int = 8,
+        workers: int = defaults.WORKERS,
         max_in_flight: int | None = None,
-        lease_seconds: float = 30.0,
-        poll_interval: float = 1.0,
-        stop_timeout: float = 30.0,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        poll_interval: float = defaults.POLL_INTERVAL,
+        stop_timeout: float = defaults.STOP_TIMEOUT,
         retry: RetryPolicy | None = None,
         handler_timeout: float | None = None,
         max_stuck_handlers: int | None = None,
@@ -170,12 +171,12 @@ class Relay:
         observers: Sequence[RelayObserver] = (),
         name: str | None = None,
         maintenance: bool = True,
-        retention: dt.timedelta | float | None = DEFAULT_RETENTION,
-        stuck_after: dt.timedelta | float = DEFAULT_STUCK_AFTER,
-        maintenance_interval: float = DEFAULT_INTERVAL,
+        retention: dt.timedelta | float | None = defaults.RETENTION,
+        stuck_after: dt.timedelta | float = defaults.STUCK_AFTER,
+        maintenance_interval: float = defaults.MAINTENANCE_INTERVAL,
         freeze_gc: bool = False,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        max_in_flight_bytes: int = MAX_IN_FLIGHT_BYTES,
+        max_payload_bytes: int = defaults.MAX_PAYLOAD_BYTES,
+        max_in_flight_bytes: int = defaults.MAX_IN_FLIGHT_BYTES,
     ) -> None:
         _check_positive(batch_size=batch_size, workers=workers, lease_seconds=lease_seconds)
         if not isinstance(max_in_flight_bytes, int) or max_in_flight_bytes < 1:

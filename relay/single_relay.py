@@ -14,9 +14,9 @@ import logging
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.errors import RelayConflict
 from outbox.schema import OutboxTables
-from outbox.writer import utcnow
 from relay.publishers import describe_error
 
 log = logging.getLogger("outbox.relay")

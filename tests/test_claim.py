@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.schema import Status, tables_for
-from outbox.writer import utcnow
 from relay.claim import ClaimQueries, Failure
 from tests.conftest import SERVER_BACKENDS, wait_until
 

@@ -24,10 +24,11 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 import outbox
-from outbox import cli, config
-from outbox.config import Settings, parse_duration, parse_time_ref
+from outbox import cli
+from outbox.cli import config
+from outbox.cli.config import Settings, parse_duration, parse_time_ref
+from outbox.clock import utcnow
 from outbox.schema import SCHEMA_VERSION, Status, tables_for
-from outbox.writer import utcnow
 from tests.conftest import ROOT, status_counts, wait_until
 
 T = tables_for().messages

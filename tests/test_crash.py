@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.schema import Status, tables_for
-from outbox.writer import utcnow
 from relay.maintenance import MAINTENANCE_LOCK
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
 from tests.apps.freezing import EMPTY_ENV, FREEZE_ENV

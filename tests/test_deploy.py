@@ -36,8 +36,8 @@ import yaml
 
 import outbox
 from outbox import cli
-from outbox.cli_options import SHARED_NAMES, build_settings
-from outbox.config import _KINDS, Settings
+from outbox.cli.config import _KINDS, Settings
+from outbox.cli.options import SHARED_NAMES, build_settings
 from outbox.dialects import create_engine
 from tests.conftest import ROOT, wait_until
 

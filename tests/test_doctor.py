@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 
 import outbox
 from outbox import cli
-from outbox.doctor import DoctorReport, Finding, Level, Thresholds, diagnose
+from outbox.admin.doctor import DoctorReport, Finding, Level, Thresholds, diagnose
+from outbox.clock import utcnow
 from outbox.schema import tables_for
-from outbox.writer import utcnow
 from tests.conftest import SERVER_BACKENDS, wait_until
 
 TABLES = tables_for()

@@ -15,9 +15,9 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
+from outbox.clock import utcnow
 from outbox.errors import ConfigError
 from outbox.message import Message
-from outbox.writer import utcnow
 from relay import Relay
 from relay.claim import ClaimedRow
 from relay.observers import RelayObserver

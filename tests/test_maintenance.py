@@ -23,8 +23,9 @@ import sqlalchemy as sa
 import outbox
 from consumers import Registry
 from consumers.inbox import Inbox
+from outbox.clock import utcnow
 from outbox.schema import Status, tables_for
-from outbox.writer import Outbox, utcnow
+from outbox.writer import Outbox
 from relay import Relay
 from relay.maintenance import MAINTENANCE_LOCK, Maintenance, StuckFindings
 from relay.metrics import RelayMetrics

@@ -33,15 +33,16 @@ import outbox
 from consumers import Registry
 from consumers.metrics import ConsumerMetrics, consumer_checks
 from outbox import Message
-from outbox.config import Settings
+from outbox.cli.config import Settings
+from outbox.clock import utcnow
 from outbox.dialects import dialect_for
-from outbox.ops_server import OpsServer
-from outbox.writer import utcnow
+from outbox.runtime.ops_server import OpsServer
 from relay import Relay
 from relay.claim import ClaimedRow, ClaimQueries
 from relay.health import serve
 from relay.metrics import RelayMetrics
-from relay.observers import RecordedOutcome, RelayObserver
+from relay.observers import RelayObserver
+from relay.outcomes import RecordedOutcome
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
 from tests.kafka_broker import Broker
@@ -414,7 +415,8 @@ def test_log_lines_of_any_library_are_scrubbed(
 ) -> None:
     """The second guard: whatever a library logs (a URL with its password, a SASL config, an exception
     message) goes through the same scrubbing as the CLI's one-line errors."""
-    from outbox import cli_options, redaction
+    from outbox import redaction
+    from outbox.cli import options as cli_options
 
     monkeypatch.setattr(redaction, "_known", set())
     settings = Settings.load(

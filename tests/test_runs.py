@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
+from outbox.admin.operations import Operations
 from outbox.message import Message
-from outbox.operations import Operations
 from outbox.policy import TopicPolicy
 from outbox.schema import Status
 from relay import Relay

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.config import Settings
+from outbox.cli.config import Settings
 from outbox.errors import ConfigError
 from outbox.redaction import mask_url, scrub, url_secrets
 from tests.apps import ROOT

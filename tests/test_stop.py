@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.schema import Status
-from outbox.writer import utcnow
 from tests.apps import RelayLauncher, outbox_rows
 from tests.apps.recording import commit_messages, read_record
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until

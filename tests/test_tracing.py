@@ -26,9 +26,9 @@ import outbox
 from consumers import Registry
 from consumers.records import message_from_record
 from outbox import Message
+from outbox.clock import utcnow
 from outbox.serialization import decode_headers
 from outbox.tracing import process_span, publish_span, trace_headers
-from outbox.writer import utcnow
 from relay import Relay
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
@@ -196,7 +196,7 @@ imported_eagerly = "opentelemetry" in sys.modules
 sys.modules["opentelemetry"] = None  # as if it were not installed
 from outbox import tracing
 from outbox.message import Message
-from outbox.writer import utcnow
+from outbox.clock import utcnow
 import sqlalchemy as sa
 engine = outbox.create_engine("sqlite:///{tmp_path / "plain.db"}")
 with engine.begin() as conn:

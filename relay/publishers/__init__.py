@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from outbox.message import Message
 from outbox.policy import TopicPolicy
@@ -61,11 +61,25 @@ DoneCallback = Callable[[Delivery, Outcome], None]
 
 
 class Publisher(Protocol):
-    """A destination for messages: in-process handlers, Kafka, ..."""
+    """A destination for messages: in-process handlers, Kafka, ... (``Relay(publishers=[...])`` adds
+    one of your own; the relay asks each, in order, whether it :meth:`accepts` a topic).
+
+    Two optional class attributes change how the relay hands deliveries over; a publisher without them
+    gets the safe default (``False``):
+
+    - ``keeps_order_in_flight``: a key's consecutive deliveries of one topic may be in flight together,
+      because the destination keeps the order they were sent in (Kafka's idempotent producer);
+    - ``marks_starts``: the publisher writes a ``counted`` delivery's start mark itself, right before it
+      runs (the in-process handlers).
+    """
 
     #: whether deliveries need ``message.payload`` decoded; a broker publisher sends ``message.body``,
     #: the stored bytes, and gets the raw bytes in ``payload`` too (no JSON decoding per record)
     decodes_payload: bool
+
+    def accepts(self, topic: str) -> bool:
+        """Whether this publisher delivers ``topic``'s messages (the first publisher that accepts a
+        topic gets all of them; the relay's in-process handlers are asked first)."""
 
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         """Start delivering; report each delivery's outcome, exactly once, through the ``done`` it was
@@ -81,6 +95,15 @@ class Publisher(Protocol):
         go to each delivery's own callback, as in :meth:`deliver`)."""
 
 
+@runtime_checkable
+class BrokerPublisher(Publisher, Protocol):
+    """A publisher to a broker, which can say whether the broker is usable: ``/readyz``'s ``broker``
+    check (:mod:`relay.health`) calls :meth:`broker_problem` of every publisher that has it."""
+
+    def broker_problem(self, timeout: float = 1.0) -> str | None:
+        """Why the broker looks unreachable now (``None``: it looks fine), within ``timeout`` seconds."""
+
+
 def describe_error(exc: BaseException) -> str:
     """``Type: message`` for storing as a message's last error."""
     text = str(exc)
@@ -94,3 +117,17 @@ def error_of(outcome: Outcome) -> str | None:
     if isinstance(outcome, Released):
         return outcome.reason
     return None
+
+
+__all__ = [
+    "BrokerPublisher",
+    "Delivered",
+    "Delivery",
+    "DoneCallback",
+    "Failed",
+    "Outcome",
+    "Publisher",
+    "Released",
+    "describe_error",
+    "error_of",
+]

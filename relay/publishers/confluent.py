@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from outbox.broker_health import BrokerHealth
+from outbox.runtime.broker_health import BrokerHealth
 from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
-from relay.publishers.kafka import (
+from relay.publishers.kafka_records import (
     BROKER_RETRY_PAUSE,
     EARLIER_NOT_SENT,
     KafkaSettings,

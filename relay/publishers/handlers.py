@@ -87,10 +87,10 @@ class _WorkerPool:
 
     Wake-ups are rationed: :meth:`submit_many` wakes one idle worker, and a worker that takes a job
     while more wait wakes one more before running it. A batch of quick handlers then wakes each worker
-    once, not once per message: with a worker woken per job (one blocking queue), eight threads
-    fighting for the GIL cost 50-70 us of CPU per no-op message here against 13 us for one thread.
-    Slow handlers still spread over every worker: each worker that starts a job while others wait has
-    woken a helper first.
+    once, not once per message (a worker woken per job, eight threads fighting for the GIL, cost
+    several times the CPU per quick message: BENCHMARKS.md, "Figures behind the code"). Slow handlers
+    still spread over every worker: each worker that starts a job while others wait has woken a helper
+    first.
     """
 
     def __init__(self, size: int, name: str) -> None:
@@ -153,7 +153,7 @@ class _WorkerPool:
     def _wake_one(self) -> None:
         """Wake one waiting worker, if any (under the lock). ``_idle`` counts the waiters not yet
         woken: a woken worker may take a while to get the GIL, and counting it as idle until then made
-        every job taken meanwhile notify again (7 % of the relay's GIL time in a drain profile)."""
+        every job taken meanwhile notify again (measured: BENCHMARKS.md, "Figures behind the code")."""
         if self._idle:
             self._idle -= 1
             self._wakeup.notify()
@@ -214,8 +214,8 @@ class HandlerPublisher:
     ``dict.pop``. The worker and :meth:`stop` race for the start (``_unstarted``): the loser does not
     run it, resp. does not cancel it. The worker, the timeout check and :meth:`stop` race for the
     report (``_unreported``): only the winner reports, so each delivery is reported exactly once. (A lock
-    taken three times per message made eight workers queue on it: 50-70 us of CPU per no-op message
-    here against 12 for one worker.)
+    taken three times per message made eight workers queue on it; the cost is in BENCHMARKS.md,
+    "Figures behind the code".)
     """
 
     decodes_payload = True

@@ -32,26 +32,18 @@ outcomes it reports.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from outbox.broker_health import BrokerHealth
-from outbox.errors import ConfigError
-from outbox.kafka_settings import (
-    HEADER_CONTENT_TYPE,
-    HEADER_CREATED_AT,
-    HEADER_ID,
-    HEADER_TOPIC,
-    KafkaConnection,
-)
-from outbox.tracing import DeliverySpan, publish_span, trace_headers
+from outbox.runtime.broker_health import BrokerHealth
+from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
+from outbox.tracing import DeliverySpan, publish_span
 from relay.publishers import (
+    BrokerPublisher,
     Delivered,
     Delivery,
     DoneCallback,
@@ -61,16 +53,18 @@ from relay.publishers import (
     describe_error,
     error_of,
 )
+from relay.publishers.kafka_records import (
+    BROKER_RETRY_PAUSE,
+    EARLIER_NOT_SENT,
+    KAFKA_CLIENTS,
+    KafkaSettings,
+    note_broker_answer,
+    pop_all,
+    record_headers,
+)
 
 log = logging.getLogger("outbox.relay.kafka")
-K = TypeVar("K")
-V = TypeVar("V")
 
-
-#: seconds a message released because of a broker problem waits before it is claimed again
-BROKER_RETRY_PAUSE = 2.0
-#: why a record is not sent after the producer refused an earlier record of its key in the same batch
-EARLIER_NOT_SENT = "an earlier record of its key was not sent"
 
 _PERMANENT = {
     "MessageSizeTooLargeError",
@@ -80,58 +74,6 @@ _PERMANENT = {
     "InvalidRecordError",
     "UnsupportedForMessageFormatError",
 }
-_COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
-KAFKA_CLIENTS = ("kafka-python", "confluent")
-
-
-@dataclass(frozen=True)
-class KafkaSettings(KafkaConnection):
-    """Producer settings: the connection (``outbox.kafka_settings.KafkaConnection``) plus batching,
-    compression and timeouts. The producer is always idempotent with ``acks=all``."""
-
-    client_id: str = "outbox-relay"
-    #: "kafka-python" (default) or "confluent" (librdkafka, the ``confluent`` extra: far less CPU)
-    client: str = "kafka-python"
-    compression_type: str | None = None
-    linger_ms: int = 5
-    batch_size: int = 256 * 1024
-    max_request_size: int = 1024 * 1024
-    delivery_timeout_ms: int = 120_000
-    #: (outbox topic pattern, Kafka topic) pairs, first match wins; unmatched topics keep their name
-    routes: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.client not in KAFKA_CLIENTS:
-            raise ConfigError(f"Kafka client must be one of {', '.join(KAFKA_CLIENTS)}, not {self.client!r}")
-        if self.compression_type not in (None, *_COMPRESSION):
-            raise ConfigError(f"Kafka compression must be one of {', '.join(_COMPRESSION)} (or none)")
-        for name in ("linger_ms", "delivery_timeout_ms"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"Kafka {name} must be zero or more")
-        for name in ("batch_size", "max_request_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"Kafka {name} must be positive")
-
-    def producer_config(self) -> dict[str, Any]:
-        """kafka-python ``KafkaProducer`` keyword arguments: idempotent, acks=all, batched."""
-        return {
-            **self.client_config(),
-            "enable_idempotence": True,
-            "acks": "all",
-            "linger_ms": self.linger_ms,
-            "batch_size": self.batch_size,
-            "max_request_size": self.max_request_size,
-            "delivery_timeout_ms": max(self.delivery_timeout_ms, self.request_timeout_ms + self.linger_ms),
-            "compression_type": self.compression_type,
-            "max_block_ms": 10_000,
-        }
-
-    def target_topic(self, topic: str) -> str:
-        for pattern, target in self.routes:
-            if fnmatch.fnmatchcase(topic, pattern):
-                return target
-        return topic
 
 
 def classify(exc: BaseException) -> Outcome:
@@ -146,31 +88,6 @@ def classify(exc: BaseException) -> Outcome:
     ):
         return Released(f"broker unavailable: {describe_error(exc)}", retry_after=BROKER_RETRY_PAUSE)
     return Failed(describe_error(exc))
-
-
-def record_headers(delivery: Delivery, span: DeliverySpan | None = None) -> list[tuple[str, bytes]]:
-    """The record's headers; with a publish ``span``, its trace context replaces the message's own."""
-    message = delivery.message
-    own = message.headers if span is None else trace_headers(message.headers, span)
-    headers = [(name, value.encode("utf-8")) for name, value in own.items()]
-    headers += [
-        (HEADER_ID, str(message.id).encode()),
-        (HEADER_TOPIC, message.topic.encode()),
-        (HEADER_CREATED_AT, message.created_at.isoformat().encode()),
-        (HEADER_CONTENT_TYPE, message.content_type.encode()),
-    ]
-    return headers
-
-
-def pop_all(pending: dict[K, V]) -> list[V]:
-    """Pop every entry of ``pending``, one atomic ``dict.pop`` each: an entry a concurrent pop (a
-    broker's answer) took first is not returned, so each is reported once, by whoever popped it."""
-    taken = []
-    for key in list(pending):
-        entry = pending.pop(key, None)
-        if entry is not None:
-            taken.append(entry)
-    return taken
 
 
 _DELIVERED = Delivered()  # immutable: one for every acknowledged record
@@ -231,7 +148,8 @@ class KafkaPublisher:
 
         Unreachable when the latest answer, within the last 30 s, was a broker problem (no
         acknowledgement since); with nothing that recent, when no bootstrap server completes a handshake
-        (TLS, SASL, a metadata request) with these settings (:class:`outbox.broker_health.BrokerHealth`,
+        (TLS, SASL, a metadata request) with these settings
+        (:class:`outbox.runtime.broker_health.BrokerHealth`,
         which waits at most ``timeout`` seconds and reuses a result for a few seconds).
         """
         return self._health.problem(timeout)
@@ -401,14 +319,6 @@ class KafkaPublisher:
         return None
 
 
-def note_broker_answer(health: BrokerHealth, outcome: Outcome) -> None:
-    """Tell ``health`` what a delivery's outcome says about the broker (for ``broker_problem``)."""
-    if isinstance(outcome, Delivered):
-        health.answered()
-    elif isinstance(outcome, Released) and outcome.retry_after > 0:  # the broker is away or busy
-        health.failed(outcome.reason)
-
-
 def _close_quietly(producer: Any) -> None:
     """Close a producer being discarded, without waiting for what it could not send.
 
@@ -432,10 +342,28 @@ def _kafka_python_producer(settings: KafkaSettings) -> Any:
     return KafkaProducer(**settings.producer_config())
 
 
-def publisher_for(settings: KafkaSettings) -> Any:
-    """The publisher of the client ``settings.client`` names."""
+def publisher_for(settings: KafkaSettings) -> BrokerPublisher:
+    """The publisher of the client ``settings.client`` names.
+
+    The one place that knows both clients: it imports the librdkafka publisher only when asked for it
+    (an optional extra), and that module never imports this one (both share
+    :mod:`relay.publishers.kafka_records`)."""
     if settings.client == "confluent":
         from relay.publishers.confluent import ConfluentPublisher
 
         return ConfluentPublisher(settings)
     return KafkaPublisher(settings)
+
+
+__all__ = [
+    "BROKER_RETRY_PAUSE",
+    "HEADER_CONTENT_TYPE",
+    "HEADER_CREATED_AT",
+    "HEADER_ID",
+    "HEADER_TOPIC",
+    "KAFKA_CLIENTS",
+    "KafkaPublisher",
+    "KafkaSettings",
+    "classify",
+    "publisher_for",
+]

@@ -21,7 +21,7 @@ clock_skew          this host's clock against the database's: relays' lease time
 stuck_leases        messages in flight under a lease that expired long ago: no relay takes them back
 ==================  =============================================================================
 
-Database-specific SQL sits in one table, :data:`outbox.doctor_probes.PROBES`, one entry per database
+Database-specific SQL sits in one table, :data:`outbox.admin.probes.PROBES`, one entry per database
 family; a check a family cannot have (LISTEN on MariaDB) is simply not run there. The checks that read
 the outbox table itself (indexes, bloat, stuck leases) are not run while it is missing.
 
@@ -40,8 +40,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from outbox.admin.probes import PROBES, Probes
 from outbox.dialects import dialect_for
-from outbox.doctor_probes import PROBES, Probes
 from outbox.errors import first_line
 from outbox.redaction import mask_url, scrub
 from outbox.schema import (

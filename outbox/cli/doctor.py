@@ -1,4 +1,4 @@
-"""``outbox doctor``: run the checks of :mod:`outbox.doctor` and print what they found, with fixes.
+"""``outbox doctor``: run the checks of :mod:`outbox.admin.doctor` and print what they found, with fixes.
 
 Exit codes: 0 when every check is ok; 1 when any check warns or fails (the output says which, and what
 to do); 4 when the database cannot be reached at all (the report then has that one finding).
@@ -10,10 +10,10 @@ import json
 
 import click
 
-from outbox.cli_options import settings_command
-from outbox.config import Settings
+from outbox.admin.doctor import Thresholds, diagnose, format_report
+from outbox.cli.config import Settings
+from outbox.cli.options import settings_command
 from outbox.dialects import create_engine
-from outbox.doctor import Thresholds, diagnose, format_report
 from outbox.redaction import scrub
 
 #: some check warned or failed

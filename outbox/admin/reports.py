@@ -2,7 +2,7 @@
 the reports of ``status``, ``replay`` and ``purge``.
 
 Plain frozen values with a ``to_dict()`` giving the ``--json`` form (times as naive-UTC ISO strings, ids
-as text). The queries that produce them are in :mod:`outbox.operations`.
+as text). The queries that produce them are in :mod:`outbox.admin.operations`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 database family (keyed by its :class:`~outbox.dialects.Dialect`).
 
 The probes return facts (transactions, dead rows, the server's clock, whether a NOTIFY arrived);
-:mod:`outbox.doctor` judges them against its thresholds and words the findings. A probe a family cannot
+:mod:`outbox.admin.doctor` judges them against its thresholds and words the findings. A probe a family cannot
 have is ``None`` there, and its check is not run:
 
 ==================  ==========================  ============================  =====================

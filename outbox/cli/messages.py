@@ -1,8 +1,8 @@
 """The operator commands: ``outbox status``, ``list``, ``show``, ``replay`` and ``purge``.
 
-Each one opens the database (checking the schema), asks :class:`outbox.operations.Operations`, and
+Each one opens the database (checking the schema), asks :class:`outbox.admin.operations.Operations`, and
 prints either a table for people or, with ``--json``, one JSON document for scripts. The queries and
-their guarantees are in :mod:`outbox.operations`; this module only parses options and formats output.
+their guarantees are in :mod:`outbox.admin.operations`; this module only parses options and formats output.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
-from outbox.cli_options import duration_option, message_id_option, open_engine, settings_command, time_option
-from outbox.config import Settings
-from outbox.operations import MessageFilter, MessageRecord, Operations, StatusReport
+from outbox.admin.operations import MessageFilter, MessageRecord, Operations, StatusReport
+from outbox.cli.config import Settings
+from outbox.cli.options import duration_option, message_id_option, open_engine, settings_command, time_option
 from outbox.schema import Status
 
 _STATUS_NAMES = [s.value for s in Status]

@@ -4,7 +4,7 @@ Command::
 
     outbox relay --app MODULE[:ATTR] [--kafka-bootstrap-servers HOST:PORT] [--metrics-port PORT]
 
-Every flag has an ``OUTBOX_*`` environment twin and a config-file key (:mod:`outbox.config`). The relay
+Every flag has an ``OUTBOX_*`` environment twin and a config-file key (:mod:`outbox.cli.config`). The relay
 and consumer code are imported inside the command: ``outbox`` never imports ``relay`` or ``consumers``
 at module level.
 """
@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from outbox.cli_options import (
+from outbox import defaults
+from outbox.cli.config import Settings, format_duration
+from outbox.cli.config import format_number as _n
+from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
     app_flag,
@@ -28,7 +31,7 @@ from outbox.cli_options import (
     metrics_flags,
     settings_command,
 )
-from outbox.config import Settings
+from outbox.cli.root import RET_CRASHED
 from outbox.errors import ConfigError, RelayFailed
 
 if TYPE_CHECKING:
@@ -79,25 +82,43 @@ _RELAY_SETTINGS = (
 @click.command()
 @app_flag
 @env_option(
-    "batch_size", int, "Messages a claim asks for (default 200; more during a backlog: --max-batch-size)."
+    "batch_size",
+    int,
+    f"Messages a claim asks for (default {_n(defaults.BATCH_SIZE)}; "
+    "more during a backlog: --max-batch-size).",
 )
 @env_option(
     "max_batch_size",
     int,
-    "Claims grow to this while a backlog lasts and the handlers keep up (default: 2000 or --batch-size).",
+    "Claims grow to this while a backlog lasts and the handlers keep up "
+    f"(default: {_n(defaults.MAX_BATCH_SIZE)} or --batch-size).",
 )
-@env_option("workers", int, "Handler threads (default 8).")
+@env_option("workers", int, f"Handler threads (default {_n(defaults.WORKERS)}).")
 @env_option(
     "max_in_flight",
     int,
-    "Messages claimed but not finished, at most (default: max(2 x claim, 4 x workers), 2000 with Kafka).",
+    "Messages claimed but not finished, at most "
+    f"(default: max(2 x claim, 4 x workers), {_n(defaults.BROKER_IN_FLIGHT)} with Kafka).",
 )
 @env_option(
-    "lease_seconds", float, "Seconds a claim holds a message before another relay may take it (default 30)."
+    "lease_seconds",
+    float,
+    "Seconds a claim holds a message before another relay may take it "
+    f"(default {_n(defaults.LEASE_SECONDS)}).",
 )
-@env_option("poll_interval", float, "Seconds between polls when idle (default 1).")
-@env_option("stop_timeout", float, "Seconds running handlers get to finish on stop (default 30).")
-@env_option("max_attempts", int, "Attempts before a message is dead, unless its handler says (default 10).")
+@env_option(
+    "poll_interval", float, f"Seconds between polls when idle (default {_n(defaults.POLL_INTERVAL)})."
+)
+@env_option(
+    "stop_timeout",
+    float,
+    f"Seconds running handlers get to finish on stop (default {_n(defaults.STOP_TIMEOUT)}).",
+)
+@env_option(
+    "max_attempts",
+    int,
+    f"Attempts before a message is dead, unless its handler says (default {_n(defaults.MAX_ATTEMPTS)}).",
+)
 @backoff_flags
 @env_option(
     "handler_timeout",
@@ -113,19 +134,21 @@ _RELAY_SETTINGS = (
 @env_option(
     "max_in_flight_bytes",
     int,
-    "Payload bytes claimed and not yet recorded, at most: the relay's memory follows it (default 67108864).",
+    "Payload bytes claimed and not yet recorded, at most: the relay's memory follows it "
+    f"(default {_n(defaults.MAX_IN_FLIGHT_BYTES)}).",
 )
 @env_option(
     "max_payload_bytes",
     int,
-    "Largest payload handed out, in bytes; a larger one goes dead (default 4194304, as outbox.add's).",
+    "Largest payload handed out, in bytes; a larger one goes dead "
+    f"(default {_n(defaults.MAX_PAYLOAD_BYTES)}, as outbox.add's).",
 )
 @env_option(
     "strict_order_topic", str, "Topic whose dead messages hold back their key (repeatable).", multiple=True
 )
 @kafka_connection_flags(
     servers_help="Publish topics without an in-process handler to this Kafka cluster.",
-    client_id_help="Kafka client id (default outbox-relay).",
+    client_id_help=f"Kafka client id (default {defaults.KAFKA_CLIENT_ID}).",
 )
 @env_option(
     "kafka_client",
@@ -137,13 +160,24 @@ _RELAY_SETTINGS = (
     click.Choice(["gzip", "snappy", "lz4", "zstd"], case_sensitive=False),
     "Compress record batches.",
 )
-@env_option("kafka_linger_ms", int, "Milliseconds the producer waits to fill a batch (default 5).")
-@env_option("kafka_batch_size", int, "Producer batch size in bytes (default 262144).")
-@env_option("kafka_request_timeout_ms", int, "Kafka request timeout in ms (default 30000).")
+@env_option(
+    "kafka_linger_ms",
+    int,
+    f"Milliseconds the producer waits to fill a batch (default {_n(defaults.KAFKA_LINGER_MS)}).",
+)
+@env_option(
+    "kafka_batch_size", int, f"Producer batch size in bytes (default {_n(defaults.KAFKA_BATCH_SIZE)})."
+)
+@env_option(
+    "kafka_request_timeout_ms",
+    int,
+    f"Kafka request timeout in ms (default {_n(defaults.KAFKA_REQUEST_TIMEOUT_MS)}).",
+)
 @env_option(
     "kafka_delivery_timeout_ms",
     int,
-    "Give up on a send after this many ms; the message is released, not failed (default 120000).",
+    "Give up on a send after this many ms; the message is released, not failed "
+    f"(default {_n(defaults.KAFKA_DELIVERY_TIMEOUT_MS)}).",
 )
 @env_option(
     "kafka_route",
@@ -155,19 +189,28 @@ _RELAY_SETTINGS = (
 @env_option(
     "retention",
     str,
-    "Delete delivered messages older than this, in small batches, one relay at a time (default 7d; "
-    "off keeps them).",
+    "Delete delivered messages older than this, in small batches, one relay at a time "
+    f"(default {format_duration(defaults.RETENTION)}; off keeps them).",
     metavar="DURATION|off",
 )
 @env_option(
     "stuck_after",
     str,
-    "Warn about messages and keys waiting this long past their due time (default 5m).",
+    "Warn about messages and keys waiting this long past their due time "
+    f"(default {format_duration(defaults.STUCK_AFTER)}).",
     metavar="DURATION",
 )
-@env_option("maintenance_interval", float, "Seconds between retention and stuck checks (default 60).")
+@env_option(
+    "maintenance_interval",
+    float,
+    f"Seconds between retention and stuck checks (default {_n(defaults.MAINTENANCE_INTERVAL)}).",
+)
 @metrics_flags
-@env_option("metrics_interval", float, "Seconds between reads of the table's gauges (default 15).")
+@env_option(
+    "metrics_interval",
+    float,
+    f"Seconds between reads of the table's gauges (default {_n(defaults.METRICS_INTERVAL)}).",
+)
 @settings_command(*_RELAY_SETTINGS)
 def relay(settings: Settings) -> None:
     """Deliver committed messages to the handlers of --app until SIGTERM or SIGINT.
@@ -259,8 +302,6 @@ def _stop_after_failure(runner: Relay, deadline_seconds: float) -> None:
     process in that state (a MemoryError, a bug) may not manage a graceful stop: it must exit anyway,
     and what it still holds comes back after the lease.
     """
-    from outbox.cli import RET_CRASHED  # here: outbox.cli imports this module
-
     stopper = threading.Thread(target=runner.stop, name="outbox-cli-stop", daemon=True)
     stopper.start()
     stopper.join(deadline_seconds)

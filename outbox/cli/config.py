@@ -6,7 +6,7 @@ Where each value comes from, first match wins:
 2. its environment twin (``OUTBOX_BATCH_SIZE=500``);
 3. the optional TOML file named by ``--config`` / ``OUTBOX_CONFIG``, whose keys are the long option
    names with underscores (``batch_size = 500``, ``database_url = "postgresql://..."``);
-4. the defaults below (the same as :class:`relay.Relay`'s).
+4. the defaults, from :mod:`outbox.defaults` (the same as :class:`relay.Relay`'s).
 
 The CLI resolves 1 and 2 (click reads the environment) and hands the explicit values to
 :meth:`Settings.load`, which adds the file and the defaults and validates everything once, raising
@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from outbox import defaults
 from outbox.dialects import normalise_url
 from outbox.errors import ConfigError
 from outbox.policy import MAX_SECONDS, RetryPolicy
 from outbox.redaction import mask_url, url_secrets
 from outbox.schema import DEFAULT_TABLE, validate_table_name
-from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY
+from outbox.writer import MAX_DELAY
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -97,7 +98,8 @@ SECRET_FILES: dict[str, str] = {
     "database_url_file": "database_url",
     "kafka_sasl_password_file": "kafka_sasl_password",
 }
-#: the settings of a Kafka connection (``outbox.kafka_settings.KafkaConnection``), named as in the file
+#: the settings of a Kafka connection (``outbox.runtime.kafka_settings.KafkaConnection``), named as in
+#: the file
 KAFKA_CONNECTION_SETTINGS = (
     "kafka_bootstrap_servers",
     "kafka_client_id",
@@ -126,21 +128,21 @@ class Settings:
     log_format: str = "text"
     #: ``MODULE[:ATTR]`` naming the handlers' registry (``outbox relay`` needs it)
     app: str | None = None
-    batch_size: int = 200
+    batch_size: int = defaults.BATCH_SIZE
     max_batch_size: int | None = None
-    workers: int = 8
+    workers: int = defaults.WORKERS
     max_in_flight: int | None = None
-    lease_seconds: float = 30.0
-    poll_interval: float = 1.0
-    stop_timeout: float = 30.0
-    max_attempts: int = 10
-    backoff_initial: float = 1.0
-    backoff_max: float = 300.0
+    lease_seconds: float = defaults.LEASE_SECONDS
+    poll_interval: float = defaults.POLL_INTERVAL
+    stop_timeout: float = defaults.STOP_TIMEOUT
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    backoff_initial: float = defaults.BACKOFF_INITIAL
+    backoff_max: float = defaults.BACKOFF_MAX
     handler_timeout: float | None = None
     #: the largest payload the relay hands out (bytes, as stored); larger ones go dead
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_payload_bytes: int = defaults.MAX_PAYLOAD_BYTES
     #: payload bytes a relay holds claimed and not yet recorded, at most (its memory follows this)
-    max_in_flight_bytes: int = 64 * 1024 * 1024
+    max_in_flight_bytes: int = defaults.MAX_IN_FLIGHT_BYTES
     #: handler threads stuck past their timeout before the relay stops claiming (default 2 x workers)
     max_stuck_handlers: int | None = None
     strict_order_topics: tuple[str, ...] = ()
@@ -164,14 +166,14 @@ class Settings:
     kafka_routes: tuple[tuple[str, str], ...] = ()
     #: built-in maintenance (``relay.maintenance``): delivered messages older than this are deleted
     #: (zero: kept forever); messages and keys waiting longer than ``stuck_after`` are reported
-    retention: dt.timedelta = dt.timedelta(days=7)
-    stuck_after: dt.timedelta = dt.timedelta(minutes=5)
-    maintenance_interval: float = 60.0
-    #: ``/metrics``, ``/healthz`` and ``/readyz`` (``outbox.ops_server``) on this port; ``None``: off
+    retention: dt.timedelta = defaults.RETENTION
+    stuck_after: dt.timedelta = defaults.STUCK_AFTER
+    maintenance_interval: float = defaults.MAINTENANCE_INTERVAL
+    #: ``/metrics``, ``/healthz`` and ``/readyz`` (``outbox.runtime.ops_server``) on this port; ``None``: off
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = defaults.METRICS_HOST
     #: seconds between two reads of the metrics' gauges computed from the table
-    metrics_interval: float = 15.0
+    metrics_interval: float = defaults.METRICS_INTERVAL
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form
@@ -467,6 +469,20 @@ def parse_duration(text: str) -> dt.timedelta:
     if seconds > MAX_SECONDS:  # a timedelta of 1e12 days overflows
         raise ConfigError(f"invalid duration {text!r}: use at most {MAX_DELAY.days} days (100 years)")
     return dt.timedelta(seconds=seconds)
+
+
+def format_duration(value: dt.timedelta) -> str:
+    """The shortest spelling :func:`parse_duration` reads back as ``value``: ``7d``, ``5m``, ``90s``."""
+    seconds = value.total_seconds()
+    for unit in ("d", "h", "m"):
+        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds / _UNIT_SECONDS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_number(value: float) -> str:
+    """A default as a help text shows it: ``30`` for 30.0, ``0.5``, ``67108864`` (never ``6.7e+07``)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def parse_time_ref(text: str, *, now: dt.datetime) -> dt.datetime:

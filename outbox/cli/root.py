@@ -1,25 +1,14 @@
-"""The ``outbox`` command: run the relay, manage the schema, inspect and operate the outbox.
-
-Commands::
-
-    outbox relay --app MODULE[:ATTR]    deliver committed messages          (outbox.cli_relay)
-    outbox db upgrade | db version      apply / show schema migrations
-    outbox status | list | show ID      what is in the outbox, and why     (outbox.cli_inspect)
-    outbox replay | purge               send messages back / delete old ones (outbox.cli_inspect)
-    outbox doctor                       check the database and explain each fix (outbox.cli_doctor)
-    outbox consume | dlq                consume from Kafka, its dead letters (outbox.cli_consume, cli_dlq)
-
-Every flag has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.config`).
+"""The ``outbox`` group itself: how every failure becomes one line on stderr and an exit code.
 
 Errors never print a traceback for a user mistake: each :class:`~outbox.errors.OutboxError`, usage error
 or database error becomes one line ``outbox: error: <message>`` on stderr (database passwords masked)
-and one of the exit codes below. Only a bug (any other exception) prints its traceback.
+and one of the exit codes below. Only a bug (any other exception) prints its traceback. The commands
+are attached to the group in :mod:`outbox.cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -30,12 +19,10 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from outbox.cli_doctor import doctor
-from outbox.cli_inspect import list_messages, purge, replay, show, status
-from outbox.cli_options import open_engine, settings_command, shared_options
-from outbox.config import Settings
+from outbox.cli.options import shared_options
 from outbox.dialects import is_outage
 from outbox.errors import (
+    BrokerError,
     ConfigError,
     DatabaseUnavailable,
     MessageNotFound,
@@ -46,7 +33,6 @@ from outbox.errors import (
     first_line,
 )
 from outbox.redaction import scrub
-from outbox.schema import SCHEMA_VERSION, check_version, current_version, upgrade
 
 #: success (also: the relay stopped gracefully on SIGTERM/SIGINT)
 RET_OK = 0
@@ -67,6 +53,8 @@ RET_NOT_FOUND = 7
 #: a thread ``outbox relay`` cannot work without died (a claim's MemoryError, a bug): it stopped rather
 #: than live on claiming nothing; restart it (its unfinished messages come back after their lease)
 RET_CRASHED = 8
+#: the Kafka cluster cannot be reached or refused the request (``outbox consume``, ``outbox dlq replay``)
+RET_BROKER = 9
 
 _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (ConfigError, RET_CONFIG),
@@ -75,6 +63,7 @@ _EXIT_CODES: tuple[tuple[type[OutboxError], int], ...] = (
     (RelayConflict, RET_CONFLICT),
     (MessageNotFound, RET_NOT_FOUND),
     (RelayFailed, RET_CRASHED),
+    (BrokerError, RET_BROKER),
 )
 
 log = logging.getLogger("outbox.cli")
@@ -170,85 +159,12 @@ def outbox(**_options: Any) -> None:
     Every option also reads an OUTBOX_* environment variable (--batch-size: OUTBOX_BATCH_SIZE) and a
     key of the --config TOML file (batch_size = 500); flags win over the environment, which wins over
     the file. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 configuration, 4 database unreachable,
-    5 schema missing or outdated, 6 relay conflict, 7 message not found, 8 the relay crashed.
+    5 schema missing or outdated, 6 relay conflict, 7 message not found, 8 the relay crashed,
+    9 Kafka unreachable or refusing.
     """
-
-
-# --- outbox db ---------------------------------------------------------------------------------------------
-
-
-@outbox.group()
-def db() -> None:
-    """Create and migrate the outbox tables."""
-
-
-@db.command("upgrade")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@settings_command()
-def db_upgrade(settings: Settings, as_json: bool) -> None:
-    """Apply the schema migrations this version needs (creates the tables on first run)."""
-    engine = open_engine(settings, check_schema=False)
-    try:
-        with engine.begin() as conn:
-            applied = upgrade(conn, settings.table)
-    finally:
-        engine.dispose()
-    if as_json:
-        steps = [{"version": m.version, "description": m.description} for m in applied]
-        click.echo(json.dumps({"table": settings.table, "applied": steps, "version": SCHEMA_VERSION}))
-        return
-    if not applied:
-        click.echo(f"outbox table {settings.table!r} is already at version {SCHEMA_VERSION}")
-        return
-    for migration in applied:
-        click.echo(f"applied migration {migration.version}: {migration.description}")
-    click.echo(f"outbox table {settings.table!r} is now at version {SCHEMA_VERSION}")
-
-
-@db.command("version")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--check", is_flag=True, help="Exit 5 unless the installed schema is the one this code needs.")
-@settings_command()
-def db_version(settings: Settings, as_json: bool, check: bool) -> None:
-    """Show the installed schema version and the one this code needs."""
-    engine = open_engine(settings, check_schema=False)
-    problem: SchemaError | None = None
-    try:
-        with engine.connect() as conn:
-            installed = current_version(conn, settings.table)
-            try:
-                check_version(conn, settings.table)
-            except SchemaError as exc:
-                problem = exc
-    finally:
-        engine.dispose()
-    if as_json:
-        click.echo(json.dumps({"table": settings.table, "installed": installed, "code": SCHEMA_VERSION}))
-    else:
-        click.echo(f"installed: {installed}\ncode:      {SCHEMA_VERSION}")
-    if check and problem is not None:
-        raise problem
-
-
-# --- inspect and operate (outbox.cli_inspect) -------------------------------------------------------------
-
-for _command in (status, list_messages, show, replay, purge):
-    outbox.add_command(_command)
-outbox.add_command(doctor)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point (``outbox`` and ``python -m outbox``)."""
     outbox.main(args=argv, prog_name="outbox")
     raise AssertionError("unreachable")  # main() exits
-
-
-# --- outbox relay (outbox.cli_relay), consume (outbox.cli_consume), dlq (outbox.cli_dlq) -------------------
-
-from outbox.cli_consume import consume  # noqa: E402
-from outbox.cli_dlq import dlq  # noqa: E402
-from outbox.cli_relay import relay  # noqa: E402
-
-outbox.add_command(relay)
-outbox.add_command(consume)
-outbox.add_command(dlq)

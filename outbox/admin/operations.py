@@ -28,10 +28,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from outbox.dialects import dialect_for
-from outbox.errors import MessageNotFound
-from outbox.key_queue import KeyQueue
-from outbox.reports import (
+from outbox.admin.reports import (
     MessageFilter,
     MessageRecord,
     PurgeResult,
@@ -39,10 +36,13 @@ from outbox.reports import (
     StatusReport,
     expand_statuses,
 )
-from outbox.schema import DEFAULT_TABLE, REPLAYABLE, OutboxTables, Status, tables_for
+from outbox.clock import utcnow
+from outbox.dialects import dialect_for
+from outbox.errors import MessageNotFound
+from outbox.key_queue import KeyQueue
+from outbox.schema import DEFAULT_TABLE, REPLAYABLE, Status, tables_for
 from outbox.serialization import decode_headers
 from outbox.wakeup import notify_channel
-from outbox.writer import utcnow
 
 #: statuses of messages that still wait for delivery (their age is the backlog's age)
 WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)
@@ -345,6 +345,9 @@ class Operations:
             with self.engine.connect() as conn:
                 count = conn.execute(sa.select(sa.func.count()).where(old)).scalar_one()
             return PurgeResult(count=int(count), statuses=(), cutoff=cutoff, dry_run=True, inbox=True)
+        # here, not at module level: the commands other than relay, consume and dlq never load `consumers`
+        from consumers.inbox import delete_old_inbox_rows
+
         deleted = batches = 0
         while True:
             with self.engine.begin() as conn:
@@ -386,21 +389,6 @@ class Operations:
             payload_size=int(m["payload_size"] or 0),
             payload=bytes(payload) if payload is not None else None,
         )
-
-
-def delete_old_inbox_rows(
-    conn: sa.Connection, tables: OutboxTables, cutoff: dt.datetime, limit: int
-) -> tuple[int, int]:
-    """One batch: delete at most ``limit`` inbox rows (any group) processed before ``cutoff``, oldest
-    first (the ``processed_at`` index); ``(rows found, rows deleted)``. Shared with ``relay.retention``."""
-    t = tables.inbox
-    old = t.c.processed_at < cutoff
-    pick = sa.select(t.c.consumer_group, t.c.message_id).where(old).order_by(t.c.processed_at).limit(limit)
-    keys = [tuple(row) for row in conn.execute(pick)]
-    if not keys:
-        return 0, 0
-    named = sa.tuple_(t.c.consumer_group, t.c.message_id).in_(keys)
-    return len(keys), conn.execute(sa.delete(t).where(named, old)).rowcount
 
 
 def _in(column: sa.Column[Any], statuses: Iterable[Status]) -> sa.ColumnElement[bool]:

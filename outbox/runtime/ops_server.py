@@ -29,6 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from outbox import defaults
 from outbox.errors import ConfigError, first_line
 from outbox.redaction import scrub_bytes
 
@@ -53,7 +54,7 @@ class OpsServer:
         registry: Any,
         checks: Mapping[str, Check] | Callable[[], Mapping[str, Check]],
         *,
-        host: str = "0.0.0.0",
+        host: str = defaults.METRICS_HOST,
         port: int = 0,
         liveness: Check | None = None,
     ) -> None:

@@ -1,4 +1,4 @@
-"""What every ``outbox`` command shares: its options, how they become :class:`~outbox.config.Settings`,
+"""What every ``outbox`` command shares: its options, how they become :class:`~outbox.cli.config.Settings`,
 logging, the database connection, and the parameter types for durations, times and message ids.
 
 The shared options (``--database-url``, ``--table``, ``--config``, ``--log-level``, ``--log-format``) are
@@ -26,20 +26,22 @@ import click
 import sqlalchemy as sa
 from click.core import ParameterSource
 
-from outbox.config import (
+from outbox import defaults
+from outbox.cli.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SECRET_FILES,
     Settings,
+    format_number,
     parse_duration,
     parse_time_ref,
 )
+from outbox.clock import utcnow
 from outbox.dialects import create_engine
 from outbox.errors import ConfigError, DatabaseUnavailable, first_line
-from outbox.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.redaction import mask_url, remember, scrub
+from outbox.runtime.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox.schema import check_version
-from outbox.writer import utcnow
 
 F = Callable[..., Any]
 
@@ -260,7 +262,7 @@ def _convert_each(value: Any, convert: Callable[[str], Any]) -> Any:
 
 
 def duration_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """``30s``, ``10m``, ``2h``, ``7d`` -> ``timedelta`` (see :func:`outbox.config.parse_duration`)."""
+    """``30s``, ``10m``, ``2h``, ``7d`` -> ``timedelta`` (see :func:`outbox.cli.config.parse_duration`)."""
     try:
         return _convert_each(value, parse_duration)
     except ConfigError as exc:
@@ -350,15 +352,26 @@ app_flag = env_option(
 )
 #: the retry backoff flags of ``outbox relay`` and ``outbox consume``
 backoff_flags = option_group(
-    env_option("backoff_initial", float, "Seconds before the first retry, doubling after (default 1)."),
-    env_option("backoff_max", float, "Longest wait between retries, in seconds (default 300)."),
+    env_option(
+        "backoff_initial",
+        float,
+        "Seconds before the first retry, doubling after "
+        f"(default {format_number(defaults.BACKOFF_INITIAL)}).",
+    ),
+    env_option(
+        "backoff_max",
+        float,
+        f"Longest wait between retries, in seconds (default {format_number(defaults.BACKOFF_MAX)}).",
+    ),
 )
 #: the metrics and health port flags of ``outbox relay`` and ``outbox consume``
 metrics_flags = option_group(
     env_option(
         "metrics_port", int, "Serve /metrics (Prometheus), /healthz and /readyz on this port (default: off)."
     ),
-    env_option("metrics_host", str, "Address the metrics port listens on (default 0.0.0.0)."),
+    env_option(
+        "metrics_host", str, f"Address the metrics port listens on (default {defaults.METRICS_HOST})."
+    ),
 )
 
 

@@ -8,7 +8,7 @@ Commands::
                                                 send dead letters back to their Kafka topic
 
 ``replay`` takes the Kafka connection flags of ``outbox consume``
-(:func:`outbox.cli_options.kafka_connection_flags`).
+(:func:`outbox.cli.options.kafka_connection_flags`).
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
 
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox.cli_consume import connection_values, quiet_kafka_logs
-from outbox.cli_options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
-from outbox.config import Settings
-from outbox.errors import MessageNotFound
-from outbox.kafka_settings import KafkaConnection
+from outbox.cli.config import Settings
+from outbox.cli.consume import connection_values, quiet_kafka_logs
+from outbox.cli.options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
+from outbox.errors import BrokerError, MessageNotFound
+from outbox.runtime.kafka_settings import KafkaConnection
 
 if TYPE_CHECKING:
     from consumers.dead_letters import DeadLetter
@@ -155,8 +155,8 @@ def dlq_replay(
     connection = None
     if not dry_run:
         connection = KafkaConnection(**{"client_id": "outbox-dlq-replay", **connection_values(settings)})
-    from consumers.dead_letters import BrokerError, republish
-    from outbox.writer import utcnow
+    from consumers.dead_letters import republish
+    from outbox.clock import utcnow
 
     def select(dl: Any, conn: Any) -> list[DeadLetter]:
         if seqs:

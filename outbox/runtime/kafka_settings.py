@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from outbox import defaults
 from outbox.errors import ConfigError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -34,7 +35,7 @@ class KafkaConnection:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    request_timeout_ms: int = 30_000
+    request_timeout_ms: int = defaults.KAFKA_REQUEST_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         servers = self.bootstrap_servers.split(",") if self.bootstrap_servers else []

@@ -21,7 +21,7 @@ import threading
 import time
 
 from outbox.errors import first_line
-from outbox.kafka_settings import KafkaConnection
+from outbox.runtime.kafka_settings import KafkaConnection
 
 #: seconds a handshake's result is reused: ``/readyz`` probes every few seconds stay cheap
 HANDSHAKE_CACHE_SECONDS = 5.0

@@ -13,8 +13,8 @@ read from the config file too; the consumer's own flags (``--group``, ``--sessio
 come from flags and environment only. The SASL password is never printed: it is scrubbed from every
 output (:mod:`outbox.redaction`) and kept out of ``repr``; give it in the environment or a file
 (``--kafka-sasl-password-file``), as flags are visible to every user in ``ps``. ``outbox dlq``
-(:mod:`outbox.cli_dlq`) uses :func:`connection_values` from here; the connection flags themselves are
-:func:`outbox.cli_options.kafka_connection_flags`.
+(:mod:`outbox.cli.dlq`) uses :func:`connection_values` from here; the connection flags themselves are
+:func:`outbox.cli.options.kafka_connection_flags`.
 
 The consumer code is imported inside the commands: ``outbox`` never imports ``consumers`` at module level.
 """
@@ -26,7 +26,9 @@ from typing import Any
 
 import click
 
-from outbox.cli_options import (
+from outbox import defaults
+from outbox.cli.config import KAFKA_CONNECTION_SETTINGS, Settings
+from outbox.cli.options import (
     KAFKA_CONNECTION_NAMES,
     StopSignals,
     app_flag,
@@ -37,7 +39,6 @@ from outbox.cli_options import (
     open_engine,
     settings_command,
 )
-from outbox.config import KAFKA_CONNECTION_SETTINGS, Settings
 from outbox.errors import ConfigError
 
 #: ``--batch-isolation`` (as ``consumers.batches.ISOLATIONS``; ``outbox`` does not import ``consumers``)
@@ -124,7 +125,9 @@ _CONSUME_SETTINGS = (
     "Where a group without committed offsets starts (default earliest).",
 )
 @env_option(
-    "max_attempts", int, "Attempts before a record is dead-lettered, unless its handler says (default 10)."
+    "max_attempts",
+    int,
+    f"Attempts before a record is dead-lettered, unless its handler says (default {defaults.MAX_ATTEMPTS}).",
 )
 @backoff_flags
 @env_option("stop_timeout", float, "Seconds the current handler gets to finish on stop (default 30).")
@@ -172,7 +175,7 @@ def consume(settings: Settings, **options: Any) -> None:
         from prometheus_client import disable_created_metrics
 
         from consumers.metrics import ConsumerMetrics, consumer_checks
-        from outbox.ops_server import OpsServer
+        from outbox.runtime.ops_server import OpsServer
 
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no "<counter>_created" series
         metrics = ConsumerMetrics(consumer_settings.group)

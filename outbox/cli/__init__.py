@@ -1,0 +1,60 @@
+"""The ``outbox`` command: run the relay, manage the schema, inspect and operate the outbox.
+
+One module per command group; this package only assembles them under the root group::
+
+    outbox relay --app MODULE[:ATTR]    deliver committed messages            (outbox.cli.relay)
+    outbox db upgrade | db version      apply / show schema migrations        (outbox.cli.db)
+    outbox status | list | show ID      what is in the outbox, and why       (outbox.cli.messages)
+    outbox replay | purge               send messages back / delete old ones  (outbox.cli.messages)
+    outbox doctor                       check the database, explain each fix  (outbox.cli.doctor)
+    outbox consume | dlq                consume from Kafka, its dead letters  (outbox.cli.consume, .dlq)
+
+What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli.options`; the root
+group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli.root`. Every flag
+has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.cli.config`).
+
+Public: :func:`main` (the console script) and the exit codes (``RET_*``, :func:`exit_code_for`). The
+click group itself (:data:`outbox`, importable for tests driving it with ``CliRunner``) is internal.
+"""
+
+from __future__ import annotations
+
+from outbox.cli.consume import consume
+from outbox.cli.db import db
+from outbox.cli.dlq import dlq
+from outbox.cli.doctor import doctor
+from outbox.cli.messages import list_messages, purge, replay, show, status
+from outbox.cli.relay import relay
+from outbox.cli.root import (
+    RET_BROKER,
+    RET_CONFIG,
+    RET_CONFLICT,
+    RET_CONNECT,
+    RET_CRASHED,
+    RET_ERROR,
+    RET_NOT_FOUND,
+    RET_OK,
+    RET_SCHEMA,
+    RET_USAGE,
+    exit_code_for,
+    main,
+    outbox,
+)
+
+for _command in (db, status, list_messages, show, replay, purge, doctor, relay, consume, dlq):
+    outbox.add_command(_command)
+
+__all__ = [
+    "RET_BROKER",
+    "RET_CONFIG",
+    "RET_CONFLICT",
+    "RET_CONNECT",
+    "RET_CRASHED",
+    "RET_ERROR",
+    "RET_NOT_FOUND",
+    "RET_OK",
+    "RET_SCHEMA",
+    "RET_USAGE",
+    "exit_code_for",
+    "main",
+]
