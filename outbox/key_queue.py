@@ -9,7 +9,7 @@ claim takes them as one run. Promotion is idempotent and safe to run at any time
 while an earlier message holds the key.
 
 Who promotes (``relay.claim``'s invariant 9): the relay's completer after a run's last message is
-delivered or a message is dead, :meth:`outbox.operations.Operations.purge` after deleting parked
+delivered or a message is dead, :meth:`outbox.admin.operations.Operations.purge` after deleting parked
 messages, and the relay's maintenance thread as a safety net (:meth:`KeyQueue.sweep`), for a promotion a
 crash came between (the delivered mark committed, the promotion not).
 """
@@ -37,9 +37,8 @@ def seqs_param(as_array: bool, seqs: Sequence[int]) -> str | list[int]:
 
 
 #: rows of one key promoted at once: a relay takes them as one run. Each run costs a claim's share and
-#: a run-end transaction: with 256, one deep key drained at 0.45 to 0.57 of unkeyed messages, relay CPU
-#: 33 to 48 us a message against 19 to 23 (157 claims for 30,000 messages); with 1,024 at 0.77 to 0.86,
-#: 28 to 29 us (43 claims). Longer runs no longer fit a claim's pull budget (3/4 of max_batch_size).
+#: a run-end transaction, so longer runs drain a deep key faster (BENCHMARKS.md, "Figures behind the
+#: code"); longer than this they no longer fit a claim's pull budget (3/4 of max_batch_size).
 RUN_LENGTH = 1024
 
 #: :func:`key_rows_after`'s ``ready``: a pending row that is queued (``due_at`` NULL), due (by ``now``), or

@@ -164,8 +164,8 @@ Invariants (each names the test that would catch its violation):
     flight under a live lease (read with the blockers it locks): they stay due, and that relay chains
     or pulls them behind its run (invariant 12), or its own scan queues them behind it. So the rows
     of a hot key cost one write to take and one to mark, however many relays look at them (queued by
-    an idle relay they cost a queue write and a promotion or take more: three relays on 10 hot keys
-    drained at 0.56 of one relay). Leaving a row due is always safe (invariant 5: nothing leaves the
+    an idle relay they cost a queue write and a promotion or take more; BENCHMARKS.md, "Figures behind
+    the code"). Leaving a row due is always safe (invariant 5: nothing leaves the
     scan); a row behind an expired lease is queued or reclaimed as before (invariant 4), and the claim
     counts the rows it left (``ClaimResult.elsewhere``), which are no work for its relay: an idle relay
     then looks again only at its poll pace.
@@ -198,7 +198,7 @@ PROBE_BY_KEY = 4
 #: hold the key for long: a retry's backoff, a strict-order topic's poison message), has its next due rows
 #: queued with them, up to QUEUE_AHEAD, so that they leave the scan in one statement instead of taking a
 #: share of every claim (invariant 8). Behind another relay's run they are not: that relay chains or
-#: pulls them, and queueing ahead only cost a write each (three relays on 10 keys: 0.60-0.68 -> 0.54-0.60)
+#: pulls them (invariant 14)
 DEEP_BLOCKED = 64
 QUEUE_AHEAD = 8192
 
@@ -291,8 +291,8 @@ class ClaimQueries:
             t.c.created_at,
         ]
         if dialect.array_params:  # one statement text whatever the batch size: prepared once, no re-parsing
-            # The array goes as one text literal ("{1,2,3}", see _seqs): psycopg's list dumper spends about
-            # 3 us of Python per element (a regex each), a sixth of the relay's own cost of a delivered mark.
+            # The array goes as one text literal ("{1,2,3}", see _seqs): psycopg's list dumper spends Python
+            # time per element (a regex each; BENCHMARKS.md, "Figures behind the code").
             seq_array = sa.cast(sa.bindparam("seqs", type_=sa.Text()), postgresql.ARRAY(sa.BigInteger()))
             in_seqs = t.c.seq == sa.any_(seq_array)
         else:
@@ -317,9 +317,9 @@ class ClaimQueries:
             # once per keyed row. And written "max(seq) where msg_key = key and seq < row", the planner
             # may read the primary key backwards from the row, filtering by key (it believes a hot key
             # common): a key's head, whose earlier rows are all delivered, then read every delivered row
-            # of the table before it (a scan of 2,000 rows took 340 ms instead of 30 with 50,000
-            # delivered before them). So the probe is a row comparison, (msg_key, seq) < (key, row),
-            # bounded by msg_key >= key, ordered by (msg_key, seq): only that index gives the order.
+            # of the table before it (BENCHMARKS.md, "Figures behind the code"). So the probe is a row
+            # comparison, (msg_key, seq) < (key, row), bounded by msg_key >= key, ordered by
+            # (msg_key, seq): only that index gives the order.
             e = t.alias("e")
             nearest = (
                 sa.select(e.c.seq)
@@ -707,7 +707,7 @@ class ClaimQueries:
         if not by_key:
             return
         # SQL text: a statement of this shape differs with every claim, and building it as SQLAlchemy
-        # expressions cost more than running it (about 1 ms a key)
+        # expressions cost more than running it (BENCHMARKS.md, "Figures behind the code")
         table = conn.dialect.identifier_preparer.format_table(self.t)
         holding_statuses = ", ".join(f"'{status.value}'" for status in KEY_HOLDING)
         pending = f"'{Status.PENDING.value}'"

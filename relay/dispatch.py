@@ -62,7 +62,7 @@ from outbox.policy import TopicPolicy
 from outbox.serialization import decode_headers, decode_payload
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay.claim import ClaimedRow
-from relay.publishers import Delivered, Delivery, Failed, Outcome, Released, describe_error
+from relay.publishers import Delivered, Delivery, Failed, Outcome, Publisher, Released, describe_error
 
 log = logging.getLogger("outbox.relay")
 
@@ -77,7 +77,7 @@ class Dispatcher:
     def __init__(
         self,
         registry: Registry,
-        publishers: Sequence[Any],
+        publishers: Sequence[Publisher],
         *,
         default_policy: TopicPolicy,
         strict_order_topics: Iterable[str] = (),
@@ -262,7 +262,13 @@ class Dispatcher:
             publisher.deliver(deliveries, self.report)
 
     def ready(
-        self, row: ClaimedRow, publisher: Any, policy: TopicPolicy, decode: bool, *, run_end: bool = True
+        self,
+        row: ClaimedRow,
+        publisher: Publisher | None,
+        policy: TopicPolicy,
+        decode: bool,
+        *,
+        run_end: bool = True,
     ) -> Delivery | None:
         """``row`` as a delivery for ``publisher``, or None after reporting why it cannot be handed out."""
         delivery, refusal = self.prepare(row, publisher, policy, decode, run_end=run_end)
@@ -272,7 +278,13 @@ class Dispatcher:
         return delivery
 
     def prepare(
-        self, row: ClaimedRow, publisher: Any, policy: TopicPolicy, decode: bool, *, run_end: bool = True
+        self,
+        row: ClaimedRow,
+        publisher: Publisher | None,
+        policy: TopicPolicy,
+        decode: bool,
+        *,
+        run_end: bool = True,
     ) -> tuple[Delivery, Failed | None]:
         """``row`` as a delivery for ``publisher``, with the failure to report instead of handing it
         out (None: it may be handed out). Reports nothing: a run reports a refusal only once every
@@ -300,12 +312,12 @@ class Dispatcher:
             return delivery, Failed(f"no route for topic {delivery.message.topic}")
         return delivery, None
 
-    def route(self, topic: str) -> tuple[Any, TopicPolicy, bool]:
+    def route(self, topic: str) -> tuple[Publisher | None, TopicPolicy, bool]:
         """The publisher of ``topic`` (None: no route), its policy, and whether payloads are decoded."""
         found = self._route(topic)
         return found, self.policy(topic), found is None or found.decodes_payload
 
-    def _route(self, topic: str) -> Any:
+    def _route(self, topic: str) -> Publisher | None:
         for publisher in self.publishers:
             if publisher.accepts(topic):
                 return publisher
@@ -472,6 +484,7 @@ class _Run:
             dispatcher.report(*refused)
             self._release_rest(_EARLIER_UNFINISHED)
             return
+        assert publisher is not None  # prepare refuses every row that has no publisher
         publisher.deliver(group, self.done)
 
     def done(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -577,6 +590,7 @@ class _SuspectLane:
                     self._hold(row.key)
                     continue
                 delivery = replace(delivery, counted=True)
+            assert publisher is not None  # ready refuses every row that has no publisher
             publisher.deliver([delivery], self.done)
             return
 

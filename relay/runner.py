@@ -24,10 +24,9 @@ Threads (dramatiq's shape: fetching apart from running):
   reports stuck messages, expired leases and held-back keys.
 
 Claim size (the fetcher's; ``batch_size`` up to ``max_batch_size``): each claim and each mark
-statement has a fixed cost, so a deep backlog drains faster in larger claims (PostgreSQL here, one
-relay, no-op handlers: 21,000 msg/s claiming 200 at a time, 26,000 at 1,000, 28,000 at 2,000); but a
-relay whose handlers are slow would only hoard, in a large claim, messages that other relays could be
-running. So the claim size adapts, and these hold:
+statement has a fixed cost, so a deep backlog drains faster in larger claims (figures in
+BENCHMARKS.md, "Figures behind the code"); but a relay whose handlers are slow would only hoard, in a
+large claim, messages that other relays could be running. So the claim size adapts, and these hold:
 
 - a claim asks for at most the claim size and at most the room left in the window (``max_in_flight``,
   by default twice the claim size, so the window follows it);
@@ -69,7 +68,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -91,9 +90,12 @@ from relay.listener import listen
 from relay.maintenance import Maintenance
 from relay.observers import Observers, RelayObserver
 from relay.outages import GaveUp, OutageRetry
-from relay.publishers import Delivery
+from relay.publishers import Delivery, Publisher
 from relay.publishers.handlers import HandlerPublisher
 from relay.single_relay import SingleRelayLock
+
+if TYPE_CHECKING:
+    from relay.publishers.kafka import KafkaSettings
 
 log = logging.getLogger("outbox.relay")
 
@@ -102,14 +104,10 @@ log = logging.getLogger("outbox.relay")
 # outbox.wakeup.NOTIFY_GAP for why).
 AWAKE_SECONDS = RELAY_AWAKE_SECONDS
 AWAKE_POLL = 0.002
-#: default max_batch_size: claims grow to this while a backlog lasts and the handlers keep up (see above)
-MAX_BATCH_SIZE = 2000
-#: default max_in_flight_bytes: the payload bytes a relay holds claimed at most (a message larger than
-#: that is still claimed, alone), so that its memory follows this, not claim size x payload size
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
-#: default max_in_flight with a Kafka publisher: at 20,000 records/s and 50 ms to an acks=all answer,
-#: 1,000 records are in flight; twice that leaves room for a slower broker
-BROKER_IN_FLIGHT = 2000
+#: the defaults of max_batch_size, max_in_flight_bytes and (with Kafka) max_in_flight: outbox.defaults
+MAX_BATCH_SIZE = defaults.MAX_BATCH_SIZE
+MAX_IN_FLIGHT_BYTES = defaults.MAX_IN_FLIGHT_BYTES
+BROKER_IN_FLIGHT = defaults.BROKER_IN_FLIGHT
 
 
 class Relay:
@@ -143,8 +141,8 @@ class Relay:
     ``freeze_gc=True`` calls :func:`gc.freeze` in :meth:`start`, once the relay is set up: every object
     alive then (the interpreter's modules, SQLAlchemy's, the application's) moves to the collector's
     permanent generation, which its full passes skip. Without it, each full pass walks those few hundred
-    thousand objects with the GIL held: here 60-80 ms pauses of the whole relay every 12,000 or so
-    messages, 6.5 us of collection per message against 1.5 us frozen. ``outbox relay`` sets it. In an
+    thousand objects with the GIL held: pauses of the whole relay of tens of milliseconds (measured in
+    BENCHMARKS.md, "Figures behind the code"). ``outbox relay`` sets it. In an
     application that starts a relay beside its own work, leave it off unless the application is done
     building its long-lived state: a frozen object caught in a reference cycle later is never freed.
     """
@@ -166,8 +164,8 @@ class Relay:
         handler_timeout: float | None = None,
         max_stuck_handlers: int | None = None,
         strict_order_topics: Sequence[str] = (),
-        kafka: Any = None,
-        publishers: Sequence[Any] = (),
+        kafka: KafkaSettings | None = None,
+        publishers: Sequence[Publisher] = (),
         observers: Sequence[RelayObserver] = (),
         name: str | None = None,
         maintenance: bool = True,
@@ -235,8 +233,8 @@ class Relay:
         self.claims = ClaimQueries(self.tables, self.dialect)
         # Every lease write (renewal, marks, releases) is one statement, atomic on its own: on PostgreSQL
         # and MariaDB it runs in autocommit, so a relay frozen right after it holds no row lock (invariant
-        # 7 of relay.claim), and it takes one round trip instead of three (BEGIN, it, COMMIT): an empty
-        # PostgreSQL claim took 617 instead of 982 us here, 411 instead of 572 us of the relay's CPU.
+        # 7 of relay.claim), and it takes one round trip instead of three (BEGIN, it, COMMIT; BENCHMARKS.md,
+        # "Figures behind the code").
         # SQLite keeps transactions: one relay, and its lease writes share one with the relay lock.
         self._autocommit: sa.Engine | None = (
             None if self.dialect.single_relay else self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -258,7 +256,7 @@ class Relay:
             from relay.publishers.kafka import publisher_for
 
             extra.append(publisher_for(kafka))
-        self.publishers: list[Any] = [self.handlers, *extra]
+        self.publishers: list[Publisher] = [self.handlers, *extra]  # mypy checks HandlerPublisher here
         self.observers = Observers(observers)
         self.counters: dict[str, int] = defaultdict(int)
         self.last_progress = time.monotonic()
@@ -620,7 +618,7 @@ class Relay:
         # rows set aside behind their key (queued) count as found: the scan met that many due rows; so do
         # rows left behind a blocker being written (a run's end being marked): claimable in a moment, and
         # a claim cut back to batch_size would then take a sliver of each key (MariaDB, 100 keys: every
-        # other claim came back empty so, and the relay drained 2,800 msg/s)
+        # other claim came back empty so; BENCHMARKS.md, "Figures behind the code")
         found = len(rows) + rows.queued + rows.busy
         self._claim_size = self._next_claim_size(want, found, older, self._last_claim_full)
         self._last_claim_full = found == want
