@@ -193,6 +193,7 @@ def load_registry(spec: str) -> Registry:
     Raises :class:`ConfigError` with one clear line when the module or attribute cannot be loaded.
     """
     import importlib
+    import os
     import sys
 
     module_name, _, attr = spec.partition(":")
@@ -204,7 +205,11 @@ def load_registry(spec: str) -> Registry:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigError(f"cannot import --app module {module_name!r}: no such module") from None
+            raise ConfigError(
+                f"cannot import --app module {module_name!r}: no such module in the current directory "
+                f"({os.getcwd()}) or on PYTHONPATH; run the command from your project's root, or set "
+                "PYTHONPATH to the directory that holds it"
+            ) from None
         raise ConfigError(f"cannot import --app module {module_name!r}: {exc}") from None
     except Exception as exc:
         raise ConfigError(
@@ -212,7 +217,11 @@ def load_registry(spec: str) -> Registry:
         ) from None
     if not attr:
         return default_registry
-    registry = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise ConfigError(f"--app {spec!r}: module {module_name} has no attribute {attr!r}")
+    registry = getattr(module, attr)
     if not isinstance(registry, Registry):
-        raise ConfigError(f"--app {spec!r}: {module_name}.{attr} is not a consumers.Registry")
+        raise ConfigError(
+            f"--app {spec!r}: {module_name}.{attr} is a {type(registry).__name__}, not a consumers.Registry"
+        )
     return registry

@@ -58,6 +58,10 @@ class Dialect:
     #: range of the key's index; MariaDB runs it as a ``ref`` on ``(msg_key, status)`` that reads every
     #: row of the key, so there the claim probes with constants, per key, after the scan
     correlated_range: bool = True
+    #: how the claim compares topics with a relay's topic patterns, case-sensitively: ``like``
+    #: (PostgreSQL), ``binary`` (MariaDB: ``LIKE`` and ``IN`` on the bytes, not under the column's
+    #: case-insensitive collation), ``glob`` (SQLite: ``GLOB`` has the shell's syntax)
+    topic_match: str = "like"
 
     def engine_options(self) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this database."""
@@ -90,6 +94,7 @@ MARIADB = Dialect(
     single_relay=False,
     listen_notify=False,
     correlated_range=False,
+    topic_match="binary",
 )
 SQLITE = Dialect(
     "sqlite",
@@ -100,6 +105,7 @@ SQLITE = Dialect(
     single_writer=True,
     greatest_function="max",
     write_lock_first=True,
+    topic_match="glob",
 )
 
 

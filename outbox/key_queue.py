@@ -41,6 +41,9 @@ def seqs_param(as_array: bool, seqs: Sequence[int]) -> str | list[int]:
 #: code"); longer than this they no longer fit a claim's pull budget (3/4 of max_batch_size).
 RUN_LENGTH = 1024
 
+#: one row of a key's queued run: ``(seq, payload bytes, topic)``, bytes -1 for a row already due
+RunRow = tuple[int, int, str]
+
 #: :func:`key_rows_after`'s ``ready``: a pending row that is queued (``due_at`` NULL), due (by ``now``), or
 #: neither (a retry's backoff); and a row holding the key otherwise (in flight, failed, parked)
 QUEUED, DUE, WAITING, OTHERWISE_HOLDING = 2, 1, 0, -1
@@ -48,8 +51,8 @@ QUEUED, DUE, WAITING, OTHERWISE_HOLDING = 2, 1, 0, -1
 
 def key_rows_after(t: sa.Table, *, holding_index: bool, inclusive: bool, now: Any = None) -> sa.Select[Any]:
     """A key's rows after row ``:after`` (from it, when ``inclusive``), in seq order, up to ``:count``, as
-    ``(seq, ready, payload bytes)``: the key's pending rows, and its first row holding the key otherwise
-    (``ready`` :data:`OTHERWISE_HOLDING`), which a run must stop at. ``ready`` of a pending row is
+    ``(seq, ready, payload bytes, topic)``: the key's pending rows, and its first row holding the key
+    otherwise (``ready`` :data:`OTHERWISE_HOLDING`), which a run must stop at. ``ready`` of a pending row is
     :data:`QUEUED` or :data:`DUE`; with ``now`` given, a pending row not due by then is :data:`WAITING`.
 
     On PostgreSQL (``holding_index``) one range of the partial index of holding rows; elsewhere a range of
@@ -83,7 +86,7 @@ def key_rows_after(t: sa.Table, *, holding_index: bool, inclusive: bool, now: An
         )
         statuses = [Status.PENDING]
     return (
-        sa.select(t.c.seq, ready, sa.func.length(t.c.payload))
+        sa.select(t.c.seq, ready, sa.func.length(t.c.payload), t.c.topic)
         .where(key_is(t.c.msg_key, key), status_in(t.c.status, statuses), from_after)
         .order_by(t.c.msg_key, t.c.seq)
         .limit(sa.bindparam("count", type_=sa.Integer))
@@ -256,23 +259,21 @@ class KeyQueue:
         runs = self.queued_runs(conn, seqs)
         if not self.promote_runs(conn, runs.values(), now=now):
             return {}
-        return {key: sum(size >= 0 for _, size in run) for key, run in runs.items()}
+        return {key: sum(size >= 0 for _, size, _ in run) for key, run in runs.items()}
 
-    def queued_runs(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+    def queued_runs(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[str, list[RunRow]]:
         """The keys of rows ``seqs`` whose next run is queued with nothing earlier holding the key: per
-        key, that run's pending rows as ``(seq, payload bytes)`` in seq order, bytes -1 for a row that
-        is due already (a promotion makes the others due; the relay that ended the key's run may take
+        key, that run's pending rows as ``(seq, payload bytes, topic)`` in seq order, bytes -1 for a row
+        that is due already (a promotion makes the others due; the relay that ended the key's run may take
         the leading queued ones itself instead, ``relay.claim``'s invariant 13)."""
         if not seqs:
             return {}
         heads = conn.execute(self._family(conn, self._heads_of_rows), {"seqs": self._seqs(conn, seqs)}).all()
         return {head[0]: run for head in heads if (run := self._run(conn, *head))}
 
-    def promote_runs(
-        self, conn: sa.Connection, runs: Iterable[list[tuple[int, int]]], *, now: dt.datetime
-    ) -> int:
+    def promote_runs(self, conn: sa.Connection, runs: Iterable[list[RunRow]], *, now: dt.datetime) -> int:
         """Make runs found by :meth:`queued_runs` (in this transaction) due now; returns the rows promoted."""
-        return self._update(conn, [seq for run in runs for seq, size in run if size >= 0], now)
+        return self._update(conn, [seq for run in runs for seq, size, _ in run if size >= 0], now)
 
     def promote_keys(self, conn: sa.Connection, keys: Iterable[str], *, now: dt.datetime) -> int:
         """Promote the given keys (for the few keys an operator's change touches, and the maintenance
@@ -281,13 +282,13 @@ class KeyQueue:
         statement = self._family(conn, self._heads_of_key)
         for key in keys:
             for head in conn.execute(statement, {"key": key}):
-                seqs += [seq for seq, size in self._run(conn, *head) if size >= 0]
+                seqs += [seq for seq, size, _ in self._run(conn, *head) if size >= 0]
         return self._update(conn, seqs, now)
 
     def _run(
         self, conn: sa.Connection, key: str, first: int | None, queued: int | None, *holding: int | None
-    ) -> list[tuple[int, int]]:
-        """``key``'s next run: its pending rows from its first pending row ``first`` (seq, payload bytes;
+    ) -> list[RunRow]:
+        """``key``'s next run: its pending rows from its first pending row ``first`` (seq, payload bytes:
         -1 for a row that is due, not queued, which a promotion leaves as it is), if that row is queued
         and no other holding row (``holding``: the first of each other holding status, none where
         ``first`` is the key's first holding row) is before it. A first
@@ -296,12 +297,12 @@ class KeyQueue:
         if first is None or not queued or any(seq is not None and seq < first for seq in holding):
             return []
         statement = self._family(conn, self._rows_from)
-        run: list[tuple[int, int]] = []
+        run: list[RunRow] = []
         params = {"key": key, "after": first, "count": self.run_length}
-        for seq, ready, size in conn.execute(statement, params):
+        for seq, ready, size, topic in conn.execute(statement, params):
             if ready == OTHERWISE_HOLDING:  # the run ends there: what follows waits for that row
                 break
-            run.append((seq, int(size or 0) if ready == QUEUED else -1))
+            run.append((seq, int(size or 0) if ready == QUEUED else -1, topic))
         return run
 
     def sweep(self, conn: sa.Connection, *, now: dt.datetime, limit: int = 1000) -> int:

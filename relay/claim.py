@@ -171,6 +171,23 @@ Invariants (each names the test that would catch its violation):
     then looks again only at its poll pace.
     -- ``tests/test_claim.py::test_rows_behind_another_relays_live_run_are_left_to_it``,
     ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
+15. **A relay claims only what it can route, and a message nobody routes loses no attempt.** A claim
+    given ``topics`` (the names and shell-style patterns its publishers take: its handlers' topics,
+    unless a publisher may take any topic, as Kafka does) scans the rows of those topics only
+    (``relay._topics``: exact on each database, but for a pattern's character class, which the SQL
+    widens); a pull (invariant 12) and a kept run (invariant 13) stop at the key's first row of another
+    topic; a blocker of another topic is never taken for a row another claim had locked (the scan
+    never reads it), so the rows behind it are queued behind it. A row of another topic is thus left
+    exactly as it was (due, or queued: a run's end promotes it, invariant 9) for a relay that routes
+    it, and the key's later rows wait for it: per-key order holds across topics and relays. A row that
+    reaches the dispatcher with no publisher for it anyway (a pattern's class, a publisher of one's own
+    that refuses a topic) is released, its attempt not counted, due again after
+    ``relay.dispatch.UNROUTABLE_PAUSE``. So a message waits ``pending`` until some relay can route it
+    (``outbox status``, the stuck monitor), and a relay that does not know a new topic during a rolling
+    deploy neither delays it nor spends its attempts.
+    -- ``tests/test_claim.py::test_a_claim_takes_only_the_topics_its_relay_routes``,
+    ``tests/test_claim.py::test_pulled_and_kept_runs_stop_at_a_topic_their_relay_does_not_route``,
+    ``tests/test_routing.py``
 """
 
 from __future__ import annotations
@@ -186,8 +203,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from outbox.dialects import Dialect
-from outbox.key_queue import DUE, QUEUED, RUN_LENGTH, KeyQueue, key_is, key_rows_after, seqs_param
+from outbox.key_queue import DUE, QUEUED, RUN_LENGTH, KeyQueue, RunRow, key_is, key_rows_after, seqs_param
 from outbox.schema import KEY_HOLDING, OutboxTables, Status, status_in
+from relay._topics import Topics
 
 #: MariaDB: keys with at least this many rows in one scan have their probes made with constants
 #: (ClaimQueries._probe_keys); the correlated probe reads every pending row of its key, so a deep key's
@@ -351,15 +369,19 @@ class ClaimQueries:
             .order_by(c.c.due_at, c.c.seq)
             .limit(sa.bindparam("limit", type_=sa.Integer))
         )
-        self._scan = scan.with_for_update(skip_locked=True, of=c) if dialect.skip_locked else scan
+        self._c = c
+        self._scan_all = scan
+        self._scan = self._locking(scan)
+        self._scans: dict[Topics, Any] = {}  # the scan of the rows of some topics (invariant 15)
         # a write that changes nothing: it takes SQLite's write lock (pysqlite begins a transaction only
         # before a write, and SQLite takes the lock only on a write)
         self._write_lock = sa.update(t).where(sa.false()).values(seq=t.c.seq)
         #: MariaDB's plain look before a locking claim (see claim_batch's look_first)
         self._probe = sa.select(c.c.seq).where(c.c.due_at <= sa.bindparam("now")).limit(1)
+        self._probes: dict[Topics, Any] = {}
         # The rows that block queued rows: locked for share (so their own finishing waits for our commit,
         # and its promotion sees what we queued), skipped when someone writes them right now.
-        blockers = sa.select(t.c.seq, t.c.lease_token, t.c.status, t.c.due_at).where(
+        blockers = sa.select(t.c.seq, t.c.lease_token, t.c.status, t.c.due_at, t.c.topic).where(
             in_seqs, status_in(t.c.status, KEY_HOLDING)
         )
         self._lock_blockers = (
@@ -485,6 +507,7 @@ class ClaimQueries:
         pulls: Sequence[tuple[str, int, str]] = (),
         queued_only: Collection[str] = (),
         ours: Callable[[str], bool] | None = None,
+        topics: Topics | None = None,
     ) -> ClaimResult:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
@@ -507,6 +530,9 @@ class ClaimQueries:
         ``ours`` tells whether a lease token is one of the caller's: rows blocked behind another
         relay's live lease are then left as they are, to that relay (invariant 14), and counted in
         ``ClaimResult.elsewhere``. Without it every blocked row is queued.
+
+        ``topics``: the topics the caller can route (None: every topic). The claim takes rows of those
+        only, and a pulled run stops at the first row of its key that is not one of them (invariant 15).
         """
         result = ClaimResult()
         if self.dialect.write_lock_first:  # SQLite: what the scan reads holds until the commit (inv. 9)
@@ -518,7 +544,16 @@ class ClaimQueries:
         if pulls:
             budget = min(len(pulls) * self.run_length, max(1, limit * 3 // 4))
             pulled, pulled_bytes = self._pull(
-                conn, pulls, frozenset(queued_only), budget, max_bytes, now, after, pulled_last, result
+                conn,
+                pulls,
+                frozenset(queued_only),
+                budget,
+                max_bytes,
+                now,
+                after,
+                pulled_last,
+                result,
+                topics,
             )
             limit -= len(pulled)
             if max_bytes is not None and pulled:
@@ -527,9 +562,9 @@ class ClaimQueries:
                     limit = 0
         scanned: list[_Scanned] = []
         frontier: tuple[dt.datetime, int] | None = None  # None: every due row was scanned or locked
-        if limit > 0 and not (mariadb and look_first and not pulled and self._nothing_due(conn, now)):
+        if limit > 0 and not (mariadb and look_first and not pulled and self._nothing_due(conn, now, topics)):
             params: dict[str, Any] = {"now": now, "limit": limit}
-            scanned = [_Scanned(*row) for row in conn.execute(self._scan, params)]
+            scanned = [_Scanned(*row) for row in conn.execute(self._scan_of(topics), params)]
             # how far the scan read, in its order: a due row before that and not scanned was locked
             if len(scanned) == limit:
                 frontier = (scanned[-1].due_at, scanned[-1].seq)
@@ -575,7 +610,7 @@ class ClaimQueries:
                 sizes = {r.seq: r.size for r in scanned}
                 room = max_bytes - sum(sizes[seq] for seq in take)
             queue_blocked, chained, chained_after = self._queue_blocked(
-                conn, blocked, scanned, own, ours, room, now, frontier, result
+                conn, blocked, scanned, own, ours, room, now, frontier, result, topics
             )
             take += chained
             after.update(chained_after)
@@ -592,26 +627,33 @@ class ClaimQueries:
     def take_queued(
         self,
         conn: sa.Connection,
-        runs: dict[str, list[tuple[int, int]]],
+        runs: dict[str, list[RunRow]],
         *,
         limit: int,
         max_bytes: int,
         lease_seconds: float,
         now: dt.datetime,
-    ) -> tuple[ClaimResult, dict[str, list[tuple[int, int]]]]:
+        topics: Topics | None = None,
+    ) -> tuple[ClaimResult, dict[str, list[RunRow]]]:
         """Kept runs (invariant 13): of the queued runs ``runs`` (:meth:`KeyQueue.queued_runs`, read in
         this transaction after the marks that ended their keys' runs), take each key's leading queued
         rows for the caller under one new lease, within ``limit`` rows and ``max_bytes`` in all. Returns
         the rows taken (runs of their own: ``after`` 0) and the runs left to promote (keys that did not
         fit at all). A key taken in part keeps the rest queued behind what was taken: its run's end
-        comes back here."""
+        comes back here. A run is taken up to its first row of a topic not in ``topics`` (invariant
+        15): a run that starts with one is left to promote, for a relay that routes it."""
         result = ClaimResult()
-        rest: dict[str, list[tuple[int, int]]] = {}
+        rest: dict[str, list[RunRow]] = {}
         wanted: dict[str, list[int]] = {}
         for key, run in runs.items():
             lead: list[int] = []
-            for seq, size in run:
-                if size < 0 or limit <= 0 or size > max_bytes:
+            for seq, size, topic in run:
+                if (
+                    size < 0
+                    or limit <= 0
+                    or size > max_bytes
+                    or (topics is not None and not topics.matches(topic))
+                ):
                     break
                 lead.append(seq)
                 limit -= 1
@@ -741,9 +783,26 @@ class ClaimQueries:
                 at = bisect.bisect_left(seqs, row.seq)
                 row.prev = seqs[at - 1] if at else 0
 
-    def _nothing_due(self, conn: sa.Connection, now: dt.datetime) -> bool:
+    def _nothing_due(self, conn: sa.Connection, now: dt.datetime, topics: Topics | None) -> bool:
         """MariaDB's plain look before a locking scan (see ``look_first``): no row is due."""
-        return conn.execute(self._probe, {"now": now, "limit": 1}).first() is None
+        probe: Any = self._probe
+        if topics is not None and (probe := self._probes.get(topics)) is None:
+            probe = self._probes[topics] = self._probe.where(topics.condition(self._c.c.topic, self.dialect))
+        return conn.execute(probe, {"now": now, "limit": 1}).first() is None
+
+    def _locking(self, scan: Any) -> Any:
+        return scan.with_for_update(skip_locked=True, of=self._c) if self.dialect.skip_locked else scan
+
+    def _scan_of(self, topics: Topics | None) -> Any:
+        """The scan of the rows of ``topics`` (None: of every row), built once for each set of topics."""
+        if topics is None:
+            return self._scan
+        if (scan := self._scans.get(topics)) is None:
+            if len(self._scans) > 64:  # a registry that keeps changing: no unbounded cache
+                self._scans.clear()
+            scan = self._locking(self._scan_all.where(topics.condition(self._c.c.topic, self.dialect)))
+            self._scans[topics] = scan
+        return scan
 
     def _pull(
         self,
@@ -756,6 +815,7 @@ class ClaimQueries:
         after: dict[int, int],
         pulled_last: dict[str, int],
         result: ClaimResult,
+        topics: Topics | None,
     ) -> tuple[list[int], int]:
         """Pulled runs (invariant 12): for each ``(key, last, token)``, the key's pending rows right after
         row ``last``, if that row is still ours (locked for share, under ``token``). Reads each key's
@@ -765,7 +825,7 @@ class ClaimQueries:
         result's ``deep`` (keys with rows left behind what was taken)."""
         blockers = sorted({last for _, last, _ in pulls})
         found = conn.execute(self._lock_blockers, {"seqs": self._seqs(blockers)})
-        held = {seq: token for seq, token, _, _ in found}
+        held = {seq: token for seq, token, _, _, _ in found}
         room = max_bytes
         candidates: list[tuple[str, int, list[tuple[int, int]], bool]] = []
         for key, last, token in pulls:
@@ -778,10 +838,10 @@ class ClaimQueries:
             rows: list[tuple[int, int]] = []
             read = 0
             least = QUEUED if key in queued_only else DUE
-            for seq, ready, size in conn.execute(self._pending_after, params):
+            for seq, ready, size, topic in conn.execute(self._pending_after, params):
                 read += 1
-                if ready < least:
-                    break
+                if ready < least or (topics is not None and not topics.matches(topic)):
+                    break  # (a row this relay cannot route: a relay that can takes it, invariant 15)
                 rows.append((seq, int(size or 0)))
             if rows:
                 candidates.append((key, last, rows, read == want and len(rows) == read))
@@ -859,6 +919,7 @@ class ClaimQueries:
         now: dt.datetime,
         frontier: tuple[dt.datetime, int] | None,
         result: ClaimResult,
+        topics: Topics | None,
     ) -> tuple[list[int], list[int], dict[int, int]]:
         """The blocked rows that may leave the scan: those whose blockers (the earlier rows of their key
         this claim does not hold) are still holding the key and could be locked for share. And the
@@ -880,9 +941,12 @@ class ClaimQueries:
         held: dict[int, str | None] = {}
         elsewhere: set[int] = set()  # blockers in flight under another relay's live lease
         if wanted:
-            for seq, token, status, due_at in conn.execute(self._lock_blockers, {"seqs": self._seqs(wanted)}):
+            for seq, token, status, due_at, topic in conn.execute(
+                self._lock_blockers, {"seqs": self._seqs(wanted)}
+            ):
                 due = status == Status.PENDING.value and due_at is not None and due_at <= now
-                if due and (frontier is None or (due_at, seq) <= frontier):
+                routable = topics is None or topics.matches(topic)  # else the scan never reads it
+                if due and routable and (frontier is None or (due_at, seq) <= frontier):
                     # due, within the scan's reach, yet not scanned: another claim had it locked (and
                     # left it due): claimable as a head, not a reason to queue behind it
                     continue

@@ -43,7 +43,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from outbox.clock import utcnow
+from outbox.key_queue import RunRow
 from outbox.schema import Status
+from relay._topics import Topics
 from relay.claim import ClaimQueries, ClaimResult, Failure
 from relay.observers import Observers
 from relay.outages import OutageRetry
@@ -209,6 +211,7 @@ class Completer:
         promoted: Callable[[Iterable[str]], None] = lambda keys: None,
         room: Callable[[], tuple[int, int]] | None = None,
         kept: Callable[[ClaimResult, float], bool] | None = None,
+        topics: Callable[[], Topics | None] = lambda: None,
     ) -> None:
         self.claims = claims
         self.lease_writes = lease_writes
@@ -229,6 +232,8 @@ class Completer:
         #: hands kept rows to the fetcher as a claim of their own, with the monotonic time of their
         #: lease's start; False once the relay stops claiming (the rows are then released at once)
         self.kept = kept
+        #: the topics the relay routes (relay.claim, invariant 15): a kept run stops at another one
+        self.topics = topics
         # outcomes to write, each with the event to set once its write is over (None: nobody waits)
         self._outcomes: queue.SimpleQueue[tuple[Delivery, Outcome, threading.Event | None]] = (
             queue.SimpleQueue()
@@ -413,8 +418,8 @@ class Completer:
             self.wake.set()
 
     def _keep(
-        self, tx: sa.Connection, runs: dict[str, list[tuple[int, int]]]
-    ) -> tuple[ClaimResult, dict[str, list[tuple[int, int]]]]:
+        self, tx: sa.Connection, runs: dict[str, list[RunRow]]
+    ) -> tuple[ClaimResult, dict[str, list[RunRow]]]:
         """Kept runs (relay.claim, invariant 13): of the keys' queued runs ``runs``, those this relay
         takes itself, within the room left in its window; and the runs left to promote."""
         if not runs or self.room is None:
@@ -423,7 +428,13 @@ class Completer:
         if count <= 0 or nbytes <= 0:
             return ClaimResult(), runs
         return self.claims.take_queued(
-            tx, runs, limit=count, max_bytes=nbytes, lease_seconds=self.lease_seconds, now=utcnow()
+            tx,
+            runs,
+            limit=count,
+            max_bytes=nbytes,
+            lease_seconds=self.lease_seconds,
+            now=utcnow(),
+            topics=self.topics(),
         )
 
     def _failure(self, delivery: Delivery, outcome: Failed, now: dt.datetime) -> Failure:

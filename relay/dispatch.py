@@ -1,7 +1,10 @@
 """Dispatch: a claimed batch becomes deliveries, each handed to the publisher that routes its topic.
 
 The in-process handlers come first (a topic with a registered handler is theirs), then the relay's
-other publishers in order (Kafka takes every topic); a topic nobody takes fails with "no route". Each
+other publishers in order (Kafka takes every topic). A relay claims only the topics it can route
+(:meth:`Dispatcher.claimable`, ``relay.claim``'s invariant 15); a row that has no publisher here anyway
+is released, its attempt not counted, due again after :data:`UNROUTABLE_PAUSE`, for a relay that routes
+it. Each
 delivery carries its topic's policy: the relay's defaults (retry, handler timeout, strict order for the
 ``strict_order_topics``) under what the handler's registration sets. A row is never handed out when:
 
@@ -51,6 +54,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -61,6 +65,7 @@ from outbox.message import Message
 from outbox.policy import TopicPolicy
 from outbox.serialization import decode_headers, decode_payload
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
+from relay._topics import Topics
 from relay.claim import ClaimedRow
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Publisher, Released, describe_error
 
@@ -69,6 +74,11 @@ log = logging.getLogger("outbox.relay")
 #: attempts beyond a topic's max_attempts that may end with no outcome (relay killed mid-handler, lease
 #: lost) before the message is declared dead, so that a message that crashes relays cannot loop forever
 CRASH_ALLOWANCE = 3
+
+#: seconds before a message this relay has no publisher for may be claimed again: the claim leaves such
+#: topics alone (relay.claim, invariant 15), so this is for the rows its SQL lets through (a pattern's
+#: character class, a publisher of one's own that refuses a topic), not a loop
+UNROUTABLE_PAUSE = 5.0
 
 
 class Dispatcher:
@@ -118,6 +128,24 @@ class Dispatcher:
         #: relay's claim): a promotion brought some back. Their runs pull queued rows (a guess).
         self._contended: set[str] = set()
         self._newly_contended: collections.deque[str] = collections.deque()  # from other threads
+        self._claimable: tuple[tuple[str, ...], Topics] | None = None
+        self._unroutable_logged: dict[str, float] = {}  # topic -> when last logged (rate limit)
+
+    def claimable(self) -> Topics | None:
+        """The topics this relay can route, for its claims (``relay.claim``, invariant 15): the topics
+        its publishers list (``routed_topics``), or None when one of them may take any topic (Kafka,
+        or a publisher of one's own that does not list its topics)."""
+        listed: list[str] = []
+        for publisher in self.publishers:
+            routed = getattr(publisher, "routed_topics", None)
+            topics = routed() if routed is not None else None
+            if topics is None:
+                return None
+            listed += topics
+        key = tuple(listed)
+        if self._claimable is None or self._claimable[0] != key:  # the registry changed
+            self._claimable = (key, Topics.of(listed))
+        return self._claimable[1]
 
     def chainable(self, key: str, seq: int) -> bool:
         """Whether this relay's run of ``key`` ends with row ``seq`` and has not broken: a claim may take
@@ -285,8 +313,8 @@ class Dispatcher:
         decode: bool,
         *,
         run_end: bool = True,
-    ) -> tuple[Delivery, Failed | None]:
-        """``row`` as a delivery for ``publisher``, with the failure to report instead of handing it
+    ) -> tuple[Delivery, Failed | Released | None]:
+        """``row`` as a delivery for ``publisher``, with the outcome to report instead of handing it
         out (None: it may be handed out). Reports nothing: a run reports a refusal only once every
         message before it was delivered."""
         if (size := len(row.payload)) > self.max_payload_bytes:  # no decoding, no handler, no broker
@@ -308,9 +336,21 @@ class Dispatcher:
                 "or hangs relays)",
                 permanent=True,
             )
-        if publisher is None:
-            return delivery, Failed(f"no route for topic {delivery.message.topic}")
+        if publisher is None:  # for a relay that routes it: no attempt counted (relay.claim, inv. 15)
+            self._log_unroutable(row.topic)
+            return delivery, Released(f"no route for topic {row.topic}", retry_after=UNROUTABLE_PAUSE)
         return delivery, None
+
+    def _log_unroutable(self, topic: str) -> None:
+        now = time.monotonic()
+        if now - self._unroutable_logged.get(topic, -60.0) >= 60.0:
+            self._unroutable_logged[topic] = now
+            log.warning(
+                "claimed a message of topic %s, which no handler or publisher of this relay takes: "
+                "released without counting an attempt, for a relay that routes it (again every %gs)",
+                topic,
+                UNROUTABLE_PAUSE,
+            )
 
     def route(self, topic: str) -> tuple[Publisher | None, TopicPolicy, bool]:
         """The publisher of ``topic`` (None: no route), its policy, and whether payloads are decoded."""
@@ -455,7 +495,7 @@ class _Run:
         if dispatcher.stopping.is_set():
             self._release_rest("relay stopping")
             return
-        refused: tuple[Delivery, Failed] | None = None
+        refused: tuple[Delivery, Failed | Released] | None = None
         with self.lock:
             if not self.rows:
                 self.state = True  # every message delivered

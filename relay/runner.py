@@ -286,6 +286,7 @@ class Relay:
             promoted=lambda keys: self.dispatcher.contended(keys),
             room=self._room,
             kept=self._keep,
+            topics=lambda: self.dispatcher.claimable(),
         )
         self.dispatcher = Dispatcher(
             self.registry,
@@ -325,9 +326,19 @@ class Relay:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> Relay:
-        """Check the schema, take the SQLite relay lock if needed, and start the threads."""
+        """Check the schema, take the SQLite relay lock if needed, and start the threads.
+
+        Raises :class:`ConfigError` when the relay has nowhere to deliver: no handler in its registry,
+        and no Kafka and no publisher of one's own (it would claim nothing: relay.claim, invariant 15).
+        """
         if self._started:
             raise RuntimeError("relay already started")
+        if self.dispatcher.claimable() is not None and not self.dispatcher.claimable():
+            raise ConfigError(
+                "the relay has nowhere to deliver: its registry has no handler, and it has no Kafka "
+                "(kafka=KafkaSettings(...)) and no publisher of its own; register handlers "
+                "(@consumers.handler) before starting it"
+            )
         self._check_schema()
         if self._relay_lock is not None:
             self._relay_lock.acquire()
@@ -605,6 +616,7 @@ class Relay:
                     ours=self._ours,
                     pulls=pulls,
                     queued_only=queued_only,
+                    topics=self.dispatcher.claimable(),
                 )
 
         try:

@@ -15,6 +15,7 @@ import outbox
 from outbox.clock import utcnow
 from outbox.dialects import dialect_for
 from outbox.schema import Status, tables_for
+from relay._topics import Topics
 from relay.claim import ClaimQueries, Failure
 from tests.conftest import SERVER_BACKENDS, wait_until
 
@@ -615,7 +616,7 @@ def test_a_kept_run_stops_at_its_room_and_at_a_row_promoted_meanwhile(engine: sa
     with engine.begin() as conn:
         assert claims.mark_delivered(conn, j_head[0].token, j[:1], now=utcnow()) == 1
         runs = claims.key_queue.queued_runs(conn, j[:1])
-        assert [seq for seq, _ in runs["j"]] == j[1:]
+        assert [seq for seq, *_ in runs["j"]] == j[1:]
         conn.execute(sa.update(t).where(t.c.seq == j[2]).values(due_at=utcnow()))  # promoted meanwhile
         taken, rest = claims.take_queued(
             conn, runs, limit=10, max_bytes=10**9, lease_seconds=30, now=utcnow()
@@ -681,3 +682,109 @@ def test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before(en
     blocked = claim(engine, claims)
     assert [r.seq for r in blocked if r.key == "j"] == [], "nothing passes the failed row before them"
     assert [due for _, due, _ in keyed_seqs(engine, "j")][1:] == [None] * 5
+
+
+def routed_claim(engine: sa.Engine, claims: ClaimQueries, routes: Topics, **options: Any):  # type: ignore[no-untyped-def]
+    with engine.begin() as conn:
+        options.setdefault("limit", 100)
+        return claims.claim_batch(conn, lease_seconds=30, now=utcnow(), topics=routes, **options)
+
+
+def test_a_claim_takes_only_the_topics_its_relay_routes(engine: sa.Engine, claims: ClaimQueries) -> None:
+    """Invariant 15: a claim given topics (names and shell patterns) takes rows of those topics only;
+    the others stay exactly as they were (pending, due, attempts 0, no lease), and a key's row behind a
+    row of another topic waits for it (queued), whatever relay routes it. Patterns match as the
+    registry does: case-sensitive, ``_`` and ``.`` literal, a class exact once the row is read."""
+    t = tables_for().messages
+    add_many(
+        engine,
+        [
+            ("a.one", None),
+            ("c.one", None),
+            ("a.two", "k"),
+            ("c.two", "k"),  # k's second row: another relay's topic
+            ("a.three", "k"),
+            ("A.one", None),  # another case: not a.*
+            ("a_x", None),  # "_" is no wildcard: not a.x
+            ("b7", None),
+        ],
+    )
+    seq = {topic: s for s, topic in _seqs_by_topic(engine).items()}
+    before = {s: row_state(engine, s) for s in seq.values()}
+    taken = routed_claim(engine, claims, Topics.of(["a.*", "a.x", "b[0-9]"]))
+    assert [r.topic for r in taken] == ["a.one", "a.two", "b7"]
+    assert taken.queued == 1 and row_state(engine, seq["a.three"]).due_at is None, "waits behind c.two"
+    for topic in ("c.one", "c.two", "A.one", "a_x"):
+        after = row_state(engine, seq[topic])
+        assert (after.status, after.attempts, after.lease_token) == ("pending", 0, None), topic
+        assert after.due_at == before[seq[topic]].due_at, topic
+    assert routed_claim(engine, claims, Topics.of(["a.*"])) == [], "nothing more for this relay"
+    # the relay that routes c.* takes them; k's c.two waits for a.two, in flight
+    other = routed_claim(engine, claims, Topics.of(["c.*", "A.one"]))
+    assert [r.topic for r in other] == ["c.one", "A.one"]
+    with engine.begin() as conn:  # a.two delivered: its key's next run comes back (c.two, then a.three)
+        claims.mark_delivered(conn, taken[1].token, [seq["a.two"]], now=utcnow())
+        claims.promote(conn, [seq["a.two"]], now=utcnow())
+    assert routed_claim(engine, claims, Topics.of(["a.*"])) == [], "a.three still waits for c.two"
+    c_two = routed_claim(engine, claims, Topics.of(["c.*"]))
+    assert [r.topic for r in c_two] == ["c.two"], "c.two, not a.three: the run stops at the topic"
+    assert row_state(engine, seq["a.three"]).status == "pending"
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.seq == seq["a.three"]).values(due_at=utcnow()))
+    assert routed_claim(engine, claims, Topics.of(["a.*"])) == [], "blocked by c.two in flight"
+
+
+def _seqs_by_topic(engine: sa.Engine) -> dict[int, str]:
+    t = tables_for().messages
+    with engine.connect() as conn:
+        return {row.seq: row.topic for row in conn.execute(sa.select(t.c.seq, t.c.topic).order_by(t.c.seq))}
+
+
+def test_pulled_and_kept_runs_stop_at_a_topic_their_relay_does_not_route(engine: sa.Engine) -> None:
+    """Invariant 15 with invariants 12 and 13: a pull behind the relay's own run, and a run's end that
+    keeps the key's queued run, both stop at the key's first row of a topic the relay does not route;
+    that row is left due (or promoted) for a relay that routes it, and the rows after it wait for it."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    routes = Topics.of(["a"])
+    add_many(engine, [("a", "k")])
+    head = routed_claim(engine, claims, routes)
+    assert len(head) == 1
+    add_many(engine, [("a", "k"), ("a", "k"), ("c", "k"), ("a", "k")])
+    k = [s for s, _, _ in keyed_seqs(engine, "k")]
+    with engine.begin() as conn:
+        pulled = claims.claim_batch(
+            conn,
+            limit=100,
+            lease_seconds=30,
+            now=utcnow(),
+            pulls=[("k", k[0], head[0].token)],
+            topics=routes,
+        )
+    assert [r.seq for r in pulled] == k[1:3] and pulled[0].after == k[0], "stops before the c row"
+    c_row = row_state(engine, k[3])
+    assert (c_row.status, c_row.attempts, c_row.lease_token) == ("pending", 0, None)
+    assert c_row.due_at is not None, "left due, for the relay that routes c"
+    assert row_state(engine, k[4]).due_at is None, "the a row behind it waits for it (queued)"
+    # the c row queued too (another relay's claim found it behind our run): our run's end keeps none of
+    # the queued run, which starts with it, and promotes it all
+    t = tables_for().messages
+    with engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.seq == k[3]).values(due_at=None))
+        assert claims.mark_delivered(conn, head[0].token, k[:1], now=utcnow()) == 1
+        assert claims.mark_delivered(conn, pulled[0].token, k[1:3], now=utcnow()) == 2
+        runs = claims.key_queue.queued_runs(conn, [k[2]])
+        assert [seq for seq, *_ in runs["k"]] == k[3:]
+        kept, rest = claims.take_queued(
+            conn, runs, limit=10, max_bytes=10**9, lease_seconds=30, now=utcnow(), topics=routes
+        )
+        assert kept == [] and list(rest) == ["k"]
+        claims.key_queue.promote_runs(conn, rest.values(), now=utcnow())
+    assert [(status, due is not None) for _, due, status in keyed_seqs(engine, "k")][3:] == [
+        ("pending", True),
+        ("pending", True),
+    ]
+    # a relay that routes c takes it; at its run's end it keeps nothing of a's, and promotes nothing
+    # either way: the a row is due already
+    c_claim = routed_claim(engine, claims, Topics.of(["c"]))
+    assert [r.seq for r in c_claim] == [k[3]]
+    assert routed_claim(engine, claims, routes) == [], "the a row waits for the c row in flight"

@@ -415,7 +415,28 @@ def test_an_unknown_app_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'app.db'}"
     result = run_outbox("relay", "--app", "tests.apps.no_such_module", env={"OUTBOX_DATABASE_URL": url})
     assert result.returncode == cli.RET_CONFIG
-    assert_one_line_error(result.stderr, "cannot import --app module 'tests.apps.no_such_module'")
+    assert_one_line_error(
+        result.stderr, "cannot import --app module 'tests.apps.no_such_module'", "PYTHONPATH"
+    )
+
+
+def test_an_app_that_registers_nothing_or_names_nothing_is_one_line(tmp_path: Path) -> None:
+    """A relay with no handler and no Kafka would claim nothing (issue: it used to run, and kill every
+    message with "no route"); a missing attribute is named as missing, not as "not a Registry"."""
+    env = {"OUTBOX_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"}
+    empty = run_outbox("relay", "--app", "tests.apps.recording:empty_registry", env=env)
+    assert empty.returncode == cli.RET_CONFIG, empty.stderr
+    assert_one_line_error(
+        empty.stderr,
+        "--app 'tests.apps.recording:empty_registry' registered no handler",
+        "--app myapp.handlers",
+    )
+    missing = run_outbox("relay", "--app", "tests.apps.recording:nope", env=env)
+    assert missing.returncode == cli.RET_CONFIG, missing.stderr
+    assert_one_line_error(missing.stderr, "module tests.apps.recording has no attribute 'nope'")
+    wrong = run_outbox("relay", "--app", "tests.apps.recording:TOPIC", env=env)
+    assert wrong.returncode == cli.RET_CONFIG, wrong.stderr
+    assert_one_line_error(wrong.stderr, "tests.apps.recording.TOPIC is a str, not a consumers.Registry")
 
 
 def test_a_missing_table_says_to_run_db_upgrade(db_url: str) -> None:

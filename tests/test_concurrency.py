@@ -103,11 +103,13 @@ def test_three_relays_deliver_each_once(engine: sa.Engine) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_second_sqlite_relay_is_refused(engine: sa.Engine) -> None:
-    first = Relay(engine, Registry()).start()
+    registry = Registry()
+    registry.add("work", lambda message: None)
+    first = Relay(engine, registry).start()
     try:
         with pytest.raises(outbox.RelayConflict, match="SQLite supports one relay at a time"):
-            Relay(engine, Registry()).start()
+            Relay(engine, registry).start()
     finally:
         first.stop()
-    second = Relay(engine, Registry()).start()  # after a clean stop the lock is free again
+    second = Relay(engine, registry).start()  # after a clean stop the lock is free again
     second.stop()

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -104,18 +105,77 @@ def test_strict_order_topic_parks_the_key(engine: sa.Engine, registry: Registry,
     assert status_counts(engine) == {"parked": 1, "pending": 1, "delivered": 1}
 
 
-def test_no_route_fails_then_dies_with_clear_error(engine: sa.Engine) -> None:
-    relay = Relay(
-        engine,
-        Registry(),
-        poll_interval=0.05,
-        retry=outbox.RetryPolicy(max_attempts=2, **{"backoff_initial": 0.05, "backoff_max": 0.1}),
-    )
+def test_a_relay_with_nowhere_to_deliver_refuses_to_start(engine: sa.Engine) -> None:
+    """No handler, no Kafka, no publisher of one's own: the relay would claim nothing (relay.claim,
+    invariant 15), so it says so instead of running idle."""
+    relay = Relay(engine, Registry(), poll_interval=0.05)
+    with pytest.raises(ConfigError, match="nowhere to deliver: its registry has no handler"):
+        relay.start()
+
+
+def test_a_topic_without_a_handler_waits_without_losing_attempts(engine: sa.Engine) -> None:
+    """A relay leaves the topics it has no handler for alone: the message stays pending, attempts 0,
+    no error, while the relay delivers its own topics; a relay that routes it later delivers it."""
+    registry = Registry()
+    registry.add("orders.placed", lambda message: None)
     with engine.begin() as conn:
         lost = outbox.add(conn, "nobody.listens", {})
-    with relay:
-        wait_until(lambda: row(engine, lost).status == "dead", timeout=20)
-    assert row(engine, lost).last_error == "no route for topic nobody.listens"
+        mine = outbox.add(conn, "orders.placed", {})
+    with Relay(engine, registry, poll_interval=0.05):
+        wait_until(lambda: row(engine, mine).status == "delivered", timeout=20)
+        time.sleep(0.3)  # a few poll cycles
+    waiting = row(engine, lost)
+    assert (waiting.status, waiting.attempts, waiting.last_error) == ("pending", 0, None)
+    registry.add("nobody.listens", lambda message: None)  # the handler arrives (a new deploy)
+    with Relay(engine, registry, poll_interval=0.05):
+        wait_until(lambda: row(engine, lost).status == "delivered", timeout=20)
+    assert row(engine, lost).attempts == 1
+
+
+class _Picky:
+    """A publisher of one's own that lists no topics (so its relay claims every topic) and accepts
+    only some: what it refuses reaches the dispatcher with no publisher."""
+
+    decodes_payload = True
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    def accepts(self, topic: str) -> bool:
+        return topic.startswith("mine.")
+
+    def deliver(self, deliveries: Sequence[Any], done: Any) -> None:
+        from relay.publishers import Delivered
+
+        for delivery in deliveries:
+            self.delivered.append(delivery.message.topic)
+            done(delivery, Delivered())
+
+    def check_timeouts(self, done: Any) -> None:
+        pass
+
+    def stop(self, timeout: float, done: Any) -> None:
+        pass
+
+
+def test_a_claimed_message_nobody_here_routes_is_given_back_without_an_attempt(engine: sa.Engine) -> None:
+    """Invariant 15's fallback: a row claimed by a relay with no publisher for it (its publisher lists
+    no topics) is released, attempt not counted, due again only after UNROUTABLE_PAUSE: never dead."""
+    from relay.dispatch import UNROUTABLE_PAUSE
+
+    picky = _Picky()
+    with engine.begin() as conn:
+        lost = outbox.add(conn, "nobody.listens", {})
+        mine = outbox.add(conn, "mine.one", {})
+    started = utcnow()
+    with Relay(engine, Registry(), publishers=[picky], poll_interval=0.05):
+        wait_until(lambda: row(engine, mine).status == "delivered", timeout=20)
+        wait_until(lambda: row(engine, lost).last_attempt_at is not None, timeout=20)
+        time.sleep(0.3)
+    waiting = row(engine, lost)
+    assert (waiting.status, waiting.attempts, waiting.last_error) == ("pending", 0, None)
+    assert waiting.due_at >= started + dt.timedelta(seconds=UNROUTABLE_PAUSE - 1), "not claimed in a loop"
+    assert picky.delivered == ["mine.one"]
 
 
 class Base(orm.DeclarativeBase):

@@ -50,6 +50,14 @@ def insert_quietly(engine: sa.Engine, topic: str, count: int, *, key: str | None
     return [row["id"] for row in rows]
 
 
+def some_handler() -> Registry:
+    """A registry with one handler, of a topic these tests never write: a relay needs somewhere to
+    deliver to start, and this one delivers nothing."""
+    registry = Registry()
+    registry.add("maintenance.unused", lambda message: None)
+    return registry
+
+
 def set_rows(engine: sa.Engine, topic: str, **values: Any) -> None:
     with engine.begin() as conn:
         conn.execute(sa.update(T).where(T.c.topic == topic).values(**values))
@@ -150,7 +158,7 @@ def test_retention_off_deletes_nothing(engine: sa.Engine) -> None:
         due_at=None,
         delivered_at=utcnow() - dt.timedelta(days=99),
     )
-    with Relay(engine, Registry(), retention=None, maintenance_interval=0.1) as relay:
+    with Relay(engine, some_handler(), retention=None, maintenance_interval=0.1) as relay:
         assert relay.maintenance is not None
         maintenance = relay.maintenance
         wait_until(lambda: maintenance.findings is not None, what="a maintenance tick")
@@ -357,7 +365,7 @@ def test_inbox_retention_deletes_only_old_inbox_rows_in_batches(engine: sa.Engin
     young = {("billing", i) for i in insert_inbox(engine, "billing", 30, now - dt.timedelta(days=6))}
     young |= {("shipping", i) for i in insert_inbox(engine, "shipping", 20, now - dt.timedelta(minutes=1))}
 
-    relay = Relay(engine, Registry(), poll_interval=0.1, lease_seconds=5, maintenance_interval=0.2)
+    relay = Relay(engine, some_handler(), poll_interval=0.1, lease_seconds=5, maintenance_interval=0.2)
     assert relay.maintenance is not None
     maintenance = relay.maintenance
     maintenance.batch_size = 250

@@ -231,6 +231,14 @@ def relay(settings: Settings) -> None:
     from relay import Relay
 
     registry = load_registry(settings.app) if settings.app is not None else Registry()
+    if settings.app is not None and not len(registry) and kafka_options is None:
+        module = settings.app.partition(":")[0]
+        raise ConfigError(
+            f"--app {settings.app!r} registered no handler: importing {module} ran no "
+            "@consumers.handler on that registry, so the relay could deliver nothing. Point --app at "
+            "the module that registers the handlers (e.g. --app myapp.handlers, not the package "
+            "myapp), or add --kafka-bootstrap-servers to publish to Kafka"
+        )
     kafka = None
     if kafka_options is not None:
         from relay.publishers.kafka import KafkaSettings

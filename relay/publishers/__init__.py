@@ -64,6 +64,12 @@ class Publisher(Protocol):
     """A destination for messages: in-process handlers, Kafka, ... (``Relay(publishers=[...])`` adds
     one of your own; the relay asks each, in order, whether it :meth:`accepts` a topic).
 
+    An optional method, ``routed_topics() -> Sequence[str] | None``, lists every topic the publisher
+    accepts (exact names and shell-style patterns such as ``orders.*``; None: it may accept any topic).
+    When every publisher of a relay lists its topics, the relay claims messages of those topics only,
+    and leaves the others, attempts untouched, to relays that route them; without it the relay claims
+    every topic and gives back, without counting an attempt, what no publisher accepts.
+
     Two optional class attributes change how the relay hands deliveries over; a publisher without them
     gets the safe default (``False``):
 

@@ -253,6 +253,11 @@ class HandlerPublisher:
     def accepts(self, topic: str) -> bool:
         return self.registry.route(topic) is not None
 
+    def routed_topics(self) -> list[str]:
+        """Every topic this publisher accepts: the registry's names and patterns (the relay claims
+        only those, unless another publisher takes any topic)."""
+        return self.registry.topics()
+
     def deliver(self, deliveries: Sequence[Delivery], done: DoneCallback) -> None:
         tasks = dict.fromkeys([_Task(delivery, done) for delivery in deliveries], True)
         self._tasks.update(tasks)

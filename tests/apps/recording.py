@@ -100,6 +100,30 @@ def record_in_transaction(message: Message, session: orm.Session) -> None:
     _record("done", message)
 
 
+#: two apps that route different topics (tests/test_routing.py): ``orders_registry`` a pattern, and
+#: ``mail_registry`` an exact name; each records its handlings like ``registry``
+ORDERS_TOPIC = "test.orders.placed"
+MAIL_TOPIC = "test.mail.sent"
+orders_registry = Registry()
+mail_registry = Registry()
+#: registers nothing: what `--app` names by mistake (a package instead of its handlers module)
+empty_registry = Registry()
+
+
+@orders_registry.handler("test.orders.*")
+def record_order(message: Message) -> None:
+    _record("start", message)
+    _work(message)
+    _record("done", message)
+
+
+@mail_registry.handler(MAIL_TOPIC)
+def record_mail(message: Message) -> None:
+    _record("start", message)
+    _work(message)
+    _record("done", message)
+
+
 # --- the test side ----------------------------------------------------------------------------------------
 
 
