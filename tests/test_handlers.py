@@ -15,11 +15,11 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
-from outbox.clock import utcnow
-from outbox.errors import ConfigError
-from outbox.message import Message
+from outbox._clock import utcnow
+from outbox._errors import ConfigError
+from outbox._message import Message
 from relay import Relay
-from relay.claim import ClaimedRow
+from relay._claim import ClaimedRow
 from relay.observers import RelayObserver
 from tests.conftest import status_counts, wait_until
 
@@ -257,7 +257,7 @@ class ClaimLog(RelayObserver):
 
 
 def test_claims_grow_only_while_the_handlers_keep_up(engine: sa.Engine, registry: Registry) -> None:
-    """Invariants of "Claim size" (relay.runner): a backlog that fast handlers keep up with is claimed in
+    """Invariants of "Claim size" (relay._runner): a backlog that fast handlers keep up with is claimed in
     claims that double up to max_batch_size, and the size is back at batch_size when the backlog ends;
     slow handlers keep the claims at batch_size and what the relay holds within twice that."""
     registry.add("fast", lambda m: None)
@@ -385,7 +385,7 @@ def test_burst_from_another_process_is_delivered_without_waiting_for_a_poll(
 
 def test_message_that_keeps_killing_relays_goes_dead(engine: sa.Engine, registry: Registry) -> None:
     """Attempts are counted at claim; past max_attempts + CRASH_ALLOWANCE without outcomes it is dead."""
-    from relay.dispatch import CRASH_ALLOWANCE
+    from relay._dispatch import CRASH_ALLOWANCE
 
     calls: list[int] = []
     registry.add("crashy", lambda m: calls.append(m.attempt))
