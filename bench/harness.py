@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 import outbox
-from outbox.dialects import create_engine
+from outbox._dialects import create_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN = os.environ.get(

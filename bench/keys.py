@@ -25,10 +25,10 @@ from bench.drain import drain_once
 from bench.harness import Result, Settings, fresh_database, log, outbox_engine, ratio_values, vacuum_analyze
 from bench.processes import Worker, drain_with, stop_all
 from bench.workload import KeyOf, insert_backlog, reset_table, status_counts
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for
-from outbox.schema import tables_for
-from relay.claim import ClaimQueries
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for
+from outbox._schema import tables_for
+from relay._claim import ClaimQueries
 
 NAME = "keys"
 

@@ -42,7 +42,7 @@ from bench.harness import Result, Settings, fresh_database, log, outbox_engine
 from bench.processes import Worker, stop_all
 from bench.protocol import from_commit, latency_summary
 from bench.workload import TOPIC, reset_table
-from outbox.dialects import create_engine
+from outbox._dialects import create_engine
 
 NAME = "latency"
 RATE = 1_000

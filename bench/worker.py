@@ -148,7 +148,7 @@ def role_ceiling(cfg: dict[str, Any]) -> dict[str, Any]:
     import sqlalchemy as sa
 
     import outbox
-    from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
+    from outbox._runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
     from relay.publishers.kafka import KafkaSettings
 
     engine = outbox.create_engine(cfg["url"])

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import outbox
-from outbox.schema import tables_for
+from outbox._schema import tables_for
 
 TOPIC = "bench.noop"
 KEYS = 10_000

@@ -3,9 +3,9 @@
 
 Public surface (what README and docs promise; everything else is internal): :func:`handler` and
 :class:`Registry` (with :data:`default_registry`, :func:`load_registry` and the :class:`Handler` it
-holds) from ``consumers.registry``; :class:`HandlerTimeout` (``consumers.attempt``), what a handler
+holds) from ``consumers._registry``; :class:`HandlerTimeout` (``consumers.attempt``), what a handler
 past its timeout is interrupted with; and the Kafka consumer runner, :class:`KafkaConsumerRunner` with
-its :class:`ConsumerSettings` (``consumers.kafka``, ``outbox consume`` in code). The last three are
+its :class:`ConsumerSettings` (``consumers._kafka``, ``outbox consume`` in code). The last three are
 imported on first use, so that ``from consumers import handler`` stays light.
 """
 
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from consumers.registry import Handler, Registry, default_registry, handler, load_registry
+from consumers._registry import Handler, Registry, default_registry, handler, load_registry
 
 if TYPE_CHECKING:
+    from consumers._kafka import ConsumerSettings, KafkaConsumerRunner
     from consumers.attempt import HandlerTimeout
-    from consumers.kafka import ConsumerSettings, KafkaConsumerRunner
 
 #: imported on first use: name -> its module
 _LAZY = {
     "HandlerTimeout": "consumers.attempt",
-    "ConsumerSettings": "consumers.kafka",
-    "KafkaConsumerRunner": "consumers.kafka",
+    "ConsumerSettings": "consumers._kafka",
+    "KafkaConsumerRunner": "consumers._kafka",
 }
 
 

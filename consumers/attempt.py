@@ -2,8 +2,8 @@
 
 :func:`run_attempt` calls a registered handler on one message, in its own transaction when the handler
 takes a session, and says what the attempt came to (:data:`AttemptResult`). The relay's handler
-publisher (``relay.publishers.handlers``) and the consumer's record processor
-(:mod:`consumers.processing`) both run every handler through it; each turns the result into its own
+publisher (``relay.publishers._handlers``) and the consumer's record processor
+(:mod:`consumers._processing`) both run every handler through it; each turns the result into its own
 bookkeeping (a row's outcome, a record's retry or dead letter). What it promises, and the test that
 would catch a violation:
 
@@ -17,7 +17,7 @@ would catch a violation:
   ``tests/test_handler_faults.py::test_consumer_handler_that_calls_sys_exit_fails_and_the_consumer_lives_on``
 - **An outage is not an attempt.** Only the attempt's own database (the session of a session handler,
   its ``before`` and ``before_commit`` work and its commit) failing with an outage
-  (:func:`outbox.dialects.is_outage`) is an :class:`Outage`; anything else a handler raises, about any
+  (:func:`outbox._dialects.is_outage`) is an :class:`Outage`; anything else a handler raises, about any
   other system too (SMTP down, an HTTP timeout), is its failure.
 - **A session handler's transaction commits only when the handler returned and ``before_commit``
   agreed.** A handler that raised, was interrupted, or ran past its time (``before_commit`` says so)
@@ -30,7 +30,7 @@ would catch a violation:
   ``BaseException`` so that a handler's ``except Exception`` does not swallow it. Python raises it at
   the handler's next bytecode: a handler blocked in C (``time.sleep``, a blocking socket read, a lock)
   is not interrupted until that call returns; the caller then hands its thread off (see
-  ``relay.publishers.handlers``).
+  ``relay.publishers._handlers``).
   ``tests/test_handler_faults.py::test_handler_busy_in_python_past_its_timeout_is_interrupted_and_its_worker_freed``,
   ``tests/test_handler_faults.py::test_consumer_handler_past_its_timeout_is_interrupted_or_abandoned_and_the_consumer_lives_on``
 """
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from consumers.registry import Handler
-from outbox.dialects import is_outage
-from outbox.message import Message
-from outbox.tracing import process_span
+from consumers._registry import Handler
+from outbox._dialects import is_outage
+from outbox._message import Message
+from outbox._tracing import process_span
 
 log = logging.getLogger("outbox.handler")
 

@@ -29,7 +29,7 @@ import sqlalchemy as sa  # noqa: E402
 from sqlalchemy import orm  # noqa: E402
 
 from examples import shop  # noqa: E402
-from outbox.dialects import create_engine  # noqa: E402
+from outbox import create_engine  # noqa: E402
 
 log = logging.getLogger("shop")
 CUSTOMERS = ("ada", "grace", "linus", "margaret", "ken")

@@ -13,8 +13,8 @@ Public surface (everything else is internal): :func:`add`, :class:`Outbox`, :fun
 :class:`Status`, :func:`create_engine`, and the exceptions rooted at :class:`OutboxError`.
 """
 
-from outbox.dialects import create_engine
-from outbox.errors import (
+from outbox._dialects import create_engine
+from outbox._errors import (
     BrokerError,
     ConfigError,
     DatabaseUnavailable,
@@ -30,9 +30,9 @@ from outbox.errors import (
     SchemaError,
     TopicError,
 )
-from outbox.message import Message
-from outbox.policy import RetryPolicy, TopicPolicy
-from outbox.schema import Status, metadata_for, tables_for, upgrade
+from outbox._message import Message
+from outbox._policy import RetryPolicy, TopicPolicy
+from outbox._schema import Status, metadata_for, tables_for, upgrade
 from outbox.writer import Outbox, add, configure
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ Two guards, because the first cannot see what a driver or a library prints:
 
 1. what this code prints is masked at the source: :func:`mask_url` for every URL shown;
 2. every line on its way out goes through :func:`scrub`, which replaces each secret :func:`remember`
-   was given (the CLI gives it those of its :class:`~outbox.cli.config.Settings`) and any secret shaped
+   was given (the CLI gives it those of its :class:`~outbox.cli._config.Settings`) and any secret shaped
    like one, known or not: a URL's password, ``password=...``, ``'sasl_plain_password': '...'``.
 
 Values shorter than :data:`MIN_REMEMBERED` characters are masked by shape only (guard 2 would replace

@@ -12,7 +12,7 @@ Promises:
   ``pg_notify`` sent after the commit (from a connection of its own, never for a rollback) wakes listening
   relays elsewhere: at once after a quiet moment, and at most one per ``NOTIFY_GAP`` (20 ms) while
   commits keep coming, since relays woken by the first keep looking every few milliseconds (see
-  :mod:`outbox.wakeup`). An ``AsyncSession`` on an async driver other than psycopg notifies inside
+  :mod:`outbox._wakeup`). An ``AsyncSession`` on an async driver other than psycopg notifies inside
   the transaction instead.
 
 How each session type writes:
@@ -38,12 +38,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, orm
 
-from outbox.clock import utcnow
-from outbox.errors import ConfigError, DelayError, HeaderError, MessageKeyError, PayloadError, TopicError
-from outbox.schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
-from outbox.serialization import encode_headers, encode_payload
-from outbox.tracing import inject_current
-from outbox.wakeup import (
+from outbox._clock import utcnow
+from outbox._errors import ConfigError, DelayError, HeaderError, MessageKeyError, PayloadError, TopicError
+from outbox._schema import DEFAULT_TABLE, OutboxTables, Status, tables_for
+from outbox._serialization import encode_headers, encode_payload
+from outbox._tracing import inject_current
+from outbox._wakeup import (
     notify_after_commit,
     notify_channel,
     remember_conninfo,
@@ -225,7 +225,7 @@ def _pop_connection_flags(conn: sa.Connection) -> tuple[set[str] | None, set[tup
 @event.listens_for(sa.Engine, "commit")
 def _connection_committed(conn: sa.Connection) -> None:
     # SQLAlchemy fires this just before the COMMIT reaches the server; a relay woken a moment too early
-    # looks again shortly (see relay.runner), and the notifier's own round trip comes after the commit's.
+    # looks again shortly (see relay._runner), and the notifier's own round trip comes after the commit's.
     _wake_after_commit(*_pop_connection_flags(conn))
 
 
@@ -243,7 +243,7 @@ def _write_queued(session: orm.Session) -> None:
     writer twice as much. Then the PostgreSQL wake-up: on psycopg, by the notifier after the commit,
     as for a sync ``Session``; another async driver (asyncpg, say) cannot lend the notifier its
     connection parameters, so ``pg_notify`` goes in the transaction itself (which serialises the
-    commits of notifying transactions: see :class:`outbox.wakeup.Notifier`).
+    commits of notifying transactions: see :class:`outbox._wakeup.Notifier`).
     """
     queued = session.info.get(_QUEUED_KEY)
     if not queued:
@@ -343,11 +343,11 @@ class Outbox:
         """Write a message in ``session``'s current transaction and return its id.
 
         ``session`` is a SQLAlchemy ``Session``, ``AsyncSession`` or ``Connection``. ``payload`` is
-        JSON-serialisable (see ``outbox.serialization``) or ``bytes``. Messages with the same ``key`` are
+        JSON-serialisable (see ``outbox._serialization``) or ``bytes``. Messages with the same ``key`` are
         delivered one at a time in the order they were added; ``delay`` (seconds or ``timedelta``)
         holds the message back. Raises a :class:`outbox.MessageError` subclass on invalid input,
         before anything is written. With OpenTelemetry installed and a span active, its W3C
-        ``traceparent`` is added to the headers unless they have one (:mod:`outbox.tracing`).
+        ``traceparent`` is added to the headers unless they have one (:mod:`outbox._tracing`).
         """
         row = self.build_row(topic, payload, key=key, headers=headers, delay=delay)
         if isinstance(session, orm.Session):

@@ -2,7 +2,7 @@
 
 Public surface (what README and docs promise; everything else is internal):
 
-- :class:`Relay` (``relay.runner``): the relay itself, ``with Relay(engine, registry): ...``;
+- :class:`Relay` (``relay._runner``): the relay itself, ``with Relay(engine, registry): ...``;
 - :class:`RelayObserver` and :class:`RecordedOutcome` (``relay.observers``): hooks into a running relay;
 - :class:`RelayMetrics` (``relay.metrics``) and :func:`serve` (``relay.health``): Prometheus metrics,
   ``/healthz`` and ``/readyz``; imported when first used, so a relay without metrics never loads
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from relay._outcomes import RecordedOutcome
+from relay._runner import Relay
 from relay.observers import RelayObserver
-from relay.outcomes import RecordedOutcome
 from relay.publishers import BrokerPublisher, Delivered, Delivery, Failed, Outcome, Publisher, Released
 from relay.publishers.kafka import KafkaSettings
-from relay.runner import Relay
 
 if TYPE_CHECKING:
     from relay.health import serve

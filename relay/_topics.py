@@ -1,4 +1,4 @@
-"""The topics a relay can route, as the claim's SQL condition (``relay.claim``, invariant 15).
+"""The topics a relay can route, as the claim's SQL condition (``relay._claim``, invariant 15).
 
 A relay claims only the topics its publishers take: the in-process handlers say which (the registry's
 exact names and shell-style patterns, :meth:`consumers.Registry.topics`); a publisher that may take any
@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.dialects import Dialect
+from outbox._dialects import Dialect
 
 #: LIKE's escape character: not in the topic alphabet ([A-Za-z0-9._-]), escaped itself when a pattern
 #: holds it anyway

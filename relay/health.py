@@ -9,7 +9,7 @@ A relay is ready when all of these hold (``/readyz`` answers 503 naming each one
   with no recent answer, a bootstrap server completes a handshake with the configured security
   settings: a metadata request over TLS and SASL as configured, not only a TCP connection);
 - ``handlers``: no more handler threads are stuck past their timeout than ``max_stuck_handlers``
-  (past that the relay stops claiming: restart it; see ``relay.publishers.handlers``);
+  (past that the relay stops claiming: restart it; see ``relay.publishers._handlers``);
 - ``progress``: the claim loop claimed (even nothing) or recorded outcomes within the last
   ``max(3 x poll_interval, 30 s)``. A relay whose handlers all run longer than that, with no capacity
   left to claim, reads as not progressing too: raise ``progress_within`` for such workloads.
@@ -25,13 +25,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from outbox import defaults
-from outbox.runtime.ops_server import Check, DatabaseCheck, OpsServer
+from outbox import _defaults as defaults
+from outbox._runtime.ops_server import Check, DatabaseCheck, OpsServer
 from relay.publishers import BrokerPublisher
 
 if TYPE_CHECKING:
+    from relay._runner import Relay
     from relay.metrics import RelayMetrics
-    from relay.runner import Relay
 
 
 class RelayReadiness:

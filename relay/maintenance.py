@@ -5,16 +5,16 @@ it takes or renews the **maintenance lease**, a row named ``maintenance`` in ``<
 ``interval`` seconds it then
 
 - **monitors** (every relay, so each one's findings and metrics are current): expired leases, overdue
-  messages and held-back keys (:mod:`relay.stuck`). The latest :class:`~relay.stuck.StuckFindings` is
+  messages and held-back keys (:mod:`relay._stuck`). The latest :class:`~relay._stuck.StuckFindings` is
   kept on :attr:`Maintenance.findings` and handed to observers (the metrics read it from there). Only
   the lease holder logs them at WARNING, with their ids; when there are expired leases it wakes its
   relay's fetcher (``on_expired``) so they are claimed again now rather than at the next poll;
-- **applies retention** (the lease holder only, :mod:`relay.retention`): delivered messages whose
+- **applies retention** (the lease holder only, :mod:`relay._retention`): delivered messages whose
   ``delivered_at`` is older than ``retention``, then the consumers' inbox rows whose ``processed_at``
   is, are deleted ``batch_size`` rows per short transaction, with a pause between batches.
 
 Invariants (each names the test that would catch its violation; retention's own are in
-:mod:`relay.retention`, the monitor's in :mod:`relay.stuck`):
+:mod:`relay._retention`, the monitor's in :mod:`relay._stuck`):
 
 1. **At most one relay applies retention at a time.** The lease is taken by a conditional UPDATE
    (``WHERE holder = me OR expires_at < now``) or, when the row does not exist, an INSERT that the
@@ -40,16 +40,16 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from outbox import defaults
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for, is_outage
-from outbox.errors import ConfigError
-from outbox.key_queue import KeyQueue
-from outbox.schema import OutboxTables
+from outbox import _defaults as defaults
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for, is_outage
+from outbox._errors import ConfigError
+from outbox._key_queue import KeyQueue
+from outbox._schema import OutboxTables
 from outbox.writer import MAX_DELAY
+from relay._retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
+from relay._stuck import StuckFindings, StuckMonitor, report
 from relay.publishers import describe_error
-from relay.retention import Batch, RetentionRun, delivered_batch, inbox_batch, run_retention
-from relay.stuck import StuckFindings, StuckMonitor, report
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -66,7 +66,7 @@ log = logging.getLogger("outbox.maintenance")
 
 #: the row of ``<table>_locks`` that names the relay doing retention
 MAINTENANCE_LOCK = "maintenance"
-#: the relay's defaults (:mod:`outbox.defaults`), under the names this module always gave them
+#: the relay's defaults (:mod:`outbox._defaults`), under the names this module always gave them
 DEFAULT_RETENTION = defaults.RETENTION
 DEFAULT_STUCK_AFTER = defaults.STUCK_AFTER
 DEFAULT_INTERVAL = defaults.MAINTENANCE_INTERVAL
@@ -126,7 +126,7 @@ class Maintenance:
         self.engine = engine
         # The lease's writes run in autocommit (but where one relay runs at a time: SQLite), each
         # committed when it has run, so a relay frozen between one and the next holds no lock on the
-        # lease's row: the others take the lease over once it expires (as relay.claim invariant 7).
+        # lease's row: the others take the lease over once it expires (as relay._claim invariant 7).
         self._lock_engine = (
             engine
             if dialect_for(engine).single_relay
@@ -294,7 +294,7 @@ class Maintenance:
     # -- retention ---------------------------------------------------------------------------------------
 
     def apply_retention(self, *, now: dt.datetime | None = None) -> RetentionRun:
-        """Delete delivered messages older than ``retention``, in batches (:mod:`relay.retention`).
+        """Delete delivered messages older than ``retention``, in batches (:mod:`relay._retention`).
 
         Call it only while holding the lease (the thread does); it stops early on stop, on a lost lease,
         or after ``max_batches`` (``incomplete``).
@@ -310,7 +310,7 @@ class Maintenance:
         """Delete inbox rows (every consumer group's) processed longer than ``retention`` ago, in batches.
 
         As :meth:`apply_retention`. A message Kafka delivers again after its inbox row is gone is
-        handled again: see :mod:`relay.retention`.
+        handled again: see :mod:`relay._retention`.
         """
         run = self._retain(inbox_batch(self.tables), now)
         self._counters.inbox_deleted_total += run.deleted
@@ -352,7 +352,7 @@ class Maintenance:
     # -- the stuck monitor -------------------------------------------------------------------------------
 
     def sweep_queued_keys(self, *, now: dt.datetime | None = None) -> int:
-        """Promote the keys whose queued messages nothing holds back any more (outbox.key_queue): a
+        """Promote the keys whose queued messages nothing holds back any more (outbox._key_queue): a
         safety net for a promotion a crash came between. Returns how many messages came back."""
         with self.engine.begin() as conn:
             promoted = self._key_queue.sweep(conn, now=now or utcnow())

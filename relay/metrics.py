@@ -39,17 +39,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from outbox import defaults
-from outbox.clock import utcnow
-from outbox.runtime.ops_server import metrics_registry
-from outbox.schema import OutboxTables, Status, status_in
-from relay.claim import ClaimedRow
+from outbox import _defaults as defaults
+from outbox._clock import utcnow
+from outbox._runtime.ops_server import metrics_registry
+from outbox._schema import OutboxTables, Status, status_in
+from relay._claim import ClaimedRow
+from relay._outcomes import RecordedOutcome
 from relay.observers import RelayObserver
-from relay.outcomes import RecordedOutcome
 from relay.publishers import describe_error
 
 if TYPE_CHECKING:
-    from relay.runner import Relay
+    from relay._runner import Relay
 
 log = logging.getLogger("outbox.metrics")
 

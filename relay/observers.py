@@ -18,7 +18,7 @@ hook                   thread              when
 =====================  ==================  =================================================================
 
 :mod:`relay.metrics` is the observer behind ``outbox relay --metrics-port``. What an outcome became
-(:class:`RecordedOutcome`, :data:`~relay.outcomes.Result`) is :mod:`relay.outcomes`, shared with the
+(:class:`RecordedOutcome`, :data:`~relay._outcomes.Result`) is :mod:`relay._outcomes`, shared with the
 completer that writes them.
 """
 
@@ -28,11 +28,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from relay.claim import ClaimedRow
-from relay.outcomes import RecordedOutcome
+from relay._claim import ClaimedRow
+from relay._outcomes import RecordedOutcome
 
 if TYPE_CHECKING:
-    from relay.runner import Relay
+    from relay._runner import Relay
 
 log = logging.getLogger("outbox.relay")
 

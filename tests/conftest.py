@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
-from outbox.dialects import create_engine
+from outbox._dialects import create_engine
 from relay import Relay
 from tests.apps import RelayLauncher
 

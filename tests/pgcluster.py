@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from outbox.dialects import create_engine
+from outbox._dialects import create_engine
 
 
 def _bindir() -> Path:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from outbox.runtime.broker_health import BrokerHealth, Handshake
-from outbox.runtime.kafka_settings import KafkaConnection
+from outbox._runtime.broker_health import BrokerHealth, Handshake
+from outbox._runtime.kafka_settings import KafkaConnection
 from tests.apps import ROOT
 from tests.conftest import wait_until
 from tests.test_metrics import Scraper

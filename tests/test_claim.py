@@ -1,4 +1,4 @@
-"""The claim path's invariants, checked statement by statement on each database (see relay/claim.py)."""
+"""The claim path's invariants, checked statement by statement on each database (see relay/_claim.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for
-from outbox.schema import Status, tables_for
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for
+from outbox._schema import Status, tables_for
+from relay._claim import ClaimQueries, Failure
 from relay._topics import Topics
-from relay.claim import ClaimQueries, Failure
 from tests.conftest import SERVER_BACKENDS, wait_until
 
 
@@ -457,10 +457,10 @@ def test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it(
     rows queued with them (``QUEUE_AHEAD``), so they stop taking a share of every claim; behind a row
     in flight (a run that its relay chains or pulls) only the scanned rows are queued. Nothing is taken
     either way (invariant 3), and the rows come back by promotion in order."""
-    import relay.claim
+    import relay._claim
 
-    monkeypatch.setattr(relay.claim, "DEEP_BLOCKED", 2)
-    monkeypatch.setattr(relay.claim, "QUEUE_AHEAD", 3)
+    monkeypatch.setattr(relay._claim, "DEEP_BLOCKED", 2)
+    monkeypatch.setattr(relay._claim, "QUEUE_AHEAD", 3)
     claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=100)
     t = tables_for().messages
     add_many(engine, [("hot", "f")] * 5 + [("hot", "p")] * 9)
@@ -483,7 +483,7 @@ def test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it(
 def test_promotion_brings_back_a_queued_head_and_leaves_a_due_head_to_the_claim(
     engine: sa.Engine, claims: ClaimQueries
 ) -> None:
-    """Invariant 9 (outbox.key_queue): a key whose first pending row is queued is promoted, and the
+    """Invariant 9 (outbox._key_queue): a key whose first pending row is queued is promoted, and the
     promotion says which keys came back; a key whose first pending row is due needs no promotion (a
     claim takes that row, and its run's end promotes the rows behind it)."""
     add_many(engine, [("a", "k")])

@@ -25,10 +25,10 @@ from click.testing import CliRunner, Result
 
 import outbox
 from outbox import cli
-from outbox.cli import config
-from outbox.cli.config import Settings, parse_duration, parse_time_ref
-from outbox.clock import utcnow
-from outbox.schema import SCHEMA_VERSION, Status, tables_for
+from outbox._clock import utcnow
+from outbox._schema import SCHEMA_VERSION, Status, tables_for
+from outbox.cli import _config as config
+from outbox.cli._config import Settings, parse_duration, parse_time_ref
 from tests.conftest import ROOT, status_counts, wait_until
 
 T = tables_for().messages

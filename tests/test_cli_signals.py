@@ -1,4 +1,4 @@
-"""Stop signals of ``outbox relay`` and ``outbox consume`` (outbox.cli.options.StopSignals).
+"""Stop signals of ``outbox relay`` and ``outbox consume`` (outbox.cli._options.StopSignals).
 
 Each check runs in a subprocess of its own: a handler that deadlocks hangs that process, not the
 suite, and the process's exit status is part of what is checked.
@@ -15,7 +15,7 @@ import textwrap
 # including any in which the wait holds a lock (as threading.Event.wait holds its Event's).
 _AT_EVERY_POINT = """
 import signal, sys
-from outbox.cli.options import StopSignals
+from outbox.cli._options import StopSignals
 
 points = 0
 while True:
@@ -48,7 +48,7 @@ print(f"seen at each of {points - 1} points")
 
 _TWICE = """
 import signal
-from outbox.cli.options import StopSignals
+from outbox.cli._options import StopSignals
 
 with StopSignals("what a second signal costs") as signals:
     signal.raise_signal(signal.SIGTERM)

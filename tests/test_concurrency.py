@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
-from outbox.message import Message
+from outbox._message import Message
 from relay import Relay
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
 

@@ -30,10 +30,10 @@ from click.testing import CliRunner, Result
 
 import outbox
 from consumers import Registry
-from consumers.dead_letters import DeadLetters
-from consumers.inbox import Inbox
-from consumers.kafka import ConsumerSettings, KafkaConsumerRunner, subscription
-from consumers.records import (
+from consumers._dead_letters import DeadLetters
+from consumers._inbox import Inbox
+from consumers._kafka import ConsumerSettings, KafkaConsumerRunner, subscription
+from consumers._records import (
     RECORD_ID_NAMESPACE,
     UndecodableRecord,
     decode_record_headers,
@@ -41,9 +41,9 @@ from consumers.records import (
     message_from_record,
 )
 from outbox import cli
-from outbox.message import Message
-from outbox.policy import PolicyOverrides
-from outbox.schema import MIGRATIONS, SCHEMA_VERSION, check_version, current_version, tables_for
+from outbox._message import Message
+from outbox._policy import PolicyOverrides
+from outbox._schema import MIGRATIONS, SCHEMA_VERSION, check_version, current_version, tables_for
 from relay import Relay
 from relay.publishers.kafka import KafkaSettings
 from tests.apps import RelayProcess
@@ -499,7 +499,7 @@ def test_a_v1_database_upgrades_to_the_current_version(db_url: str) -> None:
             assert conn.execute(sa.select(T.messages.c.id)).scalars().all() == [message_id]
             inspector = sa.inspect(conn)
             assert inspector.has_table("outbox_inbox") and inspector.has_table("outbox_dead_letters")
-            # the claim's one-probe index of the rows holding each key: PostgreSQL's alone (relay.claim)
+            # the claim's one-probe index of the rows holding each key: PostgreSQL's alone (relay._claim)
             indexes = {ix["name"] for ix in inspector.get_indexes("outbox")}
             assert ("ix_outbox_holding" in indexes) == (engine.dialect.name == "postgresql"), indexes
         with engine.begin() as conn:

@@ -1,5 +1,5 @@
-"""``outbox consume`` in batches and partitions in parallel: the invariants of ``consumers.batches`` and
-``consumers.partitions``, against the real databases and the test broker.
+"""``outbox consume`` in batches and partitions in parallel: the invariants of ``consumers._batches`` and
+``consumers._partitions``, against the real databases and the test broker.
 
 Records are published by the real relay; the consumer runs in-process, or as a real ``python -m outbox
 consume`` subprocess where the test kills it. Helpers and the subprocess fixture are those of
@@ -18,9 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from consumers import Registry
-from consumers.inbox import Inbox
+from consumers._inbox import Inbox
 from outbox import cli
-from outbox.message import Message
+from outbox._message import Message
 from tests.apps.consumer_app import EFFECTS, create_effects_table, effect_handler, effect_rows
 from tests.conftest import wait_until
 from tests.test_consumer import (  # noqa: F401  (consumers: the subprocess fixture)

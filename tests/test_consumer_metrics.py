@@ -3,7 +3,7 @@ dead-lettered records, ``/readyz`` following the consumer and its broker, and th
 on, through the relay's send span, into the span the consumer runs the handler in.
 
 Records are published by the real relay to a real broker; the consumers are in-process runners served
-by :class:`outbox.runtime.ops_server.OpsServer` (as ``outbox consume --metrics-port`` wires them) or a real
+by :class:`outbox._runtime.ops_server.OpsServer` (as ``outbox consume --metrics-port`` wires them) or a real
 ``outbox consume`` subprocess. Every scrape is a real HTTP request.
 """
 
@@ -28,11 +28,11 @@ from opentelemetry.trace import SpanKind
 
 import outbox
 from consumers import Registry
-from consumers.kafka import ConsumerSettings, KafkaConsumerRunner
-from consumers.metrics import ConsumerMetrics, consumer_checks
-from outbox.admin.operations import Operations
-from outbox.message import Message
-from outbox.runtime.ops_server import OpsServer
+from consumers._kafka import ConsumerSettings, KafkaConsumerRunner
+from consumers._metrics import ConsumerMetrics, consumer_checks
+from outbox._message import Message
+from outbox._runtime.ops_server import OpsServer
+from outbox.admin._operations import Operations
 from relay import Relay
 from relay.publishers.kafka import KafkaSettings
 from tests.apps import RelayProcess

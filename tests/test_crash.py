@@ -3,7 +3,7 @@ stalled past its lease cannot change what its successor did (fencing).
 
 Every relay here is a real ``outbox relay`` subprocess on a real PostgreSQL or MariaDB database,
 killed or frozen with real signals. SQLite is left out: it runs one relay at a time, and a new relay
-takes a dead relay's rows back at start (``relay.runner``), so leases never decide anything there.
+takes a dead relay's rows back at start (``relay._runner``), so leases never decide anything there.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from outbox.clock import utcnow
-from outbox.schema import Status, tables_for
+from outbox._clock import utcnow
+from outbox._schema import Status, tables_for
 from relay.maintenance import MAINTENANCE_LOCK
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
 from tests.apps.freezing import EMPTY_ENV, FREEZE_ENV
@@ -297,7 +297,7 @@ def test_relay_frozen_taking_the_maintenance_lease_holds_no_lock(
 def test_relay_frozen_mid_write_holds_no_row(
     engine: sa.Engine, relays: RelayLauncher, record: Path, point: str
 ) -> None:
-    """Invariant 7 of ``relay.claim``: a relay frozen mid-write keeps no row locked from its successor.
+    """Invariant 7 of ``relay._claim``: a relay frozen mid-write keeps no row locked from its successor.
 
     The relay holds the message's lease and freezes the instant a statement has run, before anything
     else it would send (such as a COMMIT): right after renewing its lease, or after a claim (it claims

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 import outbox
-from outbox.dialects import is_outage
-from outbox.schema import Status
+from outbox._dialects import is_outage
+from outbox._schema import Status
 from tests.apps import RelayLauncher, RelayProcess, outbox_rows
 from tests.apps.recording import TOPIC, create_handled_table, first_handling_order, handled_rows, read_record
 from tests.conftest import wait_until

@@ -1,7 +1,7 @@
-"""Every relay setting has one default, in ``outbox.defaults``: ``Relay(...)``, the CLI's ``Settings`` and
+"""Every relay setting has one default, in ``outbox._defaults``: ``Relay(...)``, the CLI's ``Settings`` and
 ``outbox relay --help`` all say the same value.
 
-Before this, the defaults were written three times (``outbox/config.py``, ``relay/runner.py`` with
+Before this, the defaults were written three times (``outbox/config.py``, ``relay/_runner.py`` with
 ``relay/maintenance.py``, and the help texts) and nothing compared them.
 """
 
@@ -15,14 +15,15 @@ from typing import Any
 import click
 import pytest
 
-from outbox import defaults
-from outbox.cli.config import Settings, format_duration, format_number, parse_duration
-from outbox.cli.consume import consume
-from outbox.cli.relay import relay as relay_command
-from outbox.policy import RetryPolicy
-from outbox.runtime.kafka_settings import KafkaConnection
-from outbox.runtime.ops_server import OpsServer
-from relay import Relay, runner
+from outbox import _defaults as defaults
+from outbox._policy import RetryPolicy
+from outbox._runtime.kafka_settings import KafkaConnection
+from outbox._runtime.ops_server import OpsServer
+from outbox.cli._config import Settings, format_duration, format_number, parse_duration
+from outbox.cli._consume import consume
+from outbox.cli._relay import relay as relay_command
+from relay import Relay
+from relay import _runner as runner
 from relay.health import serve
 from relay.maintenance import Maintenance
 from relay.metrics import RelayMetrics
@@ -89,8 +90,8 @@ def test_the_relay_signature_takes_its_defaults_from_outbox_defaults() -> None:
 
 
 def test_the_relays_own_constants_agree_with_outbox_defaults() -> None:
-    """relay/runner.py still writes these three (it is being changed by the claim-engine work); until they
-    are imported from outbox.defaults, they must at least be equal."""
+    """relay/_runner.py still writes these three (it is being changed by the claim-engine work); until they
+    are imported from outbox._defaults, they must at least be equal."""
     assert runner.MAX_BATCH_SIZE == defaults.MAX_BATCH_SIZE
     assert runner.MAX_IN_FLIGHT_BYTES == defaults.MAX_IN_FLIGHT_BYTES
     assert runner.BROKER_IN_FLIGHT == defaults.BROKER_IN_FLIGHT

@@ -36,9 +36,9 @@ import yaml
 
 import outbox
 from outbox import cli
-from outbox.cli.config import _KINDS, Settings
-from outbox.cli.options import SHARED_NAMES, build_settings
-from outbox.dialects import create_engine
+from outbox._dialects import create_engine
+from outbox.cli._config import _KINDS, Settings
+from outbox.cli._options import SHARED_NAMES, build_settings
 from tests.conftest import ROOT, wait_until
 
 DEPLOY = ROOT / "deploy"
@@ -205,7 +205,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         names = sample_names(exposition)
         from prometheus_client import generate_latest
 
-        from consumers.metrics import ConsumerMetrics  # the consumer's own port serves these
+        from consumers._metrics import ConsumerMetrics  # the consumer's own port serves these
 
         names |= sample_names(generate_latest(ConsumerMetrics("g", process=False).registry).decode())
         result = Served(names)

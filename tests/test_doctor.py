@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 
 import outbox
 from outbox import cli
-from outbox.admin.doctor import DoctorReport, Finding, Level, Thresholds, diagnose
-from outbox.clock import utcnow
-from outbox.schema import tables_for
+from outbox._clock import utcnow
+from outbox._schema import tables_for
+from outbox.admin._doctor import DoctorReport, Finding, Level, Thresholds, diagnose
 from tests.conftest import SERVER_BACKENDS, wait_until
 
 TABLES = tables_for()

@@ -1,7 +1,7 @@
 """No handler can take a worker away: whatever a handler raises, however it hangs, the relay (and
 ``outbox consume``) keeps delivering everything else, fails the bad message with its error, and says
 the truth in ``/readyz``. The invariants are stated in ``consumers/attempt.py`` and
-``relay/publishers/handlers.py``.
+``relay/publishers/_handlers.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
-from outbox.errors import ConfigError
-from outbox.message import Message
-from outbox.policy import PolicyOverrides
+from outbox._errors import ConfigError
+from outbox._message import Message
+from outbox._policy import PolicyOverrides
 from relay import Relay
 from relay.health import RelayReadiness
 from relay.metrics import RelayMetrics

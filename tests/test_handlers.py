@@ -16,11 +16,11 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
-from outbox.clock import utcnow
-from outbox.errors import ConfigError
-from outbox.message import Message
+from outbox._clock import utcnow
+from outbox._errors import ConfigError
+from outbox._message import Message
 from relay import Relay
-from relay.claim import ClaimedRow
+from relay._claim import ClaimedRow
 from relay.observers import RelayObserver
 from tests.conftest import status_counts, wait_until
 
@@ -106,7 +106,7 @@ def test_strict_order_topic_parks_the_key(engine: sa.Engine, registry: Registry,
 
 
 def test_a_relay_with_nowhere_to_deliver_refuses_to_start(engine: sa.Engine) -> None:
-    """No handler, no Kafka, no publisher of one's own: the relay would claim nothing (relay.claim,
+    """No handler, no Kafka, no publisher of one's own: the relay would claim nothing (relay._claim,
     invariant 15), so it says so instead of running idle."""
     relay = Relay(engine, Registry(), poll_interval=0.05)
     with pytest.raises(ConfigError, match="nowhere to deliver: its registry has no handler"):
@@ -161,7 +161,7 @@ class _Picky:
 def test_a_claimed_message_nobody_here_routes_is_given_back_without_an_attempt(engine: sa.Engine) -> None:
     """Invariant 15's fallback: a row claimed by a relay with no publisher for it (its publisher lists
     no topics) is released, attempt not counted, due again only after UNROUTABLE_PAUSE: never dead."""
-    from relay.dispatch import UNROUTABLE_PAUSE
+    from relay._dispatch import UNROUTABLE_PAUSE
 
     picky = _Picky()
     with engine.begin() as conn:
@@ -317,7 +317,7 @@ class ClaimLog(RelayObserver):
 
 
 def test_claims_grow_only_while_the_handlers_keep_up(engine: sa.Engine, registry: Registry) -> None:
-    """Invariants of "Claim size" (relay.runner): a backlog that fast handlers keep up with is claimed in
+    """Invariants of "Claim size" (relay._runner): a backlog that fast handlers keep up with is claimed in
     claims that double up to max_batch_size, and the size is back at batch_size when the backlog ends;
     slow handlers keep the claims at batch_size and what the relay holds within twice that."""
     registry.add("fast", lambda m: None)
@@ -445,7 +445,7 @@ def test_burst_from_another_process_is_delivered_without_waiting_for_a_poll(
 
 def test_message_that_keeps_killing_relays_goes_dead(engine: sa.Engine, registry: Registry) -> None:
     """Attempts are counted at claim; past max_attempts + CRASH_ALLOWANCE without outcomes it is dead."""
-    from relay.dispatch import CRASH_ALLOWANCE
+    from relay._dispatch import CRASH_ALLOWANCE
 
     calls: list[int] = []
     registry.add("crashy", lambda m: calls.append(m.attempt))

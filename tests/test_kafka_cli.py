@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.cli.config import Settings
+from outbox.cli._config import Settings
 from tests.apps import ROOT
 from tests.conftest import status_counts, wait_until
 from tests.kafka_check import read_all

@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.clock import utcnow
-from outbox.runtime.kafka_settings import HEADER_ID
+from outbox._clock import utcnow
+from outbox._runtime.kafka_settings import HEADER_ID
 from tests.apps import ROOT
 from tests.conftest import status_counts, wait_until
 from tests.kafka_check import read_all

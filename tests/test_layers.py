@@ -20,7 +20,7 @@ PACKAGES = ("outbox", "relay", "consumers")
 #: bottom first; a module belongs to the layer of the longest prefix that names it
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("write path and shared primitives", ("outbox",)),
-    ("process plumbing", ("outbox.runtime",)),
+    ("process plumbing", ("outbox._runtime",)),
     ("consumers", ("consumers",)),
     ("relay", ("relay",)),
     ("operator layer", ("outbox.admin",)),
@@ -97,11 +97,11 @@ def test_nothing_imports_a_layer_above_its_own() -> None:
 @pytest.mark.parametrize(
     ("module", "source"),
     [
-        ("relay.retention", "from outbox.admin.operations import Operations\n"),
+        ("relay._retention", "from outbox.admin._operations import Operations\n"),
         ("outbox.writer", "def f():\n    from relay import Relay\n"),  # a lazy import counts too
-        ("consumers.kafka", "import relay.runner\n"),
-        ("outbox.runtime.ops_server", "from outbox import cli\n"),  # a submodule named in a from-import
-        ("outbox.admin.doctor", "from .. import cli\n"),  # relative
+        ("consumers._kafka", "import relay._runner\n"),
+        ("outbox._runtime.ops_server", "from outbox import cli\n"),  # a submodule named in a from-import
+        ("outbox.admin._doctor", "from .. import cli\n"),  # relative
     ],
 )
 def test_an_upward_import_is_caught(module: str, source: str) -> None:
@@ -111,7 +111,7 @@ def test_an_upward_import_is_caught(module: str, source: str) -> None:
 
 def test_the_kafka_clients_do_not_import_each_other() -> None:
     """The librdkafka publisher shares the kafka-python one's rules through
-    relay.publishers.kafka_records, never by importing it (kafka.py may load it, in publisher_for)."""
+    relay.publishers._kafka_records, never by importing it (kafka.py may load it, in publisher_for)."""
     modules = project_modules()
     source = modules["relay.publishers.confluent"].read_text(encoding="utf-8")
     imported = {name for _, name in imported_modules(source, "relay.publishers.confluent", set(modules))}
@@ -120,9 +120,9 @@ def test_the_kafka_clients_do_not_import_each_other() -> None:
 
 def test_the_outcome_vocabulary_imports_neither_its_producer_nor_its_observers() -> None:
     modules = project_modules()
-    source = modules["relay.outcomes"].read_text(encoding="utf-8")
-    imported = {name for _, name in imported_modules(source, "relay.outcomes", set(modules))}
-    assert imported.isdisjoint({"relay.completer", "relay.observers", "relay.runner"})
+    source = modules["relay._outcomes"].read_text(encoding="utf-8")
+    imported = {name for _, name in imported_modules(source, "relay._outcomes", set(modules))}
+    assert imported.isdisjoint({"relay._completer", "relay.observers", "relay._runner"})
 
 
 def test_the_cli_loads_neither_the_relay_nor_the_consumers_until_a_command_needs_them() -> None:

@@ -22,14 +22,14 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
-from consumers.inbox import Inbox
-from outbox.clock import utcnow
-from outbox.schema import Status, tables_for
+from consumers._inbox import Inbox
+from outbox._clock import utcnow
+from outbox._schema import Status, tables_for
 from outbox.writer import Outbox
 from relay import Relay
+from relay._runner import AWAKE_SECONDS
 from relay.maintenance import MAINTENANCE_LOCK, Maintenance, StuckFindings
 from relay.metrics import RelayMetrics
-from relay.runner import AWAKE_SECONDS
 from tests.apps import RelayLauncher
 from tests.apps.recording import TOPIC, read_record
 from tests.apps.recording import registry as recording_registry

@@ -31,18 +31,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import outbox
 from consumers import Registry
-from consumers.metrics import ConsumerMetrics, consumer_checks
+from consumers._metrics import ConsumerMetrics, consumer_checks
 from outbox import Message
-from outbox.cli.config import Settings
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for
-from outbox.runtime.ops_server import OpsServer
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for
+from outbox._runtime.ops_server import OpsServer
+from outbox.cli._config import Settings
 from relay import Relay
-from relay.claim import ClaimedRow, ClaimQueries
+from relay._claim import ClaimedRow, ClaimQueries
+from relay._outcomes import RecordedOutcome
 from relay.health import serve
 from relay.metrics import RelayMetrics
 from relay.observers import RelayObserver
-from relay.outcomes import RecordedOutcome
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
 from tests.kafka_broker import Broker
@@ -416,7 +416,7 @@ def test_log_lines_of_any_library_are_scrubbed(
     """The second guard: whatever a library logs (a URL with its password, a SASL config, an exception
     message) goes through the same scrubbing as the CLI's one-line errors."""
     from outbox import redaction
-    from outbox.cli import options as cli_options
+    from outbox.cli import _options as cli_options
 
     monkeypatch.setattr(redaction, "_known", set())
     settings = Settings.load(

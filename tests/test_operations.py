@@ -1,4 +1,4 @@
-"""The operator's queries (outbox.admin.operations) on each database: what status/list/show report, and that
+"""The operator's queries (outbox.admin._operations) on each database: what status/list/show report, and that
 replay and purge change exactly what they promise and nothing else."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 import outbox
 from consumers import Registry
-from outbox.admin.operations import MessageFilter, Operations
+from outbox._clock import utcnow
+from outbox._message import Message
+from outbox._schema import Status, tables_for
+from outbox.admin._operations import MessageFilter, Operations
 from outbox.cli import outbox as outbox_cli
-from outbox.clock import utcnow
-from outbox.message import Message
-from outbox.schema import Status, tables_for
 from tests.conftest import status_counts, wait_until
 
 T = tables_for().messages

@@ -1,5 +1,5 @@
 """A message that kills its relay (``os._exit``, a segfault, the OOM killer) is stopped, and only it:
-attempts are counted for messages that started (``relay.claim``, invariant 10). Real relay processes,
+attempts are counted for messages that started (``relay._claim``, invariant 10). Real relay processes,
 restarted by a supervisor loop as an orchestrator would."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.schema import tables_for
-from relay.dispatch import CRASH_ALLOWANCE
+from outbox._schema import tables_for
+from relay._dispatch import CRASH_ALLOWANCE
 from tests.apps import RelayLauncher, RelayProcess
 from tests.apps.recording import TOPIC, read_record
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until

@@ -95,10 +95,62 @@ def test_the_documented_paths_are_found() -> None:
 
 
 def test_every_source_file_the_docs_name_exists() -> None:
-    """``relay/claim.py`` in docs/guarantees.md or docs/architecture.md is a file that is there."""
+    """``relay/_claim.py`` in docs/guarantees.md or docs/architecture.md is a file that is there."""
     named = set()
     for document in DOCUMENTS:
         text = document.read_text(encoding="utf-8")
         named.update(re.findall(r"`((?:outbox|relay|consumers)/[\w/]+\.py)`", text))
     assert named, "the scan found no source file"
     assert sorted(path for path in named if not (ROOT / path).is_file()) == []
+
+
+def source_modules() -> list[str]:
+    """Every module of the three packages, by dotted name (a package by its own name)."""
+    modules = []
+    for package in ("outbox", "relay", "consumers"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules.append(".".join(parts))
+    return modules
+
+
+def is_private(module: str) -> bool:
+    """``relay._claim``, ``outbox._runtime.ops_server``: a part of the path starts with ``_`` (but
+    ``__main__``, ``python -m outbox``, is the command)."""
+    return any(part.startswith("_") and part != "__main__" for part in module.split("."))
+
+
+def api_documented_modules() -> set[str]:
+    """The packages with a section in docs/api.md, and every module a path on that page starts with."""
+    text = API.read_text(encoding="utf-8")
+    paths = set(api_sections())
+    paths.update(re.findall(r"`((?:outbox|relay|consumers)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text))
+    return {".".join(path.split(".")[:cut]) for path in paths for cut in range(1, path.count(".") + 2)}
+
+
+def test_a_module_without_an_underscore_is_documented() -> None:
+    """A module whose name does not start with ``_`` is public: a package with its section in
+    docs/api.md, ``outbox.__main__``, or a module that page names. A new internal module gets a ``_``
+    name (``relay/_claim.py``); a new public one gets its line in docs/api.md."""
+    documented = api_documented_modules()
+    undocumented = [
+        module
+        for module in source_modules()
+        if not is_private(module) and not module.endswith(".__main__") and module not in documented
+    ]
+    assert undocumented == [], "undocumented public modules: give them a leading _ or document them"
+
+
+def test_every_module_docs_api_documents_is_public() -> None:
+    """What docs/api.md promises has a public name: no documented module is an underscored one."""
+    documented = api_documented_modules() & set(source_modules())
+    assert sorted(module for module in documented if is_private(module)) == []
+
+
+def test_the_module_check_catches_a_new_plain_module() -> None:
+    documented = api_documented_modules()
+    assert "relay.maintenance" in documented and "relay.publishers.confluent" in documented
+    assert "relay.claim" not in documented and is_private("relay._claim")
+    assert is_private("outbox._runtime.ops_server") and not is_private("outbox.__main__")

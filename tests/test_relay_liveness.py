@@ -20,12 +20,12 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
+from outbox._message import Message
 from outbox.cli import RET_CRASHED
-from outbox.message import Message
 from relay import Relay
-from relay.claim import ClaimQueries
-from relay.completer import Completer
-from relay.dispatch import Dispatcher
+from relay._claim import ClaimQueries
+from relay._completer import Completer
+from relay._dispatch import Dispatcher
 from relay.health import serve
 from relay.metrics import RelayMetrics
 from tests.apps import RelayLauncher

@@ -1,4 +1,4 @@
-"""A relay claims only the topics it can route (``relay.claim``, invariant 15), as real ``outbox relay``
+"""A relay claims only the topics it can route (``relay._claim``, invariant 15), as real ``outbox relay``
 processes whose ``--app`` register different topics: a message no relay here routes loses no attempt
 and waits, a relay that routes it delivers it, and per-key order holds across topics and relays."""
 
@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.schema import tables_for
+from outbox._schema import tables_for
 from tests.apps import RelayLauncher
 from tests.apps.recording import MAIL_TOPIC, ORDERS_TOPIC, first_handling_order, read_record
 from tests.conftest import SERVER_BACKENDS, wait_until

@@ -1,5 +1,5 @@
-"""Key runs: a key's consecutive messages claimed together and delivered in order (relay/claim.py, runs;
-relay/dispatch.py), and the queued rows of busy or held keys (outbox/key_queue.py)."""
+"""Key runs: a key's consecutive messages claimed together and delivered in order (relay/_claim.py, runs;
+relay/_dispatch.py), and the queued rows of busy or held keys (outbox/_key_queue.py)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import sqlalchemy as sa
 
 import outbox
 from consumers import Registry
-from outbox.admin.operations import Operations
-from outbox.message import Message
-from outbox.policy import TopicPolicy
-from outbox.schema import Status
+from outbox._message import Message
+from outbox._policy import TopicPolicy
+from outbox._schema import Status
+from outbox.admin._operations import Operations
 from relay import Relay
-from relay.claim import ClaimedRow
-from relay.dispatch import Dispatcher
+from relay._claim import ClaimedRow
+from relay._dispatch import Dispatcher
 from relay.maintenance import Maintenance
 from relay.publishers import Delivered, Delivery, Failed, Outcome, Released
-from relay.publishers.handlers import HandlerPublisher
+from relay.publishers._handlers import HandlerPublisher
 from tests.conftest import status_counts, wait_until
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.1}
@@ -301,7 +301,7 @@ def test_a_publisher_without_order_in_flight_gets_a_run_one_message_at_a_time() 
     assert HandlerPublisher.__dict__.get("keeps_order_in_flight") is None, "handlers take one at a time"
 
 
-# --- chained runs (relay/claim.py, invariant 12): a key's next run handed out behind the one before ---
+# --- chained runs (relay/_claim.py, invariant 12): a key's next run handed out behind the one before ---
 
 
 def chain_rows(first: int, count: int, *, after: int = 0, token: str = "t") -> list[ClaimedRow]:

@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.clock import utcnow
-from outbox.dialects import dialect_for
-from outbox.schema import MIGRATIONS, SCHEMA_VERSION, check_version, current_version, tables_for
-from relay.claim import ClaimQueries
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for
+from outbox._schema import MIGRATIONS, SCHEMA_VERSION, check_version, current_version, tables_for
+from relay._claim import ClaimQueries
 from relay.metrics import backlog_query
 from tests.conftest import make_database
 

@@ -21,8 +21,8 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.cli.config import Settings
-from outbox.errors import ConfigError
+from outbox._errors import ConfigError
+from outbox.cli._config import Settings
 from outbox.redaction import mask_url, scrub, url_secrets
 from tests.apps import ROOT
 from tests.apps.recording import RECORD_ENV, TOPIC

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from outbox.clock import utcnow
-from outbox.schema import Status
+from outbox._clock import utcnow
+from outbox._schema import Status
 from tests.apps import RelayLauncher, outbox_rows
 from tests.apps.recording import commit_messages, read_record
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
@@ -102,7 +102,7 @@ def test_stop_timeout_never_hands_back_a_running_handler(
 
     # Not handed back: the row is still in flight under the same lease, which now simply runs out.
     row = outbox_rows(engine)[message_id]
-    # (no outcome: no attempt counted yet; relay.claim, invariant 10)
+    # (no outcome: no attempt counted yet; relay._claim, invariant 10)
     assert (row.status, row.lease_token, row.attempts) == (Status.INFLIGHT.value, token, 0)
     lease_expiry = row.due_at
 

@@ -24,11 +24,11 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
-from consumers.records import message_from_record
+from consumers._records import message_from_record
 from outbox import Message
-from outbox.clock import utcnow
-from outbox.serialization import decode_headers
-from outbox.tracing import process_span, publish_span, trace_headers
+from outbox._clock import utcnow
+from outbox._serialization import decode_headers
+from outbox._tracing import process_span, publish_span, trace_headers
 from relay import Relay
 from relay.publishers.kafka import KafkaSettings
 from tests.conftest import PYTHON, ROOT, status_counts, wait_until
@@ -148,7 +148,7 @@ def test_writer_trace_continues_through_kafka_into_the_consumer(
 
 @dataclass
 class _Record:
-    """A consumed record in the shape ``consumers.records`` reads (kafka-python's ConsumerRecord)."""
+    """A consumed record in the shape ``consumers._records`` reads (kafka-python's ConsumerRecord)."""
 
     topic: str
     partition: int
@@ -191,12 +191,12 @@ def test_without_opentelemetry_nothing_changes(tmp_path: Path) -> None:
     work and leave the headers as they were."""
     script = f"""
 import json, sys
-import outbox, relay, relay.runner, relay.metrics, consumers
+import outbox, relay, relay._runner, relay.metrics, consumers
 imported_eagerly = "opentelemetry" in sys.modules
 sys.modules["opentelemetry"] = None  # as if it were not installed
-from outbox import tracing
-from outbox.message import Message
-from outbox.clock import utcnow
+from outbox import _tracing as tracing
+from outbox._message import Message
+from outbox._clock import utcnow
 import sqlalchemy as sa
 engine = outbox.create_engine("sqlite:///{tmp_path / "plain.db"}")
 with engine.begin() as conn:

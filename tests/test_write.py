@@ -22,9 +22,9 @@ from sqlalchemy import orm
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import outbox
-from outbox.dialects import normalise_url
-from outbox.schema import tables_for
-from outbox.wakeup import NOTIFY_GAP
+from outbox._dialects import normalise_url
+from outbox._schema import tables_for
+from outbox._wakeup import NOTIFY_GAP
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADERS_BYTES
 
 
@@ -419,11 +419,11 @@ def test_upgrade_is_idempotent_and_versioned(db_url: str) -> None:
     engine = outbox.create_engine(db_url)
     try:
         with engine.begin() as conn:
-            assert [m.version for m in outbox.upgrade(conn)] == [m.version for m in outbox.schema.MIGRATIONS]
+            assert [m.version for m in outbox.upgrade(conn)] == [m.version for m in outbox._schema.MIGRATIONS]
         with engine.begin() as conn:
             assert outbox.upgrade(conn) == []
         with engine.connect() as conn:
-            outbox.schema.check_version(conn)
+            outbox._schema.check_version(conn)
     finally:
         engine.dispose()
 
@@ -432,7 +432,7 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
     engine = outbox.create_engine(db_url)
     try:
         with engine.connect() as conn, pytest.raises(outbox.SchemaError, match="outbox db upgrade"):
-            outbox.schema.check_version(conn)
+            outbox._schema.check_version(conn)
     finally:
         engine.dispose()
 
@@ -444,7 +444,7 @@ def test_missing_table_is_a_schema_error(db_url: str) -> None:
 def _notifications(db_url: str) -> Iterator[tuple[list[float], list[int]]]:
     """LISTEN on the default outbox's channel meanwhile: yields the arrival times of its notifications
     and the pids of the backends that sent them."""
-    from outbox.wakeup import notify_channel
+    from outbox._wakeup import notify_channel
 
     received: list[float] = []
     pids: list[int] = []

@@ -2,16 +2,16 @@
 
 One module per command group; this package only assembles them under the root group::
 
-    outbox relay --app MODULE[:ATTR]    deliver committed messages            (outbox.cli.relay)
-    outbox db upgrade | db version      apply / show schema migrations        (outbox.cli.db)
-    outbox status | list | show ID      what is in the outbox, and why       (outbox.cli.messages)
-    outbox replay | purge               send messages back / delete old ones  (outbox.cli.messages)
-    outbox doctor                       check the database, explain each fix  (outbox.cli.doctor)
-    outbox consume | dlq                consume from Kafka, its dead letters  (outbox.cli.consume, .dlq)
+    outbox relay --app MODULE[:ATTR]    deliver committed messages            (outbox.cli._relay)
+    outbox db upgrade | db version      apply / show schema migrations        (outbox.cli._db)
+    outbox status | list | show ID      what is in the outbox, and why       (outbox.cli._messages)
+    outbox replay | purge               send messages back / delete old ones  (outbox.cli._messages)
+    outbox doctor                       check the database, explain each fix  (outbox.cli._doctor)
+    outbox consume | dlq                consume from Kafka, its dead letters  (outbox.cli._consume, ._dlq)
 
-What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli.options`; the root
-group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli.root`. Every flag
-has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.cli.config`).
+What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli._options`; the root
+group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli._root`. Every flag
+has an ``OUTBOX_*`` environment twin and a config-file key (see :mod:`outbox.cli._config`).
 
 Public: :func:`main` (the console script) and the exit codes (``RET_*``, :func:`exit_code_for`). The
 click group itself (:data:`outbox`, importable for tests driving it with ``CliRunner``) is internal.
@@ -19,13 +19,13 @@ click group itself (:data:`outbox`, importable for tests driving it with ``CliRu
 
 from __future__ import annotations
 
-from outbox.cli.consume import consume
-from outbox.cli.db import db
-from outbox.cli.dlq import dlq
-from outbox.cli.doctor import doctor
-from outbox.cli.messages import list_messages, purge, replay, show, status
-from outbox.cli.relay import relay
-from outbox.cli.root import (
+from outbox.cli._consume import consume
+from outbox.cli._db import db
+from outbox.cli._dlq import dlq
+from outbox.cli._doctor import doctor
+from outbox.cli._messages import list_messages, purge, replay, show, status
+from outbox.cli._relay import relay
+from outbox.cli._root import (
     RET_BROKER,
     RET_CONFIG,
     RET_CONFLICT,

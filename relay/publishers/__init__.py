@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from outbox.message import Message
-from outbox.policy import TopicPolicy
+from outbox._message import Message
+from outbox._policy import TopicPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +31,10 @@ class Delivery:
     message: Message
     policy: TopicPolicy
     #: the last message of its key's run in this claim (or a message without a key): once it is
-    #: delivered, the key's next messages are brought back to the claim (relay.claim, promotion)
+    #: delivered, the key's next messages are brought back to the claim (relay._claim, promotion)
     run_end: bool = True
     #: its attempt was counted before it started (a message taken back from an expired lease:
-    #: ``relay.claim``, invariant 10), so its outcome's mark does not count it again
+    #: ``relay._claim``, invariant 10), so its outcome's mark does not count it again
     counted: bool = False
 
 

@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from outbox.runtime.broker_health import BrokerHealth
-from outbox.tracing import DeliverySpan, publish_span
+from outbox._runtime.broker_health import BrokerHealth
+from outbox._tracing import DeliverySpan, publish_span
 from relay.publishers import Delivered, Delivery, DoneCallback, Failed, Outcome, Released, error_of
-from relay.publishers.kafka_records import (
+from relay.publishers._kafka_records import (
     BROKER_RETRY_PAUSE,
     EARLIER_NOT_SENT,
     KafkaSettings,
@@ -102,7 +102,7 @@ class ConfluentPublisher:
     """Publishes with a confluent-kafka ``Producer``; a poll thread serves its delivery callbacks."""
 
     decodes_payload = False
-    #: a key's consecutive records of one topic may be in flight together (``relay.dispatch``, runs):
+    #: a key's consecutive records of one topic may be in flight together (``relay._dispatch``, runs):
     #: librdkafka's idempotent producer (``enable.idempotence``, which implies acks=all, at most 5
     #: requests in flight and unlimited retries) keeps a partition's records in the order produced,
     #: written once each, and :meth:`deliver` produces a group with one producer
@@ -112,7 +112,7 @@ class ConfluentPublisher:
         try:
             from confluent_kafka import Producer
         except ImportError:
-            from outbox.errors import ConfigError
+            from outbox._errors import ConfigError
 
             raise ConfigError(
                 "the confluent Kafka client is not installed: pip install 'sqla-outbox[confluent]'"

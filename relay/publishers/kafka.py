@@ -4,13 +4,13 @@ Each record: key = the message key (UTF-8), value = the payload bytes exactly as
 user's headers plus :data:`HEADER_ID`, :data:`HEADER_TOPIC`, :data:`HEADER_CREATED_AT` and
 :data:`HEADER_CONTENT_TYPE`. A W3C ``traceparent`` header passes through as is, unless OpenTelemetry is
 installed and configured: then each send is a PRODUCER span, child of the message's ``traceparent``, and
-the record carries that span's context instead (:mod:`outbox.tracing`).
+the record carries that span's context instead (:mod:`outbox._tracing`).
 
 Why it keeps order per key: one key on one topic goes to one partition, and the producer is idempotent
 (``enable_idempotence=True``, ``acks=all``, retries on; kafka-python refuses, rather than quietly drops,
 idempotence that conflicts with the other settings or the broker's version): the broker writes a
 partition's records in the order they were sent, once each, whatever the producer retries, and
-kafka-python keeps one batch per partition in flight. So a key's run (``relay.dispatch``, runs) is
+kafka-python keeps one batch per partition in flight. So a key's run (``relay._dispatch``, runs) is
 handed over as one group of records of one topic (:attr:`KafkaPublisher.keeps_order_in_flight`),
 all sent by one producer: what the broker took of a group is a prefix of it, in order. Records of one
 key on different topics are never in flight together, and the next group of a key is sent only once
@@ -39,9 +39,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from outbox.runtime.broker_health import BrokerHealth
-from outbox.runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
-from outbox.tracing import DeliverySpan, publish_span
+from outbox._runtime.broker_health import BrokerHealth
+from outbox._runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_CREATED_AT, HEADER_ID, HEADER_TOPIC
+from outbox._tracing import DeliverySpan, publish_span
 from relay.publishers import (
     BrokerPublisher,
     Delivered,
@@ -53,7 +53,7 @@ from relay.publishers import (
     describe_error,
     error_of,
 )
-from relay.publishers.kafka_records import (
+from relay.publishers._kafka_records import (
     BROKER_RETRY_PAUSE,
     EARLIER_NOT_SENT,
     KAFKA_CLIENTS,
@@ -118,7 +118,7 @@ class KafkaPublisher:
     """
 
     decodes_payload = False
-    #: a key's consecutive records of one topic may be in flight together (``relay.dispatch``, runs):
+    #: a key's consecutive records of one topic may be in flight together (``relay._dispatch``, runs):
     #: the producer is idempotent with acks=all (:meth:`KafkaSettings.producer_config`), so the broker
     #: keeps a partition's records in the order sent, and :meth:`_send_loop` sends a group with one
     #: producer (a ``producer_factory`` must build a producer with these settings too)
@@ -149,7 +149,7 @@ class KafkaPublisher:
         Unreachable when the latest answer, within the last 30 s, was a broker problem (no
         acknowledgement since); with nothing that recent, when no bootstrap server completes a handshake
         (TLS, SASL, a metadata request) with these settings
-        (:class:`outbox.runtime.broker_health.BrokerHealth`,
+        (:class:`outbox._runtime.broker_health.BrokerHealth`,
         which waits at most ``timeout`` seconds and reuses a result for a few seconds).
         """
         return self._health.problem(timeout)
@@ -347,7 +347,7 @@ def publisher_for(settings: KafkaSettings) -> BrokerPublisher:
 
     The one place that knows both clients: it imports the librdkafka publisher only when asked for it
     (an optional extra), and that module never imports this one (both share
-    :mod:`relay.publishers.kafka_records`)."""
+    :mod:`relay.publishers._kafka_records`)."""
     if settings.client == "confluent":
         from relay.publishers.confluent import ConfluentPublisher
 

@@ -1,7 +1,7 @@
 """The recording app (``tests.apps.recording``) in a relay whose claim fails once with ``MemoryError``.
 
 ``--app tests.apps.failing_claim:registry``. Importing this module wraps
-:meth:`relay.claim.ClaimQueries.claim_batch`: the claim that returns rows for the ``N``-th time
+:meth:`relay._claim.ClaimQueries.claim_batch`: the claim that returns rows for the ``N``-th time
 (``OUTBOX_TEST_FAIL_CLAIM_AFTER``, default 2) runs and commits as usual, then raises ``MemoryError``, as a
 claim does that fails reading a large result after the server committed it. Its rows are in flight under
 the relay's lease, and the process never sees them: the rows must come back after the lease, and the relay
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from relay.claim import ClaimedRow, ClaimQueries
+from relay._claim import ClaimedRow, ClaimQueries
 from tests.apps.recording import registry
 
 FAIL_AFTER_ENV = "OUTBOX_TEST_FAIL_CLAIM_AFTER"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from consumers import Registry
-from outbox.message import Message
+from outbox._message import Message
 
 registry = Registry()
 

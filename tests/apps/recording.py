@@ -35,7 +35,7 @@ from sqlalchemy import orm
 
 import outbox
 from consumers import Registry
-from outbox.message import Message
+from outbox._message import Message
 
 TOPIC = "test.recorded"
 RECORD_ENV = "OUTBOX_TEST_RECORD"

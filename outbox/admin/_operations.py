@@ -1,0 +1,405 @@
+"""The operator's queries: what is in the outbox, and the changes ``outbox replay`` / ``purge`` make.
+
+Every statement behind ``outbox status``, ``list``, ``show``, ``replay`` and ``purge`` lives in
+:class:`Operations` (SQLAlchemy Core, the same on PostgreSQL, MariaDB and SQLite). What they promise:
+
+- **Reads change nothing** and never lock rows.
+- **Replay touches only replayable rows.** Every UPDATE re-checks the status it selected on
+  (``failed``/``dead``/``parked``, plus ``delivered`` only when asked), so a row a relay claimed in the
+  meantime (``inflight``) or one already pending is never changed. -- ``tests/test_operations.py::
+  test_replay_never_touches_pending_or_inflight``
+- **Purge deletes only finished rows**: ``delivered`` (by ``delivered_at``) or ``dead``/``parked`` (by
+  ``created_at``); the DELETE re-checks status and age, so pending, inflight and failed rows are never
+  deleted; inbox rows (``--inbox``) by ``processed_at``. -- ``tests/test_operations.py::
+  test_purge_deletes_only_old_delivered``, ``test_purge_inbox_deletes_only_old_rows_of_every_group``
+- **Big changes go in bounded batches** (by ``seq``, one transaction each), so neither command holds
+  long locks on a busy table. A dry run selects exactly what the real run would and writes nothing.
+
+Status words: filtering on ``dead`` matches ``dead`` and ``parked`` (parked is "dead on a strict-order
+topic, holding its key"); filtering on ``parked`` matches only parked messages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from outbox._clock import utcnow
+from outbox._dialects import dialect_for
+from outbox._errors import MessageNotFound
+from outbox._key_queue import KeyQueue
+from outbox._schema import DEFAULT_TABLE, REPLAYABLE, Status, tables_for
+from outbox._serialization import decode_headers
+from outbox._wakeup import notify_channel
+from outbox.admin._reports import (
+    MessageFilter,
+    MessageRecord,
+    PurgeResult,
+    ReplayResult,
+    StatusReport,
+    expand_statuses,
+)
+
+#: statuses of messages that still wait for delivery (their age is the backlog's age)
+WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)
+#: statuses ``purge`` may delete, and the column whose age decides
+PURGEABLE = {Status.DELIVERED: "delivered_at", Status.DEAD: "created_at", Status.PARKED: "created_at"}
+
+Order = Literal["asc", "desc"]
+
+
+class Operations:
+    """Every query the operator commands run, for one outbox table."""
+
+    def __init__(self, engine: sa.Engine, table: str = DEFAULT_TABLE) -> None:
+        self.engine = engine
+        self.tables = tables_for(table)
+        self.t = self.tables.messages
+        self._key_queue = KeyQueue(self.tables)  # purging a parked message promotes its key
+        self._wakes_relays = dialect_for(engine).listen_notify
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def status(self, *, now: dt.datetime | None = None) -> StatusReport:
+        """Counts per status and per topic, the backlog's age, parked keys, due and expired work."""
+        t = self.t
+        now = now or utcnow()
+        counts = {s.value: 0 for s in Status}
+        topics: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.status, t.c.topic, sa.func.count()).group_by(t.c.status, t.c.topic)
+            )
+            for status, topic, n in rows:
+                counts[status] = counts.get(status, 0) + n
+                topics.setdefault(topic, {})[status] = n
+            oldest = conn.execute(
+                sa.select(sa.func.min(t.c.created_at)).where(_in(t.c.status, WAITING))
+            ).scalar()
+            parked_keys = conn.execute(
+                sa.select(sa.func.count(sa.distinct(t.c.msg_key))).where(t.c.status == Status.PARKED.value)
+            ).scalar_one()
+            due = conn.execute(
+                sa.select(sa.func.count()).where(
+                    _in(t.c.status, (Status.PENDING, Status.FAILED)), t.c.due_at <= now
+                )
+            ).scalar_one()
+            expired = conn.execute(
+                sa.select(sa.func.count()).where(t.c.status == Status.INFLIGHT.value, t.c.due_at < now)
+            ).scalar_one()
+        return StatusReport(
+            now=now,
+            counts=counts,
+            topics=dict(sorted(topics.items())),
+            oldest_waiting_at=oldest,
+            parked_keys=int(parked_keys),
+            due_now=int(due),
+            expired_leases=int(expired),
+        )
+
+    def list_messages(
+        self,
+        where: MessageFilter | None = None,
+        *,
+        limit: int = 50,
+        after: int | None = None,
+        order: Order = "desc",
+    ) -> list[MessageRecord]:
+        """Messages matching ``where``, ``limit`` at a time, newest (``desc``) or oldest first.
+
+        Page with ``after``: the ``seq`` of the last message of the previous page (keyset paging, so
+        pages stay cheap and stable while messages are added).
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        t = self.t
+        conditions = (where or MessageFilter()).conditions(t)
+        if after is not None:
+            conditions.append(t.c.seq > after if order == "asc" else t.c.seq < after)
+        query = (
+            sa.select(*self._columns(payload=False))
+            .where(*conditions)
+            .order_by(t.c.seq.asc() if order == "asc" else t.c.seq.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [self._record(row) for row in conn.execute(query)]
+
+    def get(self, message_id: uuid.UUID) -> MessageRecord:
+        """Everything about one message, payload included; :class:`MessageNotFound` if there is none."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(*self._columns(payload=True)).where(self.t.c.id == message_id)
+            ).first()
+        if row is None:
+            raise MessageNotFound(f"no message with id {message_id} in outbox table {self.tables.name!r}")
+        return self._record(row)
+
+    # -- replay -------------------------------------------------------------------------------------------
+
+    def replay_ids(
+        self,
+        ids: Sequence[uuid.UUID],
+        *,
+        include_delivered: bool = False,
+        dry_run: bool = False,
+        now: dt.datetime | None = None,
+    ) -> ReplayResult:
+        """Send the named messages back to pending (see :meth:`replay_matching` for what that means).
+
+        All or nothing about existence: an unknown id raises :class:`MessageNotFound` and changes
+        nothing. Named messages that are not replayable (pending, inflight, or delivered without
+        ``include_delivered``) are left alone and reported in ``skipped``.
+        """
+        allowed = self._replayable(include_delivered)
+        t = self.t
+        wanted = list(dict.fromkeys(ids))
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(t.c.seq, t.c.id, t.c.status)
+                .where(t.c.id.in_(wanted))
+                .order_by(t.c.seq)
+                .with_for_update()
+            ).all()
+            missing = set(wanted) - {row.id for row in rows}
+            if missing:
+                shown = ", ".join(str(i) for i in sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+                raise MessageNotFound(f"no message with id {shown} in outbox table {self.tables.name!r}")
+            eligible = [row for row in rows if row.status in allowed]
+            skipped = tuple((row.id, str(row.status)) for row in rows if row.status not in allowed)
+            replayed = [row.id for row in eligible]
+            if not dry_run and eligible:
+                replayed = self._send_back(conn, [row.seq for row in eligible], allowed, now or utcnow())
+        return ReplayResult(replayed=tuple(replayed), skipped=skipped, dry_run=dry_run)
+
+    def replay_matching(
+        self,
+        where: MessageFilter,
+        *,
+        include_delivered: bool = False,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        now: dt.datetime | None = None,
+    ) -> ReplayResult:
+        """Send every message matching ``where`` back to pending, ``batch_size`` per transaction.
+
+        ``where.statuses`` defaults to dead (dead and parked); each must be replayable (failed, dead,
+        parked; delivered only with ``include_delivered``), else ``ValueError``.
+
+        A replayed message is pending, due now, with ``attempts`` 0 and no lease: the relay handles it
+        as if it were new, with its full retry budget. Its ``last_error`` is cleared too: the row then
+        describes its current life only (an error next to ``attempts = 0``, or on a message delivered
+        after the replay, would mislead whoever reads ``outbox show``); the error is in the relay's
+        logs, and ``outbox show`` before a replay shows it.
+        """
+        allowed = self._replayable(include_delivered)
+        statuses = expand_statuses(where.statuses or (Status.DEAD,))
+        refused = [s.value for s in statuses if s.value not in allowed]
+        if refused:
+            raise ValueError(
+                f"cannot replay {', '.join(refused)} messages: replayable are {', '.join(allowed)}"
+                + ("" if include_delivered else " (delivered only with include_delivered)")
+            )
+        where = MessageFilter(statuses, where.topic, where.key, where.since, where.until)
+        t = self.t
+        replayed: list[uuid.UUID] = []
+        last_seq: int | None = None
+        while True:
+            conditions = where.conditions(t)
+            if last_seq is not None:
+                conditions.append(t.c.seq > last_seq)
+            query = sa.select(t.c.seq, t.c.id).where(*conditions).order_by(t.c.seq).limit(batch_size)
+            with self.engine.begin() as conn:
+                rows = conn.execute(query if dry_run else query.with_for_update()).all()
+                if not rows:
+                    break
+                last_seq = rows[-1].seq
+                if dry_run:
+                    replayed.extend(row.id for row in rows)
+                else:
+                    chosen = [s.value for s in statuses]
+                    replayed.extend(self._send_back(conn, [row.seq for row in rows], chosen, now or utcnow()))
+            if len(rows) < batch_size:
+                break
+        return ReplayResult(replayed=tuple(replayed), dry_run=dry_run)
+
+    def _replayable(self, include_delivered: bool) -> list[str]:
+        return [s.value for s in REPLAYABLE] + ([Status.DELIVERED.value] if include_delivered else [])
+
+    def _send_back(
+        self, conn: sa.Connection, seqs: list[int], allowed: Sequence[str], now: dt.datetime
+    ) -> list[uuid.UUID]:
+        """Make rows ``seqs`` pending again if their status is still in ``allowed``; return their ids."""
+        t = self.t
+        conn.execute(
+            sa.update(t)
+            .where(t.c.seq.in_(seqs), t.c.status.in_(allowed))
+            .values(
+                status=Status.PENDING.value,
+                due_at=now,
+                attempts=0,
+                lease_token=None,
+                last_error=None,
+                delivered_at=None,
+            )
+        )
+        # Read back what this transaction changed (the UPDATE holds those rows' locks), rather than trust
+        # the earlier SELECT: on SQLite another writer may have committed in between.
+        done = conn.execute(
+            sa.select(t.c.id)
+            .where(
+                t.c.seq.in_(seqs), t.c.status == Status.PENDING.value, t.c.due_at == now, t.c.attempts == 0
+            )
+            .order_by(t.c.seq)
+        )
+        ids = list(done.scalars())
+        if ids and self._wakes_relays:
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(self.tables.name)}
+            )
+        return ids
+
+    # -- purge --------------------------------------------------------------------------------------------
+
+    def purge(
+        self,
+        *,
+        older_than: dt.timedelta,
+        status: Status = Status.DELIVERED,
+        dry_run: bool = False,
+        batch_size: int = 5000,
+        now: dt.datetime | None = None,
+    ) -> PurgeResult:
+        """Delete finished messages older than ``older_than``, ``batch_size`` rows per transaction.
+
+        ``status`` is ``delivered`` (aged by ``delivered_at``), ``dead`` (dead and parked, aged by
+        ``created_at``) or ``parked``. Anything else raises ``ValueError``: pending, inflight and
+        failed messages are never deleted. Purging a parked message releases the messages of its key.
+        """
+        statuses = expand_statuses([status])
+        if any(s not in PURGEABLE for s in statuses):
+            raise ValueError(
+                f"cannot purge {Status(status).value} messages: only delivered, dead or parked ones"
+            )
+        if older_than < dt.timedelta(0):
+            raise ValueError("older_than must not be negative")
+        cutoff = (now or utcnow()) - older_than
+        t = self.t
+        age = t.c[PURGEABLE[statuses[0]]]
+        conditions = [t.c.status.in_([s.value for s in statuses]), age < cutoff]
+        if dry_run:
+            with self.engine.connect() as conn:
+                count = conn.execute(sa.select(sa.func.count()).where(*conditions)).scalar_one()
+            return PurgeResult(count=int(count), statuses=statuses, cutoff=cutoff, dry_run=True)
+        deleted = batches = 0
+        while True:
+            with self.engine.begin() as conn:
+                seqs = list(
+                    conn.execute(
+                        sa.select(t.c.seq)
+                        .where(*conditions)
+                        .order_by(t.c.seq)
+                        .limit(batch_size)
+                        .with_for_update()
+                    ).scalars()
+                )
+                if seqs:
+                    # a parked row held its key: the key's queued rows come back (outbox._key_queue)
+                    keys = set(
+                        conn.execute(
+                            sa.select(t.c.msg_key).where(
+                                t.c.seq.in_(seqs), t.c.status == Status.PARKED.value, t.c.msg_key.is_not(None)
+                            )
+                        ).scalars()
+                    )
+                    deleted += conn.execute(sa.delete(t).where(t.c.seq.in_(seqs), *conditions)).rowcount
+                    if keys:
+                        self._key_queue.promote_keys(conn, sorted(keys), now=utcnow())
+                    batches += 1
+            if len(seqs) < batch_size:
+                break
+        return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
+
+    def purge_inbox(
+        self,
+        *,
+        older_than: dt.timedelta,
+        dry_run: bool = False,
+        batch_size: int = 5000,
+        now: dt.datetime | None = None,
+    ) -> PurgeResult:
+        """Delete the consumer groups' inbox rows processed more than ``older_than`` ago, in batches.
+
+        What the relays' retention does by itself, for consumers that run without relays. A message
+        Kafka delivers again after its row is gone is handled again: see ``docs/guarantees.md``.
+        """
+        if older_than < dt.timedelta(0):
+            raise ValueError("older_than must not be negative")
+        cutoff = (now or utcnow()) - older_than
+        if dry_run:
+            old = self.tables.inbox.c.processed_at < cutoff
+            with self.engine.connect() as conn:
+                count = conn.execute(sa.select(sa.func.count()).where(old)).scalar_one()
+            return PurgeResult(count=int(count), statuses=(), cutoff=cutoff, dry_run=True, inbox=True)
+        # here, not at module level: the commands other than relay, consume and dlq never load `consumers`
+        from consumers._inbox import delete_old_inbox_rows
+
+        deleted = batches = 0
+        while True:
+            with self.engine.begin() as conn:
+                found, gone = delete_old_inbox_rows(conn, self.tables, cutoff, batch_size)
+            deleted += gone
+            batches += 1 if found else 0
+            if found < batch_size:
+                break
+        return PurgeResult(count=deleted, statuses=(), cutoff=cutoff, batches=batches, inbox=True)
+
+    # -- rows -----------------------------------------------------------------------------------------------
+
+    def _columns(self, *, payload: bool) -> list[sa.ColumnElement[Any]]:
+        t = self.t
+        columns: list[sa.ColumnElement[Any]] = [c for c in t.c if c.name != "payload"]
+        columns.append(sa.func.length(t.c.payload).label("payload_size"))
+        if payload:
+            columns.append(t.c.payload)
+        return columns
+
+    def _record(self, row: sa.Row[Any]) -> MessageRecord:
+        m = row._mapping
+        payload = m.get("payload")
+        return MessageRecord(
+            seq=m["seq"],
+            id=m["id"],
+            topic=m["topic"],
+            key=m["msg_key"],
+            status=m["status"],
+            attempts=m["attempts"],
+            due_at=m["due_at"],
+            lease_token=m["lease_token"],
+            created_at=m["created_at"],
+            last_attempt_at=m["last_attempt_at"],
+            delivered_at=m["delivered_at"],
+            last_error=m["last_error"],
+            content_type=m["content_type"],
+            headers=decode_headers(m["headers"]),
+            payload_size=int(m["payload_size"] or 0),
+            payload=bytes(payload) if payload is not None else None,
+        )
+
+
+def _in(column: sa.Column[Any], statuses: Iterable[Status]) -> sa.ColumnElement[bool]:
+    return column.in_([s.value for s in statuses])
+
+
+__all__ = [
+    "MessageFilter",
+    "MessageRecord",
+    "Operations",
+    "PurgeResult",
+    "ReplayResult",
+    "StatusReport",
+]

@@ -1,0 +1,211 @@
+"""What the operator commands select and see: the filter that picks messages, a message as shown, and
+the reports of ``status``, ``replay`` and ``purge``.
+
+Plain frozen values with a ``to_dict()`` giving the ``--json`` form (times as naive-UTC ISO strings, ids
+as text). The queries that produce them are in :mod:`outbox.admin._operations`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from outbox._schema import Status
+from outbox._serialization import decode_payload
+
+
+def expand_statuses(statuses: Iterable[Status | str]) -> tuple[Status, ...]:
+    """The statuses a filter on ``statuses`` matches: ``dead`` also means ``parked``."""
+    found: list[Status] = []
+    for value in statuses:
+        status = Status(value)
+        for s in (status, Status.PARKED) if status is Status.DEAD else (status,):
+            if s not in found:
+                found.append(s)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """Which messages a command is about. Empty fields match everything.
+
+    ``topic`` is an exact name, or a pattern where ``*`` matches any characters (``orders.*``).
+    ``since`` / ``until`` bound ``created_at`` (naive UTC; ``since`` inclusive, ``until`` exclusive).
+    """
+
+    statuses: tuple[Status, ...] = ()
+    topic: str | None = None
+    key: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    def conditions(self, t: sa.Table) -> list[sa.ColumnElement[bool]]:
+        where: list[sa.ColumnElement[bool]] = []
+        if self.statuses:
+            where.append(t.c.status.in_([s.value for s in expand_statuses(self.statuses)]))
+        if self.topic is not None:
+            if "*" in self.topic:
+                # "/" never occurs in a topic, so it can escape LIKE's "_" (which topics may contain)
+                pattern = (
+                    self.topic.replace("/", "//").replace("%", "/%").replace("_", "/_").replace("*", "%")
+                )
+                where.append(t.c.topic.like(pattern, escape="/"))
+            else:
+                where.append(t.c.topic == self.topic)
+        if self.key is not None:
+            where.append(t.c.msg_key == self.key)
+        if self.since is not None:
+            where.append(t.c.created_at >= self.since)
+        if self.until is not None:
+            where.append(t.c.created_at < self.until)
+        return where
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """One row of the outbox as an operator sees it (``payload`` only when asked for: ``show``)."""
+
+    seq: int
+    id: uuid.UUID
+    topic: str
+    key: str | None
+    status: str
+    attempts: int
+    due_at: dt.datetime | None
+    lease_token: str | None
+    created_at: dt.datetime
+    last_attempt_at: dt.datetime | None
+    delivered_at: dt.datetime | None
+    last_error: str | None
+    content_type: str
+    headers: dict[str, str]
+    payload_size: int
+    payload: bytes | None = None
+
+    def decoded_payload(self) -> Any:
+        """The payload as the handler sees it: a JSON value, or ``bytes`` (also for undecodable JSON)."""
+        if self.payload is None:
+            return None
+        try:
+            return decode_payload(self.payload, self.content_type)
+        except ValueError:
+            return bytes(self.payload)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO strings (UTC), id as text; a binary payload as hex."""
+        data: dict[str, Any] = {
+            "seq": self.seq,
+            "id": str(self.id),
+            "topic": self.topic,
+            "key": self.key,
+            "status": self.status,
+            "attempts": self.attempts,
+            "due_at": _iso(self.due_at),
+            "lease_token": self.lease_token,
+            "created_at": _iso(self.created_at),
+            "last_attempt_at": _iso(self.last_attempt_at),
+            "delivered_at": _iso(self.delivered_at),
+            "last_error": self.last_error,
+            "content_type": self.content_type,
+            "headers": self.headers,
+            "payload_size": self.payload_size,
+        }
+        if self.payload is not None:
+            value = self.decoded_payload()
+            if isinstance(value, bytes):
+                data["payload_hex"] = value.hex()
+            else:
+                data["payload"] = value
+        return data
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """``outbox status``: how many messages are where, and how far behind delivery is."""
+
+    now: dt.datetime
+    counts: dict[str, int]
+    topics: dict[str, dict[str, int]]
+    #: created_at of the oldest message still waiting (pending, inflight or failed)
+    oldest_waiting_at: dt.datetime | None
+    #: keys held back by a parked message
+    parked_keys: int
+    #: pending or failed messages whose time has come (the backlog a relay should be working on)
+    due_now: int
+    #: inflight messages whose lease has expired (a relay died; they come back on the next claim)
+    expired_leases: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def oldest_waiting_age(self) -> dt.timedelta | None:
+        return (
+            None
+            if self.oldest_waiting_at is None
+            else max(dt.timedelta(0), self.now - self.oldest_waiting_at)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        age = self.oldest_waiting_age
+        return {
+            "now": _iso(self.now),
+            "total": self.total,
+            "counts": self.counts,
+            "topics": self.topics,
+            "oldest_waiting_at": _iso(self.oldest_waiting_at),
+            "oldest_waiting_age_seconds": None if age is None else age.total_seconds(),
+            "parked_keys": self.parked_keys,
+            "due_now": self.due_now,
+            "expired_leases": self.expired_leases,
+        }
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay changed (or, for a dry run, would change)."""
+
+    replayed: tuple[uuid.UUID, ...]
+    #: messages named by id that were left alone, with their status (pending, inflight, delivered)
+    skipped: tuple[tuple[uuid.UUID, str], ...] = ()
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "count": len(self.replayed),
+            "ids": [str(i) for i in self.replayed],
+            "skipped": [{"id": str(i), "status": s} for i, s in self.skipped],
+        }
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What a purge deleted (or, for a dry run, would delete): messages, or inbox rows (``inbox``)."""
+
+    count: int
+    statuses: tuple[Status, ...]
+    cutoff: dt.datetime
+    batches: int = 0
+    dry_run: bool = False
+    inbox: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "count": self.count,
+            "statuses": [s.value for s in self.statuses],
+            "older_than": _iso(self.cutoff),
+            "batches": self.batches,
+            "inbox": self.inbox,
+        }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
