@@ -32,8 +32,8 @@ One outbox is five tables, all named from one configurable base name (default ``
     Written by ``outbox consume``: a Kafka record whose handler failed its last attempt, kept with
     its exact key, value and headers and the error, until ``outbox dlq replay`` sends it back.
 
-Teams with their own Alembic set-up can include :func:`metadata_for` in their ``target_metadata``;
-everyone else runs ``outbox db upgrade``, which applies :data:`MIGRATIONS` in order.
+``outbox db upgrade`` applies :data:`MIGRATIONS` in order; so does a project's own Alembic revision,
+through :mod:`outbox.alembic` (``docs/alembic.md``), which keeps autogenerate away from these tables.
 
 Times are naive UTC ``datetime`` values from the writer's or relay's clock (see ``docs/guarantees.md``
 about clock skew between relays).
@@ -127,7 +127,7 @@ def tables_for(name: str = DEFAULT_TABLE) -> OutboxTables:
 
 
 def metadata_for(name: str = DEFAULT_TABLE) -> sa.MetaData:
-    """The SQLAlchemy metadata of the outbox named ``name``, for teams that run their own Alembic."""
+    """The SQLAlchemy metadata of the outbox named ``name`` (Alembic projects: :mod:`outbox.alembic`)."""
     return tables_for(name).metadata
 
 

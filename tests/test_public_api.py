@@ -14,7 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 API = ROOT / "docs" / "api.md"
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PACKAGES = ("outbox", "consumers", "relay", "relay.publishers", "outbox.admin", "outbox.cli")
+PACKAGES = (
+    "outbox",
+    "outbox.alembic",
+    "consumers",
+    "relay",
+    "relay.publishers",
+    "outbox.admin",
+    "outbox.cli",
+)
 
 #: dotted words in the docs that are not import paths
 NOT_PATHS = {
