@@ -6,6 +6,7 @@
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy --strict on the packages
 #   make docs        the documentation site (MkDocs + Material) into site/, strict: a broken link fails it
+#   make kafka-example  the Kafka example end to end on a local test broker (installs only what it needs)
 #   make bench       the benchmark suite, peers included (~30-40 min; results in bench/results/, see BENCHMARKS.md)
 #   make bench-quick the benchmark's two-minute subset (results in bench/results/quick/)
 #   make clean       remove .venv, caches, build output, site/ and demo-output/
@@ -19,7 +20,7 @@ LINT_PATHS := $(PACKAGES) tests examples bench tools
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint typecheck docs clean bench bench-quick
+.PHONY: help demo test lint typecheck docs kafka-example clean bench bench-quick
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -39,16 +40,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	@echo "installing the project and its dev tools into $(VENV) ..."
 	$(PIP) install -e '.[dev]'
-	@touch $(VENV)/.installed $(VENV)/.installed-docs $@
+	@touch $(VENV)/.installed $(VENV)/.installed-docs $(VENV)/.installed-kafka-example $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	@echo "installing the project, its dev tools and the benchmark's peers into $(VENV) ..."
 	$(PIP) install -e '.[dev,bench]'
-	@touch $(VENV)/.installed $(VENV)/.installed-dev $(VENV)/.installed-docs $@
+	@touch $(VENV)/.installed $(VENV)/.installed-dev $(VENV)/.installed-docs $(VENV)/.installed-kafka-example $@
 
 $(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
 	@echo "installing the project and the documentation tools into $(VENV) ..."
 	$(PIP) install -e '.[docs]'
+	@touch $(VENV)/.installed $@
+
+$(VENV)/.installed-kafka-example: pyproject.toml | $(BIN)/python
+	@echo "installing the project and the Kafka-protocol test broker into $(VENV) ..."
+	$(PIP) install -e '.[kafka-example]'
 	@touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
@@ -70,6 +76,11 @@ typecheck: $(VENV)/.installed-dev
 # NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build (not a build warning).
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The example of docs/kafka.md: KAFKA_EXAMPLE_ARGS="--bootstrap HOST:PORT" uses a real cluster instead.
+KAFKA_EXAMPLE_ARGS ?=
+kafka-example: $(VENV)/.installed-kafka-example
+	$(BIN)/python -m examples.kafka.run $(KAFKA_EXAMPLE_ARGS)
 
 # Never part of `make test` (too slow, too noisy); tests/test_bench_smoke.py checks that it runs. BENCH_ARGS
 # adds options, e.g. make bench BENCH_ARGS="--only drain peers --runs 5".
