@@ -240,7 +240,38 @@ def test_show_of_an_unknown_or_invalid_id(engine: sa.Engine, db_url: str) -> Non
     assert_one_line_error(missing.stderr, "no message with id")
     invalid = invoke("show", "not-a-uuid", "--database-url", db_url)
     assert invalid.exit_code == cli.RET_USAGE
-    assert_one_line_error(invalid.stderr, "'not-a-uuid' is not a message id")
+    assert_one_line_error(
+        invalid.stderr, "'not-a-uuid' is neither a SEQ (a whole number", "nor a message id (a UUID"
+    )
+    unknown_seq = invoke("show", "999", "--database-url", db_url)
+    assert unknown_seq.exit_code == cli.RET_NOT_FOUND
+    assert_one_line_error(unknown_seq.stderr, "no message with seq 999")
+
+
+@sqlite_only
+def test_show_and_replay_take_the_seq_that_list_shows(engine: sa.Engine, db_url: str) -> None:
+    """Issue 17: `outbox show 207` refused the SEQ that `outbox list` prints in its first column."""
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    first, dead = add(engine, payload={"i": 1}), add(engine, "cli.fail", {"why": "poison"})
+    set_status(engine, [dead], Status.DEAD, attempts=3, last_error="boom")
+    listed = invoke("list", "--status", "dead", env=env)
+    seq = listed.stdout.splitlines()[1].split()[0]  # the first column of the first row
+    assert seq.isdigit() and seq != "1", listed.stdout
+
+    shown = invoke("show", seq, env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"id:               {dead}" in shown.stdout and f"seq:              {seq}" in shown.stdout
+    assert json.loads(invoke("show", "--json", seq, env=env).stdout)["id"] == str(dead)
+
+    dry = invoke("replay", seq, "--dry-run", "--json", env=env)  # SEQs and ids may be mixed
+    assert json.loads(dry.stdout)["ids"] == [str(dead)]
+    both = invoke("replay", seq, str(first), "--json", env=env)
+    assert both.exit_code == 0, both.output
+    assert json.loads(both.stdout)["ids"] == [str(dead)]
+    assert status_counts(engine) == {"pending": 2}
+    missing = invoke("replay", seq, "12345", env=env)
+    assert missing.exit_code == cli.RET_NOT_FOUND
+    assert_one_line_error(missing.stderr, "no message with seq 12345")
 
 
 # --- replay and purge ---------------------------------------------------------------------------------------

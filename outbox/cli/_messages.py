@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import textwrap
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import click
 
 from outbox._schema import Status
-from outbox.admin._operations import MessageFilter, MessageRecord, Operations, StatusReport
+from outbox.admin._operations import MessageFilter, MessageRecord, MessageRef, Operations, StatusReport
 from outbox.cli._config import Settings
 from outbox.cli._options import duration_option, message_id_option, open_engine, settings_command, time_option
 
@@ -211,11 +210,14 @@ def list_messages(
 
 
 @click.command()
-@click.argument("message_id", metavar="ID", callback=message_id_option)
+@click.argument("message_id", metavar="SEQ|ID", callback=message_id_option)
 @_json_option
 @settings_command()
-def show(settings: Settings, message_id: uuid.UUID, as_json: bool) -> None:
-    """Everything about one message: status, attempts, times, headers, payload, last error."""
+def show(settings: Settings, message_id: MessageRef, as_json: bool) -> None:
+    """Everything about one message: status, attempts, times, headers, payload, last error.
+
+    Name the message by its SEQ (the first column of `outbox list`) or its ID (a UUID).
+    """
     with _operations(settings) as ops:
         record = ops.get(message_id)
     if as_json:
@@ -263,7 +265,7 @@ def _print_record(r: MessageRecord) -> None:
 
 
 @click.command()
-@click.argument("message_ids", metavar="[ID]...", nargs=-1, callback=message_id_option)
+@click.argument("message_ids", metavar="[SEQ|ID]...", nargs=-1, callback=message_id_option)
 @click.option(
     "--status",
     "statuses",
@@ -290,7 +292,7 @@ def _print_record(r: MessageRecord) -> None:
 @settings_command()
 def replay(
     settings: Settings,
-    message_ids: tuple[uuid.UUID, ...],
+    message_ids: tuple[MessageRef, ...],
     statuses: tuple[str, ...],
     topic: str | None,
     key: str | None,
@@ -302,7 +304,7 @@ def replay(
     batch_size: int,
     as_json: bool,
 ) -> None:
-    """Send failed, dead or parked messages back to pending, by ID or by filter.
+    """Send failed, dead or parked messages back to pending, by SEQ or ID, or by filter.
 
     A replayed message is due now, with attempts reset to 0 and its last error cleared. Inflight and
     pending messages are never touched; delivered ones only with --include-delivered. Without IDs, a
