@@ -355,6 +355,23 @@ def test_purge_counts_on_dry_run_and_deletes_only_old_finished_messages(
     assert_one_line_error(bad.stderr, "invalid duration 'a week'")
 
 
+@sqlite_only
+def test_purge_without_an_age_says_which_option_to_add_and_deletes_nothing(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """Issue 17: `outbox purge --dry-run` failed with "Missing option '--older-than'" while the README read
+    as if 7d were the default. The age stays required (a purge never picks what to delete by itself), and
+    the error says what to add."""
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    delivered = add(engine)
+    set_status(engine, [delivered], Status.DELIVERED, delivered_at=utcnow() - dt.timedelta(days=30))
+    for args in (("purge", "--dry-run"), ("purge",), ("purge", "--status", "dead"), ("purge", "--inbox")):
+        result = invoke(*args, env=env)
+        assert result.exit_code == cli.RET_USAGE, (args, result.output)
+        assert_one_line_error(result.stderr, "add --older-than AGE, e.g. --older-than 7d")
+    assert status_counts(engine) == {"delivered": 1}
+
+
 # --- one-line errors, as a user sees them (subprocesses) ----------------------------------------------------
 
 

@@ -355,8 +355,8 @@ def replay(
 @click.option(
     "--older-than",
     callback=duration_option,
-    required=True,
-    help="Age to keep, e.g. 7d, 12h (delivered: since delivery; --inbox: since processed).",
+    help="Required: delete only what is older than this, e.g. 7d, 12h (delivered: since delivery; dead: "
+    "since creation; --inbox: since processed).",
 )
 @click.option(
     "--status",
@@ -374,7 +374,7 @@ def replay(
 @settings_command()
 def purge(
     settings: Settings,
-    older_than: dt.timedelta,
+    older_than: dt.timedelta | None,
     status_name: str | None,
     inbox: bool,
     dry_run: bool,
@@ -386,6 +386,13 @@ def purge(
     Never touches unfinished messages. --inbox: a message Kafka delivers again after its inbox row is
     gone is handled again, so keep the rows longer than Kafka keeps records.
     """
+    if older_than is None:
+        # No default on purpose: a purge deletes, and an age the operator never chose (or none: all of
+        # them) is not one it should pick for them; the relays' retention is the automatic one.
+        raise click.UsageError(
+            "say how old the messages to delete must be: add --older-than AGE, e.g. --older-than 7d "
+            "(the relays' default retention)" + ("" if dry_run else "; try it with --dry-run first")
+        )
     if inbox and status_name is not None:
         raise click.UsageError("--inbox deletes inbox rows: it takes no --status")
     with _operations(settings) as ops:
