@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -370,6 +372,84 @@ def test_purge_without_an_age_says_which_option_to_add_and_deletes_nothing(
         assert result.exit_code == cli.RET_USAGE, (args, result.output)
         assert_one_line_error(result.stderr, "add --older-than AGE, e.g. --older-than 7d")
     assert status_counts(engine) == {"delivered": 1}
+
+
+def _times(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """Every (key, text) of a JSON document whose key names a time (``*_at``, ``now``, ``older_than``)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _times(item, name)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _times(item, key)
+    elif isinstance(value, str) and (key.endswith("_at") or key in ("now", "older_than")):
+        yield key, value
+
+
+@sqlite_only
+def test_every_time_in_json_output_has_a_utc_offset(
+    engine: sa.Engine, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17: `"now": "2026-12-04T15:18:31.974082"` while the text said UTC; a naive ISO time is read
+    as local time by most parsers. Every time of every --json output, and of JSON log lines, has its
+    offset."""
+    from consumers._dead_letters import DeadLetters
+
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    pending = add(engine)
+    dead = add(engine, "cli.fail")
+    set_status(engine, [dead], Status.DEAD, attempts=3, last_error="boom", last_attempt_at=utcnow())
+    delivered = add(engine)
+    set_status(engine, [delivered], Status.DELIVERED, delivered_at=utcnow())
+    record = SimpleNamespace(
+        topic="kt", partition=0, offset=1, timestamp=0, key=None, value=b"{}", headers=[]
+    )
+    with engine.begin() as conn:
+        letters = DeadLetters(tables_for())
+        letters.add(conn, group="g", record=record, message_id=dead, error="boom", attempts=3)
+        letters.mark_replayed(conn, [1], at=utcnow())
+    commands = [
+        ("status",),
+        ("list",),
+        ("show", str(dead)),
+        ("show", str(delivered)),
+        ("show", str(pending)),
+        ("replay", str(dead), "--dry-run"),
+        ("purge", "--older-than", "0s", "--dry-run"),
+        ("dlq", "list"),
+        ("dlq", "show", "1"),
+    ]
+    seen: set[str] = set()
+    for args in commands:
+        result = invoke(*args, "--json", env=env)
+        assert result.exit_code == 0, (args, result.output)
+        for key, text in _times(json.loads(result.stdout)):
+            moment = dt.datetime.fromisoformat(text)
+            assert moment.utcoffset() == dt.timedelta(0), (args, key, text)
+            seen.add(key)
+    assert seen >= {
+        "now",
+        "created_at",
+        "due_at",
+        "last_attempt_at",
+        "delivered_at",
+        "older_than",
+        "dead_lettered_at",
+        "replayed_at",
+    }
+
+    from outbox.cli._options import configure_logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        configure_logging(Settings.load({"database_url": db_url, "log_format": "json"}))
+        logging.getLogger("outbox.test").warning("a line")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert dt.datetime.fromisoformat(line["time"]).utcoffset() == dt.timedelta(0), line
 
 
 # --- one-line errors, as a user sees them (subprocesses) ----------------------------------------------------
