@@ -74,23 +74,26 @@ _STR = frozenset({str})
 def _has_non_str_key(value: Any) -> bool:
     """Whether a dict in ``value`` (through its dicts, lists and tuples) has a key that is not a ``str``.
 
-    The one check on the success path, so written for speed: the types of a container's keys and
-    items are compared with sets at C speed, and only containers inside are walked in Python (about
-    1 us for a small payload here). Dataclasses and enums are checked by :func:`_default` when the
-    encoder converts them.
+    The one check on the success path, so written for speed (about 0.4 us for a flat payload of three
+    fields here, 1.5 us for one with five containers): exact type tests before ``isinstance``, a
+    dict's key types compared as a set at C speed, and only the items that are containers walked in
+    Python (a long container of plain values is skipped at C speed too). Dataclasses and enums are
+    checked by :func:`_default` when the encoder converts them.
     """
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict or (kind is not list and kind is not tuple and isinstance(value, dict)):
         if not _STR.issuperset(map(type, value)) and not all(isinstance(key, str) for key in value):
             return True
         items: Any = value.values()
-    elif isinstance(value, list | tuple):
+    elif kind is list or kind is tuple or isinstance(value, list | tuple):
         items = value
     else:
         return False
-    if not _LEAVES.issuperset(map(type, items)):
-        for item in items:
-            if type(item) not in _LEAVES and _has_non_str_key(item):
-                return True
+    if len(items) > 16 and _LEAVES.issuperset(map(type, items)):
+        return False
+    for item in items:  # noqa: SIM110 (any() over a generator is twice as slow here)
+        if type(item) not in _LEAVES and _has_non_str_key(item):
+            return True
     return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -306,6 +307,7 @@ def test_payload_error_names_where_the_bad_value_is(payload: Any, message: str) 
         ({"t": {True: 1}}, 'payload["t"] has the key True of type bool'),
         ({"k": {("a", 1): 1}}, "payload[\"k\"] has the key ('a', 1) of type tuple"),
         ([Priced("A", {"ok": 1, 3: "c"})], "payload[0].extras has the key 3 of type int"),
+        ({"rows": [*range(20), collections.OrderedDict({5: "x"})]}, 'payload["rows"][20] has the key 5'),
     ],
 )
 def test_non_string_keys_are_refused_not_converted(engine: sa.Engine, payload: Any, message: str) -> None:
