@@ -5,20 +5,22 @@
 #   make test        the whole suite against PostgreSQL, MariaDB and SQLite (PYTEST_ARGS="-k ordering -x")
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy --strict on the packages
+#   make docs        the documentation site (MkDocs + Material) into site/, strict: a broken link fails it
+#   make kafka-example  the Kafka example end to end on a local test broker (installs only what it needs)
 #   make bench       the benchmark suite, peers included (~30-40 min; results in bench/results/, see BENCHMARKS.md)
 #   make bench-quick the benchmark's two-minute subset (results in bench/results/quick/)
-#   make clean       remove .venv, caches, build output and demo-output/
+#   make clean       remove .venv, caches, build output, site/ and demo-output/
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 PACKAGES := outbox relay consumers
-LINT_PATHS := $(PACKAGES) tests examples bench
+LINT_PATHS := $(PACKAGES) tests examples bench tools
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint typecheck clean bench bench-quick
+.PHONY: help demo test lint typecheck docs kafka-example clean bench bench-quick
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -38,12 +40,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	@echo "installing the project and its dev tools into $(VENV) ..."
 	$(PIP) install -e '.[dev]'
-	@touch $(VENV)/.installed $@
+	@touch $(VENV)/.installed $(VENV)/.installed-docs $(VENV)/.installed-kafka-example $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	@echo "installing the project, its dev tools and the benchmark's peers into $(VENV) ..."
 	$(PIP) install -e '.[dev,bench]'
-	@touch $(VENV)/.installed $(VENV)/.installed-dev $@
+	@touch $(VENV)/.installed $(VENV)/.installed-dev $(VENV)/.installed-docs $(VENV)/.installed-kafka-example $@
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	@echo "installing the project and the documentation tools into $(VENV) ..."
+	$(PIP) install -e '.[docs]'
+	@touch $(VENV)/.installed $@
+
+$(VENV)/.installed-kafka-example: pyproject.toml | $(BIN)/python
+	@echo "installing the project and the Kafka-protocol test broker into $(VENV) ..."
+	$(PIP) install -e '.[kafka-example]'
+	@touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
@@ -61,6 +73,15 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict $(addprefix -p ,$(PACKAGES))
 
+# NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build (not a build warning).
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The example of docs/kafka.md: KAFKA_EXAMPLE_ARGS="--bootstrap HOST:PORT" uses a real cluster instead.
+KAFKA_EXAMPLE_ARGS ?=
+kafka-example: $(VENV)/.installed-kafka-example
+	$(BIN)/python -m examples.kafka.run $(KAFKA_EXAMPLE_ARGS)
+
 # Never part of `make test` (too slow, too noisy); tests/test_bench_smoke.py checks that it runs. BENCH_ARGS
 # adds options, e.g. make bench BENCH_ARGS="--only drain peers --runs 5".
 BENCH_ARGS ?=
@@ -71,5 +92,5 @@ bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info site demo-output .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

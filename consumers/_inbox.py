@@ -114,8 +114,8 @@ class Inbox:
     def _select_any(self, conn: sa.Connection) -> sa.TextClause:
         # One primary-key probe per id, whatever the table's statistics: the plain form
         # (message_id = ANY(:ids)) is planned, on a fresh inbox not analyzed yet, as a scan of the
-        # group's whole key range filtering the ids, which grew from 7 to 120 ms per batch of 500
-        # over the first 50,000 rows (BENCHMARKS.md, Consume); a LATERAL with LIMIT cannot be turned
+        # group's whole key range filtering the ids, whose cost grew with the inbox (BENCHMARKS.md,
+        # Consume); a LATERAL with LIMIT cannot be turned
         # into such a scan.
         return sa.text(
             "SELECT x.id FROM unnest(CAST(:ids AS uuid[])) AS x(id) CROSS JOIN LATERAL "

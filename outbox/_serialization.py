@@ -1,6 +1,6 @@
 """How payloads become bytes in the table, and back.
 
-Encoding rules (documented in the README, relied upon by consumers in other languages):
+Encoding rules (docs/writing-messages.md documents them; consumers in other languages rely on them):
 
 - ``bytes`` / ``bytearray`` / ``memoryview`` are stored as given, content type ``application/octet-stream``.
 - Everything else is JSON (UTF-8, content type ``application/json``) with these extra encodings:

@@ -423,9 +423,10 @@ class Outbox:
 
         On psycopg the statement is compiled once and sent with ``exec_driver_sql`` (SQLAlchemy's events
         and logging still see it): every value is one psycopg takes as it is, and skipping the Core
-        statement's per-execution work halves the INSERT's cost on the writer's side (about 170 -> 100 us
-        here), which is most of what ``outbox.add`` adds to a business transaction. Other drivers need
-        SQLAlchemy's value conversions (UUIDs and times stored as text), so they keep the Core statement.
+        statement's per-execution work halves the INSERT's cost on the writer's side (BENCHMARKS.md,
+        "Figures behind the code"), which is most of what ``outbox.add`` adds to a business
+        transaction. Other drivers need SQLAlchemy's value conversions (UUIDs and times stored as
+        text), so they keep the Core statement.
         """
         dialect = conn.dialect
         if dialect.driver != "psycopg":

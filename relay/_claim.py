@@ -184,7 +184,10 @@ Invariants (each names the test that would catch its violation):
     that refuses a topic) is released, its attempt not counted, due again after
     ``relay._dispatch.UNROUTABLE_PAUSE``. So a message waits ``pending`` until some relay can route it
     (``outbox status``, the stuck monitor), and a relay that does not know a new topic during a rolling
-    deploy neither delays it nor spends its attempts.
+    deploy neither delays it nor spends its attempts. The cost: the scan reads past the due rows of
+    other topics that come before its own in ``due_at`` order (the ``due_at`` index holds every topic),
+    so a backlog of messages no relay here routes is read by each of its claims (BENCHMARKS.md, "A
+    relay's topics in its claim").
     -- ``tests/test_claim.py::test_a_claim_takes_only_the_topics_its_relay_routes``,
     ``tests/test_claim.py::test_pulled_and_kept_runs_stop_at_a_topic_their_relay_does_not_route``,
     ``tests/test_routing.py``

@@ -20,13 +20,16 @@ delivery carries its topic's policy: the relay's defaults (retry, handler timeou
 
 **Runs.** A claim may take several consecutive messages of one key (a run, in ``seq`` order; see
 ``relay._claim``). The dispatcher hands a run out a group at a time: the next group goes to its
-publisher only once every message before it was delivered, so a key's groups never overlap and a hot
-key holds at most one worker. A group is one message, except for a publisher that keeps the order of
+publisher once every message before it was delivered (on Kafka, a chained run's may go right behind
+the group in flight: below), so a hot key holds at most one worker. A group is one message, except for a publisher that keeps the order of
 what it has in flight (``keeps_order_in_flight``: the Kafka publishers, whose idempotent producer keeps
-a partition's order): it gets the run's next messages of one topic (one partition) at once, pipelined.
-A group's outcomes are reported together, in ``seq`` order: the delivered prefix as delivered, the
-first other outcome as it is, each later message of the group as released (one the broker took anyway
-is published again later: a duplicate). When a message of a run ends any way but delivered (failed,
+a partition's order): it gets the run's next messages of one topic (one partition) at once, pipelined,
+and a chained run whose first messages share that topic goes out right behind the group still in
+flight, unless something of it failed already (:meth:`_Run.overlap`): a hot key on Kafka does not wait
+for a run's last acknowledgement before its next run is sent. Outcomes are reported a group at a
+time, in the order sent, each group's in ``seq`` order: the delivered prefix as delivered, the
+first other outcome as it is, each later message (of the group, and of any group sent after it) as
+released (one the broker took anyway is published again later: a duplicate). When a message of a run ends any way but delivered (failed,
 dead, released, not routable), the rest of the run is released (attempt not counted) and the key
 waits for that message exactly as it would have without runs; a message that cannot be handed out
 (oversized, undecodable, abandoned) is reported only once the messages before it were delivered.
@@ -51,6 +54,7 @@ after it while that one goes on.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
@@ -270,7 +274,9 @@ class Dispatcher:
                 planned = self._plans.pop(row.seq)
                 if planned is not None:
                     planned.next()
-                continue  # else: attached to the run it follows, which hands it out
+                elif (lane := self._lanes.get(row.key)) is not None:
+                    lane.overlap()  # attached to the run it follows, which hands it out
+                continue
             if row.after:  # chained behind a run that did not go through (or unknown here)
                 for chained in [row, *runs.get(row.key or "", [])]:
                     self.report(self.delivery(chained, fallback=True), Released(_EARLIER_UNFINISHED))
@@ -437,26 +443,39 @@ class _Run:
 
     __slots__ = (
         "boundary",
+        "cuts",
         "deep",
         "dispatcher",
-        "group",
+        "groups",
         "guessed",
+        "landed",
         "last",
         "length",
         "lock",
         "outcomes",
+        "overlappable",
         "reported",
         "rows",
         "state",
+        "topic",
     )
 
     def __init__(self, dispatcher: Dispatcher, rows: list[ClaimedRow]) -> None:
         self.dispatcher = dispatcher
         self.rows = rows
         self.lock = threading.Lock()
-        #: the group handed out and not yet reported, by seq, and the outcomes come back so far
-        self.group: dict[int, Delivery] = {}
+        #: the groups handed out and not yet reported (by seq, in the order sent: at most two, the
+        #: second a chained run's first group, see overlap), how many outcomes each has in, the last
+        #: seq of each, and the outcomes in so far
+        self.groups: list[dict[int, Delivery]] = []
+        self.landed: list[int] = []
+        self.cuts: list[int] = []
         self.outcomes: dict[int, Outcome] = {}
+        #: the topic of the last group sent to a publisher that keeps the order of what it has in
+        #: flight (None: another publisher); a chained run's rows may follow that group at once
+        #: (``overlap``) when every row before them was in flight as they came
+        self.topic: str | None = None
+        self.overlappable = False
         #: the run's last row (chained runs extend it); None while it goes on, True once every row was
         #: delivered, False once it broke (a row ended otherwise, or the relay stopped)
         self.last = rows[-1].seq
@@ -480,6 +499,7 @@ class _Run:
         with self.lock:
             if self.state is not None or self.last != after:
                 return False
+            self.overlappable = not self.rows and bool(self.groups) and self.topic is not None
             self.rows.extend(rows)
             self.last = rows[-1].seq
             self.length += len(rows)
@@ -490,36 +510,19 @@ class _Run:
             return True
 
     def next(self) -> None:
-        """Hand out the run's next group (its outcomes come back through :meth:`done`)."""
+        """Hand out the run's next group (its outcomes come back through :meth:`done`), once no group
+        is in flight."""
         dispatcher = self.dispatcher
         if dispatcher.stopping.is_set():
             self._release_rest("relay stopping")
             return
-        refused: tuple[Delivery, Failed | Released] | None = None
         with self.lock:
+            if self.groups:
+                return  # the last group in flight hands out the next when it is reported
             if not self.rows:
                 self.state = True  # every message delivered
                 return
-            first = self.rows[0]
-            publisher, policy, decode = dispatcher.route(first.topic)
-            size = 1
-            if getattr(publisher, "keeps_order_in_flight", False):
-                while size < len(self.rows) and self.rows[size].topic == first.topic:
-                    size += 1
-            group: list[Delivery] = []
-            for index, row in enumerate(self.rows[:size]):
-                last = index + 1 == len(self.rows)
-                delivery, refusal = dispatcher.prepare(row, publisher, policy, decode, run_end=last)
-                if refusal is not None:
-                    if not group:  # the head: refused now, the run ends with it
-                        refused = (delivery, refusal)
-                        del self.rows[0]
-                    # else: the group ends before it; it is refused once the group was delivered
-                    break
-                group.append(delivery)
-            del self.rows[: len(group)]
-            self.group = {delivery.seq: delivery for delivery in group}
-            self.outcomes = {}
+            publisher, group, refused = self._take_group(refuse=True)
         if refused is not None:
             dispatcher.report(*refused)
             self._release_rest(_EARLIER_UNFINISHED)
@@ -527,30 +530,97 @@ class _Run:
         assert publisher is not None  # prepare refuses every row that has no publisher
         publisher.deliver(group, self.done)
 
-    def done(self, delivery: Delivery, outcome: Outcome) -> None:
+    def overlap(self) -> None:
+        """Hand out a chained run's first group while the group before it is still in flight, when
+        the publisher keeps the order of what it has in flight and both are of one topic (one Kafka
+        partition: the idempotent producer writes them in the order sent). The group before it is
+        the run's whole rest, so nothing is handed out out of order; outcomes are still reported a
+        group at a time, in order (:meth:`done`)."""
+        if self.dispatcher.stopping.is_set():
+            return
         with self.lock:
-            if delivery.seq not in self.group or delivery.seq in self.outcomes:
-                return  # not this group's, or already in (a publisher reports each delivery once)
-            self.outcomes[delivery.seq] = outcome
-            if len(self.outcomes) < len(self.group):
-                return  # a group's outcomes are reported together, in seq order
-            group, outcomes = self.group, self.outcomes
-            self.group, self.outcomes = {}, {}
+            if not (self.overlappable and self.groups and self.rows and self.state is None):
+                return
+            self.overlappable = False
+            if self.rows[0].topic != self.topic:
+                return
+            if any(not isinstance(outcome, Delivered) for outcome in self.outcomes.values()):
+                return  # the group in flight already broke (a record refused): the run will end
+            publisher, group, _ = self._take_group(refuse=False)
+        if publisher is not None and group:
+            publisher.deliver(group, self.done)
+
+    def _take_group(
+        self, *, refuse: bool
+    ) -> tuple[Publisher | None, list[Delivery], tuple[Delivery, Failed | Released] | None]:
+        """Under the lock: take the run's next group off ``rows`` and put it in flight. ``refuse``: a
+        head that cannot be handed out is taken off and returned, to be reported (else it stays)."""
+        dispatcher = self.dispatcher
+        first = self.rows[0]
+        publisher, policy, decode = dispatcher.route(first.topic)
+        size = 1
+        pipelined = getattr(publisher, "keeps_order_in_flight", False)
+        if pipelined:
+            while size < len(self.rows) and self.rows[size].topic == first.topic:
+                size += 1
+        group: list[Delivery] = []
+        for index, row in enumerate(self.rows[:size]):
+            last = index + 1 == len(self.rows)
+            delivery, refusal = dispatcher.prepare(row, publisher, policy, decode, run_end=last)
+            if refusal is not None:
+                if not group and refuse:  # the head: refused now, the run ends with it
+                    del self.rows[0]
+                    return publisher, [], (delivery, refusal)
+                # else: the group ends before it; it is refused once the group was delivered
+                break
+            group.append(delivery)
+        if not group:
+            return publisher, [], None
+        del self.rows[: len(group)]
+        self.groups.append({delivery.seq: delivery for delivery in group})
+        self.landed.append(0)
+        self.cuts.append(group[-1].seq)
+        self.topic = first.topic if pipelined else None
+        return publisher, group, None
+
+    def done(self, delivery: Delivery, outcome: Outcome) -> None:
+        finished: list[tuple[dict[int, Delivery], dict[int, Outcome]]] = []
+        with self.lock:
+            seq = delivery.seq
+            at = bisect.bisect_left(self.cuts, seq)
+            if at == len(self.cuts) or seq not in self.groups[at] or seq in self.outcomes:
+                return  # not in flight here, or already in (a publisher reports each delivery once)
+            self.outcomes[seq] = outcome
+            self.landed[at] += 1
+            # a group's outcomes are reported together, in seq order, and groups in the order sent
+            while self.groups and self.landed[0] == len(self.groups[0]):
+                group = self.groups.pop(0)
+                self.landed.pop(0)
+                self.cuts.pop(0)
+                finished.append((group, {s: self.outcomes.pop(s) for s in group}))
+            if not finished:
+                return
             before = self.reported
-            self.reported = max(self.reported, max(group))
+            self.reported = max(self.reported, max(finished[-1][0]))
             boundary = self.boundary
         report = self.dispatcher.report
         broken = False
-        for seq in sorted(group):
-            if broken:
-                report(group[seq], Released(_EARLIER_UNFINISHED))
-                continue
-            delivery, outcome = group[seq], outcomes[seq]
-            if boundary is not None and seq == boundary[0] and isinstance(outcome, Delivered):
-                delivery = replace(delivery, run_end=False)  # the chained run goes on: no promotion
-            report(delivery, outcome)
-            broken = not isinstance(outcome, Delivered)
+        for group, outcomes in finished:
+            for seq in sorted(group):
+                if broken:
+                    report(group[seq], Released(_EARLIER_UNFINISHED))
+                    continue
+                delivery, outcome = group[seq], outcomes[seq]
+                if boundary is not None and seq == boundary[0] and isinstance(outcome, Delivered):
+                    delivery = replace(delivery, run_end=False)  # the chained run goes on: no promotion
+                report(delivery, outcome)
+                broken = not isinstance(outcome, Delivered)
         if broken:
+            with self.lock:  # the groups sent after it: released now, whatever they report later
+                later = [d for group in self.groups for d in group.values()]
+                self.groups, self.landed, self.cuts, self.outcomes = [], [], [], {}
+            for delivery in sorted(later, key=lambda d: d.seq):
+                report(delivery, Released(_EARLIER_UNFINISHED))
             self._release_rest(_EARLIER_UNFINISHED)
             return
         chained_started = boundary is not None and before < boundary[0] <= self.reported

@@ -318,6 +318,7 @@ class Relay:
                 interval=maintenance_interval,
                 lease_seconds=lease_seconds,
                 on_expired=self._wake.set,
+                routes=lambda topic: self.dispatcher.route(topic)[0] is not None,
             )
             if maintenance
             else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,11 @@ class StuckFindings:
     #: pending or failed messages waiting more than ``stuck_after`` past their due time
     stuck_messages: int = 0
     stuck_ids: tuple[uuid.UUID, ...] = ()
+    #: the topics with the most of those messages, ``(topic, count)``, most first
+    stuck_topics: tuple[tuple[str, int], ...] = ()
+    #: of ``stuck_topics``, those the checking relay has no handler or publisher for (a message of such
+    #: a topic waits for a relay that routes it: ``relay._claim``, invariant 15)
+    unrouted_topics: tuple[str, ...] = ()
     #: keys whose later messages waited more than ``stuck_after`` behind an unfinished earlier one
     held_key_count: int = 0
     #: ``(key, id of the message holding it, its status)``
@@ -67,9 +72,13 @@ class StuckFindings:
 class StuckMonitor:
     """Counts what is stuck in one outbox (see the module docstring), and the expired leases seen."""
 
-    def __init__(self, engine: sa.Engine, tables: OutboxTables) -> None:
+    def __init__(
+        self, engine: sa.Engine, tables: OutboxTables, routes: Callable[[str], bool] | None = None
+    ) -> None:
         self.engine = engine
         self.tables = tables
+        #: whether the relay running the monitor routes a topic (None: not known)
+        self.routes = routes
         self._seen_leases: set[str] = set()
         self._expired_leases_total = 0
 
@@ -113,6 +122,21 @@ class StuckMonitor:
                 if stuck
                 else ()
             )
+            count = sa.func.count().label("n")
+            stuck_topics = (
+                tuple(
+                    (str(topic), int(n))
+                    for topic, n in conn.execute(
+                        sa.select(t.c.topic, count)
+                        .where(*overdue)
+                        .group_by(t.c.topic)
+                        .order_by(count.desc(), t.c.topic)
+                        .limit(limit)
+                    )
+                )
+                if stuck
+                else ()
+            )
             held_count = conn.execute(
                 sa.select(sa.func.count(sa.distinct(w.c.msg_key))).where(*held_back)
             ).scalar_one()
@@ -140,6 +164,10 @@ class StuckMonitor:
             expired_ids=expired_ids,
             stuck_messages=int(stuck),
             stuck_ids=stuck_ids,
+            stuck_topics=stuck_topics,
+            unrouted_topics=tuple(
+                topic for topic, _ in stuck_topics if self.routes is not None and not self.routes(topic)
+            ),
             held_key_count=int(held_count),
             held_keys=tuple(held),
             expired_leases_total=self._expired_leases_total,
@@ -163,10 +191,19 @@ def report(f: StuckFindings, *, lease_grace: float, stuck_after: dt.timedelta) -
     if f.stuck_messages:
         log.log(
             level,
-            "%d message(s) waiting more than %s past their due time (are relays running and keeping up?): %s",
+            "%d message(s) waiting more than %s past their due time (are relays running and keeping up?): "
+            "%s; by topic: %s%s",
             f.stuck_messages,
             _span(stuck_after),
             _shown(f.stuck_ids, f.stuck_messages),
+            ", ".join(f"{topic} {n}" for topic, n in f.stuck_topics),
+            (
+                f"; this relay has no handler or publisher for {', '.join(f.unrouted_topics)}: they wait, "
+                "attempts untouched, for a relay that routes them (one whose --app registers them, or "
+                "one publishing to Kafka)"
+                if f.unrouted_topics
+                else ""
+            ),
         )
     if f.held_key_count:
         log.log(

@@ -106,6 +106,7 @@ class Maintenance:
         max_batches: int = 100,
         report_ids: int = 10,
         on_expired: Callable[[], None] | None = None,
+        routes: Callable[[str], bool] | None = None,
     ) -> None:
         keep = as_timedelta(retention)
         stuck = as_timedelta(stuck_after)
@@ -152,7 +153,7 @@ class Maintenance:
         self.last_retention: RetentionRun | None = None
         self.last_inbox_retention: RetentionRun | None = None
         self._counters = _Counters()
-        self._monitor = StuckMonitor(engine, tables)
+        self._monitor = StuckMonitor(engine, tables, routes)
         self._observers: list[Observer] = []
         self._held = False
         self._renewed_at = 0.0

