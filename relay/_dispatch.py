@@ -20,19 +20,20 @@ delivery carries its topic's policy: the relay's defaults (retry, handler timeou
 
 **Runs.** A claim may take several consecutive messages of one key (a run, in ``seq`` order; see
 ``relay._claim``). The dispatcher hands a run out a group at a time: the next group goes to its
-publisher once every message before it was delivered (on Kafka, a chained run's may go right behind
-the group in flight: below), so a hot key holds at most one worker. A group is one message, except for a publisher that keeps the order of
-what it has in flight (``keeps_order_in_flight``: the Kafka publishers, whose idempotent producer keeps
-a partition's order): it gets the run's next messages of one topic (one partition) at once, pipelined,
-and a chained run whose first messages share that topic goes out right behind the group still in
-flight, unless something of it failed already (:meth:`_Run.overlap`): a hot key on Kafka does not wait
-for a run's last acknowledgement before its next run is sent. Outcomes are reported a group at a
-time, in the order sent, each group's in ``seq`` order: the delivered prefix as delivered, the
-first other outcome as it is, each later message (of the group, and of any group sent after it) as
-released (one the broker took anyway is published again later: a duplicate). When a message of a run ends any way but delivered (failed,
-dead, released, not routable), the rest of the run is released (attempt not counted) and the key
-waits for that message exactly as it would have without runs; a message that cannot be handed out
-(oversized, undecodable, abandoned) is reported only once the messages before it were delivered.
+publisher once every message before it was delivered (on Kafka, a chained run's may go right behind the
+group in flight: below), so a hot key holds at most one worker. A group is one message, except for a
+publisher that keeps the order of what it has in flight (``keeps_order_in_flight``: the Kafka
+publishers, whose idempotent producer keeps a partition's order): it gets the run's next messages of one
+topic (one partition) at once, pipelined, and a chained run whose first messages share that topic goes
+out right behind the group still in flight, unless something of it failed already
+(:meth:`_Run.overlap`): a hot key on Kafka does not wait for a run's last acknowledgement before its
+next run is sent. Outcomes are reported a group at a time, in the order sent, each group's in ``seq``
+order: the delivered prefix as delivered, the first other outcome as it is, each later message (of the
+group, and of any group sent after it) as released (one the broker took anyway is published again later:
+a duplicate). When a message of a run ends any way but delivered (failed, dead, released, not routable),
+the rest of the run is released (attempt not counted) and the key waits for that message exactly as it
+would have without runs; a message that cannot be handed out (oversized, undecodable, abandoned) is
+reported only once the messages before it were delivered.
 -- ``tests/test_runs.py``, ``tests/test_kafka_publish.py::test_a_hot_key_reaches_kafka_complete_and_in_order``
 
 **Chained runs** (``relay._claim``, invariant 12). Right after each claim, on the fetcher's thread,
