@@ -42,7 +42,7 @@ from consumers._records import (
     encode_record_headers,
     record_headers,
 )
-from outbox._clock import utcnow
+from outbox._clock import utc_iso, utcnow
 from outbox._errors import BrokerError
 from outbox._runtime.kafka_settings import HEADER_CONTENT_TYPE, HEADER_ID, KafkaConnection
 from outbox._schema import OutboxTables
@@ -106,7 +106,7 @@ class DeadLetter:
             return f"<{len(self.value)} bytes, not UTF-8>"
 
     def to_dict(self, *, with_value: bool = False) -> dict[str, Any]:
-        """The ``--json`` form: times as naive-UTC ISO strings, headers as text."""
+        """The ``--json`` form: times as ISO 8601 strings with their ``+00:00`` offset, headers as text."""
         entry: dict[str, Any] = {
             "seq": self.seq,
             "group": self.consumer_group,
@@ -117,8 +117,8 @@ class DeadLetter:
             "key": self.key,
             "error": self.error,
             "attempts": self.attempts,
-            "dead_lettered_at": self.created_at.isoformat(),
-            "replayed_at": None if self.replayed_at is None else self.replayed_at.isoformat(),
+            "dead_lettered_at": utc_iso(self.created_at),
+            "replayed_at": None if self.replayed_at is None else utc_iso(self.replayed_at),
         }
         if with_value:
             content_type = dict(self.headers).get(HEADER_CONTENT_TYPE, b"").decode("utf-8", "replace")

@@ -9,6 +9,8 @@
 4. A summary of what was delivered (per handler) and what was rolled back; the demo exits non-zero if
    anything is not as promised.
 5. ``outbox status`` on the demo database, with the CLI installed next to this Python.
+6. What to do next about the dead message: the ``outbox show``, ``replay`` and ``status`` commands to
+   run, with the demo database's URL.
 
 Everything is written under ``demo-output/`` (git-ignored), or ``--output-dir``.
 """
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -133,6 +136,10 @@ def main() -> int:
 
     # -- 5. the CLI ------------------------------------------------------------------------------------
     ok = _outbox_status(url) and ok
+    print()
+
+    # -- 6. what next ----------------------------------------------------------------------------------
+    _next_steps(engine, url)
     return 0 if ok else 1
 
 
@@ -232,6 +239,40 @@ def _outbox_status(url: str) -> bool:
         print(f"   FAILED: outbox status exited with code {result.returncode}")
         return False
     return True
+
+
+def _outbox_command() -> str:
+    """How to run the CLI from here: the console script next to this Python (relative to the current
+    directory when inside it, as `.venv/bin/outbox` after `make demo`), else ``python -m outbox``."""
+    script = Path(sys.executable).parent / "outbox"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m outbox"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
+
+
+def _next_steps(engine: sa.Engine, url: str) -> None:
+    """End on what an operator would do about the dead message(s): the commands, ready to paste."""
+    t = outbox.tables_for().messages
+    dead_statuses = (Status.DEAD.value, Status.PARKED.value)
+    with engine.connect() as conn:
+        dead = list(conn.execute(sa.select(t.c.id).where(t.c.status.in_(dead_statuses))).scalars())
+    cli, at = _outbox_command(), f"--database-url {shlex.quote(url)}"
+    if not dead:
+        print(f"6. Next: nothing is dead. The outbox, any time:\n   $ {cli} status {at}")
+        return
+    print("6. Next: a dead message is kept, with its error, until you replay or purge it.")
+    for message_id in dead:
+        print("   Why it died (its error, attempts and payload):")
+        print(f"   $ {cli} show {message_id} {at}")
+        print(
+            "   Once its handler is fixed, back to pending for a relay to deliver (--dry-run to look first):"
+        )
+        print(f"   $ {cli} replay {message_id} {at}")
+    print("   The counts per status and topic:")
+    print(f"   $ {cli} status {at}")
 
 
 if __name__ == "__main__":

@@ -395,6 +395,7 @@ class Relay:
         if self._relay_lock is not None:
             if self.handlers.running_count():
                 log.warning("keeping the SQLite relay lock until it expires: handlers are still running")
+                self._relay_lock.keep_until_expired()
             else:
                 self._relay_lock.release()
         self._stopped.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -240,7 +242,38 @@ def test_show_of_an_unknown_or_invalid_id(engine: sa.Engine, db_url: str) -> Non
     assert_one_line_error(missing.stderr, "no message with id")
     invalid = invoke("show", "not-a-uuid", "--database-url", db_url)
     assert invalid.exit_code == cli.RET_USAGE
-    assert_one_line_error(invalid.stderr, "'not-a-uuid' is not a message id")
+    assert_one_line_error(
+        invalid.stderr, "'not-a-uuid' is neither a SEQ (a whole number", "nor a message id (a UUID"
+    )
+    unknown_seq = invoke("show", "999", "--database-url", db_url)
+    assert unknown_seq.exit_code == cli.RET_NOT_FOUND
+    assert_one_line_error(unknown_seq.stderr, "no message with seq 999")
+
+
+@sqlite_only
+def test_show_and_replay_take_the_seq_that_list_shows(engine: sa.Engine, db_url: str) -> None:
+    """Issue 17: `outbox show 207` refused the SEQ that `outbox list` prints in its first column."""
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    first, dead = add(engine, payload={"i": 1}), add(engine, "cli.fail", {"why": "poison"})
+    set_status(engine, [dead], Status.DEAD, attempts=3, last_error="boom")
+    listed = invoke("list", "--status", "dead", env=env)
+    seq = listed.stdout.splitlines()[1].split()[0]  # the first column of the first row
+    assert seq.isdigit() and seq != "1", listed.stdout
+
+    shown = invoke("show", seq, env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"id:               {dead}" in shown.stdout and f"seq:              {seq}" in shown.stdout
+    assert json.loads(invoke("show", "--json", seq, env=env).stdout)["id"] == str(dead)
+
+    dry = invoke("replay", seq, "--dry-run", "--json", env=env)  # SEQs and ids may be mixed
+    assert json.loads(dry.stdout)["ids"] == [str(dead)]
+    both = invoke("replay", seq, str(first), "--json", env=env)
+    assert both.exit_code == 0, both.output
+    assert json.loads(both.stdout)["ids"] == [str(dead)]
+    assert status_counts(engine) == {"pending": 2}
+    missing = invoke("replay", seq, "12345", env=env)
+    assert missing.exit_code == cli.RET_NOT_FOUND
+    assert_one_line_error(missing.stderr, "no message with seq 12345")
 
 
 # --- replay and purge ---------------------------------------------------------------------------------------
@@ -322,6 +355,101 @@ def test_purge_counts_on_dry_run_and_deletes_only_old_finished_messages(
     bad = invoke("purge", "--older-than", "a week", env=env)
     assert bad.exit_code == cli.RET_USAGE
     assert_one_line_error(bad.stderr, "invalid duration 'a week'")
+
+
+@sqlite_only
+def test_purge_without_an_age_says_which_option_to_add_and_deletes_nothing(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """Issue 17: `outbox purge --dry-run` failed with "Missing option '--older-than'" while the README read
+    as if 7d were the default. The age stays required (a purge never picks what to delete by itself), and
+    the error says what to add."""
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    delivered = add(engine)
+    set_status(engine, [delivered], Status.DELIVERED, delivered_at=utcnow() - dt.timedelta(days=30))
+    for args in (("purge", "--dry-run"), ("purge",), ("purge", "--status", "dead"), ("purge", "--inbox")):
+        result = invoke(*args, env=env)
+        assert result.exit_code == cli.RET_USAGE, (args, result.output)
+        assert_one_line_error(result.stderr, "add --older-than AGE, e.g. --older-than 7d")
+    assert status_counts(engine) == {"delivered": 1}
+
+
+def _times(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """Every (key, text) of a JSON document whose key names a time (``*_at``, ``now``, ``older_than``)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _times(item, name)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _times(item, key)
+    elif isinstance(value, str) and (key.endswith("_at") or key in ("now", "older_than")):
+        yield key, value
+
+
+@sqlite_only
+def test_every_time_in_json_output_has_a_utc_offset(
+    engine: sa.Engine, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17: `"now": "2026-12-04T15:18:31.974082"` while the text said UTC; a naive ISO time is read
+    as local time by most parsers. Every time of every --json output, and of JSON log lines, has its
+    offset."""
+    from consumers._dead_letters import DeadLetters
+
+    env = {"OUTBOX_DATABASE_URL": db_url}
+    pending = add(engine)
+    dead = add(engine, "cli.fail")
+    set_status(engine, [dead], Status.DEAD, attempts=3, last_error="boom", last_attempt_at=utcnow())
+    delivered = add(engine)
+    set_status(engine, [delivered], Status.DELIVERED, delivered_at=utcnow())
+    record = SimpleNamespace(
+        topic="kt", partition=0, offset=1, timestamp=0, key=None, value=b"{}", headers=[]
+    )
+    with engine.begin() as conn:
+        letters = DeadLetters(tables_for())
+        letters.add(conn, group="g", record=record, message_id=dead, error="boom", attempts=3)
+        letters.mark_replayed(conn, [1], at=utcnow())
+    commands = [
+        ("status",),
+        ("list",),
+        ("show", str(dead)),
+        ("show", str(delivered)),
+        ("show", str(pending)),
+        ("replay", str(dead), "--dry-run"),
+        ("purge", "--older-than", "0s", "--dry-run"),
+        ("dlq", "list"),
+        ("dlq", "show", "1"),
+    ]
+    seen: set[str] = set()
+    for args in commands:
+        result = invoke(*args, "--json", env=env)
+        assert result.exit_code == 0, (args, result.output)
+        for key, text in _times(json.loads(result.stdout)):
+            moment = dt.datetime.fromisoformat(text)
+            assert moment.utcoffset() == dt.timedelta(0), (args, key, text)
+            seen.add(key)
+    assert seen >= {
+        "now",
+        "created_at",
+        "due_at",
+        "last_attempt_at",
+        "delivered_at",
+        "older_than",
+        "dead_lettered_at",
+        "replayed_at",
+    }
+
+    from outbox.cli._options import configure_logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        configure_logging(Settings.load({"database_url": db_url, "log_format": "json"}))
+        logging.getLogger("outbox.test").warning("a line")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert dt.datetime.fromisoformat(line["time"]).utcoffset() == dt.timedelta(0), line
 
 
 # --- one-line errors, as a user sees them (subprocesses) ----------------------------------------------------

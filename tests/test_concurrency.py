@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -11,7 +13,10 @@ import sqlalchemy as sa
 import outbox
 from consumers import Registry
 from outbox._message import Message
+from outbox._schema import tables_for
 from relay import Relay
+from tests.apps import RelayLauncher
+from tests.apps.recording import commit_messages, count_done
 from tests.conftest import SERVER_BACKENDS, status_counts, wait_until
 
 TOTAL = 10_000
@@ -113,3 +118,46 @@ def test_second_sqlite_relay_is_refused(engine: sa.Engine) -> None:
         first.stop()
     second = Relay(engine, registry).start()  # after a clean stop the lock is free again
     second.stop()
+
+
+def lock_holder(engine: sa.Engine) -> str | None:
+    locks = tables_for().locks
+    with engine.connect() as conn:
+        holder = conn.execute(sa.select(locks.c.holder).where(locks.c.name == "relay")).scalar()
+    return None if holder is None else str(holder)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sqlite_relay_starts_at_once_after_its_predecessor_was_killed(
+    engine: sa.Engine, db_url: str, relays: RelayLauncher, record: Path
+) -> None:
+    """Issue 17: after ``kill -9`` of the relay, a new one was refused until the dead one's lock row
+    expired (30 s). The lock is the operating system's now, and dies with its process; a relay that is
+    alive still keeps every other one out."""
+    options = {"lease_seconds": 30, "poll_interval": 0.05}
+    commit_messages(engine, [(None, 0)])
+    first = relays.start(**options)
+    wait_until(lambda: count_done(record) == 1 or not first.alive(), timeout=60, what="the first delivery")
+    assert first.alive(), first.log_tail()
+    assert str(first.pid) in (lock_holder(engine) or "")
+    first.kill()
+
+    second = relays.start(**options)  # at once: the dead relay's lock row has 30 s of lease left
+    commit_messages(engine, [(None, 1)])
+    wait_until(
+        lambda: count_done(record) == 2 or not second.alive(),
+        timeout=20,
+        what="the relay started after the kill to deliver",
+        explain=second.log_tail,
+    )
+    assert second.alive(), second.log_tail()
+    assert str(second.pid) in (lock_holder(engine) or "")
+
+    third = relays.start(**options)
+    assert third.wait_exit(60) == 6  # outbox.cli.RET_CONFLICT
+    assert "SQLite supports one relay at a time" in third.log_tail()
+    assert f"{db_url.removeprefix('sqlite:///')}.outbox-relay.lock" in third.log_tail()
+
+    second.send(signal.SIGTERM)
+    assert second.wait_exit(30) == 0, second.log_tail()
+    assert lock_holder(engine) is None  # a clean stop deletes the row

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +62,24 @@ def test_demo_delivers_what_committed_and_nothing_that_rolled_back(tmp_path: Pat
     assert sorted(announced) == committed == orders
     assert not set(rolled_back) & set(announced)
     assert statuses == {"delivered": 22, "dead": 1}
+
+
+def test_demo_ends_with_the_commands_to_run_about_its_dead_message(tmp_path: Path) -> None:
+    """Issue 17: the demo ended on a dead message without saying what to do. Its last lines are the
+    `outbox show`, `replay` and `status` commands for that message, on the demo's database, and they run."""
+    out = run_demo(tmp_path)
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        (dead,) = db.execute("SELECT id FROM outbox WHERE status = 'dead'").fetchone()
+    dead_id = str(uuid.UUID(bytes=dead) if isinstance(dead, bytes) else uuid.UUID(dead))
+    tail = out.rstrip().splitlines()[-7:]
+    assert tail[0].startswith("6. Next: a dead message is kept"), "\n".join(tail)
+    commands = [shlex.split(line.strip()[2:]) for line in tail if line.strip().startswith("$ ")]
+    url = f"sqlite:///{(tmp_path / 'shop.db').resolve()}"
+    assert [c[1:] for c in commands] == [
+        ["show", dead_id, "--database-url", url],
+        ["replay", dead_id, "--database-url", url],
+        ["status", "--database-url", url],
+    ]
+    shown = subprocess.run(commands[0], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "status:           dead" in shown.stdout and "invoice.requested" in shown.stdout

@@ -267,7 +267,7 @@ def test_every_outbox_command_line_uses_options_the_command_has() -> None:
 
 
 #: flags in the docs that belong to another program than ``outbox``: {flag: the file that defines it}
-OTHER_PROGRAMS_FLAGS = {"--bootstrap": "examples/kafka/run.py"}
+OTHER_PROGRAMS_FLAGS = {"--bootstrap": "examples/kafka/run.py", "--keep": "examples/kafka/run.py"}
 
 
 def all_commands(command: click.Command) -> list[click.Command]:

@@ -199,6 +199,10 @@ def test_show_gives_everything_about_one_message(engine: sa.Engine) -> None:
 
     with pytest.raises(outbox.MessageNotFound):
         ops.get(uuid.uuid4())
+    # by the seq `outbox list` shows, too
+    assert ops.get(record.seq) == record
+    with pytest.raises(outbox.MessageNotFound, match="no message with seq 9999"):
+        ops.get(9999)
 
 
 # --- replay -------------------------------------------------------------------------------------------------
@@ -241,7 +245,11 @@ def test_replay_of_an_unknown_id_changes_nothing(engine: sa.Engine) -> None:
     before = table_rows(engine)
     with pytest.raises(outbox.MessageNotFound, match="no message with id"):
         Operations(engine).replay_ids([dead, uuid.uuid4()])
+    with pytest.raises(outbox.MessageNotFound, match="no message with seq 9999 in"):
+        Operations(engine).replay_ids([dead, 9999])
     assert table_rows(engine) == before
+    seq = Operations(engine).get(dead).seq
+    assert Operations(engine).replay_ids([seq, dead], dry_run=True).replayed == (dead,)
 
 
 def test_replay_dry_run_changes_nothing(engine: sa.Engine) -> None:

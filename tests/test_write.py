@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -236,7 +237,8 @@ class NotSerialisable:
     ("kwargs", "error", "fragment"),
     [
         ({"payload": {"x": NotSerialisable()}}, outbox.PayloadError, "NotSerialisable"),
-        ({"payload": {"x": float("nan")}}, outbox.PayloadError, "payload cannot be serialised"),
+        ({"payload": {"x": float("nan")}}, outbox.PayloadError, 'payload["x"] is NaN'),
+        ({"payload": {1: "a"}}, outbox.PayloadError, "payload has the key 1 of type int"),
         ({"payload": {1, 2}.__class__}, outbox.PayloadError, "type"),
         ({"topic": ""}, outbox.TopicError, "invalid topic ''"),
         ({"topic": "has space"}, outbox.TopicError, "'has space'"),
@@ -266,6 +268,60 @@ def test_bad_input_raises_named_error_and_writes_nothing(
         assert isinstance(info.value, outbox.OutboxError)
         good = outbox.add(session, "order.created", {"still": "usable"})  # the transaction is untouched
     assert [r.id for r in messages(engine)] == [good]
+
+
+@dataclasses.dataclass
+class Priced:
+    sku: str
+    extras: Any
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (
+            {"price": float("nan")},
+            'payload["price"] is NaN: JSON has no NaN or Infinity; send None, or a string, in its place',
+        ),
+        ({"lines": [{"sku": "A", "price": float("inf")}]}, 'payload["lines"][0]["price"] is Infinity'),
+        ([1, -float("inf")], "payload[1] is -Infinity"),
+        ({"total": decimal.Decimal("NaN")}, "payload[\"total\"] is Decimal('NaN')"),
+        ({"lines": (Priced("A", float("nan")),)}, 'payload["lines"][0].extras is NaN'),
+        ({"when": NotSerialisable()}, 'payload["when"] is of type NotSerialisable, which is not JSON'),
+    ],
+)
+def test_payload_error_names_where_the_bad_value_is(payload: Any, message: str) -> None:
+    """Issue 17: "payload cannot be serialised: Out of range float values are not JSON compliant" did not
+    say which value; the error names its path, so a large payload's culprit is found at once."""
+    with pytest.raises(outbox.PayloadError) as info:
+        outbox.Outbox().build_row("t", payload)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({1: "a"}, "payload has the key 1 of type int: JSON object keys are strings"),
+        ({"a": {"b": [{2.5: "x"}]}}, 'payload["a"]["b"][0] has the key 2.5 of type float'),
+        ({"ok": True, "flags": {None: 1}}, 'payload["flags"] has the key None of type NoneType'),
+        ({"t": {True: 1}}, 'payload["t"] has the key True of type bool'),
+        ({"k": {("a", 1): 1}}, "payload[\"k\"] has the key ('a', 1) of type tuple"),
+        ([Priced("A", {"ok": 1, 3: "c"})], "payload[0].extras has the key 3 of type int"),
+        ({"rows": [*range(20), collections.OrderedDict({5: "x"})]}, 'payload["rows"][20] has the key 5'),
+    ],
+)
+def test_non_string_keys_are_refused_not_converted(engine: sa.Engine, payload: Any, message: str) -> None:
+    """``json`` stores ``{1: "a"}`` as ``{"1": "a"}``, and the handler then reads another value than was
+    written: the key is refused instead, with its path and type, and nothing is written."""
+    with orm.Session(engine) as session, session.begin():
+        with pytest.raises(outbox.PayloadError) as info:
+            outbox.add(session, "t", payload)
+        assert str(info.value).startswith(message), str(info.value)
+        assert "convert the keys yourself" in str(info.value)
+    assert messages(engine) == []
+    with engine.begin() as conn:  # string keys everywhere, dataclasses and tuples included: written as is
+        outbox.add(conn, "t", {"a": [{"b": (Priced("A", {"c": None}),)}]})
+    assert json.loads(messages(engine)[0].payload) == {"a": [{"b": [{"sku": "A", "extras": {"c": None}}]}]}
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,16 @@ back), waits until every committed order has its shipment, and stops everything:
 
     make kafka-example                      # or, once installed: .venv/bin/python -m examples.kafka.run
 
-Pass ``--bootstrap HOST:PORT`` to use a real Kafka cluster instead of the test broker.
+Pass ``--bootstrap HOST:PORT`` to use a real Kafka cluster instead of the test broker. The databases and
+logs go to a temporary directory, removed at the end however it ends (Ctrl-C and SIGTERM included; the
+logs are printed first if something went wrong), unless ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,8 +68,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", help="a Kafka cluster to use instead of the test broker")
     parser.add_argument("--orders", type=int, default=50)
+    parser.add_argument("--keep", action="store_true", help="keep the databases and logs (their folder)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="outbox-kafka-example-"))
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # SIGTERM cleans up as Ctrl-C does
+    outcome = "failed"
+    try:
+        outcome = "ok" if _run(args, work) else "failed"
+        return 0 if outcome == "ok" else 1
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        print("interrupted: the relay, the consumer and the broker are stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if outcome == "failed":
+            _print_logs(work)
+        if args.keep:
+            print(f"kept the databases and logs in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_logs(work: Path, lines: int = 20) -> None:
+    for log in sorted(work.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        if tail:
+            print(f"--- last lines of {log.name} ---", *tail, sep="\n", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, work: Path) -> bool:
     orders_url, shipping_url = f"sqlite:///{work / 'orders.db'}", f"sqlite:///{work / 'shipping.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OUTBOX_LOG_LEVEL": "WARNING"}
     processes: list[subprocess.Popen[bytes]] = []
@@ -76,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             broker, bootstrap = start_test_broker(work / "broker.log")
             processes.append(broker)
-        print(f"1. Kafka at {bootstrap}; databases in {work}")
+        print(f"1. Kafka at {bootstrap}; databases in {work}", flush=True)
         for url in (orders_url, shipping_url):
             subprocess.run(
                 [*OUTBOX, "db", "upgrade", "--database-url", url],
@@ -86,22 +121,25 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         def start(name: str, *command: str) -> None:
-            log = (work / f"{name}.log").open("wb")
-            processes.append(
-                subprocess.Popen([*OUTBOX, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
-            )
+            with (work / f"{name}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen([*OUTBOX, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+                )
 
         start("relay", "relay", "--database-url", orders_url, "--kafka-bootstrap-servers", bootstrap,
               "--poll-interval", "0.2")  # fmt: skip
         start("consumer", "consume", "--database-url", shipping_url, "--kafka-bootstrap-servers", bootstrap,
               "--app", "examples.kafka.shipping_service:registry", "--group", "shipping",
               "--session-timeout-ms", "6000")  # fmt: skip
-        print("2. outbox relay and outbox consume are running")
+        print("2. outbox relay and outbox consume are running", flush=True)
 
         orders_engine = outbox.create_engine(orders_url)
         committed, rolled_back = orders_service.write_orders(orders_engine, args.orders)
+        orders_engine.dispose()
         print(
-            f"3. placed {len(committed)} orders; {len(rolled_back)} rolled back (out of stock): {rolled_back}"
+            f"3. {args.orders} orders tried: {len(committed)} committed with their message, "
+            f"{len(rolled_back)} rolled back (out of stock: no order, no message): {rolled_back}",
+            flush=True,
         )
 
         shipping_engine = outbox.create_engine(shipping_url)
@@ -114,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(shipped) >= len(committed):
                 break
             time.sleep(0.3)
+        shipping_engine.dispose()
         print(f"4. shipments created by the shipping service: {len(shipped)}")
         ok = shipped == sorted(committed) and not set(shipped) & set(rolled_back)
         print("   every committed order shipped once, no rolled-back order shipped:", "yes" if ok else "NO")
@@ -121,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             [*OUTBOX, "status", "--database-url", orders_url], env=env, capture_output=True, text=True
         )
         print("5. $ outbox status (orders database)\n" + status.stdout)
-        return 0 if ok else 1
+        return ok
     finally:
         for process in reversed(processes):
             if process.poll() is None:
@@ -131,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":

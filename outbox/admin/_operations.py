@@ -50,6 +50,8 @@ WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)
 PURGEABLE = {Status.DELIVERED: "delivered_at", Status.DEAD: "created_at", Status.PARKED: "created_at"}
 
 Order = Literal["asc", "desc"]
+#: a message as an operator names it: its id, or its ``seq`` (the first column of ``outbox list``)
+MessageRef = uuid.UUID | int
 
 
 class Operations:
@@ -129,29 +131,41 @@ class Operations:
         with self.engine.connect() as conn:
             return [self._record(row) for row in conn.execute(query)]
 
-    def get(self, message_id: uuid.UUID) -> MessageRecord:
-        """Everything about one message, payload included; :class:`MessageNotFound` if there is none."""
+    def get(self, message: MessageRef) -> MessageRecord:
+        """Everything about one message (by id or seq), payload included; :class:`MessageNotFound` if
+        there is none."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(*self._columns(payload=True)).where(self.t.c.id == message_id)
-            ).first()
+            row = conn.execute(sa.select(*self._columns(payload=True)).where(self._named([message]))).first()
         if row is None:
-            raise MessageNotFound(f"no message with id {message_id} in outbox table {self.tables.name!r}")
+            name = self.tables.name
+            raise MessageNotFound(f"no message with {_ref_text(message)} in outbox table {name!r}")
         return self._record(row)
+
+    def _named(self, refs: Sequence[MessageRef]) -> sa.ColumnElement[bool]:
+        """The rows ``refs`` name: ids (``uuid.UUID``) and seqs (``int``) may be mixed."""
+        ids = [r for r in refs if isinstance(r, uuid.UUID)]
+        seqs = [r for r in refs if not isinstance(r, uuid.UUID)]
+        t = self.t
+        if not seqs:
+            return t.c.id.in_(ids) if len(ids) != 1 else t.c.id == ids[0]
+        if not ids:
+            return t.c.seq.in_(seqs) if len(seqs) != 1 else t.c.seq == seqs[0]
+        return sa.or_(t.c.id.in_(ids), t.c.seq.in_(seqs))
 
     # -- replay -------------------------------------------------------------------------------------------
 
     def replay_ids(
         self,
-        ids: Sequence[uuid.UUID],
+        ids: Sequence[MessageRef],
         *,
         include_delivered: bool = False,
         dry_run: bool = False,
         now: dt.datetime | None = None,
     ) -> ReplayResult:
-        """Send the named messages back to pending (see :meth:`replay_matching` for what that means).
+        """Send the named messages (by id or seq) back to pending (see :meth:`replay_matching` for what
+        that means).
 
-        All or nothing about existence: an unknown id raises :class:`MessageNotFound` and changes
+        All or nothing about existence: an unknown id or seq raises :class:`MessageNotFound` and changes
         nothing. Named messages that are not replayable (pending, inflight, or delivered without
         ``include_delivered``) are left alone and reported in ``skipped``.
         """
@@ -161,14 +175,15 @@ class Operations:
         with self.engine.begin() as conn:
             rows = conn.execute(
                 sa.select(t.c.seq, t.c.id, t.c.status)
-                .where(t.c.id.in_(wanted))
+                .where(self._named(wanted))
                 .order_by(t.c.seq)
                 .with_for_update()
             ).all()
-            missing = set(wanted) - {row.id for row in rows}
+            found = {row.id for row in rows} | {row.seq for row in rows}
+            missing = [ref for ref in wanted if ref not in found]
             if missing:
-                shown = ", ".join(str(i) for i in sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-                raise MessageNotFound(f"no message with id {shown} in outbox table {self.tables.name!r}")
+                shown = ", ".join(_ref_text(r) for r in missing[:3]) + (" ..." if len(missing) > 3 else "")
+                raise MessageNotFound(f"no message with {shown} in outbox table {self.tables.name!r}")
             eligible = [row for row in rows if row.status in allowed]
             skipped = tuple((row.id, str(row.status)) for row in rows if row.status not in allowed)
             replayed = [row.id for row in eligible]
@@ -389,6 +404,10 @@ class Operations:
             payload_size=int(m["payload_size"] or 0),
             payload=bytes(payload) if payload is not None else None,
         )
+
+
+def _ref_text(ref: MessageRef) -> str:
+    return f"id {ref}" if isinstance(ref, uuid.UUID) else f"seq {ref}"
 
 
 def _in(column: sa.Column[Any], statuses: Iterable[Status]) -> sa.ColumnElement[bool]:

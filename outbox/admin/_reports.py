@@ -1,8 +1,8 @@
 """What the operator commands select and see: the filter that picks messages, a message as shown, and
 the reports of ``status``, ``replay`` and ``purge``.
 
-Plain frozen values with a ``to_dict()`` giving the ``--json`` form (times as naive-UTC ISO strings, ids
-as text). The queries that produce them are in :mod:`outbox.admin._operations`.
+Plain frozen values with a ``to_dict()`` giving the ``--json`` form (times as ISO 8601 strings with
+their ``+00:00`` offset, ids as text). The queries that produce them are in :mod:`outbox.admin._operations`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from outbox._clock import utc_iso
 from outbox._schema import Status
 from outbox._serialization import decode_payload
 
@@ -97,7 +98,7 @@ class MessageRecord:
             return bytes(self.payload)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: times as ISO strings (UTC), id as text; a binary payload as hex."""
+        """JSON-ready: times as ISO strings with their offset (UTC), id as text; a binary payload as hex."""
         data: dict[str, Any] = {
             "seq": self.seq,
             "id": str(self.id),
@@ -208,4 +209,4 @@ class PurgeResult:
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    return None if value is None else utc_iso(value)

@@ -4,7 +4,7 @@ One module per command group; this package only assembles them under the root gr
 
     outbox relay --app MODULE[:ATTR]    deliver committed messages            (outbox.cli._relay)
     outbox db upgrade | db version      apply / show schema migrations        (outbox.cli._db)
-    outbox status | list | show ID      what is in the outbox, and why       (outbox.cli._messages)
+    outbox status | list | show SEQ|ID  what is in the outbox, and why       (outbox.cli._messages)
     outbox replay | purge               send messages back / delete old ones  (outbox.cli._messages)
     outbox doctor                       check the database, explain each fix  (outbox.cli._doctor)
     outbox consume | dlq                consume from Kafka, its dead letters  (outbox.cli._consume, ._dlq)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import textwrap
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import click
 
 from outbox._schema import Status
-from outbox.admin._operations import MessageFilter, MessageRecord, Operations, StatusReport
+from outbox.admin._operations import MessageFilter, MessageRecord, MessageRef, Operations, StatusReport
 from outbox.cli._config import Settings
 from outbox.cli._options import duration_option, message_id_option, open_engine, settings_command, time_option
 
@@ -211,11 +210,14 @@ def list_messages(
 
 
 @click.command()
-@click.argument("message_id", metavar="ID", callback=message_id_option)
+@click.argument("message_id", metavar="SEQ|ID", callback=message_id_option)
 @_json_option
 @settings_command()
-def show(settings: Settings, message_id: uuid.UUID, as_json: bool) -> None:
-    """Everything about one message: status, attempts, times, headers, payload, last error."""
+def show(settings: Settings, message_id: MessageRef, as_json: bool) -> None:
+    """Everything about one message: status, attempts, times, headers, payload, last error.
+
+    Name the message by its SEQ (the first column of `outbox list`) or its ID (a UUID).
+    """
     with _operations(settings) as ops:
         record = ops.get(message_id)
     if as_json:
@@ -263,7 +265,7 @@ def _print_record(r: MessageRecord) -> None:
 
 
 @click.command()
-@click.argument("message_ids", metavar="[ID]...", nargs=-1, callback=message_id_option)
+@click.argument("message_ids", metavar="[SEQ|ID]...", nargs=-1, callback=message_id_option)
 @click.option(
     "--status",
     "statuses",
@@ -290,7 +292,7 @@ def _print_record(r: MessageRecord) -> None:
 @settings_command()
 def replay(
     settings: Settings,
-    message_ids: tuple[uuid.UUID, ...],
+    message_ids: tuple[MessageRef, ...],
     statuses: tuple[str, ...],
     topic: str | None,
     key: str | None,
@@ -302,7 +304,7 @@ def replay(
     batch_size: int,
     as_json: bool,
 ) -> None:
-    """Send failed, dead or parked messages back to pending, by ID or by filter.
+    """Send failed, dead or parked messages back to pending, by SEQ or ID, or by filter.
 
     A replayed message is due now, with attempts reset to 0 and its last error cleared. Inflight and
     pending messages are never touched; delivered ones only with --include-delivered. Without IDs, a
@@ -353,8 +355,8 @@ def replay(
 @click.option(
     "--older-than",
     callback=duration_option,
-    required=True,
-    help="Age to keep, e.g. 7d, 12h (delivered: since delivery; --inbox: since processed).",
+    help="Required: delete only what is older than this, e.g. 7d, 12h (delivered: since delivery; dead: "
+    "since creation; --inbox: since processed).",
 )
 @click.option(
     "--status",
@@ -372,7 +374,7 @@ def replay(
 @settings_command()
 def purge(
     settings: Settings,
-    older_than: dt.timedelta,
+    older_than: dt.timedelta | None,
     status_name: str | None,
     inbox: bool,
     dry_run: bool,
@@ -384,6 +386,13 @@ def purge(
     Never touches unfinished messages. --inbox: a message Kafka delivers again after its inbox row is
     gone is handled again, so keep the rows longer than Kafka keeps records.
     """
+    if older_than is None:
+        # No default on purpose: a purge deletes, and an age the operator never chose (or none: all of
+        # them) is not one it should pick for them; the relays' retention is the automatic one.
+        raise click.UsageError(
+            "say how old the messages to delete must be: add --older-than AGE, e.g. --older-than 7d "
+            "(the relays' default retention)" + ("" if dry_run else "; try it with --dry-run first")
+        )
     if inbox and status_name is not None:
         raise click.UsageError("--inbox deletes inbox rows: it takes no --status")
     with _operations(settings) as ops:

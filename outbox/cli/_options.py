@@ -278,15 +278,26 @@ def time_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """A message id (UUID), or a tuple of them for ``nargs=-1``."""
+#: the most digits a SEQ has (a BIGINT); 32 digits are a UUID written without dashes
+_SEQ_DIGITS = 19
 
-    def convert(text: str) -> uuid.UUID:
+
+def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A message as an operator names it: its SEQ (an ``int``, the first column of ``outbox list``) or
+    its id (a ``uuid.UUID``); or a tuple of them for ``nargs=-1``."""
+
+    def convert(text: str) -> uuid.UUID | int:
+        text = text.strip()
+        if text.isascii() and text.isdigit() and len(text) <= _SEQ_DIGITS:
+            return int(text)
         try:
-            return uuid.UUID(text.strip())
+            return uuid.UUID(text)
         except ValueError:
             raise click.BadParameter(
-                f"{text!r} is not a message id (a UUID like 0190a1b2-...)", ctx, param
+                f"{text!r} is neither a SEQ (a whole number, the first column of `outbox list`) nor a "
+                "message id (a UUID like 0190a1b2-...)",
+                ctx,
+                param,
             ) from None
 
     return _convert_each(value, convert)
