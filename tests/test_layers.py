@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("consumers", ("consumers",)),
     ("relay", ("relay",)),
     ("operator layer", ("outbox.admin",)),
+    ("web dashboard", ("outbox.web",)),
     ("CLI", ("outbox.cli", "outbox.__main__")),
 )
 

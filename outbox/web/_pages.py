@@ -1,0 +1,148 @@
+"""What each page shows, as plain values: the query a page's URL asks for, and how values are displayed.
+
+Nothing here runs SQL or knows HTTP: the queries are :class:`outbox.admin.Operations`', the routes are in
+:mod:`outbox.web._app`. Kept apart so that the rules a reader looks for ("how big may a page be", "what
+does a payload of bytes look like") sit in one short module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from outbox._clock import utc_iso
+from outbox._schema import Status
+from outbox.admin import MessageFilter, MessageRecord
+
+#: messages per page unless the URL asks for fewer; and the most a URL may ask for (a bounded query)
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+#: bytes of a binary payload shown as hex (as ``outbox show``)
+HEX_PREVIEW = 64
+#: the most digits a SEQ has (a BIGINT); longer digit strings are not messages
+_SEQ_DIGITS = 19
+STATUSES = tuple(s.value for s in Status)
+
+
+class BadQuery(ValueError):
+    """A URL's query names something that is not there (an unknown status, a page size of zero)."""
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """The ``/messages`` URL's query: which messages, and which page of them (keyset: after a seq)."""
+
+    statuses: tuple[str, ...] = ()
+    topic: str | None = None
+    key: str | None = None
+    after: int | None = None
+    limit: int = PAGE_SIZE
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str], statuses: Sequence[str]) -> ListQuery:
+        """From the query string (``statuses``: every ``status=`` value); :class:`BadQuery` if invalid."""
+        chosen = tuple(dict.fromkeys(s for s in statuses if s))
+        unknown = [s for s in chosen if s not in STATUSES]
+        if unknown:
+            raise BadQuery(f"unknown status {unknown[0]!r}: use one of {', '.join(STATUSES)}")
+        return cls(
+            statuses=chosen,
+            topic=params.get("topic") or None,
+            key=params.get("key") or None,
+            after=_whole(params.get("after"), "after", minimum=0),
+            limit=min(_whole(params.get("limit"), "limit", minimum=1) or PAGE_SIZE, MAX_PAGE_SIZE),
+        )
+
+    def filter(self) -> MessageFilter:
+        return MessageFilter(tuple(Status(s) for s in self.statuses), self.topic, self.key)
+
+    def params(self, **changes: object) -> dict[str, str | list[str]]:
+        """This query as URL parameters (for the next page's link), with ``changes``."""
+        values: dict[str, object] = {
+            "status": list(self.statuses),
+            "topic": self.topic,
+            "key": self.key,
+            "limit": self.limit if self.limit != PAGE_SIZE else None,
+            "after": self.after,
+            **changes,
+        }
+        out: dict[str, str | list[str]] = {}
+        for name, value in values.items():
+            if isinstance(value, list):
+                if value:
+                    out[name] = [str(v) for v in value]
+            elif value is not None:
+                out[name] = str(value)
+        return out
+
+
+def _whole(text: str | None, name: str, *, minimum: int) -> int | None:
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > _SEQ_DIGITS or int(text) < minimum:
+        raise BadQuery(f"{name} must be a whole number of at least {minimum}, got {text!r}")
+    return int(text)
+
+
+def parse_ref(text: str) -> uuid.UUID | int | None:
+    """A message as the URL names it: its SEQ or its id (as ``outbox show``); ``None`` if neither."""
+    if text.isascii() and text.isdigit() and len(text) <= _SEQ_DIGITS:
+        return int(text)
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def iso(value: dt.datetime | None) -> str:
+    """A stored time (naive UTC) as ISO 8601 with its offset: what a ``<time datetime>`` holds."""
+    return "" if value is None else utc_iso(value)
+
+
+def shown_time(value: dt.datetime | None) -> str:
+    """A time as people read it on the page: ``2026-05-01 12:00:03 UTC``."""
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def span(delta: dt.timedelta) -> str:
+    """``3d 4h``, ``2h 5m``, ``4m 12s``, ``9s``: the two largest units (as ``outbox status``)."""
+    seconds = int(delta.total_seconds())
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(parts[:2])
+
+
+@dataclass(frozen=True)
+class PayloadView:
+    """A payload as the message page shows it: pretty JSON, or its size and a hex preview of bytes."""
+
+    size: int
+    json: str | None = None
+    hex_preview: str | None = None
+    truncated: bool = False
+
+    @classmethod
+    def of(cls, record: MessageRecord) -> PayloadView:
+        value = record.decoded_payload()
+        if isinstance(value, bytes):
+            return cls(
+                size=len(value),
+                hex_preview=value[:HEX_PREVIEW].hex(" "),
+                truncated=len(value) > HEX_PREVIEW,
+            )
+        return cls(size=record.payload_size, json=json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def due_label(status: str) -> str:
+    """What ``due_at`` means for a message in ``status`` (as ``outbox show`` labels it)."""
+    return {
+        Status.PENDING.value: "due at",
+        Status.FAILED.value: "next attempt at",
+        Status.INFLIGHT.value: "lease expires at",
+    }.get(status, "due at")
