@@ -8,6 +8,7 @@ One module per command group; this package only assembles them under the root gr
     outbox replay | purge               send messages back / delete old ones  (outbox.cli._messages)
     outbox doctor                       check the database, explain each fix  (outbox.cli._doctor)
     outbox consume | dlq                consume from Kafka, its dead letters  (outbox.cli._consume, ._dlq)
+    outbox web                          serve the web dashboard               (outbox.cli._web)
 
 What every command shares (options, settings, logging, the engine) is :mod:`outbox.cli._options`; the root
 group, the exit codes and how an error becomes one line on stderr are :mod:`outbox.cli._root`. Every flag
@@ -40,8 +41,9 @@ from outbox.cli._root import (
     main,
     outbox,
 )
+from outbox.cli._web import web
 
-for _command in (db, status, list_messages, show, replay, purge, doctor, relay, consume, dlq):
+for _command in (db, status, list_messages, show, replay, purge, doctor, relay, consume, dlq, web):
     outbox.add_command(_command)
 
 __all__ = [

@@ -92,11 +92,17 @@ _KINDS: dict[str, str] = {
     "metrics_port": "int?",
     "metrics_host": "str",
     "metrics_interval": "float",
+    "web_host": "str",
+    "web_port": "int",
+    "web_auth": "str?",
+    "web_auth_file": "str?",
+    "hide_payloads": "bool",
 }
 #: settings read from a file instead (``--database-url-file``): the setting each one gives
 SECRET_FILES: dict[str, str] = {
     "database_url_file": "database_url",
     "kafka_sasl_password_file": "kafka_sasl_password",
+    "web_auth_file": "web_auth",
 }
 #: the settings of a Kafka connection (``outbox._runtime.kafka_settings.KafkaConnection``), named as in
 #: the file
@@ -113,6 +119,8 @@ KAFKA_CONNECTION_SETTINGS = (
 )
 #: config-file spellings that are not the field name (the file uses the option's name)
 _ALIASES = {"strict_order_topic": "strict_order_topics", "kafka_route": "kafka_routes"}
+#: flags not spelled like their setting (``outbox web --host`` sets web_host, OUTBOX_WEB_HOST)
+_FLAGS = {"web_host": "--host", "web_port": "--port", "web_auth": "--auth", "web_auth_file": "--auth-file"}
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,12 @@ class Settings:
     metrics_host: str = defaults.METRICS_HOST
     #: seconds between two reads of the metrics' gauges computed from the table
     metrics_interval: float = defaults.METRICS_INTERVAL
+    #: ``outbox web``: where the dashboard listens, who may see it (``user:password`` lines; ``None``:
+    #: nobody needs to log in, so it listens on a loopback address only) and whether payloads show
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    web_auth: str | None = field(default=None, repr=False)
+    hide_payloads: bool = False
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form
@@ -237,6 +251,8 @@ class Settings:
             _invalid("metrics_port", self.metrics_port, "must be a TCP port number (1-65535)")
         if not self.metrics_interval > 0:
             _invalid("metrics_interval", self.metrics_interval, "must be a positive number of seconds")
+        if not 1 <= self.web_port <= 65535:
+            _invalid("web_port", self.web_port, "must be a TCP port number (1-65535)")
 
     @classmethod
     def load(cls, explicit: Mapping[str, Any], *, config_file: str | Path | None = None) -> Settings:
@@ -273,7 +289,13 @@ class Settings:
         """Every password in these settings (the database URL's, in any form, and the SASL one), so that
         all output can be scrubbed of them (:func:`outbox.redaction.remember`)."""
         found = url_secrets(normalise_url(self.database_url))
-        return (*found, self.kafka_sasl_password) if self.kafka_sasl_password else found
+        if self.kafka_sasl_password:
+            found = (*found, self.kafka_sasl_password)
+        for line in (self.web_auth or "").splitlines():
+            password = line.strip().partition(":")[2]
+            if password:
+                found = (*found, password)
+        return found
 
     def kafka_options(self) -> dict[str, Any] | None:
         """Keyword arguments for ``relay.publishers.kafka.KafkaSettings`` (``None``: Kafka not configured).
@@ -386,6 +408,10 @@ def _convert(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"setting {name}{where} must be a string, got {value!r}")
         return value.upper() if name == "log_level" else value.lower() if name == "log_format" else value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"setting {name}{where} must be true or false, got {value!r}")
+        return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"setting {name}{where} must be a whole number, got {value!r}")
@@ -440,7 +466,8 @@ def _convert(name: str, value: Any, where: str) -> Any:
 def _option_names(name: str) -> tuple[str, str]:
     """The flag and the environment variable of setting ``name``."""
     option = "--" + ("strict-order-topic" if name == "strict_order_topics" else name.replace("_", "-"))
-    return option, "OUTBOX_" + option[2:].replace("-", "_").upper()
+    env = "OUTBOX_" + option[2:].replace("-", "_").upper()
+    return _FLAGS.get(name, option), env
 
 
 def _invalid(name: str, value: object, rule: str) -> None:
