@@ -1,0 +1,422 @@
+"""The web dashboard (outbox.web) on each database: its pages show what the operator layer reports, and
+it is read-only, escaped, bounded, mountable and, standalone (``outbox web``), never open by accident."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import outbox
+from consumers import Registry
+from outbox._message import Message
+from outbox._schema import Status, tables_for
+from outbox.admin import Operations
+from outbox.cli import RET_CONFIG, RET_OK
+from outbox.cli import outbox as outbox_cli
+from outbox.cli._config import Settings
+from outbox.web import create_app
+from outbox.web._auth import BasicAuth, parse_credentials
+from tests.conftest import ROOT, status_counts, wait_until
+
+T = tables_for().messages
+PYTHON = sys.executable
+
+
+def add(engine: sa.Engine, topic: str = "orders.created", payload: Any = None, **kwargs: Any) -> uuid.UUID:
+    with engine.begin() as conn:
+        return outbox.add(conn, topic, {"n": 1} if payload is None else payload, **kwargs)
+
+
+def seq_of(engine: sa.Engine, message_id: uuid.UUID) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(T.c.seq).where(T.c.id == message_id)).scalar_one())
+
+
+def seqs_on(html: str) -> list[int]:
+    return [int(s) for s in re.findall(r'<tr data-seq="(\d+)">', html)]
+
+
+def count_of(html: str, status: str) -> int:
+    match = re.search(rf'data-status="{status}">(\d+)<', html)
+    assert match, f"no count for {status}"
+    return int(match.group(1))
+
+
+def next_link(html: str) -> str | None:
+    match = re.search(r'<a href="([^"]+)" rel="next">', html)
+    return match.group(1).replace("&amp;", "&") if match else None
+
+
+def run_relay_until_settled(engine: sa.Engine) -> None:
+    """A real relay delivers ``orders.*`` and kills ``orders.poison`` (one attempt) until nothing is due."""
+    from relay import Relay
+
+    registry = Registry()
+
+    @registry.handler("orders.created")
+    def deliver(message: Message) -> None:
+        pass
+
+    @registry.handler("orders.poison", max_attempts=1)
+    def fail(message: Message) -> None:
+        raise RuntimeError("poison: cannot handle <this>")
+
+    with Relay(engine, registry, poll_interval=0.05):
+        wait_until(
+            lambda: status_counts(engine).get("delivered") == 2 and status_counts(engine).get("dead") == 1,
+            timeout=30,
+            what="2 delivered and 1 dead",
+            explain=lambda: str(status_counts(engine)),
+        )
+
+
+# --- pages --------------------------------------------------------------------------------------------------
+
+
+def test_overview_shows_what_the_relay_did(engine: sa.Engine) -> None:
+    add(engine, "orders.created")
+    add(engine, "orders.created")
+    dead = add(engine, "orders.poison")
+    waiting = add(engine, "orders.created", delay=dt.timedelta(hours=1))
+    run_relay_until_settled(engine)
+
+    client = TestClient(create_app(engine))
+    page = client.get("/")
+    assert page.status_code == 200
+    html = page.text
+    report = Operations(engine).status()
+    for status in Status:
+        assert count_of(html, status.value) == report.counts[status.value]
+    assert (count_of(html, "delivered"), count_of(html, "dead"), count_of(html, "pending")) == (2, 1, 1)
+    assert '<a href="/messages?topic=orders.poison">orders.poison</a>' in html
+    # times: UTC, ISO 8601 with the offset, in <time datetime>
+    created = report.oldest_waiting_at
+    assert created is not None
+    assert f'<time datetime="{created.isoformat()}+00:00">' in html
+    assert re.search(r'<dd id="due-now">0</dd>', html)
+    assert re.search(r'<dd id="expired-leases">0</dd>', html)
+    assert re.search(r'<dd id="parked-keys">0</dd>', html)
+
+    # the dead message, by its status filter, and its page with the relay's error
+    listed = client.get("/messages", params={"status": "dead"}).text
+    assert seqs_on(listed) == [seq_of(engine, dead)]
+    shown = client.get(f"/messages/{dead}").text
+    assert '<dd class="status-dead" id="status">dead</dd>' in shown
+    assert "RuntimeError: poison: cannot handle &lt;this&gt;" in shown
+    assert '<dd id="attempts">1</dd>' in shown
+    assert seqs_on(client.get("/messages", params={"status": "pending"}).text) == [seq_of(engine, waiting)]
+
+
+def test_filters_and_keyset_paging(engine: sa.Engine) -> None:
+    orders = [add(engine, "orders.created", key="a" if i % 2 else "b") for i in range(7)]
+    add(engine, "users.signed_up")
+    add(engine, "orders_created")  # "_" is no wildcard: orders.* does not match it
+    client = TestClient(create_app(engine))
+
+    pages: list[list[int]] = []
+    url: str | None = "/messages?topic=orders.*&limit=3"
+    while url is not None:
+        html = client.get(url).text
+        pages.append(seqs_on(html))
+        url = next_link(html)
+        if url is not None:
+            assert f"after={pages[-1][-1]}" in url  # the next page starts after the last seq shown
+    expected = sorted((seq_of(engine, m) for m in orders), reverse=True)
+    assert pages == [expected[:3], expected[3:6], expected[6:]]
+
+    keyed = seqs_on(client.get("/messages", params={"key": "a", "topic": "orders.created"}).text)
+    assert keyed == sorted((seq_of(engine, m) for i, m in enumerate(orders) if i % 2), reverse=True)
+    assert seqs_on(client.get("/messages", params={"topic": "users.*"}).text) != []
+    assert seqs_on(client.get("/messages", params={"status": "dead"}).text) == []
+
+    # each row links to its message
+    html = client.get("/messages").text
+    assert f'<a href="/messages/{expected[0]}">{expected[0]}</a>' in html
+    # the page size is capped, and a bad query is a 400 page, not an error
+    assert (
+        'name="limit" type="number" min="1" max="200" value="200"' in client.get("/messages?limit=99999").text
+    )
+    for bad in ("status=bogus", "limit=0", "after=-1", "limit=x"):
+        assert client.get(f"/messages?{bad}").status_code == 400
+
+
+def test_message_page_by_seq_and_by_id(engine: sa.Engine) -> None:
+    message_id = add(
+        engine, "orders.created", {"order": 42, "items": ["a", "b"]}, key="k1", headers={"tenant": "acme"}
+    )
+    binary = add(engine, "blobs.raw", bytes(range(100)))
+    client = TestClient(create_app(engine))
+    seq = seq_of(engine, message_id)
+
+    by_seq, by_id = client.get(f"/messages/{seq}"), client.get(f"/messages/{message_id}")
+    assert by_seq.status_code == by_id.status_code == 200
+    assert by_seq.text == by_id.text
+    html = by_seq.text
+    assert f"<code>{message_id}</code>" in html
+    assert '<pre id="payload">{\n  &#34;order&#34;: 42,' in html  # pretty JSON, escaped
+    assert "<th>tenant</th><td>acme</td>" in html
+    assert "<dd>k1</dd>" in html
+    assert '<dt>due at</dt><dd><time datetime="' in html
+
+    raw = client.get(f"/messages/{binary}").text
+    assert "&lt;100 bytes&gt; 00 01 02 03" in raw
+    assert " ..." in raw  # more than the 64 bytes previewed
+
+    for unknown in ("999999", str(uuid.uuid4()), "not-a-message", "9" * 40):
+        answer = client.get(f"/messages/{unknown}")
+        assert answer.status_code == 404, unknown
+        assert "No such message" in answer.text
+
+
+def test_an_inflight_message_shows_its_lease(engine: sa.Engine) -> None:
+    message_id = add(engine)
+    expires = dt.datetime(2030, 1, 2, 3, 4, 5)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(T)
+            .where(T.c.id == message_id)
+            .values(status=Status.INFLIGHT.value, lease_token="tok123", due_at=expires)
+        )
+    html = TestClient(create_app(engine)).get(f"/messages/{message_id}").text
+    assert "<dt>lease expires at</dt>" in html
+    assert 'lease <code>tok123</code>, expires <time datetime="2030-01-02T03:04:05+00:00">' in html
+
+
+def test_hide_payloads_hides_them(engine: sa.Engine) -> None:
+    message_id = add(engine, "users.signed_up", {"email": "ann@example.com"}, headers={"ip": "10.1.2.3"})
+    client = TestClient(create_app(engine, hide_payloads=True))
+    for path in ("/", "/messages", f"/messages/{message_id}"):
+        html = client.get(path).text
+        assert "ann@example.com" not in html and "10.1.2.3" not in html, path
+    assert 'id="hidden"' in client.get(f"/messages/{message_id}").text
+    shown = TestClient(create_app(engine)).get(f"/messages/{message_id}").text
+    assert "ann@example.com" in shown and "10.1.2.3" in shown
+
+
+def test_a_script_in_a_payload_is_shown_not_run(engine: sa.Engine) -> None:
+    evil = "<script>alert('x')</script>"
+    message_id = add(engine, "orders.created", {"note": evil}, key=evil, headers={"h": evil})
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id == message_id).values(last_error=evil))
+    client = TestClient(create_app(engine, title=evil))
+    for path in ("/", "/messages", f"/messages/{message_id}", f"/messages?key={evil}"):
+        html = client.get(path).text
+        assert "<script" not in html, path
+        assert "&lt;script&gt;" in html, path
+
+
+# --- the app's promises ------------------------------------------------------------------------------------
+
+
+def test_security_headers_on_every_answer(engine: sa.Engine) -> None:
+    message_id = add(engine)
+    client = TestClient(create_app(engine))
+    answers = [
+        client.get("/"),
+        client.get("/messages"),
+        client.get(f"/messages/{message_id}"),
+        client.get("/messages/404"),
+        client.get("/no/such/page"),
+        client.get("/static/dashboard.css"),
+        client.post("/"),
+        client.get("/messages?status=bogus"),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 404, 404, 200, 405, 400]
+    for answer in answers:
+        csp = answer.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["referrer-policy"] == "same-origin"
+    # no inline script or style on any page: the CSP would block them
+    for answer in answers[:3]:
+        assert "<script" not in answer.text and "<style" not in answer.text and " style=" not in answer.text
+
+
+def test_every_route_refuses_state_changing_methods(engine: sa.Engine) -> None:
+    message_id = add(engine)
+    app = create_app(engine)
+    client = TestClient(app)
+    paths = []
+    for route in app.routes:
+        if isinstance(route, Route):
+            assert route.methods == {"GET", "HEAD"}, route.path
+            paths.append(route.path.replace("{ref}", str(message_id)))
+        else:
+            paths.append(route.path + "/dashboard.css")
+    assert len(paths) == 4
+    for path in paths:
+        assert client.get(path).status_code == 200, path
+        assert client.head(path).status_code == 200, path
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            assert client.request(method, path).status_code == 405, (method, path)
+    assert status_counts(engine) == {"pending": 1}
+
+
+def test_mounted_under_a_prefix(engine: sa.Engine) -> None:
+    message_id = add(engine)
+    host = Starlette(routes=[Mount("/outbox", app=create_app(engine))])
+    client = TestClient(host)
+    html = client.get("/outbox/").text
+    links = re.findall(r'(?:href|action)="([^"]+)"', html)
+    assert links and all(link.startswith("/outbox/") for link in links), links
+    for link in links:
+        assert client.get(link.replace("&amp;", "&")).status_code == 200, link
+    listing = client.get("/outbox/messages").text
+    message_link = re.search(r'<a href="(/outbox/messages/\d+)">', listing)
+    assert message_link
+    assert str(message_id) in client.get(message_link.group(1)).text
+    assert client.get("/messages").status_code == 404  # nothing outside its prefix
+
+
+def test_an_app_from_a_url_disposes_its_engine_at_shutdown(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    engine = outbox.create_engine(url)
+    with engine.begin() as conn:
+        outbox.upgrade(conn)
+    engine.dispose()
+    with TestClient(create_app(url, title="shop")) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "<title>Overview · shop</title>" in page.text
+
+
+# --- standalone: outbox web -------------------------------------------------------------------------------
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth(engine: sa.Engine) -> None:
+    client = TestClient(
+        BasicAuth(create_app(engine), parse_credentials("alice:s3cret\nbob:pw:with:colons\n", "x"))
+    )
+    refused = client.get("/")
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"].startswith('Basic realm="outbox"')
+    assert client.get("/", headers=basic("alice", "s3cret")).status_code == 200
+    assert client.get("/messages", headers=basic("bob", "pw:with:colons")).status_code == 200
+    for user, password in (("alice", "wrong"), ("alice", ""), ("mallory", "s3cret"), ("bob", "s3cret")):
+        assert client.get("/", headers=basic(user, password)).status_code == 401, user
+    assert client.get("/", headers={"Authorization": "Basic !!!"}).status_code == 401
+    assert client.get("/", headers={"Authorization": "Bearer abc"}).status_code == 401
+
+    with pytest.raises(outbox.ConfigError, match="line 2: expected user:password"):
+        parse_credentials("alice:s3cret\nnopassword\n", "the file")
+    with pytest.raises(outbox.ConfigError, match="no user:password"):
+        parse_credentials("# only a comment\n", "the file")
+
+
+def sqlite_outbox(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    engine = outbox.create_engine(url)
+    with engine.begin() as conn:
+        outbox.upgrade(conn)
+        outbox.add(conn, "orders.created", {"n": 1})
+    engine.dispose()
+    return url
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
+def test_outbox_web_refuses_a_public_host_without_auth(tmp_path: Path, host: str) -> None:
+    url = sqlite_outbox(tmp_path)
+    result = CliRunner().invoke(outbox_cli, ["web", "--database-url", url, "--host", host])
+    assert result.exit_code == RET_CONFIG == 3
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"outbox: error: refusing to serve the dashboard on {host} without auth")
+    by_env = CliRunner().invoke(
+        outbox_cli, ["web"], env={"OUTBOX_DATABASE_URL": url, "OUTBOX_WEB_HOST": host}
+    )
+    assert by_env.exit_code == RET_CONFIG
+
+
+def test_web_settings_come_from_flags_environment_and_config_file(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text("alice:s3cret\n")
+    config = tmp_path / "outbox.toml"
+    config.write_text(
+        f'database_url = "sqlite://"\nweb_host = "0.0.0.0"\nweb_port = 9000\nhide_payloads = true\n'
+        f'web_auth_file = "{auth}"\n'
+    )
+    settings = Settings.load({}, config_file=config)
+    assert (settings.web_host, settings.web_port, settings.hide_payloads) == ("0.0.0.0", 9000, True)
+    assert settings.web_auth == "alice:s3cret"
+    assert "s3cret" in settings.secrets and "s3cret" not in repr(settings)
+    assert Settings.load({"database_url": "sqlite://", "web_port": 8081}, config_file=config).web_port == 8081
+    assert Settings.load({"database_url": "sqlite://"}).web_host == "127.0.0.1"
+    with pytest.raises(outbox.ConfigError, match="--port, OUTBOX_WEB_PORT or web_port"):
+        Settings.load({"database_url": "sqlite://", "web_port": 70000})
+    with pytest.raises(outbox.ConfigError, match="give --auth or --auth-file"):
+        Settings.load({"database_url": "sqlite://", "web_auth": "a:b", "web_auth_file": str(auth)})
+
+
+def test_outbox_needs_no_web_extra(tmp_path: Path) -> None:
+    """starlette, jinja2 and uvicorn are the web extra: everything else imports without them, and
+    ``outbox web`` says in one line what to install."""
+    blocked = "import sys\nfor m in ('starlette', 'jinja2', 'uvicorn'): sys.modules[m] = None\n"
+    code = blocked + "import outbox, outbox.admin, outbox.cli, relay, consumers\nprint('ok')"
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.stdout.strip() == "ok", result.stderr
+    url = sqlite_outbox(tmp_path)
+    code = blocked + f"from outbox.cli import main\nmain(['web', '--database-url', {url!r}])"
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == RET_CONFIG
+    assert result.stderr == "outbox: error: outbox web needs the web extra: pip install 'sqla-outbox[web]'\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_outbox_web_serves_over_http_until_sigterm(tmp_path: Path) -> None:
+    url, port = sqlite_outbox(tmp_path), free_port()
+    env = {
+        **os.environ,
+        "OUTBOX_DATABASE_URL": url,
+        "OUTBOX_WEB_PORT": str(port),
+        "OUTBOX_HIDE_PAYLOADS": "1",
+    }
+    process = subprocess.Popen(
+        [PYTHON, "-m", "outbox", "web"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+
+        def fetch() -> tuple[int, str] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/messages/1", timeout=2) as answer:
+                    return answer.status, answer.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, process.communicate()
+                return None
+
+        status, html = wait_until(fetch, timeout=30, what="outbox web to answer")  # type: ignore[misc]
+        assert status == 200
+        assert 'id="hidden"' in html and "&#34;n&#34;" not in html  # OUTBOX_HIDE_PAYLOADS
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == RET_OK, stderr
+        assert b"dashboard of outbox table 'outbox' on http://127.0.0.1:" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
