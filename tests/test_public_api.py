@@ -22,6 +22,7 @@ PACKAGES = (
     "relay.publishers",
     "outbox.admin",
     "outbox.cli",
+    "outbox.web",
 )
 
 #: dotted words in the docs that are not import paths
