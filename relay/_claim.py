@@ -125,7 +125,10 @@ Invariants (each names the test that would catch its violation):
     rows, elsewhere of ``(msg_key, status, seq)``), locks them skipping
     any locked right now, and takes the leading ones that are due or queued, locked, and before any
     row holding the key otherwise (in flight, failed, parked): a run with no hole, at most
-    ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness); rows of the
+    ``run_length``, three quarters of the claim in all (the scan keeps its share: fairness), or all but a
+    sixteenth when the caller's last claim scanned nothing but the pulled keys' rows (``scan_idle``:
+    nothing else was due, so the share would go unused; the scan still looks, and the next claim
+    after one that finds other rows is back to three quarters); rows of the
     key that the same claim's scan finds right behind the pulled run (no hole) extend it, the others
     are queued behind it. So a hot
     key goes on behind its holder with no promotion and no pause between runs, whoever queued its rows.
@@ -271,6 +274,9 @@ class ClaimResult(list[ClaimedRow]):
     queued: int = 0
     busy: int = 0
     elsewhere: int = 0
+    #: rows the scan found that are not of a pulled key (0: nothing else was due, as far as it read;
+    #: -1: the pulls left no room to scan)
+    others: int = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -511,6 +517,7 @@ class ClaimQueries:
         queued_only: Collection[str] = (),
         ours: Callable[[str], bool] | None = None,
         topics: Topics | None = None,
+        scan_idle: bool = False,
     ) -> ClaimResult:
         """Claim up to ``limit`` claimable rows under one new lease, in the caller's transaction.
 
@@ -525,7 +532,8 @@ class ClaimQueries:
         which the calling relay holds that row in flight at the end of a run it can chain behind (None:
         it cannot); ``pulls`` lists such runs whose key has more rows waiting, as ``(key, last row,
         token)``: the claim takes each key's next pending rows right after that row (a **pulled** run,
-        queued or due), up to ``run_length`` a key and three quarters of ``limit`` in all, before it
+        queued or due), up to ``run_length`` a key and three quarters of ``limit`` in all (all but a
+        sixteenth with ``scan_idle``: the caller's last claim found nothing else), before it
         scans. ``ClaimResult.deep`` then names the keys with rows left behind what the claim took.
         For the keys in ``queued_only`` (runs that may have rows waiting, the caller guesses), a pull
         takes queued rows only: due ones the scan finds, and chains (``own``).
@@ -545,7 +553,8 @@ class ClaimQueries:
         after: dict[int, int] = {}  # a chained run's first row -> the row of ours it follows
         pulled_last: dict[str, int] = {}  # a pulled key -> its last row pulled
         if pulls:
-            budget = min(len(pulls) * self.run_length, max(1, limit * 3 // 4))
+            share = limit - max(1, limit // 16) if scan_idle else limit * 3 // 4
+            budget = min(len(pulls) * self.run_length, max(1, share))
             pulled, pulled_bytes = self._pull(
                 conn,
                 pulls,
@@ -601,6 +610,8 @@ class ClaimQueries:
                     tail = row.seq
                 pulled_last[key] = tail
                 result.deep.add(key)  # more of the key may wait behind the scan's last row
+        # (the pulled keys' rows are out of ``scanned`` by now; -1: no room was left to scan)
+        result.others = len(scanned) if limit > 0 else -1
         take: list[int] = []
         queued: list[int] = list(queue_behind_pulled)
         if scanned:

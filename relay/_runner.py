@@ -240,6 +240,8 @@ class Relay:
             None if self.dialect.single_relay else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self._last_claim_full = False  # the fetcher's: see ClaimQueries.claim_batch(look_first)
+        #: the fetcher's: its last claim pulled and scanned nothing else (ClaimQueries.claim_batch)
+        self._scan_idle = False
         self._sessions = orm.sessionmaker(self.engine)
         self._window = InFlight()  # claimed and not yet recorded: at most max_in_flight
         self.handlers = HandlerPublisher(
@@ -607,7 +609,7 @@ class Relay:
             started = time.monotonic()  # the try that succeeds: outage retries are not claim time
             pulls, queued_only = self._pulls()
             with self.engine.begin() as conn:
-                return self.claims.claim_batch(
+                result = self.claims.claim_batch(
                     conn,
                     limit=want,
                     lease_seconds=self.lease_seconds,
@@ -619,7 +621,10 @@ class Relay:
                     pulls=pulls,
                     queued_only=queued_only,
                     topics=self.dispatcher.claimable(),
+                    scan_idle=self._scan_idle,
                 )
+                self._scan_idle = bool(pulls) and result.others == 0
+                return result
 
         try:
             rows = self._db.run(claim, give_up=self._stopping.is_set)

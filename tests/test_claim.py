@@ -387,6 +387,46 @@ def test_a_pulled_run_has_no_hole_and_leaves_the_scan_its_share(engine: sa.Engin
     assert len(run2) == 4 and sum(r.key is None for r in run2) == 2, "the scan takes the rest"
 
 
+def test_a_pull_takes_nearly_the_whole_claim_when_the_last_scan_found_nothing_else(engine: sa.Engine) -> None:
+    """Invariant 12: a claim whose caller's last claim scanned nothing but the pulled keys' rows
+    (``scan_idle``) pulls up to all but a sixteenth of it; the scan still looks, and says what it found
+    (``ClaimResult.others``), so that the next claim gives it back its share if there is other work."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=100)
+    add_many(engine, [("hot", "k")] * 40)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    head = claim(engine, claims, limit=1)
+    with engine.begin() as conn:
+        busy = claims.claim_batch(
+            conn, limit=32, lease_seconds=30, now=utcnow(), pulls=[("k", seqs[0], head[0].token)]
+        )
+    assert [r.seq for r in busy] == seqs[1:25], "three quarters of 32"
+    assert busy.others == 0, "nothing else was due"
+    with engine.begin() as conn:
+        idle = claims.claim_batch(
+            conn,
+            limit=32,
+            lease_seconds=30,
+            now=utcnow(),
+            pulls=[("k", seqs[24], busy[0].token)],
+            scan_idle=True,
+        )
+    assert [r.seq for r in idle] == seqs[25:40], "the rest of the key, up to 30 of 32"
+    add_many(engine, [("other", None)] * 3 + [("hot", "k")] * 40)
+    seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
+    with engine.begin() as conn:
+        found = claims.claim_batch(
+            conn,
+            limit=32,
+            lease_seconds=30,
+            now=utcnow(),
+            pulls=[("k", seqs[39], idle[0].token)],
+            scan_idle=True,
+        )
+    assert [r.seq for r in found if r.key == "k"] == seqs[40:70], "all but a sixteenth of 32"
+    assert [r.key for r in found if r.key != "k"] == [None, None], "the scan's two rows: other work"
+    assert found.others == 2
+
+
 @pytest.mark.parametrize("backend", SERVER_BACKENDS)
 def test_a_pulled_run_stops_at_a_row_another_claim_has_locked(engine: sa.Engine) -> None:
     """Invariant 12 with invariant 1: a row of the key locked by another claim right now (it scanned
