@@ -142,9 +142,9 @@ def test_readyz_follows_the_consumers_broker(engine: sa.Engine, tmp_path: Path) 
         registry.add(unique("idle"), lambda message: None)
         runner, metrics = consumer(engine, registry, broker.bootstrap, unique("g"), request_timeout_ms=5000)
         with served(runner, metrics) as scrape, runner:
-            wait_until(lambda: scrape.ready()[0] == 200, timeout=20, what="ready")
+            wait_until(lambda: scrape.ready()[0] == 200, timeout=60, what="ready")
             broker.stop()
-            wait_until(lambda: scrape.ready()[0] == 503, timeout=20, what="unready without the broker")
+            wait_until(lambda: scrape.ready()[0] == 503, timeout=60, what="unready without the broker")
             checks = scrape.ready()[1]["checks"]
             assert checks["broker"]["ok"] is False, checks
             # whichever saw it first: the consumer's own poll, or the handshake of an idle client
@@ -152,7 +152,7 @@ def test_readyz_follows_the_consumers_broker(engine: sa.Engine, tmp_path: Path) 
             assert "no Kafka bootstrap server reachable" in detail or "Kafka poll failed" in detail, detail
             assert checks["consumer"]["ok"] and checks["database"]["ok"] and checks["progress"]["ok"], checks
             broker.start()
-            wait_until(lambda: scrape.ready()[0] == 200, timeout=20, what="ready again")
+            wait_until(lambda: scrape.ready()[0] == 200, timeout=60, what="ready again")
     finally:
         broker.stop()
 
