@@ -19,6 +19,32 @@ from outbox._clock import utc_iso
 from outbox._schema import Status
 from outbox._serialization import decode_payload
 
+#: the most digits a SEQ has (a BIGINT); 32 digits are a UUID written without dashes
+SEQ_DIGITS = 19
+
+
+def message_ref(text: str) -> uuid.UUID | int | None:
+    """A message as an operator names it (``outbox show``, the dashboard's URL): its SEQ (an ``int``,
+    the first column of ``outbox list``) or its id (a ``uuid.UUID``); ``None`` when it is neither."""
+    text = text.strip()
+    if text.isascii() and text.isdigit() and len(text) <= SEQ_DIGITS:
+        return int(text)
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def span(delta: dt.timedelta) -> str:
+    """``3d 4h``, ``2h 5m``, ``4m 12s``, ``9s``: a duration's two largest units, as operators read it."""
+    seconds = int(delta.total_seconds())
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(parts[:2])
+
 
 def expand_statuses(statuses: Iterable[Status | str]) -> tuple[Status, ...]:
     """The statuses a filter on ``statuses`` matches: ``dead`` also means ``parked``."""

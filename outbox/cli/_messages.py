@@ -18,6 +18,7 @@ import click
 
 from outbox._schema import Status
 from outbox.admin._operations import MessageFilter, MessageRecord, MessageRef, Operations, StatusReport
+from outbox.admin._reports import span
 from outbox.cli._config import Settings
 from outbox.cli._options import duration_option, message_id_option, open_engine, settings_command, time_option
 
@@ -42,17 +43,6 @@ def _print_json(value: Any) -> None:
 
 def _time(value: dt.datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _span(delta: dt.timedelta) -> str:
-    """``3d 4h``, ``2h 5m``, ``4m 12s``, ``9s``: the two largest units."""
-    seconds = int(delta.total_seconds())
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return " ".join(parts[:2])
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
@@ -101,7 +91,7 @@ def _print_status(table: str, report: StatusReport) -> None:
     if report.oldest_waiting_at is None or age is None:
         click.echo("oldest waiting: none")
     else:
-        click.echo(f"oldest waiting: created {_time(report.oldest_waiting_at)} UTC ({_span(age)} ago)")
+        click.echo(f"oldest waiting: created {_time(report.oldest_waiting_at)} UTC ({span(age)} ago)")
     click.echo(f"due now: {report.due_now}   expired leases: {report.expired_leases}")
     click.echo(f"parked keys: {report.parked_keys}")
     if report.topics:
@@ -407,5 +397,5 @@ def purge(
     verb = "would delete" if dry_run else "deleted"
     what = "inbox row(s)" if inbox else "/".join(s.value for s in result.statuses) + " message(s)"
     batches = "" if dry_run else f" in {result.batches} batch(es)"
-    age = f"older than {_span(older_than)} (before {_time(result.cutoff)} UTC)"
+    age = f"older than {span(older_than)} (before {_time(result.cutoff)} UTC)"
     click.echo(f"{verb} {result.count} {what} {age}{batches}")

@@ -32,6 +32,7 @@ from outbox._dialects import create_engine
 from outbox._errors import ConfigError, DatabaseUnavailable, first_line
 from outbox._runtime.kafka_settings import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from outbox._schema import check_version
+from outbox.admin._reports import message_ref
 from outbox.cli._config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -278,27 +279,20 @@ def time_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-#: the most digits a SEQ has (a BIGINT); 32 digits are a UUID written without dashes
-_SEQ_DIGITS = 19
-
-
 def message_id_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """A message as an operator names it: its SEQ (an ``int``, the first column of ``outbox list``) or
     its id (a ``uuid.UUID``); or a tuple of them for ``nargs=-1``."""
 
     def convert(text: str) -> uuid.UUID | int:
-        text = text.strip()
-        if text.isascii() and text.isdigit() and len(text) <= _SEQ_DIGITS:
-            return int(text)
-        try:
-            return uuid.UUID(text)
-        except ValueError:
+        ref = message_ref(text)
+        if ref is None:
             raise click.BadParameter(
-                f"{text!r} is neither a SEQ (a whole number, the first column of `outbox list`) nor a "
-                "message id (a UUID like 0190a1b2-...)",
+                f"{text.strip()!r} is neither a SEQ (a whole number, the first column of `outbox list`) "
+                "nor a message id (a UUID like 0190a1b2-...)",
                 ctx,
                 param,
-            ) from None
+            )
+        return ref
 
     return _convert_each(value, convert)
 

@@ -37,6 +37,7 @@ from outbox._dialects import create_engine
 from outbox._errors import MessageNotFound
 from outbox._schema import DEFAULT_TABLE
 from outbox.admin import Operations
+from outbox.admin._reports import message_ref, span
 from outbox.web import _pages as pages
 
 #: on every answer. ``default-src 'self'``: scripts, styles and images only from this app's own
@@ -119,7 +120,7 @@ def create_app(
             "overview.html",
             report=report,
             statuses=pages.STATUSES,
-            oldest_age=None if age is None else pages.span(age),
+            oldest_age=None if age is None else span(age),
         )
 
     def messages(request: Request) -> Response:
@@ -144,7 +145,7 @@ def create_app(
 
     def message(request: Request) -> Response:
         text = request.path_params["ref"]
-        ref = pages.parse_ref(text)
+        ref = message_ref(text)
         try:
             if ref is None:
                 raise MessageNotFound(f"{text!r} is neither a SEQ nor a message id")

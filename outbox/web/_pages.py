@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from outbox._clock import utc_iso
 from outbox._schema import Status
 from outbox.admin import MessageFilter, MessageRecord
+from outbox.admin._reports import SEQ_DIGITS
 
 #: messages per page unless the URL asks for fewer; and the most a URL may ask for (a bounded query)
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 #: bytes of a binary payload shown as hex (as ``outbox show``)
 HEX_PREVIEW = 64
-#: the most digits a SEQ has (a BIGINT); longer digit strings are not messages
-_SEQ_DIGITS = 19
 STATUSES = tuple(s.value for s in Status)
 
 
@@ -82,19 +80,9 @@ class ListQuery:
 def _whole(text: str | None, name: str, *, minimum: int) -> int | None:
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or len(text) > _SEQ_DIGITS or int(text) < minimum:
+    if not (text.isascii() and text.isdigit()) or len(text) > SEQ_DIGITS or int(text) < minimum:
         raise BadQuery(f"{name} must be a whole number of at least {minimum}, got {text!r}")
     return int(text)
-
-
-def parse_ref(text: str) -> uuid.UUID | int | None:
-    """A message as the URL names it: its SEQ or its id (as ``outbox show``); ``None`` if neither."""
-    if text.isascii() and text.isdigit() and len(text) <= _SEQ_DIGITS:
-        return int(text)
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        return None
 
 
 def iso(value: dt.datetime | None) -> str:
@@ -105,17 +93,6 @@ def iso(value: dt.datetime | None) -> str:
 def shown_time(value: dt.datetime | None) -> str:
     """A time as people read it on the page: ``2026-05-01 12:00:03 UTC``."""
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def span(delta: dt.timedelta) -> str:
-    """``3d 4h``, ``2h 5m``, ``4m 12s``, ``9s``: the two largest units (as ``outbox status``)."""
-    seconds = int(delta.total_seconds())
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return " ".join(parts[:2])
 
 
 @dataclass(frozen=True)
