@@ -116,8 +116,8 @@ class Registry:
 
     def add(self, topic: str, func: HandlerFunc, *, overrides: PolicyOverrides | None = None) -> Handler:
         """Register ``func`` for ``topic`` (the non-decorator form)."""
-        is_pattern = any(ch in topic for ch in "*?[")
-        if not is_pattern:
+        pattern = is_pattern(topic)
+        if not pattern:
             validate_topic(topic)
         if inspect.iscoroutinefunction(func):
             raise ConfigError(f"handler {func.__qualname__} is async; handlers are plain (sync) functions")
@@ -125,7 +125,7 @@ class Registry:
         existing = self._exact.get(topic) or next((h for h in self._patterns if h.topic == topic), None)
         if existing is not None and existing.func is not func:
             raise ConfigError(f"topic {topic!r} already has a handler ({existing.name})")
-        if is_pattern:
+        if pattern:
             self._patterns = [h for h in self._patterns if h.topic != topic] + [entry]
         else:
             self._exact[topic] = entry
@@ -159,6 +159,11 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._exact) + len(self._patterns)
+
+
+def is_pattern(topic: str) -> bool:
+    """Whether a registered topic is a shell-style pattern (``orders.*``) rather than a name."""
+    return any(ch in topic for ch in "*?[")
 
 
 #: the registry that ``@consumers.handler`` registers on

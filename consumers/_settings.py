@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumers._registry import Registry
+from consumers._registry import Registry, is_pattern
 from outbox._errors import ConfigError
 from outbox._runtime.kafka_settings import KafkaConnection
 
@@ -67,7 +67,7 @@ class ConsumerSettings(KafkaConnection):
 def subscription(registry: Registry) -> tuple[list[str], str | None]:
     """``(topics, None)`` for a registry of exact names, ``([], regex)`` when it has patterns."""
     topics = registry.topics()
-    patterns = [t for t in topics if any(ch in t for ch in "*?[")]
+    patterns = [t for t in topics if is_pattern(t)]
     if not patterns:
         return topics, None
     alternatives = [re.escape(t) + r"\Z" for t in topics if t not in patterns]

@@ -381,13 +381,13 @@ class ClaimQueries:
         self._c = c
         self._scan_all = scan
         self._scan = self._locking(scan)
-        self._scans: dict[Topics, Any] = {}  # the scan of the rows of some topics (invariant 15)
+        #: the scan and MariaDB's plain look of the rows of some topics (invariant 15), by topics
+        self._by_topics: dict[Topics, tuple[Any, Any]] = {}
         # a write that changes nothing: it takes SQLite's write lock (pysqlite begins a transaction only
         # before a write, and SQLite takes the lock only on a write)
         self._write_lock = sa.update(t).where(sa.false()).values(seq=t.c.seq)
         #: MariaDB's plain look before a locking claim (see claim_batch's look_first)
         self._probe = sa.select(c.c.seq).where(c.c.due_at <= sa.bindparam("now")).limit(1)
-        self._probes: dict[Topics, Any] = {}
         # The rows that block queued rows: locked for share (so their own finishing waits for our commit,
         # and its promotion sees what we queued), skipped when someone writes them right now.
         blockers = sa.select(t.c.seq, t.c.lease_token, t.c.status, t.c.due_at, t.c.topic).where(
@@ -799,24 +799,25 @@ class ClaimQueries:
 
     def _nothing_due(self, conn: sa.Connection, now: dt.datetime, topics: Topics | None) -> bool:
         """MariaDB's plain look before a locking scan (see ``look_first``): no row is due."""
-        probe: Any = self._probe
-        if topics is not None and (probe := self._probes.get(topics)) is None:
-            probe = self._probes[topics] = self._probe.where(topics.condition(self._c.c.topic, self.dialect))
+        probe = self._probe if topics is None else self._of_topics(topics)[1]
         return conn.execute(probe, {"now": now, "limit": 1}).first() is None
 
     def _locking(self, scan: Any) -> Any:
         return scan.with_for_update(skip_locked=True, of=self._c) if self.dialect.skip_locked else scan
 
     def _scan_of(self, topics: Topics | None) -> Any:
-        """The scan of the rows of ``topics`` (None: of every row), built once for each set of topics."""
-        if topics is None:
-            return self._scan
-        if (scan := self._scans.get(topics)) is None:
-            if len(self._scans) > 64:  # a registry that keeps changing: no unbounded cache
-                self._scans.clear()
-            scan = self._locking(self._scan_all.where(topics.condition(self._c.c.topic, self.dialect)))
-            self._scans[topics] = scan
-        return scan
+        """The scan of the rows of ``topics`` (None: of every row)."""
+        return self._scan if topics is None else self._of_topics(topics)[0]
+
+    def _of_topics(self, topics: Topics) -> tuple[Any, Any]:
+        """The scan and the plain look of the rows of ``topics``, built once for each set of topics."""
+        if (statements := self._by_topics.get(topics)) is None:
+            if len(self._by_topics) > 64:  # a registry that keeps changing: no unbounded cache
+                self._by_topics.clear()
+            routed = topics.condition(self._c.c.topic, self.dialect)
+            statements = (self._locking(self._scan_all.where(routed)), self._probe.where(routed))
+            self._by_topics[topics] = statements
+        return statements
 
     def _pull(
         self,

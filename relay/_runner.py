@@ -336,7 +336,7 @@ class Relay:
         """
         if self._started:
             raise RuntimeError("relay already started")
-        if self.dispatcher.claimable() is not None and not self.dispatcher.claimable():
+        if (topics := self.dispatcher.claimable()) is not None and not topics:
             raise ConfigError(
                 "the relay has nowhere to deliver: its registry has no handler, and it has no Kafka "
                 "(kafka=KafkaSettings(...)) and no publisher of its own; register handlers "

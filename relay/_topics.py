@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from consumers._registry import is_pattern
 from outbox._dialects import Dialect
 
 #: LIKE's escape character: not in the topic alphabet ([A-Za-z0-9._-]), escaped itself when a pattern
@@ -38,7 +39,7 @@ class Topics:
         names: set[str] = set()
         patterns: list[str] = []
         for topic in topics:
-            if any(ch in topic for ch in "*?["):
+            if is_pattern(topic):
                 if topic not in patterns:
                     patterns.append(topic)
             else:
