@@ -404,3 +404,43 @@ def test_purge_inbox_deletes_only_old_rows_of_every_group(engine: sa.Engine) -> 
         outbox_cli, ["purge", "--inbox", "--status", "dead", "--older-than", "1d", "--database-url", url]
     )
     assert both.exit_code == 2 and "takes no --status" in both.output
+
+
+def test_held_keys_are_the_failed_and_parked_heads_with_what_waits_behind(engine: sa.Engine) -> None:
+    now = utcnow()
+    failed = seed(engine, now, [Status.FAILED, Status.PENDING, Status.PENDING], key="retrying")
+    parked = seed(engine, now, [Status.PARKED] + [Status.PENDING] * 5, key="stuck")
+    seed(engine, now, [Status.DEAD, Status.PENDING], key="moved-on")  # dead lets its key go on: not held
+    seed(engine, now, [Status.FAILED, Status.PARKED])  # no key: nothing is held
+    ops = Operations(engine)
+    held = ops.held_keys()
+    assert [(k.key, k.head.id, k.head.status, k.waiting, k.waiting_capped) for k in held] == [
+        ("retrying", failed[0], "failed", 2, False),
+        ("stuck", parked[0], "parked", 5, False),
+    ]
+    assert [(k.key, k.waiting, k.waiting_capped) for k in ops.held_keys(limit=1, waiting_cap=1)] == [
+        ("retrying", 1, True)
+    ]
+    assert held[1].to_dict()["head"]["status"] == "parked"
+
+
+def test_purge_matching_deletes_only_finished_rows_up_to_the_seq_given(engine: sa.Engine) -> None:
+    now = utcnow()
+    ids = seed(
+        engine, now, [Status.DEAD, Status.PARKED, Status.FAILED, Status.DELIVERED, Status.DEAD], key="k"
+    )
+    ops = Operations(engine)
+    up_to = ops.list_messages(limit=1, order="desc")[0].seq - 1  # the last dead one is written "later"
+    bounded = MessageFilter(up_to_seq=up_to)
+    assert ops.count(MessageFilter((Status.DEAD,), up_to_seq=up_to)) == 2
+    assert ops.purge_matching(bounded, dry_run=True).count == 2
+    with pytest.raises(ValueError, match="cannot purge failed messages"):
+        ops.purge_matching(MessageFilter((Status.FAILED,)))
+    assert ops.purge_matching(bounded).count == 2  # dead and parked, not the later dead one
+    assert (
+        ops.purge_matching(MessageFilter((Status.DELIVERED, Status.DEAD)), refs=[ids[2], ids[3]]).count == 1
+    )
+    with engine.connect() as conn:
+        left = dict(conn.execute(sa.select(T.c.id, T.c.status)).all())
+    assert left == {ids[2]: "failed", ids[4]: "dead"}
+    assert ops.count(cap=0) == 1 and ops.count() == 2

@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import sqlalchemy as sa
@@ -252,22 +253,34 @@ def test_security_headers_on_every_answer(engine: sa.Engine) -> None:
 
 
 def test_every_route_refuses_state_changing_methods(engine: sa.Engine) -> None:
+    """Read-only (the default): pages answer GET and HEAD only; the action routes refuse even to show a
+    dry run (403), and a forged POST to them changes nothing."""
     message_id = add(engine)
     app = create_app(engine)
     client = TestClient(app)
     paths = []
     for route in app.routes:
         if isinstance(route, Route):
+            if route.path.startswith("/actions/"):
+                continue
             assert route.methods == {"GET", "HEAD"}, route.path
             paths.append(route.path.replace("{ref}", str(message_id)))
         else:
             paths.append(route.path + "/dashboard.css")
-    assert len(paths) == 4
+    assert len(paths) == 5
     for path in paths:
         assert client.get(path).status_code == 200, path
         assert client.head(path).status_code == 200, path
         for method in ("POST", "PUT", "PATCH", "DELETE"):
             assert client.request(method, path).status_code == 405, (method, path)
+    for action in ("replay", "purge"):
+        assert client.get(f"/actions/{action}", params={"ref": str(message_id)}).status_code == 403
+        forged = client.post(f"/actions/{action}", data={"ref": str(message_id), "csrf": "1.x"})
+        assert forged.status_code == 403, action
+        for method in ("PUT", "PATCH", "DELETE"):
+            assert client.request(method, f"/actions/{action}").status_code == 405
+    page = client.get(f"/messages/{message_id}").text
+    assert 'id="read-only"' in page and "/actions/" not in page
     assert status_counts(engine) == {"pending": 1}
 
 
@@ -420,3 +433,232 @@ def test_outbox_web_serves_over_http_until_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# --- keys and actions -------------------------------------------------------------------------------------
+
+
+def park_key(engine: sa.Engine, key: str, behind: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A real relay parks ``key``'s first message (strict order, one attempt); ``behind`` more wait."""
+    from relay import Relay
+
+    head = add(engine, "payments.poison", key=key)
+    rest = [add(engine, "payments.poison", {"n": i}, key=key) for i in range(behind)]
+    registry = Registry()
+
+    @registry.handler("payments.poison", max_attempts=1, strict_order=True)
+    def fail(message: Message) -> None:
+        raise RuntimeError("cannot pay")
+
+    with Relay(engine, registry, poll_interval=0.05):
+        wait_until(lambda: status_counts(engine).get("parked") == 1, timeout=30, what="the key's head parked")
+    return head, rest
+
+
+def deliver_all(engine: sa.Engine, until: Any) -> None:
+    """A real relay that delivers every topic until ``until()``."""
+    from relay import Relay
+
+    registry = Registry()
+
+    @registry.handler("*")
+    def deliver(message: Message) -> None:
+        pass
+
+    with Relay(engine, registry, poll_interval=0.05):
+        wait_until(until, timeout=30, what="delivery", explain=lambda: str(status_counts(engine)))
+
+
+def form_of(html: str) -> tuple[str, list[tuple[str, str]]]:
+    """The confirmation form of a dry-run page: its action and its fields."""
+    match = re.search(r'<form method="post" action="([^"]+)"', html)
+    assert match, html
+    fields = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', html)
+    return match.group(1), [(k, v.replace("&amp;", "&")) for k, v in fields]
+
+
+def submit(client: TestClient, action: str, fields: list[tuple[str, str]], headers: Any = None) -> Any:
+    """POST ``fields`` as a browser posts a form (repeated names kept)."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    return client.post(action, content=urlencode(fields), headers={**form, **(headers or {})})
+
+
+def dry_count(html: str) -> int:
+    match = re.search(r'<strong id="dry-count">(\d+)</strong>', html)
+    assert match, html
+    return int(match.group(1))
+
+
+def test_keys_page_shows_a_parked_key_and_replaying_its_head_drains_it(engine: sa.Engine) -> None:
+    head, _ = park_key(engine, "acct-7", behind=4)
+    add(engine, "orders.created", key="other")  # a key nobody holds: not on the page
+    client = TestClient(create_app(engine, allow_actions=True))
+    page = client.get("/keys").text
+    row = re.search(r'<tr data-key="acct-7">(.*?)</tr>', page, re.S)
+    assert row, page
+    assert 'class="status-parked">parked<' in row.group(1)
+    assert '<td class="waiting">4</td>' in row.group(1)
+    assert "RuntimeError: cannot pay" in row.group(1)
+    assert 'data-key="other"' not in page
+    head_seq = seq_of(engine, head)
+    assert f'href="/messages/{head_seq}">{head_seq}<' in row.group(1)
+
+    # the head's replay: dry run (1), confirmation, then a relay drains the whole key in order
+    replay = re.search(r'<a class="action" href="([^"]+)">Replay head</a>', row.group(1))
+    assert replay
+    preview = client.get(replay.group(1).replace("&amp;", "&")).text
+    assert dry_count(preview) == 1 and ">Replay 1 message</button>" in preview
+    action, fields = form_of(preview)
+    done = submit(client, action, fields)
+    assert done.status_code == 200 and '<h1 id="done">Replayed 1 message</h1>' in done.text
+    deliver_all(engine, lambda: status_counts(engine) == {"delivered": 6})
+    assert "No key is held." in client.get("/keys").text
+
+
+def test_replay_everything_a_filter_matches_stops_at_what_the_dry_run_counted(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = [add(engine, "orders.poison", {"n": i}) for i in range(5)]
+    other = add(engine, "mail.poison")
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).values(status=Status.DEAD.value, attempts=3, due_at=None))
+    client = TestClient(create_app(engine, allow_actions=True))
+    listing = client.get("/messages", params={"status": "dead", "topic": "orders.*"}).text
+    link = re.search(r'id="replay-matching" href="([^"]+)"', listing)
+    assert link
+    preview = client.get(link.group(1).replace("&amp;", "&")).text
+    assert dry_count(preview) == 5 and ">Replay 5 messages</button>" in preview
+    action, fields = form_of(preview)
+    assert ("up_to", str(seq_of(engine, dead[-1]))) in fields
+
+    late = add(engine, "orders.poison")  # written after the dry run: left alone by its confirmation
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id == late).values(status=Status.DEAD.value, due_at=None))
+    with caplog.at_level("INFO", logger="outbox.web.audit"):
+        done = submit(client, action, fields)
+    assert '<h1 id="done">Replayed 5 messages</h1>' in done.text
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(sa.select(T.c.id, T.c.status)).all())
+    assert [statuses[d] for d in dead] == ["pending"] * 5
+    assert (statuses[other], statuses[late]) == ("dead", "dead")
+    lines = [r.getMessage() for r in caplog.records if r.name == "outbox.web.audit"]
+    assert lines == [
+        "dashboard replay by anonymous from testclient: status=dead topic=orders.* "
+        f"up to seq {seq_of(engine, dead[-1])} -> 5 message(s)"
+    ]
+
+
+def test_replay_and_purge_a_selection(engine: sa.Engine) -> None:
+    ids = [add(engine, "orders.poison", {"n": i}) for i in range(4)]
+    pending = add(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id.in_(ids)).values(status=Status.DEAD.value, due_at=None))
+    seqs = [seq_of(engine, i) for i in ids]
+    client = TestClient(create_app(engine, allow_actions=True))
+    listing = client.get("/messages").text
+    assert f'<input type="checkbox" name="ref" value="{seqs[0]}" form="selection"' in listing
+
+    # replay two of them and the pending one: the pending one is left alone, and said so
+    preview = client.get(
+        "/actions/replay", params=[("ref", str(s)) for s in seqs[:2]] + [("ref", str(pending))]
+    )
+    assert dry_count(preview.text) == 2 and f"<code>{pending}</code>: pending" in preview.text
+    action, fields = form_of(preview.text)
+    assert submit(client, action, fields).status_code == 200
+
+    # purge the other two, and try the pending one: it is never deleted
+    preview = client.get(
+        "/actions/purge", params=[("ref", str(s)) for s in seqs[2:]] + [("ref", str(pending))]
+    )
+    assert dry_count(preview.text) == 2 and ">Purge 2 messages</button>" in preview.text
+    action, fields = form_of(preview.text)
+    assert '<h1 id="done">Purged 2 messages</h1>' in submit(client, action, fields).text
+    with engine.connect() as conn:
+        left = dict(conn.execute(sa.select(T.c.id, T.c.status)).all())
+    assert left == {ids[0]: "pending", ids[1]: "pending", pending: "pending"}
+
+    assert client.get("/actions/replay", params={"ref": "nope"}).status_code == 400
+    assert client.get("/actions/replay", params={"ref": "999999"}).status_code == 404
+    assert client.get("/actions/replay", params={"status": "pending"}).status_code == 400
+    assert client.get("/actions/explode", params={"ref": "1"}).status_code == 403
+
+
+def test_an_action_needs_a_fresh_token_of_its_user_from_this_site(engine: sa.Engine) -> None:
+    message_id = add(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).values(status=Status.DEAD.value, due_at=None))
+    app = create_app(engine, allow_actions=True, secret=b"k" * 32)
+    client = TestClient(BasicAuth(app, {"alice": "a", "bob": "b"}))
+    preview = client.get("/actions/replay", params={"ref": str(message_id)}, headers=basic("alice", "a"))
+    action, fields = form_of(preview.text)
+    without = [(k, v) for k, v in fields if k != "csrf"]
+    assert submit(client, action, without, basic("alice", "a")).status_code == 403
+    forged = [*without, ("csrf", "1700000000.00")]
+    assert submit(client, action, forged, basic("alice", "a")).status_code == 403
+    assert submit(client, action, fields, basic("bob", "b")).status_code == 403  # alice's token
+    elsewhere = {**basic("alice", "a"), "Origin": "https://evil.example"}
+    assert submit(client, action, fields, elsewhere).status_code == 403
+    cross = {**basic("alice", "a"), "Sec-Fetch-Site": "cross-site"}
+    assert submit(client, action, fields, cross).status_code == 403
+    assert client.post(action, content=b"not a form", headers=basic("alice", "a")).status_code == 400
+    assert status_counts(engine) == {"dead": 1}
+    ok = submit(client, action, fields, {**basic("alice", "a"), "Origin": "http://testserver"})
+    assert ok.status_code == 200 and status_counts(engine) == {"pending": 1}
+
+    from outbox.web._actions import TOKEN_LIFETIME, Csrf
+
+    csrf = Csrf(b"k" * 32)
+    token = csrf.token("alice", now=1_000_000)
+    assert csrf.valid(token, "alice", now=1_000_000 + TOKEN_LIFETIME)
+    assert not csrf.valid(token, "alice", now=1_000_001 + TOKEN_LIFETIME)
+    assert not csrf.valid(token, "bob", now=1_000_000)
+    assert not Csrf(b"j" * 32).valid(token, "alice", now=1_000_000)
+
+
+def test_a_resolver_grants_rights_per_request(engine: sa.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    message_id = add(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).values(status=Status.DEAD.value, due_at=None))
+
+    def rights(request: Any) -> Any:
+        return {"alice": {"replay"}, "root": True}.get(request.user.display_name, False)
+
+    client = TestClient(
+        BasicAuth(create_app(engine, allow_actions=rights), {"alice": "a", "bob": "b", "root": "r"})
+    )
+    page = client.get(f"/messages/{message_id}", headers=basic("alice", "a")).text
+    assert 'id="replay"' in page and 'id="purge"' not in page
+    page = client.get(f"/messages/{message_id}", headers=basic("bob", "b")).text
+    assert 'id="read-only"' in page and "/actions/" not in page
+    assert (
+        client.get("/actions/purge", params={"ref": str(message_id)}, headers=basic("alice", "a")).status_code
+        == 403
+    )
+    assert (
+        client.get("/actions/replay", params={"ref": str(message_id)}, headers=basic("bob", "b")).status_code
+        == 403
+    )
+    preview = client.get("/actions/purge", params={"ref": str(message_id)}, headers=basic("root", "r"))
+    action, fields = form_of(preview.text)
+    with caplog.at_level("INFO", logger="outbox.web.audit"):
+        assert submit(client, action, fields, basic("root", "r")).status_code == 200
+    assert status_counts(engine) == {}
+    assert fields[0] == ("ref", str(message_id))
+    assert [r.getMessage() for r in caplog.records if r.name == "outbox.web.audit"] == [
+        f"dashboard purge by root from testclient: messages {message_id} -> 1 message(s)"
+    ]
+
+    with pytest.raises(ValueError, match="unknown dashboard action 'replya'"):
+        TestClient(create_app(engine, allow_actions=lambda request: {"replya"})).get("/")
+
+
+def test_a_message_page_shows_its_key_around_it(engine: sa.Engine) -> None:
+    ids = [add(engine, "orders.created", {"n": i}, key="k") for i in range(9)]
+    add(engine, "orders.created", key="other")
+    client = TestClient(create_app(engine))
+    page = client.get(f"/messages/{ids[4]}").text
+    around = re.search(r'<table class="messages" id="around">(.*?)</table>', page, re.S)
+    assert around
+    shown = [int(n) for n in re.findall(r'<tr data-seq="(\d+)"', around.group(1))]
+    assert shown == [seq_of(engine, i) for i in ids[1:8]]
+    assert f'<tr data-seq="{seq_of(engine, ids[4])}" class="this">' in around.group(1)

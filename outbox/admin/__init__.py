@@ -17,11 +17,19 @@ from __future__ import annotations
 
 from outbox.admin._doctor import DoctorReport, Finding, Level, Thresholds, diagnose, format_report
 from outbox.admin._operations import Operations
-from outbox.admin._reports import MessageFilter, MessageRecord, PurgeResult, ReplayResult, StatusReport
+from outbox.admin._reports import (
+    HeldKey,
+    MessageFilter,
+    MessageRecord,
+    PurgeResult,
+    ReplayResult,
+    StatusReport,
+)
 
 __all__ = [
     "DoctorReport",
     "Finding",
+    "HeldKey",
     "Level",
     "MessageFilter",
     "MessageRecord",

@@ -21,6 +21,7 @@ topic, holding its key"); filtering on ``parked`` matches only parked messages.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
@@ -32,10 +33,11 @@ from outbox._clock import utcnow
 from outbox._dialects import dialect_for
 from outbox._errors import MessageNotFound
 from outbox._key_queue import KeyQueue
-from outbox._schema import DEFAULT_TABLE, REPLAYABLE, Status, tables_for
+from outbox._schema import DEFAULT_TABLE, REPLAYABLE, Status, status_in, tables_for
 from outbox._serialization import decode_headers
 from outbox._wakeup import notify_channel
 from outbox.admin._reports import (
+    HeldKey,
     MessageFilter,
     MessageRecord,
     PurgeResult,
@@ -141,6 +143,52 @@ class Operations:
             raise MessageNotFound(f"no message with {_ref_text(message)} in outbox table {name!r}")
         return self._record(row)
 
+    def count(self, where: MessageFilter | None = None, *, cap: int | None = None) -> int:
+        """How many messages match ``where``; with ``cap``, counting stops past ``cap`` (``cap + 1``
+        means "more than ``cap``"), so that the answer's cost is bounded."""
+        t = self.t
+        matching = sa.select(t.c.seq).where(*(where or MessageFilter()).conditions(t))
+        if cap is not None:
+            matching = matching.limit(cap + 1)
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one())
+
+    def held_keys(self, *, limit: int = 100, waiting_cap: int = 10_000) -> list[HeldKey]:
+        """The keys held by a failed or parked message, oldest head first, at most ``limit`` of them.
+
+        A failed or parked keyed message is always its key's first unfinished one (nothing later of its
+        key is claimed before it is done), so each such row is the head of a held key. For each, the
+        pending messages of its key behind it are counted, up to ``waiting_cap``.
+        """
+        t = self.t
+        holding = (Status.FAILED, Status.PARKED)
+        heads = (
+            sa.select(*self._columns(payload=False))
+            .where(status_in(t.c.status, holding), t.c.msg_key.is_not(None))
+            .order_by(t.c.seq)
+            .limit(limit)
+        )
+        behind = sa.select(sa.func.count()).select_from(
+            sa.select(t.c.seq)
+            .where(
+                t.c.msg_key == sa.bindparam("key"),
+                status_in(t.c.status, (Status.PENDING,)),
+                t.c.seq > sa.bindparam("seq"),
+            )
+            .limit(waiting_cap + 1)
+            .subquery()
+        )
+        found: list[HeldKey] = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(heads).all():
+                head = self._record(row)
+                assert head.key is not None
+                waiting = int(conn.execute(behind, {"key": head.key, "seq": head.seq}).scalar_one())
+                found.append(
+                    HeldKey(head.key, head, min(waiting, waiting_cap), waiting_capped=waiting > waiting_cap)
+                )
+        return found
+
     def _named(self, refs: Sequence[MessageRef]) -> sa.ColumnElement[bool]:
         """The rows ``refs`` name: ids (``uuid.UUID``) and seqs (``int``) may be mixed."""
         ids = [r for r in refs if isinstance(r, uuid.UUID)]
@@ -219,7 +267,7 @@ class Operations:
                 f"cannot replay {', '.join(refused)} messages: replayable are {', '.join(allowed)}"
                 + ("" if include_delivered else " (delivered only with include_delivered)")
             )
-        where = MessageFilter(statuses, where.topic, where.key, where.since, where.until)
+        where = dataclasses.replace(where, statuses=statuses)
         t = self.t
         replayed: list[uuid.UUID] = []
         last_seq: int | None = None
@@ -310,6 +358,46 @@ class Operations:
             with self.engine.connect() as conn:
                 count = conn.execute(sa.select(sa.func.count()).where(*conditions)).scalar_one()
             return PurgeResult(count=int(count), statuses=statuses, cutoff=cutoff, dry_run=True)
+        deleted, batches = self._delete(conditions, batch_size)
+        return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
+
+    def purge_matching(
+        self,
+        where: MessageFilter,
+        *,
+        refs: Sequence[MessageRef] | None = None,
+        dry_run: bool = False,
+        batch_size: int = 5000,
+        now: dt.datetime | None = None,
+    ) -> PurgeResult:
+        """Delete the finished messages matching ``where`` (and, with ``refs``, named by id or seq),
+        whatever their age, ``batch_size`` rows per transaction.
+
+        ``where.statuses`` defaults to dead (dead and parked); each must be delivered, dead or parked,
+        else ``ValueError``: the DELETE re-checks the status, so a message that a replay sent back in
+        the meantime is never deleted. Purging a parked message releases the messages of its key.
+        """
+        statuses = expand_statuses(where.statuses or (Status.DEAD,))
+        refused = [s.value for s in statuses if s not in PURGEABLE]
+        if refused:
+            raise ValueError(
+                f"cannot purge {', '.join(refused)} messages: only delivered, dead or parked ones"
+            )
+        conditions = dataclasses.replace(where, statuses=statuses).conditions(self.t)
+        if refs is not None:
+            conditions.append(self._named(list(dict.fromkeys(refs))) if refs else sa.false())
+        cutoff = now or utcnow()
+        if dry_run:
+            with self.engine.connect() as conn:
+                count = conn.execute(sa.select(sa.func.count()).where(*conditions)).scalar_one()
+            return PurgeResult(count=int(count), statuses=statuses, cutoff=cutoff, dry_run=True)
+        deleted, batches = self._delete(conditions, batch_size)
+        return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
+
+    def _delete(self, conditions: list[sa.ColumnElement[bool]], batch_size: int) -> tuple[int, int]:
+        """Delete the rows meeting ``conditions`` in batches of ``batch_size`` by seq, one transaction
+        each (the DELETE re-checks them); release the keys of parked rows deleted. (deleted, batches)."""
+        t = self.t
         deleted = batches = 0
         while True:
             with self.engine.begin() as conn:
@@ -337,7 +425,7 @@ class Operations:
                     batches += 1
             if len(seqs) < batch_size:
                 break
-        return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
+        return deleted, batches
 
     def purge_inbox(
         self,

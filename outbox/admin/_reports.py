@@ -63,6 +63,8 @@ class MessageFilter:
 
     ``topic`` is an exact name, or a pattern where ``*`` matches any characters (``orders.*``).
     ``since`` / ``until`` bound ``created_at`` (naive UTC; ``since`` inclusive, ``until`` exclusive).
+    ``up_to_seq`` leaves out messages written after the one with that ``seq``: an action confirmed
+    after its dry run then changes no message the dry run did not count.
     """
 
     statuses: tuple[Status, ...] = ()
@@ -70,6 +72,7 @@ class MessageFilter:
     key: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+    up_to_seq: int | None = None
 
     def conditions(self, t: sa.Table) -> list[sa.ColumnElement[bool]]:
         where: list[sa.ColumnElement[bool]] = []
@@ -90,6 +93,8 @@ class MessageFilter:
             where.append(t.c.created_at >= self.since)
         if self.until is not None:
             where.append(t.c.created_at < self.until)
+        if self.up_to_seq is not None:
+            where.append(t.c.seq <= self.up_to_seq)
         return where
 
 
@@ -191,6 +196,26 @@ class StatusReport:
             "parked_keys": self.parked_keys,
             "due_now": self.due_now,
             "expired_leases": self.expired_leases,
+        }
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """A key whose first unfinished message holds back the rest: failed (a retry in backoff) or parked."""
+
+    key: str
+    #: the message holding the key (its payload not loaded)
+    head: MessageRecord
+    #: pending messages of the key behind the head, counted up to a cap (``waiting_capped`` past it)
+    waiting: int
+    waiting_capped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "head": self.head.to_dict(),
+            "waiting": self.waiting,
+            "waiting_capped": self.waiting_capped,
         }
 
 

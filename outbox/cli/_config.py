@@ -97,6 +97,7 @@ _KINDS: dict[str, str] = {
     "web_auth": "str?",
     "web_auth_file": "str?",
     "hide_payloads": "bool",
+    "web_allow_actions": "bool",
 }
 #: settings read from a file instead (``--database-url-file``): the setting each one gives
 SECRET_FILES: dict[str, str] = {
@@ -120,7 +121,13 @@ KAFKA_CONNECTION_SETTINGS = (
 #: config-file spellings that are not the field name (the file uses the option's name)
 _ALIASES = {"strict_order_topic": "strict_order_topics", "kafka_route": "kafka_routes"}
 #: flags not spelled like their setting (``outbox web --host`` sets web_host, OUTBOX_WEB_HOST)
-_FLAGS = {"web_host": "--host", "web_port": "--port", "web_auth": "--auth", "web_auth_file": "--auth-file"}
+_FLAGS = {
+    "web_host": "--host",
+    "web_port": "--port",
+    "web_auth": "--auth",
+    "web_auth_file": "--auth-file",
+    "web_allow_actions": "--allow-actions",
+}
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,8 @@ class Settings:
     web_port: int = 8080
     web_auth: str | None = field(default=None, repr=False)
     hide_payloads: bool = False
+    #: ``outbox web``: offer replay and purge (dry run, confirmation, CSRF, audit line); default read-only
+    web_allow_actions: bool = False
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form

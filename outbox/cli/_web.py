@@ -62,9 +62,20 @@ log = logging.getLogger("outbox.web")
     envvar="OUTBOX_HIDE_PAYLOADS",
     help="Never show payloads or headers (where they hold personal data).  [env: OUTBOX_HIDE_PAYLOADS]",
 )
-@settings_command("web_host", "web_port", "web_auth", "web_auth_file", "hide_payloads")
+@click.option(
+    "--allow-actions",
+    "web_allow_actions",
+    is_flag=True,
+    default=None,
+    envvar="OUTBOX_WEB_ALLOW_ACTIONS",
+    help="Offer replay and purge (each with a dry-run count and a confirmation; every action logged); "
+    "default read-only.  [env: OUTBOX_WEB_ALLOW_ACTIONS]",
+)
+@settings_command("web_host", "web_port", "web_auth", "web_auth_file", "hide_payloads", "web_allow_actions")
 def web(settings: Settings) -> None:
-    """Serve the read-only web dashboard (overview, messages, one message) until SIGTERM or SIGINT."""
+    """Serve the web dashboard (overview, messages, keys, one message) until SIGTERM or SIGINT.
+
+    Read-only unless --allow-actions."""
     if settings.web_auth is None and settings.web_host not in LOOPBACK_HOSTS:
         raise ConfigError(
             f"refusing to serve the dashboard on {settings.web_host} without authentication: set "
@@ -84,14 +95,20 @@ def web(settings: Settings) -> None:
     )
     engine = open_engine(settings)
     try:
-        app = create_app(engine, table=settings.table, hide_payloads=settings.hide_payloads)
+        app = create_app(
+            engine,
+            table=settings.table,
+            hide_payloads=settings.hide_payloads,
+            allow_actions=settings.web_allow_actions,
+        )
         served = app if credentials is None else BasicAuth(app, credentials)
         log.info(
-            "dashboard of outbox table %r on http://%s:%d/ (%s)",
+            "dashboard of outbox table %r on http://%s:%d/ (%s, %s)",
             settings.table,
             f"[{settings.web_host}]" if ":" in settings.web_host else settings.web_host,
             settings.web_port,
             "basic auth" if credentials else "no authentication: this machine only",
+            "replay and purge allowed" if settings.web_allow_actions else "read-only",
         )
         # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the handler it
         # found: StopSignals' handler only records it, so a graceful stop exits 0, as `outbox relay` does.

@@ -6,9 +6,10 @@ Jinja2; uvicorn for ``outbox web``); nothing else in the project imports it.
 
 - :mod:`outbox.web._app`: :func:`create_app`, the routes and the security headers;
 - :mod:`outbox.web._pages`: what each page shows, as plain values the templates render;
+- :mod:`outbox.web._actions`: replay and purge: rights, the dry run, CSRF and the audit line;
 - :mod:`outbox.web._auth`: HTTP basic auth, which ``outbox web`` puts in front of the app.
 
-This increment is read-only: every route answers GET and HEAD only (see ``docs/web.md``).
+Read-only unless actions are allowed (see ``docs/web.md``).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 What the app promises, each kept by a test in ``tests/test_web.py``:
 
-- **Read-only**: every route answers GET and HEAD only; anything else is 405 before any code runs.
-  -- ``test_every_route_refuses_state_changing_methods``
+- **Read-only by default**: every page answers GET and HEAD only (anything else is 405 before any code
+  runs); the action routes answer 403 unless ``allow_actions`` grants the action to the request's
+  sender, and run only a POST carrying a CSRF token from this site (:mod:`outbox.web._actions`).
+  -- ``test_every_route_refuses_state_changing_methods``, ``test_an_action_needs_a_fresh_token_...``
 - **Every answer carries the security headers** (:data:`SECURITY_HEADERS`: a Content-Security-Policy
   that allows no inline script and nothing from elsewhere, nosniff, no framing, no referrer to other
   sites), 404s and 405s included. -- ``test_security_headers_on_every_answer``
@@ -12,13 +14,17 @@ What the app promises, each kept by a test in ``tests/test_web.py``:
 - **Links follow the mount**: each one is built from the route's name and the request's ``root_path``,
   so the app works under any prefix a host application mounts it at. -- ``test_mounted_under_a_prefix``
 - **Every query is bounded**: the overview is ``Operations.status`` (as ``outbox status``), a list page
-  is at most :data:`~outbox.web._pages.MAX_PAGE_SIZE` rows by keyset (``seq``), a message page one row.
+  is at most :data:`~outbox.web._pages.MAX_PAGE_SIZE` rows by keyset (``seq``), a message page one row
+  and :data:`~outbox.web._pages.NEIGHBOURS` of its key each side, the keys page
+  :data:`~outbox.web._pages.KEYS_SHOWN` heads, each with a count capped at ``WAITING_CAP``.
 - ``hide_payloads`` hides payloads and headers on every page. -- ``test_hide_payloads_hides_them``
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -33,12 +39,24 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from outbox._clock import utcnow
 from outbox._dialects import create_engine
 from outbox._errors import MessageNotFound
-from outbox._schema import DEFAULT_TABLE
-from outbox.admin import Operations
+from outbox._schema import DEFAULT_TABLE, Status
+from outbox.admin import MessageFilter, Operations
 from outbox.admin._reports import message_ref, span
 from outbox.web import _pages as pages
+from outbox.web._actions import (
+    ACTION_STATUSES,
+    ActionQuery,
+    AllowActions,
+    Csrf,
+    audit,
+    read_form,
+    rights_of,
+    same_site,
+    user_of,
+)
 
 #: on every answer. ``default-src 'self'``: scripts, styles and images only from this app's own
 #: /static (no inline script or style, nothing from a CDN); ``frame-ancestors 'none'`` with
@@ -83,6 +101,8 @@ def create_app(
     table: str = DEFAULT_TABLE,
     hide_payloads: bool = False,
     title: str | None = None,
+    allow_actions: AllowActions = False,
+    secret: bytes | None = None,
 ) -> Starlette:
     """The dashboard of the outbox ``table`` on ``engine_or_url``, as an ASGI application.
 
@@ -91,10 +111,16 @@ def create_app(
     disposed at the application's shutdown. ``hide_payloads``: never show payloads or headers (where
     they hold personal data). ``title`` names the dashboard in its pages (default: the table's name).
     The app has no authentication of its own: mounted, it sits behind the host application's.
+
+    ``allow_actions``: read-only by default; ``True`` offers replay and purge to everyone who reaches
+    the app; a callable gets each request and returns ``True``, ``False`` or the actions allowed
+    (``{"replay"}``), e.g. from ``request.user``. ``secret`` signs the CSRF tokens (random per process
+    unless given: give every process of a multi-worker app the same one).
     """
     owned = isinstance(engine_or_url, str)
     engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
     ops = Operations(engine, table)
+    csrf = Csrf(secret)
     templates = jinja2.Environment(
         loader=jinja2.PackageLoader("outbox.web", "templates"),
         autoescape=True,  # every value, whatever the template's name: payloads and topics are user data
@@ -109,8 +135,12 @@ def create_app(
     }
 
     def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("rights", rights_of(allow_actions, request))
         html = templates.get_template(template).render(**shared, url=_linker(request), **context)
         return HTMLResponse(html, status_code=status_code)
+
+    def refuse(request: Request, status_code: int, heading: str, detail: str) -> HTMLResponse:
+        return render(request, "error.html", status_code, heading=heading, detail=detail)
 
     def overview(request: Request) -> Response:
         report = ops.status()
@@ -127,7 +157,7 @@ def create_app(
         try:
             query = pages.ListQuery.parse(request.query_params, request.query_params.getlist("status"))
         except pages.BadQuery as exc:
-            return render(request, "error.html", 400, heading="Bad request", detail=str(exc))
+            return refuse(request, 400, "Bad request", str(exc))
         # one more than a page: whether a next page exists, without a count
         records = ops.list_messages(query.filter(), limit=query.limit + 1, after=query.after)
         more = len(records) > query.limit
@@ -151,14 +181,108 @@ def create_app(
                 raise MessageNotFound(f"{text!r} is neither a SEQ nor a message id")
             record = ops.get(ref)
         except MessageNotFound as exc:
-            return render(request, "error.html", 404, heading="No such message", detail=str(exc))
+            return refuse(request, 404, "No such message", str(exc))
+        around: list[Any] = []
+        if record.key is not None:
+            # the messages of its key around it: a few before and after, by seq (the key's index)
+            of_key = MessageFilter(key=record.key)
+            before = ops.list_messages(of_key, limit=pages.NEIGHBOURS, after=record.seq, order="desc")
+            after = ops.list_messages(of_key, limit=pages.NEIGHBOURS, after=record.seq, order="asc")
+            around = [*reversed(before), record, *after]
         return render(
             request,
             "message.html",
             record=record,
+            around=around,
             payload=None if hide_payloads else pages.PayloadView.of(record),
             due_label=pages.due_label(record.status),
+            replayable=record.status in [s.value for s in ACTION_STATUSES["replay"]],
+            purgeable=record.status in [s.value for s in ACTION_STATUSES["purge"]],
         )
+
+    def keys(request: Request) -> Response:
+        now = utcnow()
+        held = ops.held_keys(limit=pages.KEYS_SHOWN, waiting_cap=pages.WAITING_CAP)
+        return render(
+            request,
+            "keys.html",
+            held=held,
+            ages={k.key: span(max(now - k.head.created_at, dt.timedelta(0))) for k in held},
+            keys_shown=pages.KEYS_SHOWN,
+        )
+
+    def dry_run(query: ActionQuery) -> tuple[ActionQuery, int, list[tuple[Any, str]]]:
+        """What ``query``'s action would change: the query bounded by the newest seq it may touch, the
+        count, and the selected messages it would leave alone (with their status)."""
+        if query.is_selection:
+            if query.action == "replay":
+                result = ops.replay_ids(query.refs, dry_run=True)
+                return query, len(result.replayed), list(result.skipped)
+            selected = MessageFilter((Status.DELIVERED, Status.DEAD))
+            count = ops.purge_matching(selected, refs=query.refs, dry_run=True).count
+            return query, count, []
+        if query.up_to is None:
+            newest = ops.list_messages(query.filter(), limit=1)
+            query = dataclasses.replace(query, up_to=newest[0].seq if newest else 0)
+        return query, ops.count(query.filter()), []
+
+    def run(query: ActionQuery) -> int:
+        """Run ``query``'s action; how many messages it changed."""
+        if query.is_selection:
+            if query.action == "replay":
+                return len(ops.replay_ids(query.refs).replayed)
+            selected = MessageFilter((Status.DELIVERED, Status.DEAD))
+            return ops.purge_matching(selected, refs=query.refs).count
+        if query.action == "replay":
+            return len(ops.replay_matching(query.filter()).replayed)
+        return ops.purge_matching(query.filter()).count
+
+    def action_preview(request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in rights_of(allow_actions, request):
+            return refuse(request, 403, "Not allowed", f"this dashboard does not let you {action} messages")
+        try:
+            params = request.query_params
+            query = ActionQuery.parse(action, params, params.getlist("ref"), params.getlist("status"))
+            query, count, skipped = dry_run(query)
+        except pages.BadQuery as exc:
+            return refuse(request, 400, "Bad request", str(exc))
+        except MessageNotFound as exc:
+            return refuse(request, 404, "No such message", str(exc))
+        return render(
+            request,
+            "confirm.html",
+            query=query,
+            count=count,
+            skipped=skipped,
+            token=csrf.token(user_of(request)),
+        )
+
+    async def action_run(request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in rights_of(allow_actions, request):
+            return refuse(request, 403, "Not allowed", f"this dashboard does not let you {action} messages")
+        form = await read_form(request)
+        if form is None:
+            return refuse(request, 400, "Bad request", "expected a form (application/x-www-form-urlencoded)")
+        fields = dict(form)
+        if not same_site(request) or not csrf.valid(fields.get("csrf"), user_of(request)):
+            return refuse(
+                request, 403, "Refused", "this form did not come from this dashboard: open the action again"
+            )
+        try:
+            refs = [v for k, v in form if k == "ref"]
+            query = ActionQuery.parse(action, fields, refs, [v for k, v in form if k == "status"])
+            if not query.is_selection and query.up_to is None:
+                raise pages.BadQuery("a filter action needs up_to: confirm it from its dry-run page")
+            expected = pages.whole(fields.get("expected"), "expected", minimum=0)
+            count = run(query)
+        except pages.BadQuery as exc:
+            return refuse(request, 400, "Bad request", str(exc))
+        except MessageNotFound as exc:
+            return refuse(request, 404, "No such message", str(exc))
+        audit(request, query, count)
+        return render(request, "done.html", query=query, count=count, expected=expected)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -172,6 +296,9 @@ def create_app(
             Route("/", overview, methods=["GET"], name="overview"),
             Route("/messages", messages, methods=["GET"], name="messages"),
             Route("/messages/{ref}", message, methods=["GET"], name="message"),
+            Route("/keys", keys, methods=["GET"], name="keys"),
+            Route("/actions/{action}", action_preview, methods=["GET"], name="action"),
+            Route("/actions/{action}", action_run, methods=["POST"], name="action_run"),
             Mount("/static", app=static, name="static"),
         ],
         middleware=[Middleware(SecurityHeaders)],

@@ -3,7 +3,9 @@
 Credentials are ``user:password`` lines (``OUTBOX_WEB_AUTH``, or the file ``--auth-file`` names). A
 request without them, or with a wrong user or password, gets 401 and a ``WWW-Authenticate`` challenge;
 passwords are compared with :func:`hmac.compare_digest`, in time that does not depend on where they
-differ. -- ``tests/test_web.py::test_basic_auth``
+differ. The user let through is the request's ``scope["user"]`` (a ``SimpleUser``), as Starlette's
+authentication middleware would set it: the dashboard's audit lines name them.
+-- ``tests/test_web.py::test_basic_auth``
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import base64
 import binascii
 import hmac
 
+from starlette.authentication import SimpleUser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from outbox._errors import ConfigError
@@ -42,26 +45,31 @@ class BasicAuth:
         self.credentials = {user.encode(): password.encode() for user, password in credentials.items()}
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
 
-    def allowed(self, header: bytes | None) -> bool:
+    def user(self, header: bytes | None) -> str | None:
+        """The user ``header`` authenticates, or ``None``."""
         if not header or header[:6].lower() != b"basic ":
-            return False
+            return None
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True)
         except (binascii.Error, ValueError):
-            return False
+            return None
         user, _, password = decoded.partition(b":")
         expected = self.credentials.get(user)
         # compared even for an unknown user, so that the answer's timing does not tell users apart
         matches = hmac.compare_digest(password, expected if expected is not None else b"\0" + password)
-        return matches and expected is not None
+        return user.decode("utf-8", "replace") if matches and expected is not None else None
+
+    def allowed(self, header: bytes | None) -> bool:
+        return self.user(header) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = dict(scope.get("headers", [])).get(b"authorization")
-        if self.allowed(header):
-            await self.app(scope, receive, send)
+        user = self.user(dict(scope.get("headers", [])).get(b"authorization"))
+        if user is not None:
+            # as Starlette's AuthenticationMiddleware does: request.user names who runs an action (audit)
+            await self.app({**scope, "user": SimpleUser(user)}, receive, send)
             return
         await send(
             {

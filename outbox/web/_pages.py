@@ -22,6 +22,11 @@ PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 #: bytes of a binary payload shown as hex (as ``outbox show``)
 HEX_PREVIEW = 64
+#: messages of the same key shown before and after a message on its page
+NEIGHBOURS = 3
+#: held keys on the keys page (oldest head first), and how far the messages behind each are counted
+KEYS_SHOWN = 100
+WAITING_CAP = 10_000
 STATUSES = tuple(s.value for s in Status)
 
 
@@ -50,8 +55,8 @@ class ListQuery:
             statuses=chosen,
             topic=params.get("topic") or None,
             key=params.get("key") or None,
-            after=_whole(params.get("after"), "after", minimum=0),
-            limit=min(_whole(params.get("limit"), "limit", minimum=1) or PAGE_SIZE, MAX_PAGE_SIZE),
+            after=whole(params.get("after"), "after", minimum=0),
+            limit=min(whole(params.get("limit"), "limit", minimum=1) or PAGE_SIZE, MAX_PAGE_SIZE),
         )
 
     def filter(self) -> MessageFilter:
@@ -77,7 +82,7 @@ class ListQuery:
         return out
 
 
-def _whole(text: str | None, name: str, *, minimum: int) -> int | None:
+def whole(text: str | None, name: str, *, minimum: int) -> int | None:
     if not text:
         return None
     if not (text.isascii() and text.isdigit()) or len(text) > SEQ_DIGITS or int(text) < minimum:
