@@ -60,9 +60,18 @@ $(VENV)/.installed-kafka-example: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 
+# tests/test_browser.py drives Debian's chromium with Playwright (the browsers Playwright downloads by
+# itself cannot be fetched here): installed with apt-get when missing; CHROMIUM=/path uses another one.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "error: the browser tests need Chromium: install it, or give its path as CHROMIUM=/path/to/chromium" >&2; exit 1; }
+	@echo "installing Debian's chromium for the browser tests ..."
+	@DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 # pytest's exit code 5 means "no tests collected": that is a failure here too (make fails on any non-zero).
-test: $(VENV)/.installed-dev
-	@$(BIN)/pytest $(PYTEST_ARGS); code=$$?; \
+test: $(VENV)/.installed-dev $(CHROMIUM)
+	@OUTBOX_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS); code=$$?; \
 		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 		exit $$code
 
