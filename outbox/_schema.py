@@ -1,6 +1,6 @@
 """The outbox table, its companions, and the migrations that create them.
 
-One outbox is five tables, all named from one configurable base name (default ``outbox``):
+One outbox is eight tables, all named from one configurable base name (default ``outbox``):
 
 ``<name>``
     One row per message. Its columns are documented below; the relay's claim path relies on two of them:
@@ -32,6 +32,20 @@ One outbox is five tables, all named from one configurable base name (default ``
     Written by ``outbox consume``: a Kafka record whose handler failed its last attempt, kept with
     its exact key, value and headers and the error, until ``outbox dlq replay`` sends it back.
 
+``<name>_relays``
+    One row per relay process: its heartbeat (``seen_at``, written every few seconds), its last
+    progress and what it has done since it started (:mod:`relay._heartbeat`); ``outbox status`` and the
+    dashboard show the relays alive from it.
+``<name>_stats``
+    Per relay and per minute: how many messages it delivered, failed (a retry scheduled) and killed
+    (dead or parked), and its delivery latencies as counts per :data:`LATENCY_BUCKETS_MS` bucket: the
+    dashboard's charts and percentiles read a few hundred of these rows instead of counting messages.
+``<name>_audit``
+    One row per action run from the web dashboard (who, from where, what, how many messages).
+
+The relays, stats and audit rows are kept for :data:`ACTIVITY_RETENTION_DAYS` days (the relays'
+heartbeat deletes older ones).
+
 ``outbox db upgrade`` applies :data:`MIGRATIONS` in order; so does a project's own Alembic revision,
 through :mod:`outbox.alembic` (``docs/alembic.md``), which keeps autogenerate away from these tables.
 
@@ -52,7 +66,12 @@ from sqlalchemy.dialects import mysql
 from outbox._errors import ConfigError, SchemaError
 
 DEFAULT_TABLE = "outbox"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+#: upper bounds (milliseconds) of the delivery-latency buckets counted in ``<name>_stats``; one more
+#: bucket counts everything slower
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000, 300000)
+#: how long the relays', stats' and audit rows are kept
+ACTIVITY_RETENTION_DAYS = 8
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
 
@@ -113,6 +132,9 @@ class OutboxTables:
     meta: sa.Table
     inbox: sa.Table
     dead_letters: sa.Table
+    relays: sa.Table
+    stats: sa.Table
+    audit: sa.Table
 
 
 _cache: dict[str, OutboxTables] = {}
@@ -225,6 +247,45 @@ def _define(name: str) -> OutboxTables:
             "consumer_group", "kafka_topic", "partition", "offset", name=f"uq_{name}_dlq_rec"
         ),
     )
+    relays = sa.Table(
+        f"{name}_relays",
+        md,
+        sa.Column("relay_id", sa.String(64), primary_key=True, comment="host:pid:random, one per start"),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("version", sa.String(32), nullable=False, comment="the outbox package's version"),
+        sa.Column("routes", sa.String(1000), nullable=False, comment="the topics it claims, or *"),
+        sa.Column("started_at", _TIME, nullable=False),
+        sa.Column("seen_at", _TIME, nullable=False, comment="its last heartbeat"),
+        sa.Column("progress_at", _TIME, nullable=True, comment="when it last finished a message"),
+        sa.Column("stopped_at", _TIME, nullable=True, comment="set by a graceful stop"),
+        sa.Column("delivered", _BIGINT, nullable=False),
+        sa.Column("failed", _BIGINT, nullable=False),
+        sa.Column("dead", _BIGINT, nullable=False),
+        sa.Index(f"ix_{name}_relays_seen", "seen_at"),
+    )
+    stats = sa.Table(
+        f"{name}_stats",
+        md,
+        sa.Column("minute", _TIME, primary_key=True, comment="the minute's start (UTC)"),
+        sa.Column("relay_id", sa.String(64), primary_key=True),
+        sa.Column("delivered", sa.Integer(), nullable=False),
+        sa.Column("failed", sa.Integer(), nullable=False),
+        sa.Column("dead", sa.Integer(), nullable=False),
+        sa.Column("latency", sa.String(400), nullable=False, comment="JSON counts per latency bucket"),
+    )
+    audit = sa.Table(
+        f"{name}_audit",
+        md,
+        sa.Column("seq", _BIGINT, primary_key=True, autoincrement=True),
+        sa.Column("at", _TIME, nullable=False),
+        sa.Column("who", sa.String(255), nullable=False),
+        sa.Column("client", sa.String(255), nullable=False),
+        sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("target", _TEXT, nullable=False, comment="the ids or the filter acted on"),
+        sa.Column("count", sa.Integer(), nullable=False, comment="messages changed"),
+        sa.Index(f"ix_{name}_audit_at", "at"),
+    )
     return OutboxTables(
         name=name,
         metadata=md,
@@ -233,6 +294,9 @@ def _define(name: str) -> OutboxTables:
         meta=meta,
         inbox=inbox,
         dead_letters=dead_letters,
+        relays=relays,
+        stats=stats,
+        audit=audit,
     )
 
 
@@ -241,11 +305,17 @@ def _define(name: str) -> OutboxTables:
 
 @dataclass(frozen=True)
 class Migration:
-    """One step of the schema: ``apply`` runs inside a transaction on a connection."""
+    """One step of the schema: ``apply`` runs inside a transaction on a connection.
+
+    ``additive``: code of the previous version still runs on the schema this step leaves (it only adds
+    tables, indexes, or columns with defaults that older code never has to write). See
+    :func:`check_version` for what that allows.
+    """
 
     version: int
     description: str
     apply: Callable[[sa.Connection, OutboxTables], None]
+    additive: bool = False
 
 
 def _v1(conn: sa.Connection, t: OutboxTables) -> None:
@@ -270,6 +340,10 @@ def _v4(conn: sa.Connection, t: OutboxTables) -> None:
             conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
 
+def _v5(conn: sa.Connection, t: OutboxTables) -> None:
+    t.metadata.create_all(conn, tables=[t.relays, t.stats, t.audit])
+
+
 def index_applies(index: sa.Index, dialect_name: str) -> bool:
     """Whether ``index`` exists on a database of ``dialect_name`` (some are PostgreSQL's alone)."""
     only = index.info.get("dialect")
@@ -278,35 +352,71 @@ def index_applies(index: sa.Index, dialect_name: str) -> bool:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the outbox, locks and meta tables", _v1),
-    Migration(2, "create the inbox and dead-letter tables of `outbox consume`", _v2),
-    Migration(3, "PostgreSQL: partial indexes, so that claims and marks write fewer index entries", _v3),
+    Migration(2, "create the inbox and dead-letter tables of `outbox consume`", _v2, additive=True),
     Migration(
-        4, "PostgreSQL: an index of the rows holding each key, for the claim's one probe per keyed row", _v4
+        3,
+        "PostgreSQL: partial indexes, so that claims and marks write fewer index entries",
+        _v3,
+        additive=True,
+    ),
+    Migration(
+        4,
+        "PostgreSQL: an index of the rows holding each key, for the claim's one probe per keyed row",
+        _v4,
+        additive=True,
+    ),
+    Migration(
+        5, "create the relays' heartbeat, per-minute stats and dashboard audit tables", _v5, additive=True
     ),
 )
 
 
+def compatible_from(version: int) -> int:
+    """The oldest code version that runs on schema ``version``: the last step up to it that was not
+    additive (older code would misread what that step changed)."""
+    return max(m.version for m in MIGRATIONS if m.version <= version and not m.additive)
+
+
 def current_version(conn: sa.Connection, name: str = DEFAULT_TABLE) -> int:
     """The schema version installed for outbox ``name`` (0 when nothing is installed)."""
+    return _meta_int(conn, name, "schema_version") or 0
+
+
+def _meta_int(conn: sa.Connection, name: str, key: str) -> int | None:
     t = tables_for(name)
     if not sa.inspect(conn).has_table(t.meta.name):
-        return 0
-    value = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.name == "schema_version")).scalar()
-    return int(value) if value is not None else 0
+        return None
+    value = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.name == key)).scalar()
+    return int(value) if value is not None else None
+
+
+def _newer_but_compatible(conn: sa.Connection, name: str, installed: int) -> bool:
+    """Whether schema ``installed``, newer than this code's, still runs this code: every step after
+    this code's version was additive (the newer code's upgrade wrote the oldest code it still runs)."""
+    oldest = _meta_int(conn, name, "compatible_from")
+    return oldest is not None and oldest <= SCHEMA_VERSION < installed
+
+
+def _set_meta(conn: sa.Connection, t: OutboxTables, key: str, value: int) -> None:
+    if conn.execute(sa.update(t.meta).where(t.meta.c.name == key).values(value=str(value))).rowcount == 0:
+        conn.execute(sa.insert(t.meta).values(name=key, value=str(value)))
 
 
 def upgrade(conn: sa.Connection, name: str = DEFAULT_TABLE) -> list[Migration]:
     """Apply every migration newer than the installed version; return the ones applied.
 
     Runs in the caller's transaction (use ``engine.begin()``), so a failed step leaves nothing half-done
-    on databases with transactional DDL (PostgreSQL, SQLite).
+    on databases with transactional DDL (PostgreSQL, SQLite). A schema newer than this code is left
+    alone when this code still runs on it (see :func:`check_version`), else :class:`SchemaError`.
     """
     t = tables_for(name)
     installed = current_version(conn, name)
     if installed > SCHEMA_VERSION:
+        if _newer_but_compatible(conn, name, installed):
+            return []
         raise SchemaError(
             f"outbox table {name!r} is at schema version {installed}, newer than this code "
-            f"({SCHEMA_VERSION}): upgrade the outbox package"
+            f"({SCHEMA_VERSION}) can run on: upgrade the outbox package"
         )
     applied = []
     for migration in MIGRATIONS:
@@ -314,22 +424,32 @@ def upgrade(conn: sa.Connection, name: str = DEFAULT_TABLE) -> list[Migration]:
             migration.apply(conn, t)
             applied.append(migration)
     if applied:
-        if installed == 0:
-            conn.execute(sa.insert(t.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
-        else:
-            conn.execute(
-                sa.update(t.meta).where(t.meta.c.name == "schema_version").values(value=str(SCHEMA_VERSION))
-            )
+        _set_meta(conn, t, "schema_version", SCHEMA_VERSION)
+        _set_meta(conn, t, "compatible_from", compatible_from(SCHEMA_VERSION))
     return applied
 
 
 def check_version(conn: sa.Connection, name: str = DEFAULT_TABLE) -> None:
-    """Raise :class:`SchemaError` with the fix unless the installed schema is the current one."""
+    """Raise :class:`SchemaError` with the fix unless this code runs on the installed schema.
+
+    The rule of compatible upgrades: code runs on its own schema version, and on a newer one when every
+    step after its version was additive (:attr:`Migration.additive`: new tables, indexes, columns it
+    never has to write). So a deployment upgrades the database first (``outbox db upgrade`` with the
+    new package) while relays of the previous version keep running, then rolls out the new package.
+    An older schema always needs ``outbox db upgrade``: the new code uses what the upgrade adds.
+    """
     installed = current_version(conn, name)
     if installed == SCHEMA_VERSION:
         return
     if installed == 0:
         raise SchemaError(f"outbox table {name!r} does not exist: run `outbox db upgrade` first")
+    if installed > SCHEMA_VERSION:
+        if _newer_but_compatible(conn, name, installed):
+            return
+        raise SchemaError(
+            f"outbox table {name!r} is at schema version {installed}, newer than this code "
+            f"({SCHEMA_VERSION}) can run on: upgrade the outbox package"
+        )
     raise SchemaError(
         f"outbox table {name!r} is at schema version {installed}, this code needs {SCHEMA_VERSION}: "
         "run `outbox db upgrade`"

@@ -32,7 +32,16 @@ from tests.test_schema import PARTIAL, index_definitions, install_v2
 
 DOC = ROOT / "docs" / "alembic.md"
 NEW_VERSION_REVISION = "migrations/versions/0002_outbox_upgrade.py"
-OUTBOX_TABLES = {"outbox", "outbox_locks", "outbox_meta", "outbox_inbox", "outbox_dead_letters"}
+OUTBOX_TABLES = {
+    "outbox",
+    "outbox_locks",
+    "outbox_meta",
+    "outbox_inbox",
+    "outbox_dead_letters",
+    "outbox_relays",
+    "outbox_stats",
+    "outbox_audit",
+}
 
 
 def recipe() -> dict[str, str]:

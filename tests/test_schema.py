@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import outbox
 from outbox._clock import utcnow
 from outbox._dialects import dialect_for
+from outbox._errors import SchemaError
 from outbox._schema import MIGRATIONS, SCHEMA_VERSION, check_version, current_version, tables_for
 from relay._claim import ClaimQueries
 from relay.metrics import backlog_query
@@ -56,9 +57,9 @@ def test_a_v2_database_upgrades_to_the_current_version(backend: str, tmp_path: A
             install_v2(conn)
             kept = outbox.add(conn, "kept", {"n": 1}, key="k")
         with engine.begin() as conn:
-            assert [m.version for m in outbox.upgrade(conn)] == [3, 4]
+            assert [m.version for m in outbox.upgrade(conn)] == [3, 4, 5]
         with engine.connect() as conn:
-            assert current_version(conn) == SCHEMA_VERSION == 4
+            assert current_version(conn) == SCHEMA_VERSION == 5
             check_version(conn)
             assert conn.execute(sa.select(T.messages.c.id)).scalars().all() == [kept]
             names = {ix["name"] for ix in sa.inspect(conn).get_indexes("outbox")}
@@ -82,7 +83,7 @@ def test_a_fresh_postgresql_database_gets_partial_indexes(tmp_path: Any) -> None
     engine = outbox.create_engine(url)
     try:
         with engine.begin() as conn:
-            assert [m.version for m in outbox.upgrade(conn)] == [1, 2, 3, 4]
+            assert [m.version for m in outbox.upgrade(conn)] == [1, 2, 3, 4, 5]
         with engine.connect() as conn:
             definitions = index_definitions(conn)
         assert "WHERE (due_at IS NOT NULL)" in definitions["ix_outbox_due"]
@@ -153,6 +154,57 @@ def test_claim_and_backlog_use_the_partial_indexes_in_generic_plans(tmp_path: An
         assert claim_plan.count("Index Only Scan Backward using ix_outbox_holding") == 1, claim_plan
         assert "ix_outbox_status" not in claim_plan, claim_plan
         assert "ix_outbox_status" in backlog_plan, backlog_plan
+    finally:
+        engine.dispose()
+        drop()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_code_runs_on_a_newer_schema_only_when_every_step_since_was_additive(
+    backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compatible-upgrade rule: after `outbox db upgrade` by a newer package whose steps were all
+    additive, this code's relays still start (and its upgrade is a no-op); after a breaking step they
+    refuse, naming the fix; an older schema always needs the upgrade."""
+    import outbox._schema as schema
+
+    url, drop = make_database(backend, tmp_path)
+    engine = outbox.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            outbox.upgrade(conn)
+            meta = {row.name: row.value for row in conn.execute(sa.select(T.meta))}
+        assert meta == {"schema_version": str(SCHEMA_VERSION), "compatible_from": "1"}
+
+        def newer(*, additive: bool) -> None:
+            step = schema.Migration(SCHEMA_VERSION + 1, "a later step", lambda conn, t: None, additive)
+            with monkeypatch.context() as later:  # the next package's upgrade
+                later.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, step))
+                later.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+                with engine.begin() as conn:
+                    assert [m.version for m in schema.upgrade(conn)] == [SCHEMA_VERSION + 1]
+
+        newer(additive=True)
+        with engine.begin() as conn:
+            check_version(conn)  # this code still runs
+            assert outbox.upgrade(conn) == []
+        with engine.begin() as conn:  # back to this version, and a breaking step instead
+            conn.execute(
+                sa.update(T.meta).where(T.meta.c.name == "schema_version").values(value=str(SCHEMA_VERSION))
+            )
+        newer(additive=False)
+        with engine.begin() as conn:
+            with pytest.raises(
+                SchemaError, match=r"newer than this code .* can run on: upgrade the outbox package"
+            ):
+                check_version(conn)
+            with pytest.raises(SchemaError, match="upgrade the outbox package"):
+                outbox.upgrade(conn)
+            conn.execute(sa.update(T.meta).where(T.meta.c.name == "schema_version").values(value="4"))
+            with pytest.raises(
+                SchemaError, match=r"at schema version 4, this code needs .*run `outbox db upgrade`"
+            ):
+                check_version(conn)
     finally:
         engine.dispose()
         drop()
