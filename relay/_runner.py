@@ -86,6 +86,7 @@ from outbox.redaction import mask_url
 from relay._claim import ClaimedRow, ClaimQueries, ClaimResult
 from relay._completer import Completer, InFlight, LeaseWrites, lease_margin
 from relay._dispatch import Dispatcher
+from relay._heartbeat import Heartbeat
 from relay._listener import listen
 from relay._outages import GaveUp, OutageRetry
 from relay._single_relay import SingleRelayLock
@@ -118,6 +119,10 @@ class Relay:
     publishes every topic without an in-process handler to Kafka; ``publishers`` adds other
     destinations, asked in order after the handlers. ``observers`` (``relay.observers.RelayObserver``)
     watch it: metrics, logging. Use as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    ``heartbeat`` (default on): the relay writes its row in ``<table>_relays`` and its per-minute counts
+    and latencies in ``<table>_stats`` every few seconds (:mod:`relay._heartbeat`), which ``outbox
+    status`` and the dashboard read.
 
     A claim asks for ``batch_size`` messages; while a backlog lasts and the handlers keep up, claims
     grow (doubling) to ``max_batch_size`` (default the larger of 2,000 and ``batch_size``; give it equal
@@ -169,6 +174,7 @@ class Relay:
         observers: Sequence[RelayObserver] = (),
         name: str | None = None,
         maintenance: bool = True,
+        heartbeat: bool = True,
         retention: dt.timedelta | float | None = defaults.RETENTION,
         stuck_after: dt.timedelta | float = defaults.STUCK_AFTER,
         maintenance_interval: float = defaults.MAINTENANCE_INTERVAL,
@@ -259,7 +265,9 @@ class Relay:
 
             extra.append(publisher_for(kafka))
         self.publishers: list[Publisher] = [self.handlers, *extra]  # mypy checks HandlerPublisher here
-        self.observers = Observers(observers)
+        self.observers = Observers(
+            [*observers, *([Heartbeat(self.engine, self.tables)] if heartbeat else [])]
+        )
         self.counters: dict[str, int] = defaultdict(int)
         self.last_progress = time.monotonic()
 
