@@ -59,6 +59,10 @@ RETENTION = dt.timedelta(days=7)
 STUCK_AFTER = dt.timedelta(minutes=5)
 #: seconds between two maintenance runs (retention, stuck monitor)
 MAINTENANCE_INTERVAL = 60.0
+#: seconds between two relay heartbeats (relay._heartbeat), and the age past which a relay whose last
+#: heartbeat is older is no longer called alive (three beats missed)
+HEARTBEAT_INTERVAL = 5.0
+ALIVE_WITHIN = 3 * HEARTBEAT_INTERVAL
 #: seconds between two reads of the metrics' gauges computed from the table
 METRICS_INTERVAL = 15.0
 #: the address the metrics port listens on

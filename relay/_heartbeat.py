@@ -20,7 +20,7 @@ What it promises:
   :data:`~outbox._schema.ACTIVITY_RETENTION_DAYS` days (relays not seen since, stats, the dashboard's
   audit) are deleted by the heartbeats, a few times an hour.
 - **A relay alive is a relay seen**: readers (``outbox status``, the dashboard) call a relay alive when
-  its ``seen_at`` is within :data:`ALIVE_WITHIN` seconds and it did not stop.
+  its ``seen_at`` is within ``outbox._defaults.ALIVE_WITHIN`` seconds and it did not stop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from outbox import __version__
+from outbox import _defaults as defaults
 from outbox._clock import utcnow
 from outbox._schema import ACTIVITY_RETENTION_DAYS, LATENCY_BUCKETS_MS, OutboxTables
 from relay._outcomes import RecordedOutcome
@@ -50,10 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("outbox.relay")
 
-#: seconds between two heartbeats
-HEARTBEAT_INTERVAL = 5.0
-#: a relay whose last heartbeat is older than this is not alive (three beats missed)
-ALIVE_WITHIN = 3 * HEARTBEAT_INTERVAL
+HEARTBEAT_INTERVAL = defaults.HEARTBEAT_INTERVAL
 #: seconds between two deletions of rows older than ACTIVITY_RETENTION_DAYS
 CLEANUP_INTERVAL = 600.0
 
@@ -66,9 +64,13 @@ class _Minute:
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
 
+#: the bucket bounds as durations: a delivery's wait is bucketed without converting it to a number
+_BOUNDS = tuple(dt.timedelta(milliseconds=ms) for ms in LATENCY_BUCKETS_MS)
+
+
 def latency_bucket(milliseconds: float) -> int:
     """The index of the bucket ``milliseconds`` falls in (the last one: slower than every bound)."""
-    return bisect.bisect_left(LATENCY_BUCKETS_MS, milliseconds)
+    return bisect.bisect_left(_BOUNDS, dt.timedelta(milliseconds=milliseconds))
 
 
 class Heartbeat(RelayObserver):
@@ -102,25 +104,29 @@ class Heartbeat(RelayObserver):
         self._thread.start()
 
     def on_outcomes(self, outcomes: Sequence[RecordedOutcome]) -> None:
+        # on the completer's path for every message: one pass, no per-item call but bisect
         now = utcnow()
+        waited = [now - item.delivery.message.created_at for item in outcomes if item.result == "delivered"]
+        failed = dead = 0
+        if len(waited) != len(outcomes):
+            results = [item.result for item in outcomes]
+            failed = results.count("failed")
+            dead = results.count("dead") + results.count("parked")
         minute = now.replace(second=0, microsecond=0)
         with self._lock:
             counts = self._minutes.get(minute)
             if counts is None:
                 counts = self._minutes[minute] = _Minute()
-            for item in outcomes:
-                if item.result == "delivered":
-                    ms = (now - item.delivery.message.created_at).total_seconds() * 1000
-                    counts.latency[latency_bucket(max(ms, 0.0))] += 1
-                    counts.delivered += 1
-                    self._totals.delivered += 1
-                elif item.result == "failed":
-                    counts.failed += 1
-                    self._totals.failed += 1
-                elif item.result in ("dead", "parked"):
-                    counts.dead += 1
-                    self._totals.dead += 1
-            if any(item.result != "released" for item in outcomes):
+            latency = counts.latency
+            for delta in waited:
+                latency[bisect.bisect_left(_BOUNDS, delta)] += 1
+            counts.delivered += len(waited)
+            counts.failed += failed
+            counts.dead += dead
+            self._totals.delivered += len(waited)
+            self._totals.failed += failed
+            self._totals.dead += dead
+            if waited or failed or dead:
                 self._progress_at = now
 
     def on_stop(self, relay: Relay) -> None:

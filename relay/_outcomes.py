@@ -31,9 +31,12 @@ def failure_result(status: Status) -> Result:
     return _FAILURE_RESULTS[status]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per message on the completer's path when anything observes the relay (the
+# heartbeat always does), and a frozen dataclass' __init__ costs four times as much (0.57 against 0.13 us).
+# Observers read it; none may change it.
+@dataclass(slots=True)
 class RecordedOutcome:
-    """One delivery's outcome as the completer wrote it."""
+    """One delivery's outcome as the completer wrote it (read it; never change it)."""
 
     delivery: Delivery
     outcome: Outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
 import re
 import signal
@@ -662,3 +663,64 @@ def test_a_message_page_shows_its_key_around_it(engine: sa.Engine) -> None:
     shown = [int(n) for n in re.findall(r'<tr data-seq="(\d+)"', around.group(1))]
     assert shown == [seq_of(engine, i) for i in ids[1:8]]
     assert f'<tr data-seq="{seq_of(engine, ids[4])}" class="this">' in around.group(1)
+
+
+def test_overview_shows_the_relays_their_activity_and_the_actions(engine: sa.Engine) -> None:
+    add(engine, "orders.created")
+    add(engine, "orders.created")
+    dead = add(engine, "orders.poison")
+    client = TestClient(create_app(engine, allow_actions=True))
+    html = client.get("/").text
+    assert '<p id="relays-alive">0 alive.</p>' in html and 'id="no-actions"' in html
+    assert "Last hour, per minute: 0 delivered, 0 failed, 0 dead" in html
+
+    run_relay_until_settled(engine)  # a real relay: its heartbeat rows, then its stop
+    html = client.get("/").text
+    row = re.search(r'<tr data-relay="([^"]+)">(.*?)</tr>', html, re.S)
+    assert row, html
+    assert '<td class="gone">stopped</td>' in row.group(2)
+    assert "<td>2</td><td>0</td><td>1</td>" in row.group(2)  # delivered, failed, dead
+    assert "Last hour, per minute: 2 delivered, 0 failed, 1 dead" in html
+    assert "Last day, per 15 minutes: 2 delivered, 0 failed, 1 dead" in html
+    assert html.count("<title>") >= 60 + 96  # one tooltip a step
+    latency = re.search(r'<table class="counts" id="latency">(.*?)</table>', html, re.S)
+    assert latency and "<th>p50</th><td>under" in latency.group(1)
+
+    preview = client.get("/actions/replay", params={"ref": str(dead)})
+    action, fields = form_of(preview.text)
+    assert submit(client, action, fields).status_code == 200
+    audit = re.search(r'<table class="audit" id="audit">(.*?)</table>', client.get("/").text, re.S)
+    assert audit, "no audit table"
+    assert (
+        "<td>anonymous</td><td>testclient</td>\n    "
+        f"<td>replay</td><td><code>messages {dead}</code></td><td>1</td>" in audit.group(1)
+    )
+
+
+def test_outbox_status_lists_the_relays_alive(engine: sa.Engine, db_url: str) -> None:
+    from relay import Relay
+
+    registry = Registry()
+
+    @registry.handler("orders.created")
+    def deliver(message: Message) -> None:
+        pass
+
+    add(engine)
+    with Relay(engine, registry, poll_interval=0.05, name="shop-relay-1"):
+        wait_until(lambda: status_counts(engine) == {"delivered": 1}, what="delivery")
+        wait_until(  # the heartbeat after the delivery
+            lambda: Operations(engine).relays()[0].delivered == 1, timeout=20, what="the heartbeat"
+        )
+        result = CliRunner().invoke(outbox_cli, ["status", "--database-url", db_url])
+        assert result.exit_code == 0, result.output
+        assert "relays alive: 1" in result.output
+        assert re.search(
+            r"  shop-relay-1  up \d+s  last progress \d+s ago  delivered 1  failed 0  dead 0"
+            r"  routes orders.created",
+            result.output,
+        ), result.output
+        as_json = CliRunner().invoke(outbox_cli, ["status", "--json", "--database-url", db_url])
+        assert json.loads(as_json.output)["relays"][0]["relay_id"] == "shop-relay-1"
+    result = CliRunner().invoke(outbox_cli, ["status", "--database-url", db_url])
+    assert "relays alive: 0" in result.output

@@ -18,15 +18,20 @@ from __future__ import annotations
 from outbox.admin._doctor import DoctorReport, Finding, Level, Thresholds, diagnose, format_report
 from outbox.admin._operations import Operations
 from outbox.admin._reports import (
+    Activity,
+    AuditRecord,
     HeldKey,
     MessageFilter,
     MessageRecord,
     PurgeResult,
+    RelayRecord,
     ReplayResult,
     StatusReport,
 )
 
 __all__ = [
+    "Activity",
+    "AuditRecord",
     "DoctorReport",
     "Finding",
     "HeldKey",
@@ -35,6 +40,7 @@ __all__ = [
     "MessageRecord",
     "Operations",
     "PurgeResult",
+    "RelayRecord",
     "ReplayResult",
     "StatusReport",
     "Thresholds",

@@ -23,24 +23,29 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from outbox import _defaults as defaults
 from outbox._clock import utcnow
 from outbox._dialects import dialect_for
 from outbox._errors import MessageNotFound
 from outbox._key_queue import KeyQueue
-from outbox._schema import DEFAULT_TABLE, REPLAYABLE, Status, status_in, tables_for
+from outbox._schema import DEFAULT_TABLE, LATENCY_BUCKETS_MS, REPLAYABLE, Status, status_in, tables_for
 from outbox._serialization import decode_headers
 from outbox._wakeup import notify_channel
 from outbox.admin._reports import (
+    Activity,
+    AuditRecord,
     HeldKey,
     MessageFilter,
     MessageRecord,
     PurgeResult,
+    RelayRecord,
     ReplayResult,
     StatusReport,
     expand_statuses,
@@ -103,7 +108,103 @@ class Operations:
             parked_keys=int(parked_keys),
             due_now=int(due),
             expired_leases=int(expired),
+            relays=tuple(self.relays(now=now)),
         )
+
+    # -- relays, activity, audit ----------------------------------------------------------------------------
+
+    def relays(
+        self, *, now: dt.datetime | None = None, within: dt.timedelta = dt.timedelta(days=1)
+    ) -> list[RelayRecord]:
+        """The relays whose last heartbeat is within ``within``: alive ones first (latest start first),
+        then the others (latest seen first). Alive: seen within ``ALIVE_WITHIN`` seconds, not stopped."""
+        now = now or utcnow()
+        r = self.tables.relays
+        alive_after = now - dt.timedelta(seconds=defaults.ALIVE_WITHIN)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(r).where(r.c.seen_at >= now - within).order_by(r.c.seen_at.desc()).limit(100)
+            ).all()
+        found = [
+            RelayRecord(
+                relay_id=row.relay_id,
+                host=row.host,
+                pid=row.pid,
+                version=row.version,
+                routes=row.routes,
+                started_at=row.started_at,
+                seen_at=row.seen_at,
+                progress_at=row.progress_at,
+                stopped_at=row.stopped_at,
+                delivered=int(row.delivered),
+                failed=int(row.failed),
+                dead=int(row.dead),
+                alive=row.stopped_at is None and row.seen_at >= alive_after,
+            )
+            for row in rows
+        ]
+        alive = sorted((f for f in found if f.alive), key=lambda f: f.started_at, reverse=True)
+        return alive + [f for f in found if not f.alive]
+
+    def activity(
+        self, *, window: dt.timedelta, step: dt.timedelta, now: dt.datetime | None = None
+    ) -> Activity:
+        """What every relay did over the last ``window``, summed per ``step`` (whole minutes, aligned: the
+        last step is the one now is in), from their per-minute rows: at most one row a minute per relay."""
+        step = max(dt.timedelta(minutes=1), step)
+        count = max(1, int(window // step))
+        epoch = dt.datetime(2000, 1, 1)
+        last = epoch + ((now or utcnow()) - epoch) // step * step  # the step now is in, from its start
+        first = last - (count - 1) * step
+        st = self.tables.stats
+        sums = [[0, 0, 0] for _ in range(count)]
+        latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(st.c.minute, st.c.delivered, st.c.failed, st.c.dead, st.c.latency).where(
+                    st.c.minute >= first
+                )
+            )
+            for minute, delivered, failed, dead, buckets in rows:
+                index = (minute - first) // step
+                if not 0 <= index < count:
+                    continue
+                sums[index][0] += delivered
+                sums[index][1] += failed
+                sums[index][2] += dead
+                for i, n in enumerate(json.loads(buckets)[: len(latency)]):
+                    latency[i] += int(n)
+        return Activity(
+            since=first,
+            step=step,
+            buckets=tuple((first + i * step, sums[i][0], sums[i][1], sums[i][2]) for i in range(count)),
+            bounds_ms=LATENCY_BUCKETS_MS,
+            latency=tuple(latency),
+        )
+
+    def audit_log(self, *, limit: int = 20) -> list[AuditRecord]:
+        """The last ``limit`` actions run from the web dashboard, newest first."""
+        a = self.tables.audit
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(a).order_by(a.c.seq.desc()).limit(limit)).all()
+        return [
+            AuditRecord(r.seq, r.at, r.who, r.client, r.action, r.target, int(r._mapping["count"]))
+            for r in rows
+        ]
+
+    def record_audit(self, *, who: str, client: str, action: str, target: str, count: int) -> None:
+        """Keep one action of the web dashboard in the audit table."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(self.tables.audit).values(
+                    at=utcnow(),
+                    who=who[:255],
+                    client=client[:255],
+                    action=action[:32],
+                    target=target,
+                    count=count,
+                )
+            )
 
     def list_messages(
         self,

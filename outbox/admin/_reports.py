@@ -171,6 +171,12 @@ class StatusReport:
     due_now: int
     #: inflight messages whose lease has expired (a relay died; they come back on the next claim)
     expired_leases: int
+    #: the relays that sent a heartbeat within the last day, alive first
+    relays: tuple[RelayRecord, ...] = ()
+
+    @property
+    def relays_alive(self) -> tuple[RelayRecord, ...]:
+        return tuple(r for r in self.relays if r.alive)
 
     @property
     def total(self) -> int:
@@ -196,7 +202,100 @@ class StatusReport:
             "parked_keys": self.parked_keys,
             "due_now": self.due_now,
             "expired_leases": self.expired_leases,
+            "relays": [r.to_dict() for r in self.relays],
         }
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    """A relay as its heartbeat row describes it (``<table>_relays``, written by ``relay._heartbeat``)."""
+
+    relay_id: str
+    host: str
+    pid: int
+    version: str
+    routes: str
+    started_at: dt.datetime
+    seen_at: dt.datetime
+    progress_at: dt.datetime | None
+    stopped_at: dt.datetime | None
+    delivered: int
+    failed: int
+    dead: int
+    #: its last heartbeat is recent and it has not stopped
+    alive: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "relay_id": self.relay_id,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "routes": self.routes,
+            "started_at": _iso(self.started_at),
+            "seen_at": _iso(self.seen_at),
+            "progress_at": _iso(self.progress_at),
+            "stopped_at": _iso(self.stopped_at),
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "dead": self.dead,
+            "alive": self.alive,
+        }
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What the relays did over a time window, from their per-minute rows (``<table>_stats``).
+
+    ``buckets``: one ``(start, delivered, failed, dead)`` per ``step`` from ``since`` (every one, also
+    those with nothing); ``latency``: counts per bucket of ``bounds_ms`` (milliseconds; one more bucket
+    for slower), over the whole window."""
+
+    since: dt.datetime
+    step: dt.timedelta
+    buckets: tuple[tuple[dt.datetime, int, int, int], ...]
+    bounds_ms: tuple[int, ...]
+    latency: tuple[int, ...]
+
+    @property
+    def delivered(self) -> int:
+        return sum(b[1] for b in self.buckets)
+
+    @property
+    def failed(self) -> int:
+        return sum(b[2] for b in self.buckets)
+
+    @property
+    def dead(self) -> int:
+        return sum(b[3] for b in self.buckets)
+
+    def percentile(self, fraction: float) -> float | None:
+        """The delivery latency (ms) under which ``fraction`` of the deliveries fell: the upper bound of
+        the bucket it is in (an upper estimate, as Prometheus' histogram_quantile would interpolate
+        within it); ``None`` with no delivery, ``inf`` past the last bound."""
+        total = sum(self.latency)
+        if total == 0:
+            return None
+        rank = fraction * total
+        seen = 0
+        for index, count in enumerate(self.latency):
+            seen += count
+            if seen >= rank and count:
+                return float(self.bounds_ms[index]) if index < len(self.bounds_ms) else float("inf")
+        return float("inf")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One action run from the web dashboard (``<table>_audit``)."""
+
+    seq: int
+    at: dt.datetime
+    who: str
+    client: str
+    action: str
+    target: str
+    count: int
 
 
 @dataclass(frozen=True)

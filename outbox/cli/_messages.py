@@ -94,6 +94,19 @@ def _print_status(table: str, report: StatusReport) -> None:
         click.echo(f"oldest waiting: created {_time(report.oldest_waiting_at)} UTC ({span(age)} ago)")
     click.echo(f"due now: {report.due_now}   expired leases: {report.expired_leases}")
     click.echo(f"parked keys: {report.parked_keys}")
+    alive = report.relays_alive
+    click.echo(f"relays alive: {len(alive)}")
+    for relay in alive:
+        progress = (
+            "never"
+            if relay.progress_at is None
+            else f"{span(max(report.now - relay.progress_at, dt.timedelta(0)))} ago"
+        )
+        click.echo(
+            f"  {relay.relay_id}  up {span(max(report.now - relay.started_at, dt.timedelta(0)))}"
+            f"  last progress {progress}  delivered {relay.delivered}  failed {relay.failed}"
+            f"  dead {relay.dead}  routes {relay.routes}"
+        )
     if report.topics:
         click.echo("")
         rows = [

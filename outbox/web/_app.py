@@ -145,12 +145,28 @@ def create_app(
     def overview(request: Request) -> Response:
         report = ops.status()
         age = report.oldest_waiting_age
+        hour = ops.activity(window=pages.HOUR[0], step=pages.HOUR[1], now=report.now)
+        day = ops.activity(window=pages.DAY[0], step=pages.DAY[1], now=report.now)
         return render(
             request,
             "overview.html",
             report=report,
             statuses=pages.STATUSES,
             oldest_age=None if age is None else span(age),
+            ago=lambda t: "never" if t is None else f"{span(max(report.now - t, dt.timedelta(0)))} ago",
+            charts=(
+                ("Last hour, per minute", pages.ChartView.of(hour)),
+                ("Last day, per 15 minutes", pages.ChartView.of(day)),
+            ),
+            percentiles=[
+                (
+                    f"p{round(p * 100)}",
+                    pages.latency_text(hour.percentile(p)),
+                    pages.latency_text(day.percentile(p)),
+                )
+                for p in pages.PERCENTILES
+            ],
+            audit_log=ops.audit_log(limit=pages.AUDIT_SHOWN),
         )
 
     def messages(request: Request) -> Response:
@@ -282,6 +298,13 @@ def create_app(
         except MessageNotFound as exc:
             return refuse(request, 404, "No such message", str(exc))
         audit(request, query, count)
+        ops.record_audit(
+            who=user_of(request),
+            client=request.client.host if request.client else "-",
+            action=query.action,
+            target=query.describe(),
+            count=count,
+        )
         return render(request, "done.html", query=query, count=count, expected=expected)
 
     @contextlib.asynccontextmanager

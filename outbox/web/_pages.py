@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from outbox._clock import utc_iso
 from outbox._schema import Status
-from outbox.admin import MessageFilter, MessageRecord
+from outbox.admin import Activity, MessageFilter, MessageRecord
 from outbox.admin._reports import SEQ_DIGITS
 
 #: messages per page unless the URL asks for fewer; and the most a URL may ask for (a bounded query)
@@ -27,6 +27,8 @@ NEIGHBOURS = 3
 #: held keys on the keys page (oldest head first), and how far the messages behind each are counted
 KEYS_SHOWN = 100
 WAITING_CAP = 10_000
+#: the dashboard's last actions shown on the overview
+AUDIT_SHOWN = 20
 STATUSES = tuple(s.value for s in Status)
 
 
@@ -128,3 +130,61 @@ def due_label(status: str) -> str:
         Status.FAILED.value: "next attempt at",
         Status.INFLIGHT.value: "lease expires at",
     }.get(status, "due at")
+
+
+#: the overview's charts: the last hour by minute, the last day by quarter of an hour
+HOUR = (dt.timedelta(hours=1), dt.timedelta(minutes=1))
+DAY = (dt.timedelta(days=1), dt.timedelta(minutes=15))
+#: latency percentiles shown
+PERCENTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One step of a chart: its stacked rectangles (``(css class, y, height)``) and its tooltip."""
+
+    x: float
+    width: float
+    parts: tuple[tuple[str, float, float], ...]
+    title: str
+
+
+@dataclass(frozen=True)
+class ChartView:
+    """A bar chart of delivered, failed and dead per step, drawn by the template as inline SVG (no
+    script, no style attribute: the CSP allows neither)."""
+
+    width: int
+    height: int
+    bars: tuple[Bar, ...]
+    peak: int
+    first: str
+    last: str
+    activity: Activity
+
+    @classmethod
+    def of(cls, activity: Activity, *, width: int = 720, height: int = 120) -> ChartView:
+        peak = max((d + f + x for _, d, f, x in activity.buckets), default=0)
+        slot = width / max(1, len(activity.buckets))
+        bars = []
+        for index, (start, delivered, failed, dead) in enumerate(activity.buckets):
+            parts: list[tuple[str, float, float]] = []
+            bottom = float(height)
+            for css, value in (("delivered", delivered), ("failed", failed), ("dead", dead)):
+                if value and peak:
+                    tall = max(1.0, value / peak * (height - 4))
+                    bottom -= tall
+                    parts.append((css, round(bottom, 2), round(tall, 2)))
+            title = f"{start:%H:%M} UTC: {delivered} delivered, {failed} failed, {dead} dead"
+            bars.append(Bar(round(index * slot, 2), round(max(slot - 1, 0.5), 2), tuple(parts), title))
+        last = activity.buckets[-1][0] if activity.buckets else activity.since
+        return cls(width, height, tuple(bars), peak, f"{activity.since:%H:%M}", f"{last:%H:%M}", activity)
+
+
+def latency_text(milliseconds: float | None) -> str:
+    """A latency percentile as the overview shows it: the upper bound of its bucket."""
+    if milliseconds is None:
+        return "-"
+    if milliseconds == float("inf"):
+        return "over 5 min"
+    return f"under {milliseconds:g} ms" if milliseconds < 1000 else f"under {milliseconds / 1000:g} s"
