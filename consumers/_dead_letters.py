@@ -184,10 +184,17 @@ class DeadLetters:
         include_replayed: bool = True,
         limit: int | None = None,
         seqs: Sequence[int] = (),
+        after: int | None = None,
+        up_to: int | None = None,
     ) -> list[DeadLetter]:
-        """Dead letters in ``seq`` order, optionally of one group, not yet replayed, or by seq."""
+        """Dead letters in ``seq`` order, optionally of one group, not yet replayed, or by seq, after
+        seq ``after`` and up to seq ``up_to``."""
         t = self.table
         query = sa.select(t).order_by(t.c.seq)
+        if after is not None:
+            query = query.where(t.c.seq > after)
+        if up_to is not None:
+            query = query.where(t.c.seq <= up_to)
         if group is not None:
             query = query.where(t.c.consumer_group == group)
         if not include_replayed:

@@ -26,7 +26,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
@@ -41,6 +41,7 @@ from outbox._wakeup import notify_channel
 from outbox.admin._reports import (
     Activity,
     AuditRecord,
+    DeadLetterReplay,
     HeldKey,
     MessageFilter,
     MessageRecord,
@@ -55,6 +56,10 @@ from outbox.admin._reports import (
 WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)
 #: statuses ``purge`` may delete, and the column whose age decides
 PURGEABLE = {Status.DELIVERED: "delivered_at", Status.DEAD: "created_at", Status.PARKED: "created_at"}
+
+if TYPE_CHECKING:
+    from consumers._dead_letters import DeadLetter
+    from outbox._runtime.kafka_settings import KafkaConnection
 
 Order = Literal["asc", "desc"]
 #: a message as an operator names it: its id, or its ``seq`` (the first column of ``outbox list``)
@@ -191,6 +196,82 @@ class Operations:
             AuditRecord(r.seq, r.at, r.who, r.client, r.action, r.target, int(r._mapping["count"]))
             for r in rows
         ]
+
+    # -- dead letters of `outbox consume` -------------------------------------------------------------------
+
+    def dead_letter_groups(self) -> dict[str, tuple[int, int]]:
+        """``{consumer group: (dead letters, of which never replayed)}``."""
+        t = self.tables.dead_letters
+        never = sa.func.sum(sa.case((t.c.replayed_at.is_(None), 1), else_=0))
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.consumer_group, sa.func.count(), never).group_by(t.c.consumer_group)
+            ).all()
+        return {group: (int(n), int(pending or 0)) for group, n, pending in sorted(rows)}
+
+    def dead_letters(
+        self,
+        *,
+        group: str | None = None,
+        pending: bool = False,
+        limit: int = 100,
+        after: int | None = None,
+        seqs: Sequence[int] = (),
+    ) -> list[DeadLetter]:
+        """Dead letters oldest first (``after``: the last seq of the previous page), of one ``group``,
+        only those never replayed (``pending``), or named by seq."""
+        from consumers._dead_letters import DeadLetters
+
+        with self.engine.connect() as conn:
+            return DeadLetters(self.tables).find(
+                conn, group=group, include_replayed=not pending, limit=limit, seqs=seqs, after=after
+            )
+
+    def dead_letter(self, seq: int) -> DeadLetter:
+        """One dead letter; :class:`MessageNotFound` if there is none with ``seq``."""
+        found = self.dead_letters(seqs=[seq], limit=1)
+        if not found:
+            raise MessageNotFound(f"no dead letter with seq {seq}")
+        return found[0]
+
+    def replay_dead_letters(
+        self,
+        connection: KafkaConnection | None,
+        *,
+        seqs: Sequence[int] = (),
+        group: str | None = None,
+        everything: bool = False,
+        up_to: int | None = None,
+        dry_run: bool = False,
+    ) -> DeadLetterReplay:
+        """Send dead letters back to their Kafka topic (``outbox dlq replay``), then mark them replayed.
+
+        ``seqs`` (replayed again even if they were before: :class:`MessageNotFound` for one that does not
+        exist), or those never replayed of ``group`` or of every group (``everything``), up to seq
+        ``up_to``. A dry run selects the same letters and sends nothing (``connection`` may be None).
+        """
+        from consumers._dead_letters import DeadLetters, republish
+
+        if bool(seqs) == bool(group or everything):
+            raise ValueError("give seqs, or a group or everything, not both or neither")
+        letters = DeadLetters(self.tables)
+        with self.engine.connect() as conn:
+            if seqs:
+                chosen = letters.find(conn, seqs=seqs)
+                missing = sorted(set(seqs) - {letter.seq for letter in chosen})
+                if missing:
+                    raise MessageNotFound(f"no dead letter with seq {', '.join(map(str, missing))}")
+            else:
+                chosen = letters.find(conn, group=group, include_replayed=False, up_to=up_to)
+        if dry_run or not chosen:
+            return DeadLetterReplay(tuple(chosen), (), dry_run=dry_run)
+        if connection is None:
+            raise ValueError("replaying dead letters needs a Kafka connection")
+        sent, failed = republish(chosen, connection)
+        if sent:
+            with self.engine.begin() as conn:
+                letters.mark_replayed(conn, [letter.seq for letter in sent], at=utcnow())
+        return DeadLetterReplay(tuple(sent), tuple(failed))
 
     def record_audit(self, *, who: str, client: str, action: str, target: str, count: int) -> None:
         """Keep one action of the web dashboard in the audit table."""

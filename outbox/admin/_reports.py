@@ -299,6 +299,22 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
+class DeadLetterReplay:
+    """What a replay of dead letters sent (or, for a dry run, would send) and what Kafka refused."""
+
+    replayed: tuple[Any, ...]  # consumers._dead_letters.DeadLetter
+    failed: tuple[tuple[Any, str], ...] = ()
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "replayed": [letter.seq for letter in self.replayed],
+            "failed": [{"seq": letter.seq, "error": why} for letter, why in self.failed],
+        }
+
+
+@dataclass(frozen=True)
 class HeldKey:
     """A key whose first unfinished message holds back the rest: failed (a retry in backoff) or parked."""
 

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox._errors import BrokerError, MessageNotFound
+from outbox._errors import BrokerError
 from outbox._runtime.kafka_settings import KafkaConnection
+from outbox.admin import Operations
 from outbox.cli._config import Settings
 from outbox.cli._consume import connection_values, quiet_kafka_logs
 from outbox.cli._options import KAFKA_CONNECTION_NAMES, kafka_connection_flags, open_engine, settings_command
@@ -40,15 +41,11 @@ _json_option = click.option(
 )
 
 
-def _letters(settings: Settings, fn: Callable[[Any, Any], Any]) -> Any:
-    """Run ``fn(dead_letters, conn)`` on the configured database."""
-    from consumers._dead_letters import DeadLetters
-    from outbox._schema import tables_for
-
+def _letters(settings: Settings, fn: Callable[[Operations], Any]) -> Any:
+    """Run ``fn(operations)`` on the configured database (the operator layer, as the dashboard)."""
     engine = open_engine(settings)
     try:
-        with engine.begin() as conn:
-            return fn(DeadLetters(tables_for(settings.table)), conn)
+        return fn(Operations(engine, settings.table))
     finally:
         engine.dispose()
 
@@ -72,9 +69,7 @@ def _short(text: str, width: int = 60) -> str:
 @settings_command()
 def dlq_list(settings: Settings, group: str | None, pending: bool, limit: int, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    letters = _letters(
-        settings, lambda dl, conn: dl.find(conn, group=group, include_replayed=not pending, limit=limit)
-    )
+    letters = _letters(settings, lambda ops: ops.dead_letters(group=group, pending=pending, limit=limit))
     if as_json:
         click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, ensure_ascii=False))
         return
@@ -106,9 +101,7 @@ def dlq_list(settings: Settings, group: str | None, pending: bool, limit: int, a
 @settings_command()
 def dlq_show(settings: Settings, seq: int, as_json: bool) -> None:
     """Everything about one dead letter: the record, its headers and value, the error."""
-    letter = _letters(settings, lambda dl, conn: dl.get(conn, seq))
-    if letter is None:
-        raise MessageNotFound(f"no dead letter with seq {seq}")
+    letter = _letters(settings, lambda ops: ops.dead_letter(seq))
     entry = letter.to_dict(with_value=True)
     if as_json:
         click.echo(json.dumps(entry, indent=2, ensure_ascii=False))
@@ -155,26 +148,13 @@ def dlq_replay(
     connection = None
     if not dry_run:
         connection = KafkaConnection(**{"client_id": "outbox-dlq-replay", **connection_values(settings)})
-    from consumers._dead_letters import republish
-    from outbox._clock import utcnow
-
-    def select(dl: Any, conn: Any) -> list[DeadLetter]:
-        if seqs:
-            found: list[DeadLetter] = dl.find(conn, seqs=seqs)
-            missing = sorted(set(seqs) - {letter.seq for letter in found})
-            if missing:
-                raise MessageNotFound(f"no dead letter with seq {', '.join(map(str, missing))}")
-            return found
-        return list(dl.find(conn, group=group, include_replayed=False))
-
-    letters = _letters(settings, select)
-    failed: list[tuple[DeadLetter, str]] = []
-    if not dry_run and letters:
-        assert connection is not None
-        sent, failed = republish(letters, connection)
-        if sent:
-            _letters(settings, lambda dl, conn: dl.mark_replayed(conn, [s.seq for s in sent], at=utcnow()))
-        letters = sent
+    result = _letters(
+        settings,
+        lambda ops: ops.replay_dead_letters(
+            connection, seqs=seqs, group=group, everything=select_all, dry_run=dry_run
+        ),
+    )
+    letters, failed = list(result.replayed), list(result.failed)
     if as_json:
         click.echo(
             json.dumps(
