@@ -4,6 +4,7 @@ it is read-only, escaped, bounded, mountable and, standalone (``outbox web``), n
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -262,13 +263,15 @@ def test_every_route_refuses_state_changing_methods(engine: sa.Engine) -> None:
     paths = []
     for route in app.routes:
         if isinstance(route, Route):
-            if route.path.startswith("/actions/"):
+            if route.path.startswith("/actions/") or route.path == "/dead-letters/replay":
                 continue
             assert route.methods == {"GET", "HEAD"}, route.path
+            if route.path == "/dead-letters/{seq:int}":
+                continue  # none here: its GET is a 404, tested with the dead letters
             paths.append(route.path.replace("{ref}", str(message_id)))
         else:
             paths.append(route.path + "/dashboard.css")
-    assert len(paths) == 5
+    assert len(paths) == 6
     for path in paths:
         assert client.get(path).status_code == 200, path
         assert client.head(path).status_code == 200, path
@@ -280,6 +283,8 @@ def test_every_route_refuses_state_changing_methods(engine: sa.Engine) -> None:
         assert forged.status_code == 403, action
         for method in ("PUT", "PATCH", "DELETE"):
             assert client.request(method, f"/actions/{action}").status_code == 405
+    assert client.get("/dead-letters/replay", params={"all": "1"}).status_code == 403
+    assert client.post("/dead-letters/replay", data={"all": "1", "csrf": "1.x"}).status_code == 403
     page = client.get(f"/messages/{message_id}").text
     assert 'id="read-only"' in page and "/actions/" not in page
     assert status_counts(engine) == {"pending": 1}
@@ -724,3 +729,95 @@ def test_outbox_status_lists_the_relays_alive(engine: sa.Engine, db_url: str) ->
         assert json.loads(as_json.output)["relays"][0]["relay_id"] == "shop-relay-1"
     result = CliRunner().invoke(outbox_cli, ["status", "--database-url", db_url])
     assert "relays alive: 0" in result.output
+
+
+# --- dead letters -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeRecord:
+    """A Kafka record as the consumer read it (only what a dead letter keeps)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int | None = None
+
+
+def dead_letter(engine: sa.Engine, group: str, topic: str, offset: int, value: bytes = b'{"n": 1}') -> None:
+    from consumers._dead_letters import DeadLetters
+
+    record = FakeRecord(
+        topic, 0, offset, b"k-%d" % offset, value, [("outbox-content-type", b"application/json")]
+    )
+    with engine.begin() as conn:
+        DeadLetters(tables_for()).add(
+            conn, group=group, record=record, message_id=uuid.uuid4(), error="ValueError: <no>", attempts=3
+        )
+
+
+def test_dead_letters_by_group_and_one_of_them(engine: sa.Engine) -> None:
+    for offset in range(3):
+        dead_letter(engine, "billing", "invoices", offset)
+    dead_letter(engine, "mail", "invoices", 0, value=b"<script>alert(1)</script>")
+    client = TestClient(create_app(engine, allow_actions=True))
+    page = client.get("/dead-letters").text
+    assert re.search(r'<tr data-group="billing">.*?<td>3</td><td class="waiting">3</td>', page, re.S)
+    assert 'id="no-kafka"' in page and 'id="replay-selected"' not in page  # no Kafka: nothing to replay to
+    assert len(re.findall(r'<tr data-seq="\d+">', page)) == 4
+    billing = client.get("/dead-letters", params={"group": "billing"}).text
+    assert len(re.findall(r'<tr data-seq="\d+">', billing)) == 3
+    seq = int(re.findall(r'<tr data-seq="(\d+)">', page)[-1])
+    shown = client.get(f"/dead-letters/{seq}").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown and "<script>" not in shown
+    assert "<code>invoices[0]@0</code>" in shown and "ValueError: &lt;no&gt;" in shown
+    hidden = TestClient(create_app(engine, hide_payloads=True)).get(f"/dead-letters/{seq}").text
+    assert 'id="hidden"' in hidden and "alert(1)" not in hidden
+    assert client.get("/dead-letters/999999").status_code == 404
+    # with actions but no Kafka: the dry run says so, a POST changes nothing
+    preview = client.get("/dead-letters/replay", params={"group": "billing"})
+    assert 'id="no-kafka"' in preview.text and '<form method="post"' not in preview.text
+    assert client.get("/dead-letters/replay").status_code == 400
+    read_only = TestClient(create_app(engine))
+    assert read_only.get("/dead-letters/replay", params={"seq": str(seq)}).status_code == 403
+    from outbox.web._actions import Csrf
+
+    keyed = TestClient(create_app(engine, allow_actions=True, secret=b"s" * 32))
+    fields = [("seq", str(seq)), ("csrf", Csrf(b"s" * 32).token("anonymous"))]
+    assert submit(keyed, "/dead-letters/replay", fields[:1]).status_code == 403  # no token
+    assert submit(keyed, "/dead-letters/replay", fields).status_code == 409  # no Kafka to replay to
+
+
+def test_replay_dead_letters_to_kafka_from_the_dashboard(
+    engine: sa.Engine, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from outbox._runtime.kafka_settings import KafkaConnection
+    from tests.kafka_check import read_all
+
+    topic = f"invoices-{uuid.uuid4().hex[:8]}"
+    for offset in range(3):
+        dead_letter(engine, "billing", topic, offset)
+    dead_letter(engine, "mail", topic, 7)
+    app = create_app(engine, allow_actions=True, kafka=KafkaConnection(kafka_bootstrap))
+    client = TestClient(app)
+    listing = client.get("/dead-letters").text
+    link = re.search(
+        r'<tr data-group="billing">.*?<a class="action" href="([^"]+)">Replay 3…</a>', listing, re.S
+    )
+    assert link, listing
+    preview = client.get(link.group(1).replace("&amp;", "&")).text
+    assert dry_count(preview) == 3 and ">Replay 3 dead letters</button>" in preview
+    action, fields = form_of(preview)
+    dead_letter(engine, "billing", topic, 9)  # after the dry run: left for another replay
+    with caplog.at_level("INFO", logger="outbox.web.audit"):
+        done = submit(client, action, fields)
+    assert '<h1 id="done">Replayed 3 dead letters</h1>' in done.text, done.text
+    records = read_all(kafka_bootstrap, [topic], expect=3)
+    assert sorted(r.key or "" for r in records) == ["k-0", "k-1", "k-2"]
+    assert all(r.headers.get("outbox-replayed") == "1" and r.value == b'{"n": 1}' for r in records)
+    assert Operations(engine).dead_letter_groups() == {"billing": (4, 1), "mail": (1, 1)}
+    assert any("dashboard replay by anonymous" in r.getMessage() for r in caplog.records)
+    assert "dead letters of group billing up to seq" in client.get("/").text  # the audit table

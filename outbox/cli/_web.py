@@ -15,7 +15,13 @@ import click
 
 from outbox._errors import ConfigError
 from outbox.cli._config import Settings
-from outbox.cli._options import StopSignals, open_engine, settings_command
+from outbox.cli._options import (
+    KAFKA_CONNECTION_NAMES,
+    StopSignals,
+    kafka_connection_flags,
+    open_engine,
+    settings_command,
+)
 
 #: where a dashboard nobody logs in to may listen: this machine only
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -71,7 +77,19 @@ log = logging.getLogger("outbox.web")
     help="Offer replay and purge (each with a dry-run count and a confirmation; every action logged); "
     "default read-only.  [env: OUTBOX_WEB_ALLOW_ACTIONS]",
 )
-@settings_command("web_host", "web_port", "web_auth", "web_auth_file", "hide_payloads", "web_allow_actions")
+@kafka_connection_flags(
+    servers_help="Kafka brokers that replayed dead letters of `outbox consume` go to (without them the "
+    "dashboard shows dead letters and does not replay them).",
+)
+@settings_command(
+    "web_host",
+    "web_port",
+    "web_auth",
+    "web_auth_file",
+    "hide_payloads",
+    "web_allow_actions",
+    *KAFKA_CONNECTION_NAMES,
+)
 def web(settings: Settings) -> None:
     """Serve the web dashboard (overview, messages, keys, one message) until SIGTERM or SIGINT.
 
@@ -93,6 +111,13 @@ def web(settings: Settings) -> None:
         if settings.web_auth is None
         else parse_credentials(settings.web_auth, "the web credentials (OUTBOX_WEB_AUTH or --auth-file)")
     )
+    kafka = None
+    if settings.kafka_bootstrap_servers:
+        from outbox._runtime.kafka_settings import KafkaConnection
+        from outbox.cli._consume import connection_values, quiet_kafka_logs
+
+        quiet_kafka_logs(settings)
+        kafka = KafkaConnection(**{"client_id": "outbox-web", **connection_values(settings)})
     engine = open_engine(settings)
     try:
         app = create_app(
@@ -100,6 +125,7 @@ def web(settings: Settings) -> None:
             table=settings.table,
             hide_payloads=settings.hide_payloads,
             allow_actions=settings.web_allow_actions,
+            kafka=kafka,
         )
         served = app if credentials is None else BasicAuth(app, credentials)
         log.info(

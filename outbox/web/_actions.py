@@ -229,12 +229,24 @@ async def read_form(request: Request) -> list[tuple[str, str]] | None:
 
 def audit(request: Request, query: ActionQuery, count: int) -> None:
     """One line on ``outbox.web.audit``: who ran which action on what, and how many messages it changed."""
+    audit_line(request, query.action, query.describe(), count)
+
+
+def audit_line(request: Request, action: str, what: str, count: int) -> None:
     client = request.client.host if request.client else "-"
     audit_log.info(
-        "dashboard %s by %s from %s: %s -> %d message(s)",
-        query.action,
-        user_of(request),
-        client,
-        query.describe(),
-        count,
+        "dashboard %s by %s from %s: %s -> %d message(s)", action, user_of(request), client, what, count
     )
+
+
+class FormData:
+    """A form's fields as a query string's: ``get`` (the first value) and ``getlist``."""
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return next((v for k, v in self.fields if k == name), default)
+
+    def getlist(self, name: str) -> list[str]:
+        return [v for k, v in self.fields if k == name]

@@ -41,17 +41,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbox._clock import utcnow
 from outbox._dialects import create_engine
-from outbox._errors import MessageNotFound
+from outbox._errors import BrokerError, MessageNotFound
+from outbox._runtime.kafka_settings import KafkaConnection
 from outbox._schema import DEFAULT_TABLE, Status
 from outbox.admin import MessageFilter, Operations
 from outbox.admin._reports import message_ref, span
 from outbox.web import _pages as pages
 from outbox.web._actions import (
     ACTION_STATUSES,
+    MAX_SELECTION,
     ActionQuery,
     AllowActions,
     Csrf,
+    FormData,
     audit,
+    audit_line,
     read_form,
     rights_of,
     same_site,
@@ -103,6 +107,7 @@ def create_app(
     title: str | None = None,
     allow_actions: AllowActions = False,
     secret: bytes | None = None,
+    kafka: KafkaConnection | None = None,
 ) -> Starlette:
     """The dashboard of the outbox ``table`` on ``engine_or_url``, as an ASGI application.
 
@@ -115,7 +120,9 @@ def create_app(
     ``allow_actions``: read-only by default; ``True`` offers replay and purge to everyone who reaches
     the app; a callable gets each request and returns ``True``, ``False`` or the actions allowed
     (``{"replay"}``), e.g. from ``request.user``. ``secret`` signs the CSRF tokens (random per process
-    unless given: give every process of a multi-worker app the same one).
+    unless given: give every process of a multi-worker app the same one). ``kafka`` (e.g. a
+    ``relay.publishers.kafka.KafkaSettings``): where replayed dead letters of ``outbox consume`` go;
+    without it the dead letters are shown, not replayed.
     """
     owned = isinstance(engine_or_url, str)
     engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
@@ -253,6 +260,128 @@ def create_app(
             return len(ops.replay_matching(query.filter()).replayed)
         return ops.purge_matching(query.filter()).count
 
+    def dead_letters(request: Request) -> Response:
+        params = request.query_params
+        try:
+            after = pages.whole(params.get("after"), "after", minimum=0)
+            limit = min(
+                pages.whole(params.get("limit"), "limit", minimum=1) or pages.PAGE_SIZE, pages.MAX_PAGE_SIZE
+            )
+        except pages.BadQuery as exc:
+            return refuse(request, 400, "Bad request", str(exc))
+        group = params.get("group") or None
+        pending = params.get("pending") == "1"
+        letters = ops.dead_letters(group=group, pending=pending, limit=limit + 1, after=after)
+        more = len(letters) > limit
+        letters = letters[:limit]
+        query = {"group": group, "pending": "1" if pending else None}
+        return render(
+            request,
+            "dead_letters.html",
+            groups=ops.dead_letter_groups(),
+            letters=letters,
+            group=group,
+            pending=pending,
+            query={k: v for k, v in query.items() if v},
+            next_after=letters[-1].seq if more else None,
+            can_replay=kafka is not None,
+        )
+
+    def dead_letter(request: Request) -> Response:
+        try:
+            letter = ops.dead_letter(int(request.path_params["seq"]))
+        except MessageNotFound as exc:
+            return refuse(request, 404, "No such dead letter", str(exc))
+        return render(
+            request,
+            "dead_letter.html",
+            letter=letter,
+            shown=None if hide_payloads else letter.to_dict(with_value=True),
+            can_replay=kafka is not None,
+        )
+
+    def dead_letter_choice(fields: Any) -> tuple[list[int], str | None, bool, int | None]:
+        """(seqs, group, every group, up_to) from a query string or a form: :class:`pages.BadQuery`."""
+        seqs = [pages.whole(v, "seq", minimum=1) or 0 for v in fields.getlist("seq")]
+        group = fields.get("group") or None
+        everything = fields.get("all") == "1"
+        if bool(seqs) == bool(group or everything):
+            raise pages.BadQuery("say which dead letters: seq=..., or group=GROUP, or all=1")
+        if len(seqs) > MAX_SELECTION:
+            raise pages.BadQuery(f"{len(seqs)} dead letters selected: at most {MAX_SELECTION} at once")
+        return seqs, group, everything, pages.whole(fields.get("up_to"), "up_to", minimum=0)
+
+    def dlq_preview(request: Request) -> Response:
+        if "replay" not in rights_of(allow_actions, request):
+            return refuse(request, 403, "Not allowed", "this dashboard does not let you replay dead letters")
+        try:
+            seqs, group, everything, up_to = dead_letter_choice(request.query_params)
+            if not seqs and up_to is None:
+                # at most MAX_SELECTION at once, oldest first: the confirmation stops at the last of them
+                oldest = ops.dead_letters(group=group, pending=True, limit=MAX_SELECTION)
+                up_to = oldest[-1].seq if oldest else 0
+            found = ops.replay_dead_letters(
+                None, seqs=seqs, group=group, everything=everything, up_to=up_to, dry_run=True
+            )
+        except pages.BadQuery as exc:
+            return refuse(request, 400, "Bad request", str(exc))
+        except MessageNotFound as exc:
+            return refuse(request, 404, "No such dead letter", str(exc))
+        fields = [("seq", str(s)) for s in seqs] + [
+            (k, str(v))
+            for k, v in (("group", group), ("all", "1" if everything else None), ("up_to", up_to))
+            if v is not None
+        ]
+        return render(
+            request,
+            "confirm_dlq.html",
+            letters=found.replayed,
+            fields=fields,
+            can_replay=kafka is not None,
+            token=csrf.token(user_of(request)),
+        )
+
+    async def dlq_run(request: Request) -> Response:
+        if "replay" not in rights_of(allow_actions, request):
+            return refuse(request, 403, "Not allowed", "this dashboard does not let you replay dead letters")
+        form = await read_form(request)
+        if form is None:
+            return refuse(request, 400, "Bad request", "expected a form (application/x-www-form-urlencoded)")
+        fields = FormData(form)
+        if not same_site(request) or not csrf.valid(fields.get("csrf"), user_of(request)):
+            return refuse(
+                request, 403, "Refused", "this form did not come from this dashboard: open the action again"
+            )
+        if kafka is None:
+            return refuse(request, 409, "No Kafka", "this dashboard has no Kafka connection to replay to")
+        try:
+            seqs, group, everything, up_to = dead_letter_choice(fields)
+            if not seqs and up_to is None:
+                raise pages.BadQuery("a group replay needs up_to: confirm it from its dry-run page")
+            result = ops.replay_dead_letters(
+                kafka, seqs=seqs, group=group, everything=everything, up_to=up_to
+            )
+        except pages.BadQuery as exc:
+            return refuse(request, 400, "Bad request", str(exc))
+        except MessageNotFound as exc:
+            return refuse(request, 404, "No such dead letter", str(exc))
+        except BrokerError as exc:
+            return refuse(request, 502, "Kafka refused", str(exc))
+        what = (
+            f"dead letters {', '.join(map(str, seqs))}"
+            if seqs
+            else f"dead letters of {'every group' if everything else 'group ' + str(group)} up to seq {up_to}"
+        )
+        audit_line(request, "replay", what, len(result.replayed))
+        ops.record_audit(
+            who=user_of(request),
+            client=request.client.host if request.client else "-",
+            action="replay",
+            target=what,
+            count=len(result.replayed),
+        )
+        return render(request, "done_dlq.html", result=result)
+
     def action_preview(request: Request) -> Response:
         action = request.path_params["action"]
         if action not in rights_of(allow_actions, request):
@@ -320,6 +449,10 @@ def create_app(
             Route("/messages", messages, methods=["GET"], name="messages"),
             Route("/messages/{ref}", message, methods=["GET"], name="message"),
             Route("/keys", keys, methods=["GET"], name="keys"),
+            Route("/dead-letters", dead_letters, methods=["GET"], name="dead_letters"),
+            Route("/dead-letters/replay", dlq_preview, methods=["GET"], name="dlq_replay"),
+            Route("/dead-letters/replay", dlq_run, methods=["POST"], name="dlq_replay_run"),
+            Route("/dead-letters/{seq:int}", dead_letter, methods=["GET"], name="dead_letter"),
             Route("/actions/{action}", action_preview, methods=["GET"], name="action"),
             Route("/actions/{action}", action_run, methods=["POST"], name="action_run"),
             Mount("/static", app=static, name="static"),
