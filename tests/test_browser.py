@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import expect as playwright_expect
 from playwright.sync_api import sync_playwright
 
 import outbox
@@ -404,3 +405,57 @@ def test_mounted_in_a_fastapi_application(
     assert page.locator("#status").inner_text() == "pending"
     page.click("nav >> text=Keys")
     assert page.locator("#no-held-keys").is_visible()
+
+
+class InProcess:
+    """The dashboard app served by uvicorn on a thread of this process (for settings only code has)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=30, what="uvicorn to start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def test_pages_update_live_until_paused_and_show_local_times(
+    shop: Shop, pg: tuple[str, sa.Engine], chromium: Any
+) -> None:
+    from outbox.web import create_app
+
+    shop.broken = False
+    shop.add("orders.created", 1)
+    served = InProcess(create_app(pg[1], refresh=0.5))
+    context = chromium.new_context(timezone_id="Asia/Tokyo")
+    context.set_default_timeout(15_000)
+    try:
+        page = context.new_page()
+        page.goto(served.base + "/")
+        delivered = page.locator('a[data-status="delivered"]')
+        assert delivered.inner_text() == "0"
+        assert page.locator("#live-status").inner_text() == "live"
+        shop.relay.start()  # a relay delivers: the open page shows it without a reload
+        playwright_expect(delivered).to_have_text("1", timeout=15_000)
+        utc = page.locator("time").first
+        assert utc.inner_text().endswith(" UTC")
+        title = utc.get_attribute("title") or ""
+        assert title.endswith("(your local time)"), title  # Tokyo's time, nine hours ahead
+
+        page.click("#live")  # paused: nothing changes until resumed
+        assert page.locator("#live-status").inner_text() == "paused"
+        shop.add("orders.created", 2)
+        shop.settle(delivered=2)
+        page.wait_for_timeout(2_000)
+        assert delivered.inner_text() == "1"
+        page.click("#live")
+        playwright_expect(delivered).to_have_text("2", timeout=15_000)
+    finally:
+        context.close()
+        served.stop()

@@ -108,6 +108,7 @@ def create_app(
     allow_actions: AllowActions = False,
     secret: bytes | None = None,
     kafka: KafkaConnection | None = None,
+    refresh: float = pages.REFRESH_SECONDS,
 ) -> Starlette:
     """The dashboard of the outbox ``table`` on ``engine_or_url``, as an ASGI application.
 
@@ -122,7 +123,8 @@ def create_app(
     (``{"replay"}``), e.g. from ``request.user``. ``secret`` signs the CSRF tokens (random per process
     unless given: give every process of a multi-worker app the same one). ``kafka`` (e.g. a
     ``relay.publishers.kafka.KafkaSettings``): where replayed dead letters of ``outbox consume`` go;
-    without it the dead letters are shown, not replayed.
+    without it the dead letters are shown, not replayed. ``refresh``: seconds between two live updates
+    of a page in the browser (pausable there; 0: none).
     """
     owned = isinstance(engine_or_url, str)
     engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
@@ -138,12 +140,13 @@ def create_app(
         "table": table,
         "hide_payloads": hide_payloads,
         "iso": pages.iso,
+        "refresh": None,
         "shown_time": pages.shown_time,
     }
 
     def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("rights", rights_of(allow_actions, request))
-        html = templates.get_template(template).render(**shared, url=_linker(request), **context)
+        html = templates.get_template(template).render({**shared, "url": _linker(request), **context})
         return HTMLResponse(html, status_code=status_code)
 
     def refuse(request: Request, status_code: int, heading: str, detail: str) -> HTMLResponse:
@@ -157,6 +160,7 @@ def create_app(
         return render(
             request,
             "overview.html",
+            refresh=refresh or None,
             report=report,
             statuses=pages.STATUSES,
             oldest_age=None if age is None else span(age),
@@ -189,6 +193,7 @@ def create_app(
         return render(
             request,
             "messages.html",
+            refresh=refresh or None,
             query=query,
             records=records,
             statuses=pages.STATUSES,
@@ -215,6 +220,7 @@ def create_app(
         return render(
             request,
             "message.html",
+            refresh=refresh or None,
             record=record,
             around=around,
             payload=None if hide_payloads else pages.PayloadView.of(record),
@@ -229,6 +235,7 @@ def create_app(
         return render(
             request,
             "keys.html",
+            refresh=refresh or None,
             held=held,
             ages={k.key: span(max(now - k.head.created_at, dt.timedelta(0))) for k in held},
             keys_shown=pages.KEYS_SHOWN,
@@ -278,6 +285,7 @@ def create_app(
         return render(
             request,
             "dead_letters.html",
+            refresh=refresh or None,
             groups=ops.dead_letter_groups(),
             letters=letters,
             group=group,

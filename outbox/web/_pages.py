@@ -27,6 +27,8 @@ NEIGHBOURS = 3
 #: held keys on the keys page (oldest head first), and how far the messages behind each are counted
 KEYS_SHOWN = 100
 WAITING_CAP = 10_000
+#: seconds between two live updates of a page (overview, lists, a message, keys, dead letters)
+REFRESH_SECONDS = 5
 #: the dashboard's last actions shown on the overview
 AUDIT_SHOWN = 20
 STATUSES = tuple(s.value for s in Status)
