@@ -824,3 +824,33 @@ def test_replay_dead_letters_to_kafka_from_the_dashboard(
     assert Operations(engine).dead_letter_groups() == {"billing": (4, 1), "mail": (1, 1)}
     assert any("dashboard replay by anonymous" in r.getMessage() for r in caplog.records)
     assert "dead letters of group billing up to seq" in client.get("/").text  # the audit table
+
+
+def test_time_range_and_go_to_a_message_and_its_trace(engine: sa.Engine) -> None:
+    ids = [add(engine, "orders.created", {"n": i}) for i in range(4)]
+    base = dt.datetime(2026, 5, 1, 12, 0)
+    with engine.begin() as conn:
+        for i, message_id in enumerate(ids):
+            conn.execute(
+                sa.update(T).where(T.c.id == message_id).values(created_at=base + dt.timedelta(hours=i))
+            )
+    traced = add(
+        engine,
+        "orders.created",
+        headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+    )
+    client = TestClient(create_app(engine, trace_url="https://jaeger.example/trace/{trace_id}"))
+    page = client.get("/messages", params={"since": "2026-05-01T13:00", "until": "2026-05-01T15:00"}).text
+    assert seqs_on(page) == [seq_of(engine, ids[2]), seq_of(engine, ids[1])]
+    assert 'name="since" type="datetime-local" step="1" value="2026-05-01T13:00"' in page
+    with_offset = client.get("/messages", params={"since": "2026-05-01T15:00+02:00"}).text  # 13:00 UTC
+    assert seqs_on(with_offset)[-1] == seq_of(engine, ids[1])
+    assert client.get("/messages", params={"since": "yesterday"}).status_code == 400
+
+    jump = client.get("/messages", params={"ref": str(ids[3])}, follow_redirects=False)
+    assert jump.status_code == 303 and jump.headers["location"] == f"/messages/{ids[3]}"
+    assert client.get("/messages", params={"ref": "nope"}).status_code == 400
+    shown = client.get(f"/messages/{traced}").text
+    assert '<a id="trace" href="https://jaeger.example/trace/4bf92f3577b34da6a3ce929d0e0e4736"' in shown
+    assert 'id="trace"' not in client.get(f"/messages/{ids[0]}").text
+    assert 'id="trace"' not in TestClient(create_app(engine)).get(f"/messages/{traced}").text

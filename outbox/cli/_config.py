@@ -98,6 +98,7 @@ _KINDS: dict[str, str] = {
     "web_auth_file": "str?",
     "hide_payloads": "bool",
     "web_allow_actions": "bool",
+    "web_trace_url": "str?",
 }
 #: settings read from a file instead (``--database-url-file``): the setting each one gives
 SECRET_FILES: dict[str, str] = {
@@ -127,6 +128,7 @@ _FLAGS = {
     "web_auth": "--auth",
     "web_auth_file": "--auth-file",
     "web_allow_actions": "--allow-actions",
+    "web_trace_url": "--trace-url",
 }
 
 
@@ -197,6 +199,8 @@ class Settings:
     hide_payloads: bool = False
     #: ``outbox web``: offer replay and purge (dry run, confirmation, CSRF, audit line); default read-only
     web_allow_actions: bool = False
+    #: ``outbox web``: a link to a message's trace, ``{trace_id}`` replaced by its traceparent's trace id
+    web_trace_url: str | None = None
 
     def __post_init__(self) -> None:
         normalise_url(self.database_url)  # raises ConfigError with the expected form

@@ -77,6 +77,14 @@ log = logging.getLogger("outbox.web")
     help="Offer replay and purge (each with a dry-run count and a confirmation; every action logged); "
     "default read-only.  [env: OUTBOX_WEB_ALLOW_ACTIONS]",
 )
+@click.option(
+    "--trace-url",
+    "web_trace_url",
+    envvar="OUTBOX_WEB_TRACE_URL",
+    metavar="URL",
+    help="Link each message with a traceparent header to its trace: {trace_id} in URL is replaced by "
+    "its trace id, e.g. https://jaeger.example/trace/{trace_id}.  [env: OUTBOX_WEB_TRACE_URL]",
+)
 @kafka_connection_flags(
     servers_help="Kafka brokers that replayed dead letters of `outbox consume` go to (without them the "
     "dashboard shows dead letters and does not replay them).",
@@ -88,10 +96,11 @@ log = logging.getLogger("outbox.web")
     "web_auth_file",
     "hide_payloads",
     "web_allow_actions",
+    "web_trace_url",
     *KAFKA_CONNECTION_NAMES,
 )
 def web(settings: Settings) -> None:
-    """Serve the web dashboard (overview, messages, keys, one message) until SIGTERM or SIGINT.
+    """Serve the web dashboard (overview, messages, keys, dead letters) until SIGTERM or SIGINT.
 
     Read-only unless --allow-actions."""
     if settings.web_auth is None and settings.web_host not in LOOPBACK_HOSTS:
@@ -126,6 +135,7 @@ def web(settings: Settings) -> None:
             hide_payloads=settings.hide_payloads,
             allow_actions=settings.web_allow_actions,
             kafka=kafka,
+            trace_url=settings.web_trace_url,
         )
         served = app if credentials is None else BasicAuth(app, credentials)
         log.info(

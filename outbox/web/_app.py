@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -109,6 +109,7 @@ def create_app(
     secret: bytes | None = None,
     kafka: KafkaConnection | None = None,
     refresh: float = pages.REFRESH_SECONDS,
+    trace_url: str | None = None,
 ) -> Starlette:
     """The dashboard of the outbox ``table`` on ``engine_or_url``, as an ASGI application.
 
@@ -124,7 +125,9 @@ def create_app(
     unless given: give every process of a multi-worker app the same one). ``kafka`` (e.g. a
     ``relay.publishers.kafka.KafkaSettings``): where replayed dead letters of ``outbox consume`` go;
     without it the dead letters are shown, not replayed. ``refresh``: seconds between two live updates
-    of a page in the browser (pausable there; 0: none).
+    of a page in the browser (pausable there; 0: none). ``trace_url``: a link to a message's trace,
+    ``{trace_id}`` replaced by the trace id of its ``traceparent`` header
+    (``https://grafana.example/explore?...{trace_id}``, ``https://jaeger.example/trace/{trace_id}``).
     """
     owned = isinstance(engine_or_url, str)
     engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
@@ -181,6 +184,11 @@ def create_app(
         )
 
     def messages(request: Request) -> Response:
+        wanted = request.query_params.get("ref", "").strip()
+        if wanted:  # "go to message": an id or a SEQ
+            if message_ref(wanted) is None:
+                return refuse(request, 400, "Bad request", f"{wanted!r} is neither a SEQ nor a message id")
+            return RedirectResponse(_linker(request)("message", ref=wanted), status_code=303)
         try:
             query = pages.ListQuery.parse(request.query_params, request.query_params.getlist("status"))
         except pages.BadQuery as exc:
@@ -225,6 +233,7 @@ def create_app(
             around=around,
             payload=None if hide_payloads else pages.PayloadView.of(record),
             due_label=pages.due_label(record.status),
+            trace=pages.trace_link(trace_url, record.headers),
             replayable=record.status in [s.value for s in ACTION_STATUSES["replay"]],
             purgeable=record.status in [s.value for s in ACTION_STATUSES["purge"]],
         )

@@ -45,6 +45,9 @@ class ListQuery:
     statuses: tuple[str, ...] = ()
     topic: str | None = None
     key: str | None = None
+    #: created at or after / before (naive UTC)
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
     after: int | None = None
     limit: int = PAGE_SIZE
 
@@ -59,12 +62,16 @@ class ListQuery:
             statuses=chosen,
             topic=params.get("topic") or None,
             key=params.get("key") or None,
+            since=utc_time(params.get("since"), "since"),
+            until=utc_time(params.get("until"), "until"),
             after=whole(params.get("after"), "after", minimum=0),
             limit=min(whole(params.get("limit"), "limit", minimum=1) or PAGE_SIZE, MAX_PAGE_SIZE),
         )
 
     def filter(self) -> MessageFilter:
-        return MessageFilter(tuple(Status(s) for s in self.statuses), self.topic, self.key)
+        return MessageFilter(
+            tuple(Status(s) for s in self.statuses), self.topic, self.key, self.since, self.until
+        )
 
     def params(self, **changes: object) -> dict[str, str | list[str]]:
         """This query as URL parameters (for the next page's link), with ``changes``."""
@@ -72,6 +79,8 @@ class ListQuery:
             "status": list(self.statuses),
             "topic": self.topic,
             "key": self.key,
+            "since": None if self.since is None else time_field(self.since),
+            "until": None if self.until is None else time_field(self.until),
             "limit": self.limit if self.limit != PAGE_SIZE else None,
             "after": self.after,
             **changes,
@@ -92,6 +101,35 @@ def whole(text: str | None, name: str, *, minimum: int) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > SEQ_DIGITS or int(text) < minimum:
         raise BadQuery(f"{name} must be a whole number of at least {minimum}, got {text!r}")
     return int(text)
+
+
+def utc_time(text: str | None, name: str) -> dt.datetime | None:
+    """A time from a URL (``2026-05-01T12:00``, as a datetime-local field sends it: UTC; or ISO 8601
+    with an offset) as naive UTC; :class:`BadQuery` if it is not one."""
+    if not text:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadQuery(f"{name} must be a time like 2026-05-01T12:00 (UTC), got {text!r}") from None
+    return value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def time_field(value: dt.datetime) -> str:
+    """A naive UTC time as a datetime-local field's value (seconds kept when there are some)."""
+    return value.strftime("%Y-%m-%dT%H:%M:%S" if value.second or value.microsecond else "%Y-%m-%dT%H:%M")
+
+
+def trace_link(template: str | None, headers: Mapping[str, str]) -> str | None:
+    """``template`` (``https://tempo.example/trace/{trace_id}``) filled with the trace id of a valid
+    W3C ``traceparent`` header; None without either."""
+    parent = headers.get("traceparent", "")
+    parts = parent.split("-")
+    if not template or len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    if not all(c in "0123456789abcdef" for c in parts[1]):
+        return None
+    return template.replace("{trace_id}", parts[1])
 
 
 def iso(value: dt.datetime | None) -> str:
