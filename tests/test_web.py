@@ -854,3 +854,18 @@ def test_time_range_and_go_to_a_message_and_its_trace(engine: sa.Engine) -> None
     assert '<a id="trace" href="https://jaeger.example/trace/4bf92f3577b34da6a3ce929d0e0e4736"' in shown
     assert 'id="trace"' not in client.get(f"/messages/{ids[0]}").text
     assert 'id="trace"' not in TestClient(create_app(engine)).get(f"/messages/{traced}").text
+
+
+def test_overview_shows_the_doctors_findings_checked_in_the_background(engine: sa.Engine) -> None:
+    client = TestClient(create_app(engine))
+    first = client.get("/").text
+    assert 'id="doctor-pending"' in first or 'id="doctor-summary"' in first
+
+    def checked() -> str | None:
+        html = client.get("/").text
+        return html if 'id="doctor-summary"' in html else None
+
+    html = wait_until(checked, timeout=30, what="the health checks")
+    assert isinstance(html, str)
+    rows = re.findall(r'<tr class="level-(\w+)"><td>(\w+)</td>', html)
+    assert ("ok", "schema_version") in rows and ("ok", "tables") in rows, rows

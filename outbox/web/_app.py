@@ -25,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -44,7 +47,7 @@ from outbox._dialects import create_engine
 from outbox._errors import BrokerError, MessageNotFound
 from outbox._runtime.kafka_settings import KafkaConnection
 from outbox._schema import DEFAULT_TABLE, Status
-from outbox.admin import MessageFilter, Operations
+from outbox.admin import DoctorReport, MessageFilter, Operations, diagnose
 from outbox.admin._reports import message_ref, span
 from outbox.web import _pages as pages
 from outbox.web._actions import (
@@ -61,6 +64,11 @@ from outbox.web._actions import (
     same_site,
     user_of,
 )
+
+#: seconds a health report (``outbox doctor``'s checks) is shown before it is checked again
+DOCTOR_MAX_AGE = 60.0
+
+log = logging.getLogger("outbox.web")
 
 #: on every answer. ``default-src 'self'``: scripts, styles and images only from this app's own
 #: /static (no inline script or style, nothing from a CDN); ``frame-ancestors 'none'`` with
@@ -133,6 +141,7 @@ def create_app(
     engine = create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
     ops = Operations(engine, table)
     csrf = Csrf(secret)
+    doctor = DoctorCache(engine, table)
     templates = jinja2.Environment(
         loader=jinja2.PackageLoader("outbox.web", "templates"),
         autoescape=True,  # every value, whatever the template's name: payloads and topics are user data
@@ -157,6 +166,7 @@ def create_app(
 
     def overview(request: Request) -> Response:
         report = ops.status()
+        doctor_report, doctor_age = doctor.get()
         age = report.oldest_waiting_age
         hour = ops.activity(window=pages.HOUR[0], step=pages.HOUR[1], now=report.now)
         day = ops.activity(window=pages.DAY[0], step=pages.DAY[1], now=report.now)
@@ -181,6 +191,8 @@ def create_app(
                 for p in pages.PERCENTILES
             ],
             audit_log=ops.audit_log(limit=pages.AUDIT_SHOWN),
+            doctor=doctor_report,
+            doctor_age=span(dt.timedelta(seconds=doctor_age)),
         )
 
     def messages(request: Request) -> Response:
@@ -477,6 +489,41 @@ def create_app(
         middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
+
+
+class DoctorCache:
+    """``outbox doctor``'s findings for the overview, computed on a thread of their own at most every
+    ``max_age`` seconds: its checks take 0.1-0.3 s (a LISTEN round trip, the catalog), which no page
+    request waits for. The first overview says they are being checked; live updates bring them."""
+
+    def __init__(self, engine: sa.Engine, table: str, max_age: float = DOCTOR_MAX_AGE) -> None:
+        self.engine = engine
+        self.table = table
+        self.max_age = max_age
+        self.report: DoctorReport | None = None
+        self.at = 0.0
+        self._running = False
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[DoctorReport | None, float]:
+        """The last report and its age in seconds (starting a new check when it is too old)."""
+        with self._lock:
+            stale = self.report is None or time.monotonic() - self.at > self.max_age
+            if stale and not self._running:
+                self._running = True
+                threading.Thread(target=self._check, name="outbox-web-doctor", daemon=True).start()
+            return self.report, time.monotonic() - self.at
+
+    def _check(self) -> None:
+        try:
+            report = diagnose(self.engine, self.table)
+        except Exception:  # never takes the dashboard down: the overview keeps its last report
+            log.exception("the dashboard's health checks failed")
+            report = None
+        with self._lock:
+            if report is not None:
+                self.report, self.at = report, time.monotonic()
+            self._running = False
 
 
 def _linker(request: Request) -> Callable[..., str]:
