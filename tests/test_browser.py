@@ -37,6 +37,7 @@ import outbox
 from consumers import Registry
 from outbox._message import Message
 from outbox._schema import tables_for
+from outbox.admin import Operations
 from relay import Relay
 from tests.conftest import ROOT, make_database, status_counts, wait_until
 from tests.kafka_broker import free_port
@@ -232,9 +233,15 @@ def test_replay_a_dead_message_and_watch_the_relay_deliver_it(
         shop.add("orders.created", n)
     shop.settle(delivered=3, dead=4)
     web = dashboards(pg[0], "--allow-actions")
+    wait_until(  # the relay's heartbeat has written what it did
+        lambda: [(r.delivered, r.dead) for r in Operations(pg[1]).relays()] == [(3, 4)], what="a heartbeat"
+    )
 
     page.goto(web.base + "/")
     assert page.locator('a[data-status="dead"]').inner_text() == "4"
+    playwright_expect(page.locator("#doctor-summary")).to_be_visible(timeout=20_000)  # live update
+    assert page.locator("#relays tbody tr").count() == 1
+    assert "3 delivered, 0 failed, 4 dead" in page.locator("#chart-1 figcaption").inner_text()
     shots(page, "overview")
     page.click('a[data-status="dead"]')
     assert page.locator("tr[data-seq]").count() == 4
@@ -459,3 +466,41 @@ def test_pages_update_live_until_paused_and_show_local_times(
     finally:
         context.close()
         served.stop()
+
+
+def test_replay_a_consumer_groups_dead_letters(
+    pg: tuple[str, sa.Engine],
+    page: Any,
+    dashboards: Callable[..., Dashboard],
+    kafka_bootstrap: str,
+    shots: Any,
+) -> None:
+    from consumers._dead_letters import DeadLetters
+    from tests.kafka_check import read_all
+    from tests.test_web import FakeRecord
+
+    topic = f"invoices-{uuid.uuid4().hex[:8]}"
+    with pg[1].begin() as conn:
+        for offset in range(3):
+            record = FakeRecord(topic, 0, offset, b"invoice-%d" % offset, b'{"total": 12}', [])
+            DeadLetters(tables_for()).add(
+                conn,
+                group="billing",
+                record=record,
+                message_id=uuid.uuid4(),
+                error="KeyError: 'vat'",
+                attempts=5,
+            )
+    web = dashboards(pg[0], "--allow-actions", "--kafka-bootstrap-servers", kafka_bootstrap)
+    page.goto(web.base + "/")
+    page.click("nav >> text=Dead letters")
+    assert page.locator('tr[data-group="billing"] .waiting').inner_text() == "3"
+    shots(page, "dead-letters")
+    page.click('tr[data-group="billing"] >> text=Replay 3…')
+    assert page.locator("#confirm").inner_text() == "Replay 3 dead letters"
+    page.click("#confirm")
+    assert page.locator("#done").inner_text() == "Replayed 3 dead letters"
+    records = read_all(kafka_bootstrap, [topic], expect=3)
+    assert sorted(r.key or "" for r in records) == ["invoice-0", "invoice-1", "invoice-2"]
+    page.click("text=Dead letters")
+    assert page.locator('tr[data-group="billing"] .waiting').inner_text() == "0"

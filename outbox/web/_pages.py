@@ -215,10 +215,13 @@ class ChartView:
                     tall = max(1.0, value / peak * (height - 4))
                     bottom -= tall
                     parts.append((css, round(bottom, 2), round(tall, 2)))
-            title = f"{start:%H:%M} UTC: {delivered} delivered, {failed} failed, {dead} dead"
+            title = f"{start:%b %d %H:%M} UTC: {delivered} delivered, {failed} failed, {dead} dead"
             bars.append(Bar(round(index * slot, 2), round(max(slot - 1, 0.5), 2), tuple(parts), title))
         last = activity.buckets[-1][0] if activity.buckets else activity.since
-        return cls(width, height, tuple(bars), peak, f"{activity.since:%H:%M}", f"{last:%H:%M}", activity)
+        shown = "%H:%M" if len(activity.buckets) * activity.step <= dt.timedelta(hours=1) else "%b %d %H:%M"
+        return cls(
+            width, height, tuple(bars), peak, activity.since.strftime(shown), last.strftime(shown), activity
+        )
 
 
 def latency_text(milliseconds: float | None) -> str:
