@@ -5,12 +5,16 @@
 5,000,000) and ``--waiting`` waiting ones (default 100,000: pending, some due later, inflight under a
 lease, failed, dead, and parked keys with messages queued behind them), then drives the dashboard
 (:func:`outbox.web.create_app`, actions allowed) in process with Starlette's ``TestClient`` and times
-each page's GET: one warm-up request, then ``--rounds`` timed ones. The table gives the median, p90 and
-maximum, the SQL time and statement count of the median request, the answer's size and what it showed,
-and PASS/FAIL against the issue's target: a median under 300 ms on PostgreSQL, under 1 s on MariaDB
-(SQLite: reported against PostgreSQL's target, as a guide only). For every page over its target it then
-prints the statements the page ran, with their time, and the plan of the costly ones (PostgreSQL:
-``EXPLAIN (ANALYZE, BUFFERS)``; MariaDB: ``ANALYZE``; SQLite: ``EXPLAIN QUERY PLAN``).
+each page's GET: one warm-up request, then ``--rounds`` timed ones. The pages are the issue's list (the
+overview, lists by status, topic, key and a deep keyset page, a message with its key's neighbours, the
+keys page, the actions' dry runs), then three of them asked about something rare (a key with few
+messages, a topic with none, a message alone in its key), where no index covers the filter. The table
+gives per page the median, p90 and maximum, the time spent in the driver's ``execute`` (median over the
+rounds) and the statement count, the answer's size and what it showed, and PASS/FAIL against the
+issue's target: a median under 300 ms on PostgreSQL, under 1 s on MariaDB (SQLite: reported against
+PostgreSQL's target, as a guide only). For every page over its target it then prints the statements the
+page ran, with their time, and the plan of the costly ones, run again with the same parameters
+(PostgreSQL: ``EXPLAIN (ANALYZE, BUFFERS)``; MariaDB: ``ANALYZE``; SQLite: ``EXPLAIN QUERY PLAN``).
 
 The load is set-based: the waiting rows are laid out here and inserted in one batch, the delivered rows
 by ``INSERT ... SELECT`` over a generated series (PostgreSQL ``generate_series``, MariaDB's sequence
@@ -20,8 +24,9 @@ loaded with the same counts (the database is left in place after every run). Row
 shape: ``seq`` in ``created_at`` order over the last 7 days, 20 topics, half of the messages keyed over
 10,000 keys, JSON payloads of about 200 bytes, delivered a few milliseconds after their creation; the
 waiting backlog is the newest rows, dead and parked messages are spread over the whole week, failed ones
-over its last hours. The built indexes are denser than those of a table that grew row by row, so these
-are lower bounds for a table of the same size.
+over its last hours. Where the schema has the relays' heartbeat tables, they get two relays' week of
+per-minute rows (what the overview's charts read). The built indexes are denser than those of a table
+that grew row by row, so these are lower bounds for a table of the same size.
 
 Run it alone (``flock /tmp/bench.lock python -m bench.web_pages --db postgresql``): it measures
 latency. A benchmark, not a test: it records nothing under ``bench/results``.
@@ -86,6 +91,8 @@ QUEUED_PER_PARKED = 10
 HISTORY = dt.timedelta(days=7)
 #: rows per INSERT ... SELECT of delivered messages (one transaction each)
 CHUNK = 500_000
+#: relays whose heartbeat and per-minute stats rows the overview reads
+RELAYS = 2
 
 
 def key_name(number: int) -> str:
@@ -257,6 +264,10 @@ class Layout:
         dead = [s for s, row in self.waiting_rows.items() if row["status"] == "dead"]
         return min(dead, key=lambda s: abs(s - middle))
 
+    def newest_failed_keyed(self) -> int:
+        """A message whose key has no other message before or after it: a retry's held key."""
+        return max(s for s, row in self.waiting_rows.items() if row["status"] == "failed" and row["msg_key"])
+
 
 class Fragments:
     """The few SQL expressions the loader writes differently on each database."""
@@ -325,24 +336,29 @@ class Fragments:
         )
 
 
+def sql_text(value: str) -> str:
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def delivered_insert(frag: Fragments, lo: int, hi: int) -> str:
     """``INSERT ... SELECT`` of the delivered rows ``lo..hi`` (skipping the seqs in ``webbench_taken``)."""
     with_clause, source, i = frag.series(lo, hi)
     topic = " ".join(f"WHEN {n} THEN '{name}'" for n, name in enumerate(TOPICS))
-    payload = frag.concat(
-        "'{\"order_id\": '",
+    payload = frag.concat(  # the JSON of Layout.payload_of
+        sql_text('{"order_id": '),
         i,
-        '\', "customer": "c-\'',
+        sql_text(', "customer": "c-'),
         f"{i} % 100000",
-        '\'", "amount_cents": \'',
+        sql_text('", "amount_cents": '),
         f"({i} * 37) % 100000",
-        '\', "currency": "EUR", "items": \'',
+        sql_text(', "currency": "EUR", "items": '),
         f"1 + {i} % 5",
-        '\', "reference": "\'',
+        sql_text(', "reference": "'),
         frag.hex32(i),
-        '\'", "note": "\'',
+        sql_text('", "note": "'),
         frag.hex32(f"{i} + 1"),
-        "'\"}'",
+        sql_text('"}'),
     )
     created = f"{i} * :step"
     return f"""{with_clause}INSERT INTO outbox (seq, id, topic, msg_key, payload, content_type, headers,
@@ -447,9 +463,6 @@ def build_indexes(conn: sa.Connection, backend: str) -> None:
         conn.execute(sa.text("ALTER TABLE outbox ADD CONSTRAINT uq_outbox_id UNIQUE (id)"))
     for index in indexes:
         conn.execute(sa.schema.CreateIndex(index))
-
-
-RELAYS = 2
 
 
 def fill_activity(engine: sa.Engine, layout: Layout) -> None:
@@ -664,7 +677,10 @@ class Timing:
 
 
 def pages_of(layout: Layout) -> list[Page]:
+    """The issue's pages, then the same pages asked what is rare: they cost the most where an index does
+    not cover the filter (the list's newest page then reads back until it has a page, or to the start)."""
     busy_key = key_name(42)
+    held_key = key_name(KEYS)  # a parked head and the messages queued behind it
     return [
         Page("overview", "/"),
         Page("messages", "/messages"),
@@ -678,6 +694,10 @@ def pages_of(layout: Layout) -> list[Page]:
         Page("replay dry run status=dead", "/actions/replay?status=dead"),
         Page("purge dry run status=delivered", "/actions/purge?status=delivered"),
         Page("replay dry run ref=<dead seq>", f"/actions/replay?ref={layout.middle_dead()}"),
+        # the same pages, asked about something rare
+        Page(f"rare: messages key={held_key}", "/messages?" + urlencode({"key": held_key})),
+        Page("rare: messages topic=<none of it>", "/messages?" + urlencode({"topic": "orders.archived"})),
+        Page("rare: message (key has no other)", f"/messages/{layout.newest_failed_keyed()}"),
     ]
 
 
