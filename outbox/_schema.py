@@ -73,6 +73,10 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 #: how long the relays', stats' and audit rows are kept
 ACTIVITY_RETENTION_DAYS = 8
 
+#: the dialect names of every supported database but PostgreSQL (MariaDB answers to both of the first)
+_NOT_POSTGRESQL = ("mysql", "mariadb", "sqlite")
+
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,45}$")
 
 
@@ -200,6 +204,22 @@ def _define(name: str) -> OutboxTables:
             postgresql_where=sa.text(f"status <> '{Status.DELIVERED.value}'"),
         ),
         sa.Index(f"ix_{name}_done", "delivered_at", postgresql_where=sa.text("delivered_at IS NOT NULL")),
+        # The dashboard's lists of one key and of one topic (outbox.web; schema version 5). PostgreSQL's
+        # other key indexes hold only the rows still holding their key, so this one holds every keyed
+        # row; MariaDB's and SQLite's ix_<name>_key already does, and they get (topic, seq) instead:
+        # their status index cannot answer a topic alone, and InnoDB writes it once per message (its
+        # columns never change), where PostgreSQL would write it at every claim and mark.
+        sa.Index(
+            f"ix_{name}_key_seq",
+            "msg_key",
+            "seq",
+            postgresql_where=sa.text("msg_key IS NOT NULL"),
+            info={"dialect": "postgresql"},
+        ).ddl_if(dialect="postgresql"),
+        # a tuple of dialect names works (DDLIf._should_execute), though typed as one name
+        sa.Index(f"ix_{name}_topic", "topic", "seq", info={"dialect": _NOT_POSTGRESQL}).ddl_if(
+            dialect=_NOT_POSTGRESQL  # type: ignore[arg-type]
+        ),
         sa.UniqueConstraint("id", name=f"uq_{name}_id"),
     )
     locks = sa.Table(
@@ -329,25 +349,35 @@ def _v2(conn: sa.Connection, t: OutboxTables) -> None:
 def _v3(conn: sa.Connection, t: OutboxTables) -> None:
     if conn.dialect.name != "postgresql":
         return  # the same indexes as before elsewhere
+    # the indexes of versions 1 and 2, made partial (an explicit CreateIndex ignores ddl_if: name them)
+    partial = {f"ix_{t.name}_{suffix}" for suffix in ("due", "key", "status", "done")}
     for index in t.messages.indexes:
-        conn.execute(sa.schema.DropIndex(index, if_exists=True))
-        conn.execute(sa.schema.CreateIndex(index))
+        if index.name in partial:
+            conn.execute(sa.schema.DropIndex(index, if_exists=True))
+            conn.execute(sa.schema.CreateIndex(index))
 
 
 def _v4(conn: sa.Connection, t: OutboxTables) -> None:
+    holding = f"ix_{t.name}_holding"
     for index in t.messages.indexes:
-        if index.info.get("dialect") == conn.dialect.name:
+        if index.name == holding and index_applies(index, conn.dialect.name):
             conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
 
 def _v5(conn: sa.Connection, t: OutboxTables) -> None:
     t.metadata.create_all(conn, tables=[t.relays, t.stats, t.audit])
+    for index in t.messages.indexes:
+        if index.name in (f"ix_{t.name}_key_seq", f"ix_{t.name}_topic") and index_applies(
+            index, conn.dialect.name
+        ):
+            conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
 
 def index_applies(index: sa.Index, dialect_name: str) -> bool:
-    """Whether ``index`` exists on a database of ``dialect_name`` (some are PostgreSQL's alone)."""
+    """Whether ``index`` exists on a database of ``dialect_name`` (some are PostgreSQL's alone, one is
+    everyone's but PostgreSQL's)."""
     only = index.info.get("dialect")
-    return only is None or only == dialect_name
+    return only is None or dialect_name == only or (isinstance(only, tuple) and dialect_name in only)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -366,7 +396,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         additive=True,
     ),
     Migration(
-        5, "create the relays' heartbeat, per-minute stats and dashboard audit tables", _v5, additive=True
+        5,
+        "create the relays' heartbeat, per-minute stats and dashboard audit tables, and the dashboard's "
+        "index by key (PostgreSQL) or by topic (MariaDB, SQLite)",
+        _v5,
+        additive=True,
     ),
 )
 

@@ -444,3 +444,36 @@ def test_purge_matching_deletes_only_finished_rows_up_to_the_seq_given(engine: s
         left = dict(conn.execute(sa.select(T.c.id, T.c.status)).all())
     assert left == {ids[2]: "failed", ids[4]: "dead"}
     assert ops.count(cap=0) == 1 and ops.count() == 2
+
+
+def test_a_bounded_status_estimates_delivered_messages_past_its_limit(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status(exact=False), the dashboard's: past EXACT_DELIVERED delivered messages their count is the
+    database's estimate (SQLite: counted), per topic they are left out, due and expired work is capped."""
+    from outbox.admin import _operations
+
+    monkeypatch.setattr(_operations, "EXACT_DELIVERED", 5)
+    monkeypatch.setattr(_operations, "COUNT_CAP", 3)
+    now = utcnow()
+    seed(engine, now, [Status.DELIVERED] * 40 + [Status.DEAD, Status.PARKED])
+    seed(engine, now - HOUR, [Status.PENDING] * 6 + [Status.FAILED])  # due now, all seven
+    with engine.begin() as conn:  # the statistics a live database keeps
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ANALYZE outbox"))
+        elif engine.dialect.name in ("mysql", "mariadb"):
+            conn.execute(sa.text("ANALYZE TABLE outbox"))
+    ops = Operations(engine)
+    exact = ops.status(now=now)
+    bounded = ops.status(now=now, exact=False)
+    assert exact.counts["delivered"] == 40 and not exact.estimated and exact.count_cap is None
+    assert {s: n for s, n in bounded.counts.items() if s != "delivered"} == {
+        s: n for s, n in exact.counts.items() if s != "delivered"
+    }
+    if engine.dialect.name == "sqlite":
+        assert (bounded.estimated, bounded.counts["delivered"]) == (False, 40)
+    else:
+        assert bounded.estimated and 30 <= bounded.counts["delivered"] <= 50, bounded.counts
+        assert "delivered" not in bounded.topics["orders.created"]
+    assert exact.due_now == 7 and bounded.due_now == 4 and bounded.count_cap == 3  # 4: more than 3
+    assert bounded.oldest_waiting_at == exact.oldest_waiting_at

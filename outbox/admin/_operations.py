@@ -54,6 +54,12 @@ from outbox.admin._reports import (
 
 #: statuses of messages that still wait for delivery (their age is the backlog's age)
 WAITING = (Status.PENDING, Status.INFLIGHT, Status.FAILED)
+#: every status but delivered: the rows PostgreSQL's status index holds
+NOT_DELIVERED = tuple(s for s in Status if s is not Status.DELIVERED)
+#: ``status(exact=False)``: delivered messages counted exactly up to this many, estimated beyond
+EXACT_DELIVERED = 100_000
+#: ``status(exact=False)`` and the dashboard's dry runs: other counts stop past this many
+COUNT_CAP = 10_000
 #: statuses ``purge`` may delete, and the column whose age decides
 PURGEABLE = {Status.DELIVERED: "delivered_at", Status.DEAD: "created_at", Status.PARKED: "created_at"}
 
@@ -78,43 +84,99 @@ class Operations:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def status(self, *, now: dt.datetime | None = None) -> StatusReport:
-        """Counts per status and per topic, the backlog's age, parked keys, due and expired work."""
+    def status(self, *, now: dt.datetime | None = None, exact: bool = True) -> StatusReport:
+        """Counts per status and per topic, the backlog's age, parked keys, due and expired work.
+
+        ``exact=False`` (the dashboard's overview) bounds every query, whatever the table's size: the
+        messages not delivered are counted exactly (the status index holds them: on PostgreSQL it holds
+        nothing else), the delivered ones up to :data:`EXACT_DELIVERED` and beyond that estimated from
+        the database's statistics (``StatusReport.estimated``: PostgreSQL's ``reltuples``, MariaDB's
+        ``TABLE_ROWS``; per topic they are then not given); due and expired messages are counted up to
+        :data:`COUNT_CAP` (``count_cap``).
+        """
         t = self.t
         now = now or utcnow()
         counts = {s.value: 0 for s in Status}
         topics: dict[str, dict[str, int]] = {}
+        waiting = (Status.PENDING, Status.FAILED)
+        estimated = False
+        cap = None if exact else COUNT_CAP
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.status, t.c.topic, sa.func.count()).group_by(t.c.status, t.c.topic)
-            )
-            for status, topic, n in rows:
+            grouped = sa.select(t.c.status, t.c.topic, sa.func.count()).group_by(t.c.status, t.c.topic)
+            if not exact:
+                grouped = grouped.where(status_in(t.c.status, NOT_DELIVERED))
+            for status, topic, n in conn.execute(grouped):
                 counts[status] = counts.get(status, 0) + n
                 topics.setdefault(topic, {})[status] = n
-            oldest = conn.execute(
-                sa.select(sa.func.min(t.c.created_at)).where(_in(t.c.status, WAITING))
-            ).scalar()
+            if not exact:
+                delivered = _count(
+                    conn, sa.select(t.c.seq).where(t.c.status == Status.DELIVERED.value), EXACT_DELIVERED
+                )
+                if delivered > EXACT_DELIVERED:
+                    rows = self._estimated_rows(conn)
+                    if rows is not None:
+                        estimated = True
+                        delivered = max(rows - sum(counts.values()), delivered)
+                    else:  # SQLite: no statistics, and a count of its rows is quick enough
+                        delivered = _count(
+                            conn, sa.select(t.c.seq).where(t.c.status == Status.DELIVERED.value)
+                        )
+                counts[Status.DELIVERED.value] = delivered
+            oldest = conn.execute(self._oldest_waiting(exact)).scalar()
             parked_keys = conn.execute(
                 sa.select(sa.func.count(sa.distinct(t.c.msg_key))).where(t.c.status == Status.PARKED.value)
             ).scalar_one()
-            due = conn.execute(
-                sa.select(sa.func.count()).where(
-                    _in(t.c.status, (Status.PENDING, Status.FAILED)), t.c.due_at <= now
-                )
-            ).scalar_one()
-            expired = conn.execute(
-                sa.select(sa.func.count()).where(t.c.status == Status.INFLIGHT.value, t.c.due_at < now)
-            ).scalar_one()
+            due = _count(conn, sa.select(t.c.seq).where(_in(t.c.status, waiting), t.c.due_at <= now), cap)
+            expired = _count(
+                conn, sa.select(t.c.seq).where(t.c.status == Status.INFLIGHT.value, t.c.due_at < now), cap
+            )
         return StatusReport(
             now=now,
             counts=counts,
             topics=dict(sorted(topics.items())),
             oldest_waiting_at=oldest,
             parked_keys=int(parked_keys),
-            due_now=int(due),
-            expired_leases=int(expired),
+            due_now=due,
+            expired_leases=expired,
             relays=tuple(self.relays(now=now)),
+            estimated=estimated,
+            count_cap=cap,
         )
+
+    def _oldest_waiting(self, exact: bool) -> sa.Select[Any]:
+        t = self.t
+        if exact or self.engine.dialect.name == "postgresql":
+            # PostgreSQL: the status index finds the waiting rows, their created_at is read from each
+            return sa.select(sa.func.min(t.c.created_at)).where(_in(t.c.status, WAITING))
+        # InnoDB's (and SQLite's) status index ends with the seq: its smallest among the waiting rows
+        # is read from the index alone, then one row (seq follows created_at, to the writers' clocks)
+        first = sa.select(sa.func.min(t.c.seq)).where(_in(t.c.status, WAITING)).scalar_subquery()
+        return sa.select(t.c.created_at).where(t.c.seq == first)
+
+    def _estimated_rows(self, conn: sa.Connection) -> int | None:
+        """The database's estimate of the outbox table's rows; None where it has none (SQLite)."""
+        name = self.tables.name
+        if conn.dialect.name == "postgresql":
+            found = conn.execute(
+                sa.text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:name)"),
+                {"name": name},
+            ).scalar()
+            return int(found) if found is not None and found >= 0 else None
+        if conn.dialect.name in ("mysql", "mariadb"):
+            found = conn.execute(
+                sa.text(
+                    "SELECT table_rows FROM information_schema.tables"
+                    " WHERE table_schema = DATABASE() AND table_name = :name"
+                ),
+                {"name": name},
+            ).scalar()
+            return None if found is None else int(found)
+        return None
+
+    def max_seq(self) -> int:
+        """The newest message's seq (0 for an empty table): read from the primary key's end."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.max(self.t.c.seq))).scalar() or 0)
 
     # -- relays, activity, audit ----------------------------------------------------------------------------
 
@@ -329,11 +391,8 @@ class Operations:
         """How many messages match ``where``; with ``cap``, counting stops past ``cap`` (``cap + 1``
         means "more than ``cap``"), so that the answer's cost is bounded."""
         t = self.t
-        matching = sa.select(t.c.seq).where(*(where or MessageFilter()).conditions(t))
-        if cap is not None:
-            matching = matching.limit(cap + 1)
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one())
+            return _count(conn, sa.select(t.c.seq).where(*(where or MessageFilter()).conditions(t)), cap)
 
     def held_keys(self, *, limit: int = 100, waiting_cap: int = 10_000) -> list[HeldKey]:
         """The keys held by a failed or parked message, oldest head first, at most ``limit`` of them.
@@ -403,12 +462,8 @@ class Operations:
         t = self.t
         wanted = list(dict.fromkeys(ids))
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(t.c.seq, t.c.id, t.c.status)
-                .where(self._named(wanted))
-                .order_by(t.c.seq)
-                .with_for_update()
-            ).all()
+            named = sa.select(t.c.seq, t.c.id, t.c.status).where(self._named(wanted)).order_by(t.c.seq)
+            rows = conn.execute(named if dry_run else named.with_for_update()).all()  # a dry run locks none
             found = {row.id for row in rows} | {row.seq for row in rows}
             missing = [ref for ref in wanted if ref not in found]
             if missing:
@@ -674,6 +729,13 @@ class Operations:
             payload_size=int(m["payload_size"] or 0),
             payload=bytes(payload) if payload is not None else None,
         )
+
+
+def _count(conn: sa.Connection, matching: sa.Select[Any], cap: int | None = None) -> int:
+    """How many rows ``matching`` selects; with ``cap``, counting stops at ``cap + 1`` (more than it)."""
+    if cap is not None:
+        matching = matching.limit(cap + 1)
+    return int(conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one())
 
 
 def _ref_text(ref: MessageRef) -> str:

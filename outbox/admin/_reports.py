@@ -173,6 +173,11 @@ class StatusReport:
     expired_leases: int
     #: the relays that sent a heartbeat within the last day, alive first
     relays: tuple[RelayRecord, ...] = ()
+    #: the delivered count is the database's estimate (``status(exact=False)`` on a big table), and the
+    #: topics' counts leave delivered messages out
+    estimated: bool = False
+    #: due_now and expired_leases were counted up to this many: ``cap + 1`` means more than ``cap``
+    count_cap: int | None = None
 
     @property
     def relays_alive(self) -> tuple[RelayRecord, ...]:
@@ -203,6 +208,8 @@ class StatusReport:
             "due_now": self.due_now,
             "expired_leases": self.expired_leases,
             "relays": [r.to_dict() for r in self.relays],
+            "estimated": self.estimated,
+            "count_cap": self.count_cap,
         }
 
 

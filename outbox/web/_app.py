@@ -48,6 +48,7 @@ from outbox._errors import BrokerError, MessageNotFound
 from outbox._runtime.kafka_settings import KafkaConnection
 from outbox._schema import DEFAULT_TABLE, Status
 from outbox.admin import DoctorReport, MessageFilter, Operations, diagnose
+from outbox.admin._operations import COUNT_CAP
 from outbox.admin._reports import message_ref, span
 from outbox.web import _pages as pages
 from outbox.web._actions import (
@@ -165,7 +166,7 @@ def create_app(
         return render(request, "error.html", status_code, heading=heading, detail=detail)
 
     def overview(request: Request) -> Response:
-        report = ops.status()
+        report = ops.status(exact=False)  # bounded: estimates past EXACT_DELIVERED delivered messages
         doctor_report, doctor_age = doctor.get()
         age = report.oldest_waiting_age
         hour = ops.activity(window=pages.HOUR[0], step=pages.HOUR[1], now=report.now)
@@ -177,6 +178,9 @@ def create_app(
             report=report,
             statuses=pages.STATUSES,
             oldest_age=None if age is None else span(age),
+            capped=lambda n: (
+                f"more than {report.count_cap}" if report.count_cap and n > report.count_cap else n
+            ),
             ago=lambda t: "never" if t is None else f"{span(max(report.now - t, dt.timedelta(0)))} ago",
             charts=(
                 ("Last hour, per minute", pages.ChartView.of(hour)),
@@ -272,10 +276,9 @@ def create_app(
             selected = MessageFilter((Status.DELIVERED, Status.DEAD))
             count = ops.purge_matching(selected, refs=query.refs, dry_run=True).count
             return query, count, []
-        if query.up_to is None:
-            newest = ops.list_messages(query.filter(), limit=1)
-            query = dataclasses.replace(query, up_to=newest[0].seq if newest else 0)
-        return query, ops.count(query.filter()), []
+        if query.up_to is None:  # the newest message now: one written later is never touched
+            query = dataclasses.replace(query, up_to=ops.max_seq())
+        return query, ops.count(query.filter(), cap=COUNT_CAP), []
 
     def run(query: ActionQuery) -> int:
         """Run ``query``'s action; how many messages it changed."""
@@ -428,6 +431,7 @@ def create_app(
             "confirm.html",
             query=query,
             count=count,
+            cap=COUNT_CAP,
             skipped=skipped,
             token=csrf.token(user_of(request)),
         )
