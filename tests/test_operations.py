@@ -477,3 +477,26 @@ def test_a_bounded_status_estimates_delivered_messages_past_its_limit(
         assert "delivered" not in bounded.topics["orders.created"]
     assert exact.due_now == 7 and bounded.due_now == 4 and bounded.count_cap == 3  # 4: more than 3
     assert bounded.oldest_waiting_at == exact.oldest_waiting_at
+
+
+def test_a_keys_messages_in_every_status_page_by_page(engine: sa.Engine) -> None:
+    """Listing one key (on PostgreSQL from two partial indexes, merged) gives every status, in order."""
+    now = utcnow()
+    statuses = [Status.DELIVERED, Status.DEAD, Status.DELIVERED, Status.PARKED, Status.PENDING, Status.FAILED]
+    ids = seed(engine, now, statuses * 2, key="k")
+    seed(engine, now, statuses, key="other")
+    ops = Operations(engine)
+    newest = [r.id for r in ops.list_messages(MessageFilter(key="k"), limit=100)]
+    assert newest == ids[::-1]
+    pages, after = [], None
+    while True:
+        page = ops.list_messages(MessageFilter(key="k"), limit=5, after=after, order="asc")
+        if not page:
+            break
+        pages.append([r.id for r in page])
+        after = page[-1].seq
+    assert [len(p) for p in pages] == [5, 5, 2] and [i for p in pages for i in p] == ids
+    dead = ops.list_messages(MessageFilter((Status.DEAD,), key="k"), limit=100)  # dead includes parked
+    assert [r.status for r in dead] == ["parked", "dead", "parked", "dead"]
+    done = ops.list_messages(MessageFilter((Status.DELIVERED,), key="k"), limit=3)
+    assert [r.id for r in done] == [ids[8], ids[6], ids[2]]

@@ -35,7 +35,16 @@ from outbox._clock import utcnow
 from outbox._dialects import dialect_for
 from outbox._errors import MessageNotFound
 from outbox._key_queue import KeyQueue
-from outbox._schema import DEFAULT_TABLE, LATENCY_BUCKETS_MS, REPLAYABLE, Status, status_in, tables_for
+from outbox._schema import (
+    DEFAULT_TABLE,
+    KEY_FINISHED,
+    KEY_HOLDING,
+    LATENCY_BUCKETS_MS,
+    REPLAYABLE,
+    Status,
+    status_in,
+    tables_for,
+)
 from outbox._serialization import decode_headers
 from outbox._wakeup import notify_channel
 from outbox.admin._reports import (
@@ -365,17 +374,49 @@ class Operations:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         t = self.t
-        conditions = (where or MessageFilter()).conditions(t)
-        if after is not None:
-            conditions.append(t.c.seq > after if order == "asc" else t.c.seq < after)
-        query = (
-            sa.select(*self._columns(payload=False))
-            .where(*conditions)
-            .order_by(t.c.seq.asc() if order == "asc" else t.c.seq.desc())
-            .limit(limit)
-        )
+        where = where or MessageFilter()
+        newest_first = order != "asc"
+        bound = [] if after is None else [t.c.seq < after if newest_first else t.c.seq > after]
+        by_seq = t.c.seq.desc() if newest_first else t.c.seq.asc()
+        if where.key is not None and self.engine.dialect.name == "postgresql":
+            query = self._of_key(where, bound, newest_first, limit)
+        else:
+            query = (
+                sa.select(*self._columns(payload=False))
+                .where(*where.conditions(t), *bound)
+                .order_by(by_seq)
+                .limit(limit)
+            )
         with self.engine.connect() as conn:
             return [self._record(row) for row in conn.execute(query)]
+
+    def _of_key(
+        self, where: MessageFilter, bound: list[sa.ColumnElement[bool]], newest_first: bool, limit: int
+    ) -> sa.Select[Any]:
+        """PostgreSQL: one key's messages from its two partial indexes, each read in seq order up to
+        ``limit`` (ix_<name>_key: the rows holding the key; ix_<name>_key_done: delivered and dead ones),
+        merged: a page of a key costs two short index ranges, however many messages the table has."""
+        t = self.t
+        wanted = expand_statuses(where.statuses) if where.statuses else tuple(Status)
+        rest = dataclasses.replace(where, statuses=()).conditions(t)
+        by_seq = t.c.seq.desc() if newest_first else t.c.seq.asc()
+        branches = [
+            sa.select(*self._columns(payload=False))
+            .where(*rest, *bound, status_in(t.c.status, part))
+            .order_by(by_seq)
+            .limit(limit)
+            for part in (
+                [s for s in wanted if s in KEY_HOLDING],
+                [s for s in wanted if s in KEY_FINISHED],
+            )
+            if part
+        ]
+        merged = sa.union_all(*branches).subquery()
+        return (
+            sa.select(merged)
+            .order_by(merged.c.seq.desc() if newest_first else merged.c.seq.asc())
+            .limit(limit)
+        )
 
     def get(self, message: MessageRef) -> MessageRecord:
         """Everything about one message (by id or seq), payload included; :class:`MessageNotFound` if
