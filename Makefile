@@ -9,6 +9,7 @@
 #   make kafka-example  the Kafka example end to end on a local test broker (installs only what it needs)
 #   make bench       the benchmark suite, peers included (~30-40 min; results in bench/results/, see BENCHMARKS.md)
 #   make bench-quick the benchmark's two-minute subset (results in bench/results/quick/)
+#   make bench-web   every dashboard page on 5,000,000 delivered + 100,000 waiting messages (PostgreSQL, MariaDB)
 #   make clean       remove .venv, caches, build output, site/ and demo-output/
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ LINT_PATHS := $(PACKAGES) tests examples bench tools
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint typecheck docs kafka-example clean bench bench-quick
+.PHONY: help demo test lint typecheck docs kafka-example clean bench bench-quick bench-web
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -99,6 +100,12 @@ bench: $(VENV)/.installed-bench
 
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
+# loads a database named webbench on each server (about a minute each; kept for WEB_BENCH_ARGS=--keep)
+WEB_BENCH_ARGS ?=
+bench-web: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.web_pages --db postgresql $(WEB_BENCH_ARGS)
+	$(BIN)/python -m bench.web_pages --db mariadb $(WEB_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info site demo-output .pytest_cache .mypy_cache .ruff_cache
