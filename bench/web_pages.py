@@ -703,12 +703,12 @@ def pages_of(layout: Layout) -> list[Page]:
 
 def shown(html: str) -> str:
     """What a page showed: the dry run's count, the rows or keys listed, the overview's total."""
-    if found := re.search(r'id="dry-count">(\d+)<', html):
-        return f"count {int(found.group(1)):,}"
+    if found := re.search(r'id="dry-count">(more than )?(\d+)<', html):
+        return f"count {'> ' if found.group(1) else ''}{int(found.group(2)):,}"
     if keys := html.count("data-key="):
         return f"{keys} keys"
-    if found := re.search(r"</code>: (\d+) message\(s\)", html):
-        return f"total {int(found.group(1)):,}"
+    if found := re.search(r"</code>: (about )?(\d+) message\(s\)", html):
+        return f"total {'~' if found.group(1) else ''}{int(found.group(2)):,}"
     return f"{html.count('data-seq=')} rows"
 
 
