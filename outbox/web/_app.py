@@ -13,10 +13,14 @@ What the app promises, each kept by a test in ``tests/test_web.py``:
   -- ``test_a_script_in_a_payload_is_shown_not_run``
 - **Links follow the mount**: each one is built from the route's name and the request's ``root_path``,
   so the app works under any prefix a host application mounts it at. -- ``test_mounted_under_a_prefix``
-- **Every query is bounded**: the overview is ``Operations.status`` (as ``outbox status``), a list page
-  is at most :data:`~outbox.web._pages.MAX_PAGE_SIZE` rows by keyset (``seq``), a message page one row
-  and :data:`~outbox.web._pages.NEIGHBOURS` of its key each side, the keys page
-  :data:`~outbox.web._pages.KEYS_SHOWN` heads, each with a count capped at ``WAITING_CAP``.
+- **Every query is bounded**, whatever the table holds: the overview is ``Operations.status(exact=False)``
+  (delivered messages estimated past 100,000, other counts capped) plus at most a day of the relays'
+  per-minute rows, a list page is at most :data:`~outbox.web._pages.MAX_PAGE_SIZE` rows by keyset
+  (``seq``) through its filter's index, a message page one row and
+  :data:`~outbox.web._pages.NEIGHBOURS` of its key each side, the keys page
+  :data:`~outbox.web._pages.KEYS_SHOWN` heads, each with a count capped at ``WAITING_CAP``, a dry run
+  a count capped at ``COUNT_CAP``. -- ``make bench-web`` (BENCHMARKS.md)
+- ``outbox doctor``'s checks never hold a request: :class:`DoctorCache` runs them on a thread.
 - ``hide_payloads`` hides payloads and headers on every page. -- ``test_hide_payloads_hides_them``
 """
 
