@@ -13,8 +13,10 @@ of its own writes them every :data:`HEARTBEAT_INTERVAL` seconds:
 What it promises:
 
 - **It never disturbs delivery.** The hooks only add to counters under a lock; the database writes are
-  on the heartbeat's own thread, each an UPDATE (an INSERT the first time) of a few small rows, and a
-  failed write (a database outage) is logged once and retried with the next beat, never raised.
+  on the heartbeat's own thread (but the first, at start, right after the schema check), each an
+  UPDATE (an INSERT the first time) of a few small rows, and a failed write (a database outage) is
+  logged once and retried with the next beat, never raised. A stop waits at most :data:`STOP_WAIT`
+  seconds for the last beat: a frozen database never holds it.
   -- ``tests/test_heartbeat.py``
 - **Bounded**: a relay writes one row of its own and, per minute, one stats row; rows older than
   :data:`~outbox._schema.ACTIVITY_RETENTION_DAYS` days (relays not seen since, stats, the dashboard's
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("outbox.relay")
 
 HEARTBEAT_INTERVAL = defaults.HEARTBEAT_INTERVAL
+#: seconds a relay's stop waits for the heartbeat's last beat
+STOP_WAIT = 2.0
 #: seconds between two deletions of rows older than ACTIVITY_RETENTION_DAYS
 CLEANUP_INTERVAL = 600.0
 
@@ -130,16 +134,19 @@ class Heartbeat(RelayObserver):
                 self._progress_at = now
 
     def on_stop(self, relay: Relay) -> None:
+        # The last beat (stopped_at) is the heartbeat thread's: a stop waits for it at most
+        # STOP_WAIT seconds, so that a database that stopped answering (frozen, partitioned) never
+        # holds a relay's stop; the row then goes silent instead of stopped.
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._beat(stopped=True)
+            self._thread.join(timeout=STOP_WAIT)
 
     # -- the heartbeat's thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._beat()
+        self._beat(stopped=True)
 
     def _beat(self, *, first: bool = False, stopped: bool = False) -> None:
         now = utcnow()

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -131,3 +132,26 @@ def test_rows_older_than_the_retention_go_away(engine: sa.Engine) -> None:
         assert conn.execute(sa.select(T.relays.c.relay_id)).scalars().all() == ["fresh"]
         assert conn.execute(sa.select(sa.func.count()).select_from(T.stats)).scalar() == 0
         assert conn.execute(sa.select(sa.func.count()).select_from(T.audit)).scalar() == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_stuck_heartbeat_never_holds_a_relays_stop(engine: sa.Engine) -> None:
+    """A heartbeat write that cannot finish (here its row is locked by another transaction, as a frozen
+    or partitioned database would leave it) delays a stop by STOP_WAIT seconds at most."""
+    from relay._heartbeat import STOP_WAIT
+
+    with engine.begin() as conn:
+        outbox.add(conn, "orders.created", {"n": 1})
+    relay = Relay(engine, registry_failing("mail.poison"), poll_interval=0.05, name="held").start()
+    wait_until(lambda: status_counts(engine) == {"delivered": 1}, what="delivery")
+    blocker = engine.connect()
+    try:
+        blocker.begin()
+        blocker.execute(sa.select(T.relays).where(T.relays.c.relay_id == "held").with_for_update())
+        started = time.monotonic()
+        relay.stop()
+        took = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert took < STOP_WAIT + 5, f"the stop took {took:.1f}s"
