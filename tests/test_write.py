@@ -533,13 +533,14 @@ def test_notifies_of_a_busy_moment_are_merged(shop: sa.Engine, db_url: str) -> N
     commits = 0
     with _notifications(db_url) as (received, _):
         started = time.monotonic()
-        while time.monotonic() - started < 0.3:
+        # at least 0.3 s and 20 commits (a slow moment of a shared machine takes longer to make 20)
+        while (time.monotonic() - started < 0.3 or commits < 20) and time.monotonic() - started < 10:
             with sessions() as session, session.begin():
                 outbox.add(session, "burst", {"i": commits})
             commits += 1
         time.sleep(0.3)  # the last gap's NOTIFY
         burst = time.monotonic() - started
-    assert commits >= 20, f"only {commits} commits in 0.3 s: nothing to merge"
+    assert commits >= 20, f"only {commits} commits in {burst:.1f} s: nothing to merge"
     assert 1 <= len(received) <= burst / NOTIFY_GAP + 2, f"{len(received)} NOTIFYs for {commits} commits"
 
 
