@@ -632,12 +632,7 @@ class Operations:
         t = self.t
         age = t.c[PURGEABLE[statuses[0]]]
         conditions = [t.c.status.in_([s.value for s in statuses]), age < cutoff]
-        if dry_run:
-            with self.engine.connect() as conn:
-                count = conn.execute(sa.select(sa.func.count()).where(*conditions)).scalar_one()
-            return PurgeResult(count=int(count), statuses=statuses, cutoff=cutoff, dry_run=True)
-        deleted, batches = self._delete(conditions, batch_size)
-        return PurgeResult(count=deleted, statuses=statuses, cutoff=cutoff, batches=batches)
+        return self._purge(conditions, statuses, cutoff, dry_run=dry_run, batch_size=batch_size)
 
     def purge_matching(
         self,
@@ -665,6 +660,19 @@ class Operations:
         if refs is not None:
             conditions.append(self._named(list(dict.fromkeys(refs))) if refs else sa.false())
         cutoff = now or utcnow()
+        return self._purge(conditions, statuses, cutoff, dry_run=dry_run, batch_size=batch_size)
+
+    def _purge(
+        self,
+        conditions: list[sa.ColumnElement[bool]],
+        statuses: tuple[Status, ...],
+        cutoff: dt.datetime,
+        *,
+        dry_run: bool,
+        batch_size: int,
+    ) -> PurgeResult:
+        """Purge's last step, by age or by filter: count the rows meeting ``conditions`` (a dry run),
+        or delete them in batches."""
         if dry_run:
             with self.engine.connect() as conn:
                 count = conn.execute(sa.select(sa.func.count()).where(*conditions)).scalar_one()

@@ -25,8 +25,9 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import Request
@@ -121,6 +122,14 @@ def same_site(request: Request) -> bool:
     return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
 
 
+class Fields(Protocol):
+    """A query string's or a form's fields (Starlette's ``QueryParams``, :class:`FormData`)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def getlist(self, key: str, /) -> list[str]: ...
+
+
 @dataclass(frozen=True)
 class ActionQuery:
     """What one action is about: a selection of messages, or everything a filter matches up to a seq."""
@@ -137,9 +146,7 @@ class ActionQuery:
         return bool(self.refs)
 
     @classmethod
-    def parse(
-        cls, action: str, params: Mapping[str, str], refs: Sequence[str], statuses: Sequence[str]
-    ) -> ActionQuery:
+    def parse(cls, action: str, params: Fields, refs: Sequence[str], statuses: Sequence[str]) -> ActionQuery:
         """From a query string or a form (``refs``, ``statuses``: every ``ref=`` / ``status=`` value);
         :class:`BadQuery` naming what is wrong."""
         if action not in ACTIONS:
@@ -227,15 +234,20 @@ async def read_form(request: Request) -> list[tuple[str, str]] | None:
         return None
 
 
-def audit(request: Request, query: ActionQuery, count: int) -> None:
-    """One line on ``outbox.web.audit``: who ran which action on what, and how many messages it changed."""
-    audit_line(request, query.action, query.describe(), count)
+def client_of(request: Request) -> str:
+    """Where ``request`` came from (its peer's address), for the audit."""
+    return request.client.host if request.client else "-"
 
 
 def audit_line(request: Request, action: str, what: str, count: int) -> None:
-    client = request.client.host if request.client else "-"
+    """One line on ``outbox.web.audit``: who ran which action on what, and how many messages it changed."""
     audit_log.info(
-        "dashboard %s by %s from %s: %s -> %d message(s)", action, user_of(request), client, what, count
+        "dashboard %s by %s from %s: %s -> %d message(s)",
+        action,
+        user_of(request),
+        client_of(request),
+        what,
+        count,
     )
 
 
@@ -245,8 +257,8 @@ class FormData:
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.fields = fields
 
-    def get(self, name: str, default: str | None = None) -> str | None:
+    def get(self, name: str, default: None = None, /) -> str | None:
         return next((v for k, v in self.fields if k == name), default)
 
-    def getlist(self, name: str) -> list[str]:
+    def getlist(self, name: str, /) -> list[str]:
         return [v for k, v in self.fields if k == name]

@@ -61,9 +61,10 @@ from outbox.web._actions import (
     ActionQuery,
     AllowActions,
     Csrf,
+    Fields,
     FormData,
-    audit,
     audit_line,
+    client_of,
     read_form,
     rights_of,
     same_site,
@@ -168,6 +169,28 @@ def create_app(
 
     def refuse(request: Request, status_code: int, heading: str, detail: str) -> HTMLResponse:
         return render(request, "error.html", status_code, heading=heading, detail=detail)
+
+    async def confirmed_form(request: Request, action: str, what: str) -> FormData | Response:
+        """The fields of an action's confirmation, or the refusal: no right to ``action`` (403), not
+        a form (400), no valid CSRF token of this user or not from this site (403)."""
+        if action not in rights_of(allow_actions, request):
+            return refuse(request, 403, "Not allowed", f"this dashboard does not let you {action} {what}")
+        form = await read_form(request)
+        if form is None:
+            return refuse(request, 400, "Bad request", "expected a form (application/x-www-form-urlencoded)")
+        fields = FormData(form)
+        if not same_site(request) or not csrf.valid(fields.get("csrf"), user_of(request)):
+            return refuse(
+                request, 403, "Refused", "this form did not come from this dashboard: open the action again"
+            )
+        return fields
+
+    def audited(request: Request, action: str, what: str, count: int) -> None:
+        """An action run: its audit line, and its row in the audit table."""
+        audit_line(request, action, what, count)
+        ops.record_audit(
+            who=user_of(request), client=client_of(request), action=action, target=what, count=count
+        )
 
     def overview(request: Request) -> Response:
         report = ops.status(exact=False)  # bounded: estimates past EXACT_DELIVERED delivered messages
@@ -336,7 +359,7 @@ def create_app(
             can_replay=kafka is not None,
         )
 
-    def dead_letter_choice(fields: Any) -> tuple[list[int], str | None, bool, int | None]:
+    def dead_letter_choice(fields: Fields) -> tuple[list[int], str | None, bool, int | None]:
         """(seqs, group, every group, up_to) from a query string or a form: :class:`pages.BadQuery`."""
         seqs = [pages.whole(v, "seq", minimum=1) or 0 for v in fields.getlist("seq")]
         group = fields.get("group") or None
@@ -378,16 +401,9 @@ def create_app(
         )
 
     async def dlq_run(request: Request) -> Response:
-        if "replay" not in rights_of(allow_actions, request):
-            return refuse(request, 403, "Not allowed", "this dashboard does not let you replay dead letters")
-        form = await read_form(request)
-        if form is None:
-            return refuse(request, 400, "Bad request", "expected a form (application/x-www-form-urlencoded)")
-        fields = FormData(form)
-        if not same_site(request) or not csrf.valid(fields.get("csrf"), user_of(request)):
-            return refuse(
-                request, 403, "Refused", "this form did not come from this dashboard: open the action again"
-            )
+        fields = await confirmed_form(request, "replay", "dead letters")
+        if isinstance(fields, Response):
+            return fields
         if kafka is None:
             return refuse(request, 409, "No Kafka", "this dashboard has no Kafka connection to replay to")
         try:
@@ -408,14 +424,7 @@ def create_app(
             if seqs
             else f"dead letters of {'every group' if everything else 'group ' + str(group)} up to seq {up_to}"
         )
-        audit_line(request, "replay", what, len(result.replayed))
-        ops.record_audit(
-            who=user_of(request),
-            client=request.client.host if request.client else "-",
-            action="replay",
-            target=what,
-            count=len(result.replayed),
-        )
+        audited(request, "replay", what, len(result.replayed))
         return render(request, "done_dlq.html", result=result)
 
     def action_preview(request: Request) -> Response:
@@ -442,19 +451,11 @@ def create_app(
 
     async def action_run(request: Request) -> Response:
         action = request.path_params["action"]
-        if action not in rights_of(allow_actions, request):
-            return refuse(request, 403, "Not allowed", f"this dashboard does not let you {action} messages")
-        form = await read_form(request)
-        if form is None:
-            return refuse(request, 400, "Bad request", "expected a form (application/x-www-form-urlencoded)")
-        fields = dict(form)
-        if not same_site(request) or not csrf.valid(fields.get("csrf"), user_of(request)):
-            return refuse(
-                request, 403, "Refused", "this form did not come from this dashboard: open the action again"
-            )
+        fields = await confirmed_form(request, action, "messages")
+        if isinstance(fields, Response):
+            return fields
         try:
-            refs = [v for k, v in form if k == "ref"]
-            query = ActionQuery.parse(action, fields, refs, [v for k, v in form if k == "status"])
+            query = ActionQuery.parse(action, fields, fields.getlist("ref"), fields.getlist("status"))
             if not query.is_selection and query.up_to is None:
                 raise pages.BadQuery("a filter action needs up_to: confirm it from its dry-run page")
             expected = pages.whole(fields.get("expected"), "expected", minimum=0)
@@ -463,14 +464,7 @@ def create_app(
             return refuse(request, 400, "Bad request", str(exc))
         except MessageNotFound as exc:
             return refuse(request, 404, "No such message", str(exc))
-        audit(request, query, count)
-        ops.record_audit(
-            who=user_of(request),
-            client=request.client.host if request.client else "-",
-            action=query.action,
-            target=query.describe(),
-            count=count,
-        )
+        audited(request, query.action, query.describe(), count)
         return render(request, "done.html", query=query, count=count, expected=expected)
 
     @contextlib.asynccontextmanager
