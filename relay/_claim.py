@@ -73,8 +73,10 @@ Invariants (each names the test that would catch its violation):
    a deep key held back leaves the scan in a few claims instead of taking a share of each. MariaDB
    runs a correlated probe as a read of every row of the key (a ``ref`` on
    ``(msg_key, status)``), so there the probes follow the scan: with constants for a key with several
-   rows scanned (one index entry a status, and one range between its first and last scanned rows),
-   correlated for the others.
+   rows scanned (one index entry a status, and a count of the key's holding rows between its first
+   and last scanned rows: the rows themselves are read only when others hold the key among them),
+   correlated for the others; so is the promotion's look at a key's first rows
+   (``KeyQueue._heads_with_constants``).
    -- ``tests/test_claim.py::test_rows_behind_a_run_leave_the_scan_and_come_back_a_run_at_a_time``,
    ``tests/test_claim.py::test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it``,
    ``tests/test_claim.py::test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before``,
@@ -200,6 +202,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import itertools
 import secrets
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -744,10 +747,14 @@ class ClaimQueries:
         scan left 0: for keys with few rows scanned, with the correlated probes (as elsewhere, in the
         scan: cheap while a key has few pending rows); for the others, in one statement of constant
         probes: per key, its greatest pending row and its greatest row holding it otherwise before its
-        first scanned row (one index probe each), and its holding rows between its
-        first and last scanned rows (one range of ``(msg_key, status, seq)``, the rows the scan read and
-        the few among them that hold the key otherwise). Same answer as the correlated probes, which
-        MariaDB runs by reading every row of the key for each scanned row (invariant 8)."""
+        first scanned row (one index probe each), and how many rows hold it between its first and last
+        scanned rows (one range of ``(msg_key, status, seq)``, counted in the server). When that count
+        is the scanned rows between them, nothing else holds the key there (the scanned rows are locked:
+        they hold it still) and each row's nearest is the scanned row before it; else the key's holding
+        rows in that range are read (a second statement, for those keys only). Same answer as the
+        correlated probes, which MariaDB runs by reading every row of the key for each scanned row
+        (invariant 8). (Reading every range, the claim parsed each scanned row of a deep key twice in
+        Python: pymysql is pure Python.)"""
         by_key: dict[str, list[_Scanned]] = {}
         for row in scanned:
             if row.key is not None:
@@ -770,9 +777,14 @@ class ClaimQueries:
         others = ", ".join(f"'{status.value}'" for status in KEY_HOLDING if status is not Status.PENDING)
         parts: list[str] = []
         params: dict[str, Any] = {}
-        for index, (key, rows) in enumerate(by_key.items()):
+        keys = list(by_key)
+        for index, rows in enumerate(by_key.values()):
             rows.sort(key=_by_seq)
-            params[f"k{index}"], params[f"f{index}"], params[f"l{index}"] = key, rows[0].seq, rows[-1].seq
+            params[f"k{index}"], params[f"f{index}"], params[f"l{index}"] = (
+                keys[index],
+                rows[0].seq,
+                rows[-1].seq,
+            )
             # pending rows may be many (one probe of the index's end); the rows holding the key
             # otherwise are few (a run in flight, a failure), read together
             before = ", ".join(
@@ -780,19 +792,34 @@ class ClaimQueries:
                 f"AND status IN ({statuses}) AND seq < :f{index}), 0)"
                 for statuses in (pending, others)
             )
-            parts.append(f"SELECT {index}, {self.dialect.greatest_function}({before})")
-            if len(rows) > 1:
-                parts.append(
-                    f"SELECT {index}, seq FROM {table} WHERE msg_key = :k{index} "
-                    f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
-                )
-        keys = list(by_key)
-        holding: dict[str, list[int]] = {key: [rows[0].seq] for key, rows in by_key.items()}
-        for index, seq in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
-            if seq:
-                holding[keys[index]].append(int(seq))
-        for key, rows in by_key.items():
-            seqs = sorted(set(holding[key]))
+            parts.append(f"SELECT {index}, 0, {self.dialect.greatest_function}({before})")
+            parts.append(
+                f"SELECT {index}, 1, count(*) FROM {table} WHERE msg_key = :k{index} "
+                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
+            )
+        before_first: dict[int, int] = {}
+        crowded: list[int] = []  # keys with rows holding them between their scanned rows
+        for index, part, value in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
+            if part == 0:
+                before_first[index] = int(value or 0)
+            elif int(value) != len(by_key[keys[index]]) - 2:
+                crowded.append(index)
+        between: dict[int, list[int]] = {index: [] for index in crowded}
+        if crowded:
+            ranges = [
+                f"SELECT {index}, seq FROM {table} WHERE msg_key = :k{index} "
+                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
+                for index in crowded
+            ]
+            for index, seq in conn.execute(sa.text(" UNION ALL ".join(ranges)), params):
+                between[index].append(int(seq))
+        for index, rows in enumerate(by_key.values()):
+            if index not in between:  # nothing else between: each row follows the scanned one before it
+                rows[0].prev = before_first.get(index, 0)
+                for earlier, row in itertools.pairwise(rows):
+                    row.prev = earlier.seq
+                continue
+            seqs = sorted({before_first.get(index, 0), rows[0].seq, *between[index]} - {0})
             for row in rows:
                 at = bisect.bisect_left(seqs, row.seq)
                 row.prev = seqs[at - 1] if at else 0

@@ -214,6 +214,33 @@ def test_promotion_waits_while_anything_earlier_holds_the_key(
     assert [r.topic for r in claim(engine, claims)] == ["b", "c"]
 
 
+def test_a_key_given_several_finished_rows_is_promoted_from_the_first(
+    engine: sa.Engine, claims: ClaimQueries
+) -> None:
+    """Invariant 9: a promotion after several rows of one key finished in one write (a run's end, a later
+    row dead) looks from the first of them: a row between them that still holds the key (a retry
+    waiting) keeps the rows behind it queued."""
+    add_many(engine, [(topic, "k") for topic in "abcde"] + [(topic, "other") for topic in "xy"])
+    t = tables_for().messages
+    with engine.begin() as conn:
+        seqs = list(conn.execute(sa.select(t.c.seq).where(t.c.msg_key == "k").order_by(t.c.seq)).scalars())
+        later = utcnow() + dt.timedelta(hours=1)
+        states = [
+            (Status.DELIVERED, None),  # a: its run's end
+            (Status.FAILED, later),  # b: a retry waiting: it holds the key
+            (Status.DEAD, None),  # c: finished with a
+            (Status.PENDING, None),  # d, e: queued
+            (Status.PENDING, None),
+        ]
+        for seq, (status, due_at) in zip(seqs, states, strict=True):
+            conn.execute(sa.update(t).where(t.c.seq == seq).values(status=status.value, due_at=due_at))
+        assert claims.promote(conn, [seqs[2], seqs[0]], now=utcnow()) == 0
+        delivered = {"status": Status.DELIVERED.value, "due_at": None}
+        conn.execute(sa.update(t).where(t.c.seq == seqs[1]).values(**delivered))
+        assert claims.promote(conn, [seqs[2], seqs[0]], now=utcnow()) == 2
+    assert [r.topic for r in claim(engine, claims, limit=10)] == ["d", "e", "x", "y"]
+
+
 @pytest.mark.parametrize("backend", SERVER_BACKENDS)  # SQLite: one relay at a time
 def test_two_claims_at_once_never_split_a_key(engine: sa.Engine) -> None:
     """Invariants 1 and 3: a claim that cannot lock a key's earlier rows takes none of the later ones."""
