@@ -145,9 +145,9 @@ class KeyQueue:
     whether it is queued) and its first row of each other holding status. Only a key whose first
     holding row is pending and queued has its run read (one index range) and promoted; a key whose
     first pending row is due needs none (a claim takes that row, and its run's end promotes the key),
-    so a relay that drains keys nobody queued pays one statement per promotion (on MariaDB three, with
-    constants: :meth:`_heads_with_constants`). Every statement but that one has one shape whatever the
-    number of keys or rows (rows go as an expanding parameter), so SQLAlchemy compiles each once.
+    so a relay that drains keys nobody queued pays one statement per promotion. Every statement has
+    one shape whatever the number of keys or rows (rows go as an expanding parameter), so SQLAlchemy
+    compiles each once.
     """
 
     def __init__(self, tables: OutboxTables, *, run_length: int = RUN_LENGTH) -> None:
@@ -180,11 +180,6 @@ class KeyQueue:
             "postgresql": self._first_holding(by_seqs["postgresql"]),
             "": self._heads(by_seqs[""]),
         }
-        # MariaDB (_heads_with_constants): the keys of some rows, and which of some rows are queued
-        self._keys_of_rows = sa.select(t.c.msg_key, t.c.seq).where(in_seqs[""], t.c.msg_key.is_not(None))
-        self._queued_of_rows = sa.select(t.c.seq).where(
-            in_seqs[""], status_in(t.c.status, [Status.PENDING]), t.c.due_at.is_(None)
-        )
         self._heads_of_key = {"postgresql": self._first_holding(one_key), "": self._heads(one_key)}
         # A key's pending rows from a row on, in seq order, up to its first row holding it otherwise
         self._rows_from = {
@@ -234,17 +229,25 @@ class KeyQueue:
         row of a deep key before an in-flight one (the index is over every status)."""
         t = self.t
 
+        # MariaDB ran these probes as a read of the primary key in seq order, filtered, when it believed a
+        # key common (a hot key: 15,000 rows of 30,000 estimated): the whole table at each run's end (slow
+        # log: 30,000 rows examined a probe, 32-98 ms a run's end over 100 keys). The key's index,
+        # forced, reads the one entry wanted.
+        force_key_index = f"FORCE INDEX (`ix_{t.name}_key`)"
+
         def first(status: Status, column: Any) -> Any:
             f = t.alias(f"f_{status.value}")
-            return (
+            probe = (
                 sa.select(column(f))
                 .where(
                     key_is(f.c.msg_key, k.c.msg_key), status_in(f.c.status, [status]), f.c.seq >= k.c.after
                 )
                 .order_by(f.c.msg_key, f.c.seq)
                 .limit(1)
-                .scalar_subquery()
             )
+            for name in MARIADB_NAMES:
+                probe = probe.with_hint(f, force_key_index, dialect_name=name)
+            return probe.scalar_subquery()
 
         return sa.select(
             k.c.msg_key,
@@ -279,54 +282,12 @@ class KeyQueue:
         the leading queued ones itself instead, ``relay._claim``'s invariant 13)."""
         if not seqs:
             return {}
-        if conn.dialect.name in MARIADB_NAMES:
-            heads = self._heads_with_constants(conn, seqs)
-        else:
-            statement = self._family(conn, self._heads_of_rows)
-            firsts: dict[str, Any] = {}  # per key, its head probed from its first given row
-            for head in conn.execute(statement, {"seqs": self._seqs(conn, seqs)}):
-                if head[0] not in firsts or head[1] < firsts[head[0]][1]:
-                    firsts[head[0]] = head
-            heads = {key: tuple(head[2:]) for key, head in firsts.items()}
-        return {key: run for key, head in heads.items() if (run := self._run(conn, key, *head))}
-
-    def _heads_with_constants(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[str, tuple[Any, ...]]:
-        """MariaDB: :meth:`_heads` of the keys of rows ``seqs``, each probe with constants. MariaDB runs a
-        correlated probe ``... WHERE msg_key = k.msg_key ORDER BY seq LIMIT 1`` as a read of the key's
-        every row, or of the primary key in order, filtered (it believes a hot key common): the whole
-        table at each run's end (a drain of 30,000 rows over 100 keys, 96 ms a run's end). With
-        constants, ``min(seq)`` of a key's rows of one status from a row on is one index dive. Three
-        statements: the keys (by primary key), the first row of each holding status of each key, and
-        which of the keys' first pending rows are queued (by primary key)."""
-        afters: dict[str, int] = {}
-        for key, seq in conn.execute(self._keys_of_rows, {"seqs": list(seqs)}):
-            if key not in afters or seq < afters[key]:
-                afters[key] = seq
-        if not afters:
-            return {}
-        table = conn.dialect.identifier_preparer.format_table(self.t)
-        parts: list[str] = []
-        params: dict[str, Any] = {}
-        for index, (key, after) in enumerate(afters.items()):
-            params[f"k{index}"], params[f"a{index}"] = key, after
-            firsts = ", ".join(
-                f"(SELECT min(seq) FROM {table} WHERE msg_key = :k{index} AND status = '{status.value}' "
-                f"AND seq >= :a{index})"
-                for status in KEY_HOLDING
-            )
-            parts.append(f"SELECT {index}, {firsts}")
-        keys = list(afters)
-        # per key: its first pending row, and its first row of each other holding status
-        found = {keys[row[0]]: row[1:] for row in conn.execute(sa.text(" UNION ALL ".join(parts)), params)}
-        candidates = [
-            int(firsts[0])
-            for firsts in found.values()
-            if firsts[0] is not None and not any(s is not None and s < firsts[0] for s in firsts[1:])
-        ]
-        queued = (
-            set(conn.execute(self._queued_of_rows, {"seqs": candidates}).scalars()) if candidates else set()
-        )
-        return {key: (f[0], int(f[0] in queued), *f[1:]) for key, f in found.items()}
+        statement = self._family(conn, self._heads_of_rows)
+        firsts: dict[str, Any] = {}  # per key, its head probed from its first given row
+        for head in conn.execute(statement, {"seqs": self._seqs(conn, seqs)}):
+            if head[0] not in firsts or head[1] < firsts[head[0]][1]:
+                firsts[head[0]] = head
+        return {key: run for key, head in firsts.items() if (run := self._run(conn, key, *head[2:]))}
 
     def promote_runs(self, conn: sa.Connection, runs: Iterable[list[RunRow]], *, now: dt.datetime) -> int:
         """Make runs found by :meth:`queued_runs` (in this transaction) due now; returns the rows promoted."""
