@@ -75,8 +75,9 @@ Invariants (each names the test that would catch its violation):
    ``(msg_key, status)``), so there the probes follow the scan: with constants for a key with several
    rows scanned (one index entry a status, and a count of the key's holding rows between its first
    and last scanned rows: the rows themselves are read only when others hold the key among them),
-   correlated for the others; so is the promotion's look at a key's first rows
-   (``KeyQueue._heads_with_constants``).
+   correlated for the others, each told to read the key's index (``FORCE INDEX``: as its statistics
+   stand, MariaDB may read a probe through the status index or the primary key, the whole table), as
+   the promotion's probes of a key's first rows are (``KeyQueue._heads``).
    -- ``tests/test_claim.py::test_rows_behind_a_run_leave_the_scan_and_come_back_a_run_at_a_time``,
    ``tests/test_claim.py::test_a_deep_key_held_by_a_parked_row_leaves_the_scan_ahead_of_it``,
    ``tests/test_claim.py::test_a_deep_scan_of_one_key_finds_every_row_holding_it_between_and_before``,
