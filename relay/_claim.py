@@ -763,10 +763,11 @@ class ClaimQueries:
         scan: cheap while a key has few pending rows); for the others, in one statement of constant
         probes: per key, its greatest pending row and its greatest row holding it otherwise before its
         first scanned row (one index probe each), and how many rows hold it between its first and last
-        scanned rows (one range of ``(msg_key, status, seq)``, counted in the server). When that count
-        is the scanned rows between them, nothing else holds the key there (the scanned rows are locked:
-        they hold it still) and each row's nearest is the scanned row before it; else the key's holding
-        rows in that range are read (a second statement, for those keys only). Same answer as the
+        scanned rows (one range of ``(msg_key, status, seq)``, counted in the server): one row a key.
+        When that count is the scanned rows between them, nothing else holds the key there (the
+        scanned rows are locked: they hold it still) and each row's nearest is the scanned row before
+        it; else the key's holding rows in that range are read (a second statement, for those keys
+        only). Same answer as the
         correlated probes, which MariaDB runs by reading every row of the key for each scanned row
         (invariant 8). (Reading every range, the claim parsed each scanned row of a deep key twice in
         Python: pymysql is pure Python.)"""
@@ -807,17 +808,16 @@ class ClaimQueries:
                 f"AND status IN ({statuses}) AND seq < :f{index}), 0)"
                 for statuses in (pending, others)
             )
-            parts.append(f"SELECT {index}, 0, {self.dialect.greatest_function}({before})")
-            parts.append(
-                f"SELECT {index}, 1, count(*) FROM {table} WHERE msg_key = :k{index} "
-                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
+            counted = (
+                f"(SELECT count(*) FROM {table} WHERE msg_key = :k{index} "
+                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index})"
             )
+            parts.append(f"SELECT {index}, {self.dialect.greatest_function}({before}), {counted}")
         before_first: dict[int, int] = {}
         crowded: list[int] = []  # keys with rows holding them between their scanned rows
-        for index, part, value in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
-            if part == 0:
-                before_first[index] = int(value or 0)
-            elif int(value) != len(by_key[keys[index]]) - 2:
+        for index, nearest, holding in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
+            before_first[index] = int(nearest or 0)
+            if int(holding) != len(by_key[keys[index]]) - 2:
                 crowded.append(index)
         between: dict[int, list[int]] = {index: [] for index in crowded}
         if crowded:
