@@ -44,6 +44,18 @@ RUN_LENGTH = 1024
 #: the names SQLAlchemy gives MariaDB's dialect (``mysql+pymysql://``, ``mariadb+pymysql://``)
 MARIADB_NAMES = frozenset({"mysql", "mariadb"})
 
+
+def on_key_index(probe: sa.Select[Any], alias: Any, table: sa.Table) -> sa.Select[Any]:
+    """``probe``, told on MariaDB to read ``alias`` (of ``table``) through the key's index
+    ``(msg_key, status, seq)`` (``FORCE INDEX``). As its statistics stand, MariaDB may otherwise run a
+    correlated probe of a key's rows as a read of the status index or of the primary key in order,
+    filtered: the whole table for each probed row (BENCHMARKS.md, "MariaDB's plans")."""
+    hint = f"FORCE INDEX (`ix_{table.name}_key`)"
+    for name in MARIADB_NAMES:
+        probe = probe.with_hint(alias, hint, dialect_name=name)
+    return probe
+
+
 #: one row of a key's queued run: ``(seq, payload bytes, topic)``, bytes -1 for a row already due
 RunRow = tuple[int, int, str]
 
@@ -233,8 +245,6 @@ class KeyQueue:
         # key common (a hot key: 15,000 rows of 30,000 estimated): the whole table at each run's end (slow
         # log: 30,000 rows examined a probe, 32-98 ms a run's end over 100 keys). The key's index,
         # forced, reads the one entry wanted.
-        force_key_index = f"FORCE INDEX (`ix_{t.name}_key`)"
-
         def first(status: Status, column: Any) -> Any:
             f = t.alias(f"f_{status.value}")
             probe = (
@@ -245,9 +255,7 @@ class KeyQueue:
                 .order_by(f.c.msg_key, f.c.seq)
                 .limit(1)
             )
-            for name in MARIADB_NAMES:
-                probe = probe.with_hint(f, force_key_index, dialect_name=name)
-            return probe.scalar_subquery()
+            return on_key_index(probe, f, t).scalar_subquery()
 
         return sa.select(
             k.c.msg_key,

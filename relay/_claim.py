@@ -215,13 +215,13 @@ from sqlalchemy.dialects import postgresql
 from outbox._dialects import Dialect
 from outbox._key_queue import (
     DUE,
-    MARIADB_NAMES,
     QUEUED,
     RUN_LENGTH,
     KeyQueue,
     RunRow,
     key_is,
     key_rows_after,
+    on_key_index,
     seqs_param,
 )
 from outbox._schema import KEY_HOLDING, OutboxTables, Status, status_in
@@ -351,9 +351,7 @@ class ClaimQueries:
             # probed row, when its statistics make a status look rare (in flight, after a backlog was
             # analysed): 2,000 x 2,000 rows a claim, 4.9 s (slow log, 10,000 keys); the key's index,
             # forced, reads the key's rows of that status
-            for name in MARIADB_NAMES:
-                found = found.with_hint(e, f"FORCE INDEX (`ix_{t.name}_key`)", dialect_name=name)
-            return sa.func.coalesce(found.scalar_subquery(), 0)
+            return sa.func.coalesce(on_key_index(found, e, t).scalar_subquery(), 0)
 
         if dialect.holding_index:
             # PostgreSQL: one probe of the partial index of holding rows, (msg_key, seq), backwards from
@@ -767,10 +765,9 @@ class ClaimQueries:
         When that count is the scanned rows between them, nothing else holds the key there (the
         scanned rows are locked: they hold it still) and each row's nearest is the scanned row before
         it; else the key's holding rows in that range are read (a second statement, for those keys
-        only). Same answer as the
-        correlated probes, which MariaDB runs by reading every row of the key for each scanned row
-        (invariant 8). (Reading every range, the claim parsed each scanned row of a deep key twice in
-        Python: pymysql is pure Python.)"""
+        only). Same answer as the correlated probes, which MariaDB runs by reading every row of the key
+        for each scanned row (invariant 8). (Reading every range, the claim parsed each scanned row of a
+        deep key twice in Python: pymysql is pure Python.)"""
         by_key: dict[str, list[_Scanned]] = {}
         for row in scanned:
             if row.key is not None:
@@ -793,14 +790,17 @@ class ClaimQueries:
         others = ", ".join(f"'{status.value}'" for status in KEY_HOLDING if status is not Status.PENDING)
         parts: list[str] = []
         params: dict[str, Any] = {}
-        keys = list(by_key)
-        for index, rows in enumerate(by_key.values()):
-            rows.sort(key=_by_seq)
-            params[f"k{index}"], params[f"f{index}"], params[f"l{index}"] = (
-                keys[index],
-                rows[0].seq,
-                rows[-1].seq,
+
+        def between(index: int) -> str:  # the key's holding rows between its first and last scanned
+            return (
+                f"FROM {table} WHERE msg_key = :k{index} "
+                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
             )
+
+        groups = list(by_key.values())
+        for index, (key, rows) in enumerate(by_key.items()):
+            rows.sort(key=_by_seq)
+            params[f"k{index}"], params[f"f{index}"], params[f"l{index}"] = key, rows[0].seq, rows[-1].seq
             # pending rows may be many (one probe of the index's end); the rows holding the key
             # otherwise are few (a run in flight, a failure), read together
             before = ", ".join(
@@ -808,33 +808,28 @@ class ClaimQueries:
                 f"AND status IN ({statuses}) AND seq < :f{index}), 0)"
                 for statuses in (pending, others)
             )
-            counted = (
-                f"(SELECT count(*) FROM {table} WHERE msg_key = :k{index} "
-                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index})"
+            parts.append(
+                f"SELECT {index}, {self.dialect.greatest_function}({before}), "
+                f"(SELECT count(*) {between(index)})"
             )
-            parts.append(f"SELECT {index}, {self.dialect.greatest_function}({before}), {counted}")
         before_first: dict[int, int] = {}
         crowded: list[int] = []  # keys with rows holding them between their scanned rows
         for index, nearest, holding in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
             before_first[index] = int(nearest or 0)
-            if int(holding) != len(by_key[keys[index]]) - 2:
+            if int(holding) != len(groups[index]) - 2:
                 crowded.append(index)
-        between: dict[int, list[int]] = {index: [] for index in crowded}
+        between_rows: dict[int, list[int]] = {index: [] for index in crowded}
         if crowded:
-            ranges = [
-                f"SELECT {index}, seq FROM {table} WHERE msg_key = :k{index} "
-                f"AND status IN ({holding_statuses}) AND seq > :f{index} AND seq < :l{index}"
-                for index in crowded
-            ]
+            ranges = [f"SELECT {index}, seq {between(index)}" for index in crowded]
             for index, seq in conn.execute(sa.text(" UNION ALL ".join(ranges)), params):
-                between[index].append(int(seq))
-        for index, rows in enumerate(by_key.values()):
-            if index not in between:  # nothing else between: each row follows the scanned one before it
+                between_rows[index].append(int(seq))
+        for index, rows in enumerate(groups):
+            if index not in between_rows:  # nothing else between: each row follows the scanned one before it
                 rows[0].prev = before_first.get(index, 0)
                 for earlier, row in itertools.pairwise(rows):
                     row.prev = earlier.seq
                 continue
-            seqs = sorted({before_first.get(index, 0), rows[0].seq, *between[index]} - {0})
+            seqs = sorted({before_first.get(index, 0), rows[0].seq, *between_rows[index]} - {0})
             for row in rows:
                 at = bisect.bisect_left(seqs, row.seq)
                 row.prev = seqs[at - 1] if at else 0
