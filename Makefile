@@ -2,7 +2,8 @@
 # into .venv, which is created on first use and reinstalled only when pyproject.toml changes.
 #
 #   make demo        the example shop on SQLite, end to end (well under a minute)
-#   make test        the whole suite against PostgreSQL, MariaDB and SQLite (PYTEST_ARGS="-k ordering -x")
+#   make test        the whole suite against PostgreSQL, MariaDB and SQLite (PYTEST_ARGS="-k ordering -x"),
+#                    two tests at a time (TEST_WORKERS=0: one at a time)
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy --strict on the packages
 #   make docs        the documentation site (MkDocs + Material) into site/, strict: a broken link fails it
@@ -16,6 +17,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# tests run side by side (pytest-xdist): most of their time is spent waiting on relays, brokers and
+# leases, and each has a database of its own; two halve the suite's time on a 2-core machine
+TEST_WORKERS ?= 2
 PACKAGES := outbox relay consumers
 LINT_PATHS := $(PACKAGES) tests examples bench tools
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
@@ -72,7 +76,7 @@ $(CHROMIUM):
 
 # pytest's exit code 5 means "no tests collected": that is a failure here too (make fails on any non-zero).
 test: $(VENV)/.installed-dev $(CHROMIUM)
-	@OUTBOX_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS); code=$$?; \
+	@OUTBOX_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS); code=$$?; \
 		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 		exit $$code
 
