@@ -3,7 +3,8 @@
 Why: order per key is the product's distinctive promise, and it must not be paid for in throughput
 (issue 14). Real backlogs concentrate on few keys (an outage, a bulk import, a busy tenant), so the
 shapes here are: no key (the baseline), one key, 10 keys, 100 keys, 10,000 keys, and unkeyed messages
-drained while a deep strict-order key is parked in front of them, each drained by one relay process
+drained while a deep strict-order key is parked in front of them (its messages met by the relay for the
+first time, each set aside by one write, or already set aside), each drained by one relay process
 with no-op in-process handlers (as :mod:`bench.drain`) and reported as messages/s and as a ratio to the
 unkeyed drain of the same run; and 10 keys drained by three relays at once, against one relay (a key's
 runs go to one relay at a time: more relays must not make it slower). The last figures are the claim's
@@ -43,8 +44,13 @@ def _shapes(count: int) -> list[tuple[str, KeyOf]]:
     ]
 
 
-def drain_behind_parked(url: str, backend: str, count: int, settings: Settings) -> float:
-    """Unkeyed messages/s while ``count`` messages wait behind a parked strict-order key."""
+def drain_behind_parked(
+    url: str, backend: str, count: int, settings: Settings, *, set_aside: bool = False
+) -> float:
+    """Unkeyed messages/s while ``count`` messages wait behind a parked strict-order key, written just
+    before the unkeyed ones (the relay meets them first, and sets each aside: one write a message), or,
+    ``set_aside``, already set aside by a relay that ran before the unkeyed ones were written (a key
+    parked for a while: the messages written behind it were each set aside by the claim that found it)."""
     engine = outbox_engine(url)
     reset_table(engine)
     t = tables_for().messages
@@ -52,6 +58,8 @@ def drain_behind_parked(url: str, backend: str, count: int, settings: Settings) 
     with engine.begin() as conn:
         conn.execute(sa.update(t).values(status="parked", due_at=None, last_error="parked by the benchmark"))
     insert_backlog(engine, count, key_of=lambda i: "parked", start=1)
+    if set_aside:
+        _let_a_relay_set_aside(url, engine, settings, timeout=60 + count / 1000)
     insert_backlog(engine, count, key_of=lambda i: None, start=count + 1)
     if backend == "postgresql":
         vacuum_analyze(url, "outbox")
@@ -65,6 +73,26 @@ def drain_behind_parked(url: str, backend: str, count: int, settings: Settings) 
     if counts.get("delivered") != count:
         raise RuntimeError(f"behind the parked key the table holds {counts}, expected {count} delivered")
     return count / seconds
+
+
+def _let_a_relay_set_aside(url: str, engine: sa.Engine, settings: Settings, *, timeout: float) -> None:
+    """Run a relay until no pending message is due any more (each is set aside behind its parked key)."""
+    t = tables_for().messages
+    due = sa.select(sa.func.count()).where(t.c.status == "pending", t.c.due_at.is_not(None))
+    workers = [Worker("relay", {"url": url}, settings)]
+    try:
+        workers[0].wait_ready()
+        workers[0].send("go")
+        deadline = time.monotonic() + timeout
+        while True:
+            with engine.connect() as conn:
+                if not conn.execute(due).scalar():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the parked key's messages were not set aside within {timeout:.0f} s")
+            time.sleep(0.1)
+    finally:
+        stop_all(workers)
 
 
 def claim_times(url: str, depth: int, claims_measured: int = 30) -> list[float]:
@@ -142,6 +170,7 @@ def run(settings: Settings, recorder: Any) -> None:
         shapes = _shapes(count)
         rates: dict[str, list[float]] = {name: [] for name, _ in shapes}
         parked: list[float] = []
+        aside: list[float] = []  # the same, the parked key's messages set aside before
         three: list[float] = []  # 10 hot keys drained by three relays (target: at least one relay's rate)
         with fresh_database(backend, settings) as url:
             for run_index in range(settings.runs):
@@ -152,6 +181,8 @@ def run(settings: Settings, recorder: Any) -> None:
                     log(f"keys {backend} {name}: {figures['rate']:,.0f} msg/s")
                 parked.append(drain_behind_parked(url, backend, count, settings))
                 log(f"keys {backend} unkeyed behind a parked key: {parked[-1]:,.0f} msg/s")
+                aside.append(drain_behind_parked(url, backend, count, settings, set_aside=True))
+                log(f"keys {backend} unkeyed behind a parked key set aside: {aside[-1]:,.0f} msg/s")
                 if backend != "sqlite":  # (SQLite: one relay at a time)
                     figures = drain_once(url, backend, count, 3, settings, key_of=lambda i: f"k{i % 10}")
                     three.append(figures["rate"])
@@ -178,6 +209,22 @@ def run(settings: Settings, recorder: Any) -> None:
                 "ratio",
                 "x",
                 ratio_values(parked, rates["unkeyed"]),
+                {**common, "parked_behind": count},
+            )
+        )
+        recorder.add(
+            Result(
+                NAME, "unkeyed behind a parked key set aside", backend, "throughput", "msg/s", aside, common
+            )
+        )
+        recorder.add(
+            Result(
+                NAME,
+                "behind a parked key set aside / unkeyed",
+                backend,
+                "ratio",
+                "x",
+                ratio_values(aside, rates["unkeyed"]),
                 {**common, "parked_behind": count},
             )
         )
