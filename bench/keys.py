@@ -198,36 +198,13 @@ def run(settings: Settings, recorder: Any) -> None:
             recorder.add(Result(NAME, "10 keys, 3 relays", backend, "throughput", "msg/s", three, many))
             ratio = ratio_values(three, rates["10 keys"])
             recorder.add(Result(NAME, "10 keys, 3 relays / 1 relay", backend, "ratio", "x", ratio, many))
-        recorder.add(
-            Result(NAME, "unkeyed behind a parked key", backend, "throughput", "msg/s", parked, common)
-        )
-        recorder.add(
-            Result(
-                NAME,
-                "behind a parked key / unkeyed",
-                backend,
-                "ratio",
-                "x",
-                ratio_values(parked, rates["unkeyed"]),
-                {**common, "parked_behind": count},
+        behind = {**common, "parked_behind": count}
+        for variant, figures in (("a parked key", parked), ("a parked key set aside", aside)):
+            recorder.add(
+                Result(NAME, f"unkeyed behind {variant}", backend, "throughput", "msg/s", figures, common)
             )
-        )
-        recorder.add(
-            Result(
-                NAME, "unkeyed behind a parked key set aside", backend, "throughput", "msg/s", aside, common
-            )
-        )
-        recorder.add(
-            Result(
-                NAME,
-                "behind a parked key set aside / unkeyed",
-                backend,
-                "ratio",
-                "x",
-                ratio_values(aside, rates["unkeyed"]),
-                {**common, "parked_behind": count},
-            )
-        )
+            ratio = ratio_values(figures, rates["unkeyed"])
+            recorder.add(Result(NAME, f"behind {variant} / unkeyed", backend, "ratio", "x", ratio, behind))
     if "postgresql" in backends:
         depths = settings.pick((10_000, 1_000_000), (10_000, 100_000), (1_000, 5_000))
         with fresh_database("postgresql", settings) as url:
