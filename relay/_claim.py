@@ -115,7 +115,8 @@ Invariants (each names the test that would catch its violation):
     row the calling relay holds in flight as the last row of its run (``own`` gives that lease's token;
     the claim locks the blocker for share and takes the rows only if it still carries that token):
     consecutive rows, at most ``run_length``, within the byte room, as a **chained run** under a lease
-    of its own, its first row marked with the seq it follows (``ClaimedRow.after``). This bends
+    of its own, its first row marked with the seq it follows (``ClaimedRow.after``); a message the relay
+    handed out alone is the last row of a run of one. This bends
     invariant 3 for the relay that holds the key, and only for it: the dispatcher (``relay._dispatch``)
     appends a chained run to the run it follows and hands it out after that run's last row was
     delivered, on the same lane, in order; if that run broke (a row failed, the relay stops), the

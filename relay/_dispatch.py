@@ -45,8 +45,14 @@ brought back (:meth:`Dispatcher.contended`: another relay's claim queued them, o
 sight) makes the next runs of that key candidates too, for queued rows only, until a pull finds none. A
 key has at most two runs in a relay, the one going on and one chained: a lane is a candidate again once
 its chained run has started, and then the dispatcher wakes the fetcher (``wake``), which claims the run
-after it while that one goes on.
--- ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``
+after it while that one goes on. A keyed message handed out alone (a run of one, which needs no lane)
+is remembered too, with its outcome once known (``_Single``): a claim may chain the key's next run
+behind it as behind a lane (``chainable``), and the message's outcome then starts that run, on the
+publisher's thread, or releases it (the message did not go through, was refused, or the relay stopped).
+So a key written at a moderate rate, whose next message is committed while the one before is still in
+flight, goes on with no wait for a mark and a promotion, and nothing is set aside.
+-- ``tests/test_runs.py::test_chained_runs_keep_order_through_failures_in_a_relay``,
+``tests/test_runs.py::test_a_keys_next_message_is_chained_behind_its_one_message_in_flight``
 """
 
 from __future__ import annotations
@@ -122,6 +128,10 @@ class Dispatcher:
         # for a claimed key's rows (by the seq of its first row), for dispatch to carry out.
         self._lanes: dict[str, _Run] = {}
         self._plans: dict[int, _Run | None] = {}  # a run to start; None: attached to an earlier run
+        #: each key's latest message handed out alone (a run of one, no lane), by key: a claim may chain
+        #: the key's next run behind it as behind a lane, which its outcome then starts or releases
+        self._singles: dict[str, _Single] = {}
+        self._singles_lock = threading.Lock()
         #: the lanes whose key has rows waiting behind them (pull candidates), by key
         self._deep: dict[str, _Run] = {}
         #: keys whose rows were lately queued where this relay's scan could not see them (by another
@@ -151,7 +161,10 @@ class Dispatcher:
         """Whether this relay's run of ``key`` ends with row ``seq`` and has not broken: a claim may take
         the key's next rows as a run chained behind it (from the fetcher's thread)."""
         lane = self._lanes.get(key)
-        return lane is not None and lane.last == seq and lane.state is not False
+        if lane is not None and lane.last == seq:
+            return lane.state is not False
+        single = self._singles.get(key)
+        return single is not None and single.seq == seq and single.state is not False and not single.followed
 
     def contended(self, keys: Iterable[str]) -> None:
         """A promotion brought back queued rows of ``keys`` (any thread): rows of theirs were queued,
@@ -200,6 +213,7 @@ class Dispatcher:
             first = keyed[0]
             if any(row.reclaimed for row in keyed):
                 continue  # the suspects' lane hands these out, one at a time: never chained
+            single: _Single | None = None
             if first.after:
                 lane = self._lanes.get(key)
                 if lane is not None and lane.extend(keyed, first.after, deep=key in deep):
@@ -209,11 +223,26 @@ class Dispatcher:
                     else:
                         self._deep.pop(key, None)
                     continue
-                if lane is None or lane.state is not True or lane.last != first.after:
-                    continue  # its run broke (or is unknown): dispatch releases the chained rows
+                single = self._singles.get(key)
+                if single is None or single.seq != first.after:
+                    single = None
+                    if lane is None or lane.state is not True or lane.last != first.after:
+                        continue  # its run broke (or is unknown): dispatch releases the chained rows
             elif len(keyed) < 2 and key not in deep:
+                self._singles[key] = _Single(first.seq)
                 continue
-            lane = self._plans[first.seq] = self._lanes[key] = _Run(self, keyed)
+            lane = _Run(self, keyed)
+            started: bool | None = True
+            if single is not None:  # chained behind a message handed out alone
+                with self._singles_lock:
+                    started = single.state
+                    if started is None:
+                        single.then = lane  # its outcome starts the run, or releases it
+                single.followed = True  # the lane goes on from here
+                if started is False:
+                    continue  # it did not go through: dispatch releases the chained rows
+            self._plans[first.seq] = lane if started else None
+            self._lanes[key] = lane
             lane.deep = key in deep or key in self._contended
             lane.guessed = key not in deep
             if lane.deep:
@@ -227,6 +256,11 @@ class Dispatcher:
             if lane is not None and lane.state is None and (not lane.deep or lane.guessed):
                 lane.deep, lane.guessed = True, False
                 self._deep[key] = lane
+        if len(self._singles) > MAX_LANES:  # forget finished ones with nothing behind them, oldest first
+            with self._singles_lock:
+                finished = [k for k, one in self._singles.items() if one.state is not None and not one.then]
+            for k in finished[: len(self._singles) // 2]:
+                del self._singles[k]
         if len(self._lanes) > MAX_LANES:  # forget ended runs, oldest first
             for key in [k for k, run in self._lanes.items() if run.state is not None][
                 : len(self._lanes) // 2
@@ -240,7 +274,7 @@ class Dispatcher:
         if stopping:
             for row in rows:
                 self._plans.pop(row.seq, None)
-                self.report(self.delivery(row, fallback=True), Released("relay stopping"))
+                self._done(self.delivery(row, fallback=True), Released("relay stopping"))
             return
         routed: dict[int, tuple[Any, list[Delivery]]] = {}
         # topic -> (publisher, policy, decode?): looked up once per topic and batch, not once per row
@@ -287,7 +321,29 @@ class Dispatcher:
             if delivery is not None:
                 routed.setdefault(id(publisher), (publisher, []))[1].append(delivery)
         for publisher, deliveries in routed.values():
-            publisher.deliver(deliveries, self.report)
+            publisher.deliver(deliveries, self._done)
+
+    def _done(self, delivery: Delivery, outcome: Outcome) -> None:
+        """The outcome of a message handed out alone (any publisher thread): reported; for a keyed one, a
+        run chained behind it (:meth:`register`) then starts, or is released if it did not go through."""
+        key = delivery.message.key
+        single = self._singles.get(key) if key is not None else None
+        if single is None or single.seq != delivery.seq:
+            self.report(delivery, outcome)
+            return
+        delivered = isinstance(outcome, Delivered)
+        with self._singles_lock:
+            single.state = delivered
+            then, single.then = single.then, None
+        if then is not None and delivered:
+            delivery = replace(delivery, run_end=False)  # the chained run goes on: no promotion
+        self.report(delivery, outcome)
+        if then is None:
+            return
+        if delivered:
+            then.next()
+        else:
+            then._release_rest(_EARLIER_UNFINISHED)
 
     def ready(
         self,
@@ -301,7 +357,7 @@ class Dispatcher:
         """``row`` as a delivery for ``publisher``, or None after reporting why it cannot be handed out."""
         delivery, refusal = self.prepare(row, publisher, policy, decode, run_end=run_end)
         if refusal is not None:
-            self.report(delivery, refusal)
+            self._done(delivery, refusal)
             return None
         return delivery
 
@@ -421,6 +477,20 @@ class Dispatcher:
 _EARLIER_UNFINISHED = "an earlier message of its key did not finish"
 #: runs the dispatcher remembers for chaining (one per key, the latest) before it forgets ended ones
 MAX_LANES = 4096
+
+
+class _Single:
+    """A keyed message handed out alone (``Dispatcher._singles``): its outcome so far (None while in
+    flight, then whether it was delivered), the run chained behind it, waiting for that outcome, and
+    whether a run was chained behind it (the key's lane then goes on from that run)."""
+
+    __slots__ = ("followed", "seq", "state", "then")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.state: bool | None = None
+        self.then: _Run | None = None
+        self.followed = False
 
 
 class _Run:

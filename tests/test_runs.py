@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+import pytest
 import sqlalchemy as sa
 
 import outbox
@@ -399,6 +400,137 @@ def test_a_chained_run_behind_a_run_already_delivered_goes_out_on_its_own() -> N
     publisher.answer({4: Delivered()})
     assert [seq for seq, _, _ in reports] == [1, 2, 3, 4]
     assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
+
+
+# --- chained behind a message handed out alone (a run of one: no lane) ---
+
+
+def test_a_run_chained_behind_a_message_handed_out_alone_goes_out_after_it() -> None:
+    """A key's next message, committed while its one message in the relay is still in flight, is
+    chained behind it (not queued): handed out once that message was delivered, with no claim between;
+    only the chained run's last message ends the key's run."""
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    single = chain_rows(1, 1)
+    dispatcher.register(single)
+    dispatcher.dispatch(single)
+    assert dispatcher.chainable("k", 1) and not dispatcher.chainable("k", 2)
+    chained = chain_rows(2, 2, after=1, token="u")
+    dispatcher.register(chained)
+    assert dispatcher.chainable("k", 3) and not dispatcher.chainable("k", 1)
+    dispatcher.dispatch(chained)
+    assert publisher.seqs() == [[1]], "the chained run waits for the message before it"
+    for seq in (1, 2, 3):
+        assert publisher.seqs()[-1] == [seq]
+        publisher.answer({seq: Delivered()})
+    assert [(seq, run_end) for seq, _, run_end in reports] == [(1, False), (2, False), (3, True)]
+    assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
+
+
+def test_a_run_chained_behind_a_message_alone_that_fails_is_released_without_being_handed_out() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    single, chained = chain_rows(1, 1), chain_rows(2, 2, after=1, token="u")
+    dispatcher.register(single)
+    dispatcher.dispatch(single)
+    dispatcher.register(chained)
+    dispatcher.dispatch(chained)
+    publisher.answer({1: Failed("no")})
+    assert publisher.seqs() == [[1]]
+    kinds = [(seq, type(outcome)) for seq, outcome, _ in reports]
+    assert kinds == [(1, Failed), (2, Released), (3, Released)]
+    assert not dispatcher.chainable("k", 1), "a message that did not go through is never chained behind"
+    late = chain_rows(4, 1, after=1, token="v")  # claimed before the relay knew: given back unhanded
+    dispatcher.register(late)
+    dispatcher.dispatch(late)
+    assert publisher.seqs() == [[1]] and [seq for seq, _, _ in reports[3:]] == [4]
+    assert isinstance(reports[3][1], Released)
+
+
+def test_a_run_chained_behind_a_message_alone_already_delivered_goes_out_on_its_own() -> None:
+    publisher = OneAtATimePublisher()
+    dispatcher, reports = dispatcher_with(publisher)
+    single = chain_rows(1, 1)
+    dispatcher.register(single)
+    dispatcher.dispatch(single)
+    publisher.answer({1: Delivered()})
+    assert dispatcher.chainable("k", 1), "delivered, its mark not yet written: still chainable"
+    chained = chain_rows(2, 1, after=1, token="u")
+    dispatcher.register(chained)
+    dispatcher.dispatch(chained)
+    assert publisher.seqs() == [[1], [2]]
+    publisher.answer({2: Delivered()})
+    assert [seq for seq, _, _ in reports] == [1, 2]
+
+
+def test_a_run_chained_behind_a_message_alone_that_is_refused_or_stopped_is_released() -> None:
+    """A message handed out alone that never reaches its publisher (too large; the relay stopping) ends
+    the run chained behind it all the same: released, never left waiting."""
+    for stopping in (False, True):
+        publisher = OneAtATimePublisher()
+        dispatcher, reports = dispatcher_with(publisher)
+        single = run_rows("A", big=() if stopping else (1,))
+        chained = chain_rows(2, 2, after=1, token="u")
+        dispatcher.register(single)
+        dispatcher.register(chained)
+        dispatcher.dispatch(chained)
+        dispatcher.dispatch(single, stopping=stopping)
+        assert publisher.seqs() == []
+        assert [seq for seq, _, _ in reports] == [1, 2, 3]
+        assert isinstance(reports[0][1], Released if stopping else Failed)
+        assert all(isinstance(outcome, Released) for _, outcome, _ in reports[1:])
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["delivered", "failed"])
+def test_a_keys_next_message_is_chained_behind_its_one_message_in_flight(
+    engine: sa.Engine, registry: Registry, relay: Relay, fails: bool
+) -> None:
+    """A key's message committed while the key's one message in the relay is still with its handler (a
+    steady key at a moderate rate) is chained behind it: taken by the next claim and handed out as soon
+    as that message is delivered, not set aside for a promotion. If that message fails, the chained one
+    is given back without an attempt, and goes after the retry."""
+    gate = threading.Event()
+    starts: list[int] = []
+
+    @registry.handler("step", **FAST)
+    def step(message: Message) -> None:
+        index = message.payload["i"]
+        starts.append(index)
+        if index == 0 and message.attempt == 1:
+            gate.wait(30)
+            if fails:
+                raise RuntimeError("once")
+
+    t = outbox.tables_for().messages
+
+    def row(index: int) -> sa.Row[tuple[str, dt.datetime | None]] | None:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.select(t.c.status, t.c.due_at).order_by(t.c.seq).offset(index).limit(1)
+            ).first()
+
+    relay.start()
+    with engine.begin() as conn:
+        outbox.add(conn, "step", {"i": 0}, key="k")
+    wait_until(lambda: starts == [0], what="the first message is with its handler")
+    with engine.begin() as conn:
+        outbox.add(conn, "step", {"i": 1}, key="k")
+
+    def claimed_or_set_aside() -> object:
+        found = row(1)
+        return found if found is not None and (found.status != "pending" or found.due_at is None) else None
+
+    try:
+        second = wait_until(claimed_or_set_aside, what="the second message is claimed or set aside")
+    finally:
+        gate.set()
+    assert isinstance(second, sa.Row) and second.status == Status.INFLIGHT.value, (
+        "chained behind the first, not set aside",
+        second,
+    )
+    wait_until(lambda: status_counts(engine).get("delivered") == 2)
+    assert starts == ([0, 0, 1] if fails else [0, 1])
+    assert attempts_by_index(engine) == {0: 2 if fails else 1, 1: 1}
 
 
 def test_chained_runs_keep_order_through_failures_in_a_relay(
