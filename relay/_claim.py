@@ -175,8 +175,19 @@ Invariants (each names the test that would catch its violation):
     the code"). Leaving a row due is always safe (invariant 5: nothing leaves the
     scan); a row behind an expired lease is queued or reclaimed as before (invariant 4), and the claim
     counts the rows it left (``ClaimResult.elsewhere``), which are no work for its relay: an idle relay
-    then looks again only at its poll pace.
+    then looks again only at its poll pace. Rows blocked behind a row the caller holds itself, under a
+    live lease, and does not chain behind are left due too (``ClaimResult.busy``: claimable once that row
+    is marked, whose outcome wakes the relay). Such a row is most often inside a run: concurrent writers
+    of one key commit out of ``seq`` order now and then, and a row committed late becomes visible after
+    later rows of its key were taken. Queued there, nothing would promote it (a run's end promotes what
+    follows its last row), and every row of the key written after it would queue behind it until the
+    maintenance sweep. A claim also never takes a chained run of a key beside a head run of the same key
+    (a row committed late that nothing earlier holds back): the relay would hand the two out as one run,
+    the chained rows before the run they follow was delivered; they stay due for the next claim.
     -- ``tests/test_claim.py::test_rows_behind_another_relays_live_run_are_left_to_it``,
+    ``tests/test_claim.py::test_a_row_committed_late_behind_a_row_inside_the_callers_run_is_left_due``,
+    ``tests/test_claim.py::test_a_claim_takes_no_chained_run_beside_a_head_run_of_the_same_key``,
+    ``tests/test_runs.py::test_one_key_written_by_concurrent_writers_never_stalls``,
     ``tests/test_concurrency.py::test_three_relays_deliver_each_once``
 15. **A relay claims only what it can route, and a message nobody routes loses no attempt.** A claim
     given ``topics`` (the names and shell-style patterns its publishers take: its handlers' topics,
@@ -993,6 +1004,7 @@ class ClaimQueries:
         wanted = sorted(set().union(*needed.values()))
         held: dict[int, str | None] = {}
         elsewhere: set[int] = set()  # blockers in flight under another relay's live lease
+        own_live: set[int] = set()  # blockers in flight under one of the caller's own live leases
         if wanted:
             for seq, token, status, due_at, topic in conn.execute(
                 self._lock_blockers, {"seqs": self._seqs(wanted)}
@@ -1005,13 +1017,19 @@ class ClaimQueries:
                     continue
                 held[seq] = token
                 live = status == Status.INFLIGHT.value and due_at is not None and due_at > now
-                if live and ours is not None and token is not None and not ours(token):
-                    elsewhere.add(seq)
+                if live and ours is not None and token is not None:
+                    (own_live if ours(token) else elsewhere).add(seq)
         queue: list[int] = []
         chained: list[int] = []
         after: dict[int, int] = {}
+        firsts: dict[str, int] = {}  # each key's first scanned row: a key whose first is taken has a head run
+        for s in scanned:
+            if s.key is not None and s.seq < firsts.get(s.key, s.seq + 1):
+                firsts[s.key] = s.seq
         for key, rows in blocked.items():
-            if key in mine and held.get(rows[0].prev, "") == mine[key]:
+            # never a chained run beside a head run of the same key in one claim: the relay would hand
+            # the two out as one run, the chained rows before the run they follow was delivered
+            if key in mine and firsts[key] == rows[0].seq and held.get(rows[0].prev, "") == mine[key]:
                 run = _consecutive(rows[: self.run_length], rows[0].prev)
                 if room is not None:
                     kept = 0
@@ -1030,6 +1048,13 @@ class ClaimQueries:
                 continue
             if needed[key] & elsewhere:  # that relay chains, pulls or queues them: left as they are
                 result.elsewhere += len(rows)
+            elif needed[key] & own_live:
+                # behind a row the caller holds in flight and cannot chain behind (a row committed after
+                # later rows of its key were taken waits behind a row inside their run; a key whose head
+                # this claim takes; a lease about to be renewed): left due, claimable once that row is
+                # marked (its outcome wakes the relay). Queued, nothing would promote it: a run's end
+                # promotes what comes after its last row.
+                result.busy += len(rows)
             elif needed[key] <= held.keys():
                 queue.extend(r.seq for r in rows)
                 if len(rows) >= DEEP_BLOCKED and self._held_back_long(conn, key, rows[0].seq):

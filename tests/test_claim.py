@@ -492,8 +492,9 @@ def test_rows_behind_a_blocker_being_written_are_left_due_and_counted_busy(engin
 def test_rows_behind_another_relays_live_run_are_left_to_it(engine: sa.Engine) -> None:
     """Invariant 14: rows blocked behind a row another relay holds in flight under a live lease are
     neither queued nor taken nor counted busy by a claim that knows its own leases (``ours``): that
-    relay chains, pulls or queues them itself. Behind the caller's own run, behind an expired lease, or
-    for a caller that cannot tell (``ours`` None), they are queued as before."""
+    relay chains, pulls or queues them itself. Behind the caller's own run, when it does not chain them,
+    they are left due as well (counted busy: claimable once its run is marked). Behind an expired lease,
+    or for a caller that cannot tell (``ours`` None), they are queued as before."""
     claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
     add_many(engine, [("hot", "k")] * 4)
     seqs = [seq for seq, _, _ in keyed_seqs(engine, "k")]
@@ -508,8 +509,12 @@ def test_rows_behind_another_relays_live_run_are_left_to_it(engine: sa.Engine) -
     found = claim_knowing(set())
     assert (list(found), found.queued, found.busy, found.elsewhere) == ([], 0, 0, 3)
     assert [due is not None for _, due, _ in keyed_seqs(engine, "k")[1:]] == [True] * 3, "left due"
-    found = claim_knowing({head[0].token})  # the caller's own run: its followers wait behind it, queued
-    assert (list(found), found.queued, found.elsewhere) == ([], 3, 0)
+    found = claim_knowing({head[0].token})  # the caller's own run, not chained behind (no ``own``)
+    assert (list(found), found.queued, found.busy, found.elsewhere) == ([], 0, 3, 0)
+    assert [due is not None for _, due, _ in keyed_seqs(engine, "k")[1:]] == [True] * 3, "left due"
+    with engine.begin() as conn:  # a caller that cannot tell: queued behind the head
+        found = claims.claim_batch(conn, limit=100, lease_seconds=30, now=utcnow())
+    assert (list(found), found.queued) == ([], 3)
     with engine.begin() as conn:  # back to due, and the head's lease expired: the head is reclaimed
         t = tables_for().messages
         conn.execute(sa.update(t).where(t.c.seq.in_(seqs[1:])).values(due_at=utcnow()))
@@ -855,3 +860,72 @@ def test_pulled_and_kept_runs_stop_at_a_topic_their_relay_does_not_route(engine:
     c_claim = routed_claim(engine, claims, Topics.of(["c"]))
     assert [r.seq for r in c_claim] == [k[3]]
     assert routed_claim(engine, claims, routes) == [], "the a row waits for the c row in flight"
+
+
+# --- rows committed late: concurrent writers of one key (seq is the insert's order, not the commit's) ---
+
+
+def late_row_between(
+    engine: sa.Engine, claims: ClaimQueries, before: int, after: int
+) -> tuple[list[int], Any]:
+    """Key ``k``: ``before`` rows committed, then a row inserted by a transaction that commits only after
+    ``after`` more rows were committed and a claim took what it could see. Returns the key's seqs in order
+    and that claim's result."""
+    add_many(engine, [("hot", "k")] * before)
+    with engine.connect() as late:
+        late.begin()
+        outbox.add(late, "hot", {"late": True}, key="k")
+        add_many(engine, [("hot", "k")] * after)
+        taken = claim(engine, claims)
+        late.commit()
+    return [seq for seq, _, _ in keyed_seqs(engine, "k")], taken
+
+
+def claim_as_relay(engine: sa.Engine, claims: ClaimQueries, token: str, last: int) -> Any:
+    """A claim as the relay holding lease ``token`` makes it: its own leases known, and its run ending
+    with row ``last`` one it may chain behind."""
+    with engine.begin() as conn:
+        return claims.claim_batch(
+            conn,
+            limit=100,
+            lease_seconds=30,
+            now=utcnow(),
+            ours={token}.__contains__,
+            own=lambda key, seq: token if seq == last else None,
+        )
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)  # SQLite: one writer at a time, no late commit
+def test_a_row_committed_late_behind_a_row_inside_the_callers_run_is_left_due(engine: sa.Engine) -> None:
+    """A row committed after later rows of its key were taken waits behind a row inside the caller's run,
+    which it cannot chain behind. It is left due (counted busy), not queued: a run's end promotes what
+    follows its last row only, so queued there it would hold back its key (and every row written after
+    it) until the maintenance sweep. Once that run is delivered, the next claim takes it."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    (first, late, last), run = late_row_between(engine, claims, before=1, after=1)
+    assert [r.seq for r in run] == [first, last], "the late row was not visible yet"
+    token = run[0].token
+    found = claim_as_relay(engine, claims, token, last)
+    assert (list(found), found.queued, found.busy) == ([], 0, 1)
+    assert row_state(engine, late).due_at is not None, "left due, not set aside"
+    with engine.begin() as conn:
+        claims.mark_delivered(conn, token, [first, last], now=utcnow())
+    assert [r.seq for r in claim(engine, claims)] == [late]
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)  # SQLite: one writer at a time, no late commit
+def test_a_claim_takes_no_chained_run_beside_a_head_run_of_the_same_key(engine: sa.Engine) -> None:
+    """A row committed late with nothing earlier holding its key is a head run; the rows behind the
+    caller's run of the same key are then not chained by the same claim (the relay would hand the two
+    out as one run: the chained rows before the run they follow was delivered). They stay due for the
+    next claim."""
+    claims = ClaimQueries(tables_for(), dialect_for(engine), run_length=10)
+    (late, *runs), run = late_row_between(engine, claims, before=0, after=2)
+    assert [r.seq for r in run] == runs
+    add_many(engine, [("hot", "k")])
+    behind = keyed_seqs(engine, "k")[-1][0]
+    found = claim_as_relay(engine, claims, run[0].token, runs[-1])
+    assert [(r.seq, r.after) for r in found] == [(late, 0)]
+    assert found.busy == 1 and row_state(engine, behind).due_at is not None
+    again = claim_as_relay(engine, claims, run[0].token, runs[-1])
+    assert [(r.seq, r.after) for r in again] == [(behind, runs[-1])], "chained by the next claim"
