@@ -214,6 +214,17 @@ TARGETS = (
         50.0,
         at_least=False,
     ),
+    *(
+        Target(
+            f"latency, NOTIFY, 1,000 msg/s over 10 keys: {name} < {bound:g} ms (from commit; issue 14)",
+            "latency",
+            "notify, 10 keys",
+            f"{name} from commit",
+            bound,
+            at_least=False,
+        )
+        for name, bound in (("p50", 5.0), ("p99", 50.0))
+    ),
     Target("scale: 5M delivered kept within 20 % of empty", "scale", "5M kept / empty", "ratio", 0.80),
     Target(
         "scale: peak RSS draining 1M < 200 MB",
