@@ -34,9 +34,13 @@ def test_kafka_example_ships_every_committed_order_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_interrupted_kafka_example_stops_everything_and_leaves_nothing(tmp_path: Path) -> None:
+    # As from a terminal: Ctrl-C reaches it. A test run started in the background by a shell without job
+    # control (``cmd &`` in a script, nohup) has SIGINT ignored, which every child inherits, and Python
+    # then leaves it ignored: the example would not see the signal at all.
     example = subprocess.Popen(
         [sys.executable, "-m", "examples.kafka.run", "--orders", "20"],
         cwd=ROOT, env=example_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert example.stdout is not None
