@@ -1022,14 +1022,12 @@ class ClaimQueries:
         queue: list[int] = []
         chained: list[int] = []
         after: dict[int, int] = {}
-        firsts: dict[str, int] = {}  # each key's first scanned row: a key whose first is taken has a head run
-        for s in scanned:
-            if s.key is not None and s.seq < firsts.get(s.key, s.seq + 1):
-                firsts[s.key] = s.seq
+        # the keys we could chain that have a head run in this claim too (a scanned row before the
+        # blocked ones, taken): never both in one claim, the relay would hand the two out as one run,
+        # the chained rows before the run they follow was delivered
+        headed = {s.key for s in scanned if s.key in mine and s.seq < blocked[s.key][0].seq}
         for key, rows in blocked.items():
-            # never a chained run beside a head run of the same key in one claim: the relay would hand
-            # the two out as one run, the chained rows before the run they follow was delivered
-            if key in mine and firsts[key] == rows[0].seq and held.get(rows[0].prev, "") == mine[key]:
+            if key in mine and key not in headed and held.get(rows[0].prev, "") == mine[key]:
                 run = _consecutive(rows[: self.run_length], rows[0].prev)
                 if room is not None:
                     kept = 0

@@ -384,21 +384,24 @@ def test_a_chained_run_behind_a_failure_is_released_without_being_handed_out() -
     assert all(isinstance(outcome, Released) for _, outcome, _ in reports[5:])
 
 
-def test_a_chained_run_behind_a_run_already_delivered_goes_out_on_its_own() -> None:
+@pytest.mark.parametrize("head", [2, 1], ids=["run", "message alone"])
+def test_a_chained_run_behind_a_run_already_delivered_goes_out_on_its_own(head: int) -> None:
+    """Behind a run (or a message handed out alone) delivered, its mark not yet written."""
     publisher = OneAtATimePublisher()
     dispatcher, reports = dispatcher_with(publisher)
-    head = chain_rows(1, 2)
-    dispatcher.register(head)
-    dispatcher.dispatch(head)
-    publisher.answer({1: Delivered()})
-    publisher.answer({2: Delivered()})
-    assert dispatcher.chainable("k", 2), "delivered, its mark not yet written: still chainable"
-    chained = chain_rows(3, 2, after=2, token="u")
+    rows = chain_rows(1, head)
+    dispatcher.register(rows)
+    dispatcher.dispatch(rows)
+    for seq in range(1, head + 1):
+        publisher.answer({seq: Delivered()})
+    assert dispatcher.chainable("k", head), "delivered, its mark not yet written: still chainable"
+    chained = chain_rows(head + 1, 2, after=head, token="u")
     dispatcher.register(chained)
     dispatcher.dispatch(chained)
-    publisher.answer({3: Delivered()})
-    publisher.answer({4: Delivered()})
-    assert [seq for seq, _, _ in reports] == [1, 2, 3, 4]
+    assert publisher.seqs()[-1] == [head + 1], "handed out at once"
+    publisher.answer({head + 1: Delivered()})
+    publisher.answer({head + 2: Delivered()})
+    assert [seq for seq, _, _ in reports] == list(range(1, head + 3))
     assert all(isinstance(outcome, Delivered) for _, outcome, _ in reports)
 
 
@@ -445,22 +448,6 @@ def test_a_run_chained_behind_a_message_alone_that_fails_is_released_without_bei
     dispatcher.dispatch(late)
     assert publisher.seqs() == [[1]] and [seq for seq, _, _ in reports[3:]] == [4]
     assert isinstance(reports[3][1], Released)
-
-
-def test_a_run_chained_behind_a_message_alone_already_delivered_goes_out_on_its_own() -> None:
-    publisher = OneAtATimePublisher()
-    dispatcher, reports = dispatcher_with(publisher)
-    single = chain_rows(1, 1)
-    dispatcher.register(single)
-    dispatcher.dispatch(single)
-    publisher.answer({1: Delivered()})
-    assert dispatcher.chainable("k", 1), "delivered, its mark not yet written: still chainable"
-    chained = chain_rows(2, 1, after=1, token="u")
-    dispatcher.register(chained)
-    dispatcher.dispatch(chained)
-    assert publisher.seqs() == [[1], [2]]
-    publisher.answer({2: Delivered()})
-    assert [seq for seq, _, _ in reports] == [1, 2]
 
 
 def test_a_run_chained_behind_a_message_alone_that_is_refused_or_stopped_is_released() -> None:
